@@ -1,0 +1,193 @@
+//! Agency codes (`ddd.dd.dd.Xdd`) and the identity a certificate carries.
+//!
+//! A certificate names its holder's role in a SAN URI: `urn:lienthong:agency:<code>` or
+//! `urn:lienthong:operator:<name>`. A certificate with several different lienthong URIs
+//! is refused as ambiguous rather than picking one.
+
+use std::fmt;
+
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::ProtocolError;
+
+const AGENCY_URI_PREFIX: &str = "urn:lienthong:agency:";
+const OPERATOR_URI_PREFIX: &str = "urn:lienthong:operator:";
+
+/// A validated 13-character agency code, e.g. `000.00.12.H31`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgencyCode(String);
+
+impl AgencyCode {
+    /// Validates `code` against `^\d{3}\.\d{2}\.\d{2}\.[A-Z]\d{2}$`.
+    pub fn parse(code: &str) -> Result<Self, ProtocolError> {
+        if is_valid_agency_code(code) {
+            Ok(Self(code.to_owned()))
+        } else {
+            Err(ProtocolError::InvalidAgencyCode {
+                code: printable(code),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The code of the level above in the four-level hierarchy, if any:
+    /// `000.00.12.H31` belongs to `000.00.00.H31`.
+    pub fn parent(&self) -> Option<AgencyCode> {
+        let groups: Vec<&str> = self.0.split('.').collect();
+        let [a, b, c, d] = groups.as_slice() else {
+            return None;
+        };
+        let parent = if *a != "000" {
+            format!("000.{b}.{c}.{d}")
+        } else if *b != "00" {
+            format!("000.00.{c}.{d}")
+        } else if *c != "00" {
+            format!("000.00.00.{d}")
+        } else {
+            return None;
+        };
+        Some(Self(parent))
+    }
+}
+
+impl fmt::Display for AgencyCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// True when `code` has the shape `ddd.dd.dd.Xdd`.
+pub fn is_valid_agency_code(code: &str) -> bool {
+    let b = code.as_bytes();
+    if b.len() != 13 {
+        return false;
+    }
+    b.iter().enumerate().all(|(i, &c)| match i {
+        3 | 6 | 9 => c == b'.',
+        10 => c.is_ascii_uppercase(),
+        _ => c.is_ascii_digit(),
+    })
+}
+
+/// Untrusted text shortened and stripped of control characters, fit for an error
+/// message or a log line.
+pub fn printable(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(64)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if text.chars().count() > 64 {
+        out.push('…');
+    }
+    out
+}
+
+/// Who a certificate says its holder is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerIdentity {
+    Agency(AgencyCode),
+    Operator(String),
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Agency(code) => write!(f, "agency {code}"),
+            Self::Operator(name) => write!(f, "operator {name}"),
+        }
+    }
+}
+
+impl PeerIdentity {
+    /// Reads the lienthong identity from a DER certificate's SAN URIs.
+    pub fn from_cert_der(der: &[u8]) -> Result<Self, ProtocolError> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| ProtocolError::Malformed {
+            what: "certificate",
+            detail: e.to_string(),
+        })?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|e| ProtocolError::Malformed {
+                what: "certificate subject alternative name",
+                detail: e.to_string(),
+            })?;
+        let mut found: Option<PeerIdentity> = None;
+        for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
+            let GeneralName::URI(uri) = name else {
+                continue;
+            };
+            let identity = if let Some(code) = uri.strip_prefix(AGENCY_URI_PREFIX) {
+                PeerIdentity::Agency(AgencyCode::parse(code)?)
+            } else if let Some(operator) = uri.strip_prefix(OPERATOR_URI_PREFIX) {
+                if operator.is_empty() || operator.chars().any(|c| c.is_control()) {
+                    return Err(ProtocolError::NoIdentity);
+                }
+                PeerIdentity::Operator(operator.to_owned())
+            } else {
+                continue;
+            };
+            match &found {
+                Some(existing) if *existing != identity => {
+                    return Err(ProtocolError::AmbiguousIdentity);
+                }
+                _ => found = Some(identity),
+            }
+        }
+        found.ok_or(ProtocolError::NoIdentity)
+    }
+
+    /// The agency code, or `NoIdentity` for an operator.
+    pub fn agency(&self) -> Option<&AgencyCode> {
+        match self {
+            Self::Agency(code) => Some(code),
+            Self::Operator(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agency_code_shape() {
+        for ok in ["000.00.00.H31", "000.00.12.H31", "123.45.67.Z99"] {
+            assert!(AgencyCode::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "000.00.00.h31",
+            "000.00.00.H3",
+            "000.00.00.H311",
+            "000-00-00-H31",
+            "00A.00.00.H31",
+            "000.00.00.131",
+        ] {
+            assert_eq!(
+                AgencyCode::parse(bad),
+                Err(ProtocolError::InvalidAgencyCode {
+                    code: bad.to_owned()
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn hierarchy_parent() {
+        let parse = |c: &str| AgencyCode::parse(c).expect("valid code");
+        assert_eq!(
+            parse("000.00.12.H31").parent(),
+            Some(parse("000.00.00.H31"))
+        );
+        assert_eq!(
+            parse("000.03.12.H31").parent(),
+            Some(parse("000.00.12.H31"))
+        );
+        assert_eq!(parse("000.00.00.H31").parent(), None);
+    }
+}

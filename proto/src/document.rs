@@ -1,0 +1,403 @@
+//! The document header: its rules, sealing (encode once, sign) and verification.
+//!
+//! Invariants:
+//! - A header is encoded exactly once, by [`seal`]; the encoded bytes are what is
+//!   signed, stored and transmitted. Verification never re-encodes.
+//! - [`verify_document`] checks the signature and chain before it decodes anything, then
+//!   checks the header's rules and that the signer's agency is the header's sender.
+//! - Attachment names are safe file names (they become files in inbox folders).
+
+use std::collections::HashSet;
+
+use prost::Message;
+
+use crate::agency::{is_valid_agency_code, printable, AgencyCode, PeerIdentity};
+use crate::pb::{AttachmentInfo, DocumentHeader, Signed};
+use crate::signing::{verify_signed, Domain, SignerRole, SigningKey, TrustAnchors, VerifyTime};
+use crate::{sha256, ProtocolError};
+
+/// Names an exported document folder already uses, so attachments may not.
+pub const RESERVED_FILE_NAMES: [&str; 2] = ["envelope.pb", "document.json"];
+
+/// The largest header accepted, encoded; real headers are a few KiB.
+pub const MAX_HEADER_BYTES: usize = 256 * 1024;
+/// At most this many recipients and attachments per document.
+pub const MAX_RECIPIENTS: usize = 1000;
+pub const MAX_ATTACHMENTS: usize = 1000;
+
+/// A document whose sender signature and header rules were checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedDocument {
+    pub header: DocumentHeader,
+    /// SHA-256 of the exact signed header bytes: what receipts refer to.
+    pub header_sha256: [u8; 32],
+    pub sender: AgencyCode,
+}
+
+/// A fresh message id: UUIDv7 (time-ordered), lowercase hyphenated text.
+pub fn new_message_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// True for canonical lowercase hyphenated UUID text.
+pub fn is_valid_message_id(id: &str) -> bool {
+    uuid::Uuid::try_parse(id).is_ok_and(|u| u.hyphenated().to_string() == id)
+}
+
+/// The business document id: `{sender},{yyyy/MM/dd},{number}/{notation}`.
+pub fn business_id(sender: &str, issue_date: &str, number: &str, notation: &str) -> String {
+    format!("{sender},{issue_date},{number}/{notation}")
+}
+
+/// Today's date in Vietnam (UTC+7) as `yyyy/MM/dd`, for the promulgation date.
+pub fn vietnam_date_today() -> String {
+    let offset = time::UtcOffset::from_hms(7, 0, 0).unwrap_or(time::UtcOffset::UTC);
+    let now = time::OffsetDateTime::now_utc().to_offset(offset);
+    format!(
+        "{:04}/{:02}/{:02}",
+        now.year(),
+        u8::from(now.month()),
+        now.day()
+    )
+}
+
+fn is_valid_date(date: &str) -> bool {
+    let b = date.as_bytes();
+    if b.len() != 10 || b[4] != b'/' || b[7] != b'/' {
+        return false;
+    }
+    let num = |s: &str| s.parse::<u32>().ok();
+    let (Some(y), Some(m), Some(d)) = (num(&date[0..4]), num(&date[5..7]), num(&date[8..10])) else {
+        return false;
+    };
+    let Ok(month) = time::Month::try_from(u8::try_from(m).unwrap_or(0)) else {
+        return false;
+    };
+    let Ok(year) = i32::try_from(y) else {
+        return false;
+    };
+    time::Date::from_calendar_date(year, month, u8::try_from(d).unwrap_or(0)).is_ok()
+}
+
+fn max_chars(field: &'static str, value: &str, max: usize) -> Result<(), ProtocolError> {
+    if value.chars().count() > max {
+        return Err(ProtocolError::InvalidField {
+            field,
+            rule: format!("at most {max} characters"),
+        });
+    }
+    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t') {
+        return Err(ProtocolError::InvalidField {
+            field,
+            rule: "no control characters".into(),
+        });
+    }
+    Ok(())
+}
+
+fn required(field: &'static str, value: &str) -> Result<(), ProtocolError> {
+    if value.trim().is_empty() {
+        Err(ProtocolError::MissingField { field })
+    } else {
+        Ok(())
+    }
+}
+
+/// True when `name` can be used as a file name inside an inbox folder on any system.
+pub fn is_safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.starts_with('.')
+        && !name
+            .chars()
+            .any(|c| c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|'))
+        && !RESERVED_FILE_NAMES.contains(&name)
+}
+
+/// Checks every header rule (DESIGN.md sections 4 and 9).
+pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
+    if !is_valid_message_id(&header.message_id) {
+        return Err(ProtocolError::InvalidField {
+            field: "message_id",
+            rule: "a lowercase hyphenated UUID".into(),
+        });
+    }
+    AgencyCode::parse(&header.sender)?;
+    if header.recipients.is_empty() {
+        return Err(ProtocolError::MissingField {
+            field: "recipients",
+        });
+    }
+    if header.recipients.len() > MAX_RECIPIENTS {
+        return Err(ProtocolError::InvalidField {
+            field: "recipients",
+            rule: format!("at most {MAX_RECIPIENTS}"),
+        });
+    }
+    let mut seen = HashSet::new();
+    for recipient in &header.recipients {
+        AgencyCode::parse(recipient)?;
+        if recipient == &header.sender {
+            return Err(ProtocolError::InvalidField {
+                field: "recipients",
+                rule: "the sender cannot be a recipient".into(),
+            });
+        }
+        if !seen.insert(recipient.as_str()) {
+            return Err(ProtocolError::InvalidField {
+                field: "recipients",
+                rule: format!("{recipient} is listed twice"),
+            });
+        }
+    }
+    required("number", &header.number)?;
+    max_chars("number", &header.number, 11)?;
+    max_chars("notation", &header.notation, 30)?;
+    max_chars("document_type", &header.document_type, 100)?;
+    max_chars("document_type_name", &header.document_type_name, 100)?;
+    required("subject", &header.subject)?;
+    max_chars("subject", &header.subject, 500)?;
+    max_chars("content", &header.content, 500)?;
+    max_chars("issue_place", &header.issue_place, 50)?;
+    max_chars("sender_name", &header.sender_name, 200)?;
+    if !is_valid_date(&header.issue_date) {
+        return Err(ProtocolError::InvalidField {
+            field: "issue_date",
+            rule: "a date written yyyy/MM/dd".into(),
+        });
+    }
+    if !header.due_date.is_empty() && !is_valid_date(&header.due_date) {
+        return Err(ProtocolError::InvalidField {
+            field: "due_date",
+            rule: "a date written yyyy/MM/dd, or empty".into(),
+        });
+    }
+    let expected_business_id = business_id(
+        &header.sender,
+        &header.issue_date,
+        &header.number,
+        &header.notation,
+    );
+    if header.business_id != expected_business_id {
+        return Err(ProtocolError::InvalidField {
+            field: "business_id",
+            rule: "must be {sender},{yyyy/MM/dd},{number}/{notation}".into(),
+        });
+    }
+    if let Some(signer) = &header.signer {
+        max_chars("signer.competence", &signer.competence, 100)?;
+        max_chars("signer.position", &signer.position, 100)?;
+        max_chars("signer.full_name", &signer.full_name, 100)?;
+    }
+    if header.priority > 4 {
+        return Err(ProtocolError::InvalidField {
+            field: "priority",
+            rule: "0 normal, 1 urgent, 2 very urgent, 3 express, 4 express at a set time".into(),
+        });
+    }
+    if header.steering_type > 3 {
+        return Err(ProtocolError::InvalidField {
+            field: "steering_type",
+            rule: "1 not a directive, 2 directive, 3 report on a directive (0: not given)".into(),
+        });
+    }
+    if crate::pb::BusinessType::try_from(header.business_type).is_err() {
+        return Err(ProtocolError::InvalidField {
+            field: "business_type",
+            rule: "0 new, 1 recall, 2 update, 3 replace".into(),
+        });
+    }
+    let refers = header.business_type != crate::pb::BusinessType::New as i32;
+    if refers && !is_valid_message_id(&header.refers_to) {
+        return Err(ProtocolError::InvalidField {
+            field: "refers_to",
+            rule: "a recall, update or replace names the message id it refers to".into(),
+        });
+    }
+    if !refers && !header.refers_to.is_empty() {
+        return Err(ProtocolError::InvalidField {
+            field: "refers_to",
+            rule: "only a recall, update or replace refers to another document".into(),
+        });
+    }
+    if header.created_at_ms <= 0 {
+        return Err(ProtocolError::MissingField {
+            field: "created_at_ms",
+        });
+    }
+    if header.expires_at_ms != 0 && header.expires_at_ms <= header.created_at_ms {
+        return Err(ProtocolError::InvalidField {
+            field: "expires_at_ms",
+            rule: "after created_at_ms, or 0 for the default".into(),
+        });
+    }
+    for place in &header.to_places {
+        max_chars("to_places", place, 150)?;
+    }
+    if header.attachments.len() > MAX_ATTACHMENTS {
+        return Err(ProtocolError::InvalidField {
+            field: "attachments",
+            rule: format!("at most {MAX_ATTACHMENTS}"),
+        });
+    }
+    let mut names = HashSet::new();
+    for (index, attachment) in header.attachments.iter().enumerate() {
+        let bad = |detail: String| ProtocolError::AttachmentMismatch {
+            index,
+            name: printable(&attachment.name),
+            detail,
+        };
+        if !is_safe_file_name(&attachment.name) {
+            return Err(bad(
+                "the name must be a plain file name (no path, no control or reserved characters)"
+                    .into(),
+            ));
+        }
+        if !names.insert(attachment.name.as_str()) {
+            return Err(bad("two attachments have this name".into()));
+        }
+        if attachment.sha256.len() != 32 {
+            return Err(bad("sha256 must be 32 bytes".into()));
+        }
+        max_chars("attachments.media_type", &attachment.media_type, 127)?;
+    }
+    Ok(())
+}
+
+/// Validates `header`, encodes it once and signs the bytes. The signing key's identity
+/// must be the header's sender.
+pub fn seal(header: &DocumentHeader, key: &SigningKey) -> Result<Signed, ProtocolError> {
+    validate_header(header)?;
+    match key.identity()? {
+        PeerIdentity::Agency(code) if code.as_str() == header.sender => {}
+        other => {
+            return Err(ProtocolError::SignerNotSender {
+                signer: other.to_string(),
+                sender: header.sender.clone(),
+            });
+        }
+    }
+    let bytes = header.encode_to_vec();
+    key.sign(Domain::DocumentHeader, bytes.into())
+}
+
+/// Verifies a signed envelope: chain and signature first, then decode, then the header
+/// rules, then that the signing agency is the sender.
+pub fn verify_document(
+    envelope: &Signed,
+    anchors: &TrustAnchors,
+    time: VerifyTime,
+) -> Result<VerifiedDocument, ProtocolError> {
+    if envelope.payload.len() > MAX_HEADER_BYTES {
+        return Err(ProtocolError::InvalidField {
+            field: "header",
+            rule: format!("at most {MAX_HEADER_BYTES} bytes"),
+        });
+    }
+    let leaf = verify_signed(envelope, Domain::DocumentHeader, anchors, SignerRole::Agency, time)?;
+    let signer = PeerIdentity::from_cert_der(leaf)?;
+    let header =
+        DocumentHeader::decode(envelope.payload.as_ref()).map_err(|e| ProtocolError::Malformed {
+            what: "document header",
+            detail: e.to_string(),
+        })?;
+    validate_header(&header)?;
+    let sender = match signer {
+        PeerIdentity::Agency(code) if code.as_str() == header.sender => code,
+        other => {
+            return Err(ProtocolError::SignerNotSender {
+                signer: other.to_string(),
+                sender: header.sender.clone(),
+            });
+        }
+    };
+    Ok(VerifiedDocument {
+        header_sha256: sha256(&envelope.payload),
+        header,
+        sender,
+    })
+}
+
+/// Incremental check of one attachment's bytes against its header entry.
+pub struct AttachmentCheck<'a> {
+    index: usize,
+    info: &'a AttachmentInfo,
+    seen: u64,
+    hasher: ring::digest::Context,
+}
+
+impl<'a> AttachmentCheck<'a> {
+    pub fn new(index: usize, info: &'a AttachmentInfo) -> Self {
+        Self {
+            index,
+            info,
+            seen: 0,
+            hasher: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+
+    fn error(&self, detail: String) -> ProtocolError {
+        ProtocolError::AttachmentMismatch {
+            index: self.index,
+            name: printable(&self.info.name),
+            detail,
+        }
+    }
+
+    /// Feeds the next bytes; fails as soon as more arrive than the header declares.
+    pub fn update(&mut self, chunk: &[u8]) -> Result<(), ProtocolError> {
+        self.seen = self.seen.saturating_add(chunk.len() as u64);
+        if self.seen > self.info.size {
+            return Err(self.error(format!(
+                "more than the declared {} bytes",
+                self.info.size
+            )));
+        }
+        self.hasher.update(chunk);
+        Ok(())
+    }
+
+    /// Checks the total size and the SHA-256.
+    pub fn finish(self) -> Result<(), ProtocolError> {
+        if self.seen != self.info.size {
+            return Err(self.error(format!(
+                "{} bytes received, the header declares {}",
+                self.seen, self.info.size
+            )));
+        }
+        let mismatch = self.error("SHA-256 does not match the header".into());
+        let digest = self.hasher.finish();
+        if digest.as_ref() != self.info.sha256.as_slice() {
+            return Err(mismatch);
+        }
+        Ok(())
+    }
+}
+
+/// Checks a whole attachment at once.
+pub fn check_attachment(
+    index: usize,
+    info: &AttachmentInfo,
+    bytes: &[u8],
+) -> Result<(), ProtocolError> {
+    let mut check = AttachmentCheck::new(index, info);
+    check.update(bytes)?;
+    check.finish()
+}
+
+/// Describes an attachment for the header.
+pub fn describe_attachment(name: &str, media_type: &str, bytes: &[u8]) -> AttachmentInfo {
+    AttachmentInfo {
+        name: name.to_owned(),
+        media_type: media_type.to_owned(),
+        size: bytes.len() as u64,
+        sha256: sha256(bytes).to_vec(),
+    }
+}
+
+/// A shape check usable on untrusted codes without building an [`AgencyCode`].
+pub fn looks_like_agency_code(code: &str) -> bool {
+    is_valid_agency_code(code)
+}

@@ -1,0 +1,349 @@
+//! Signing keys, trust anchors, and signatures over exact bytes.
+//!
+//! Every signature covers `domain prefix || payload`. The prefix says what the payload
+//! is, so a signature made over a receipt can never be replayed as a document header
+//! and the other way round. Verification checks the signer's certificate chain against
+//! the configured trust anchors first, then the signature, and only then does any
+//! caller decode the payload.
+
+use std::time::Duration;
+
+use ring::rand::SystemRandom;
+use ring::signature::{self as ring_sig, KeyPair as _};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer, TrustAnchor, UnixTime};
+use webpki::{EndEntityCert, KeyUsage};
+
+use crate::agency::PeerIdentity;
+use crate::pb::{SignatureAlgorithm, Signed};
+use crate::ProtocolError;
+
+/// What a signed payload is; selects the domain-separation prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Domain {
+    DocumentHeader,
+    Receipt,
+}
+
+impl Domain {
+    fn prefix(self) -> &'static [u8] {
+        match self {
+            Domain::DocumentHeader => b"lienthong/v1 document-header\0",
+            Domain::Receipt => b"lienthong/v1 receipt\0",
+        }
+    }
+}
+
+/// Which extended key usage the signer's certificate must allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignerRole {
+    /// Agencies sign with client (or seal) certificates.
+    Agency,
+    /// The broker signs submission receipts with its server certificate.
+    Broker,
+}
+
+enum KeyKind {
+    Ed25519(ring_sig::Ed25519KeyPair),
+    Ecdsa(ring_sig::EcdsaKeyPair, SignatureAlgorithm),
+    Rsa(ring_sig::RsaKeyPair),
+}
+
+/// A private key with its certificate chain (leaf first), able to produce [`Signed`].
+pub struct SigningKey {
+    kind: KeyKind,
+    chain: Vec<CertificateDer<'static>>,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for SigningKey {
+    // Never print key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("algorithm", &self.algorithm())
+            .field("chain_len", &self.chain.len())
+            .finish()
+    }
+}
+
+impl SigningKey {
+    /// Loads a PKCS#8 private key (PEM) and its certificate chain (PEM, leaf first).
+    /// ECDSA P-256 and P-384, Ed25519 and RSA (2048 bits or more) are recognised.
+    pub fn from_pem(cert_chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, ProtocolError> {
+        let chain = certs_from_pem(cert_chain_pem, "certificate chain")?;
+        let key = PrivatePkcs8KeyDer::from_pem_slice(key_pem).map_err(|e| ProtocolError::Pem {
+            what: "private key (expected PKCS#8 \"PRIVATE KEY\")",
+            detail: e.to_string(),
+        })?;
+        Self::from_pkcs8_der(chain, key.secret_pkcs8_der())
+    }
+
+    /// Loads a PKCS#8 DER private key with its DER certificate chain (leaf first).
+    pub fn from_pkcs8_der(
+        chain: Vec<CertificateDer<'static>>,
+        pkcs8: &[u8],
+    ) -> Result<Self, ProtocolError> {
+        let rng = SystemRandom::new();
+        let kind = if let Ok(k) = ring_sig::Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8) {
+            KeyKind::Ed25519(k)
+        } else if let Ok(k) =
+            ring_sig::EcdsaKeyPair::from_pkcs8(&ring_sig::ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8, &rng)
+        {
+            KeyKind::Ecdsa(k, SignatureAlgorithm::EcdsaP256Sha256)
+        } else if let Ok(k) =
+            ring_sig::EcdsaKeyPair::from_pkcs8(&ring_sig::ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8, &rng)
+        {
+            KeyKind::Ecdsa(k, SignatureAlgorithm::EcdsaP384Sha384)
+        } else if let Ok(k) = ring_sig::RsaKeyPair::from_pkcs8(pkcs8) {
+            KeyKind::Rsa(k)
+        } else {
+            return Err(ProtocolError::Key {
+                detail: "not an ECDSA P-256/P-384, Ed25519 or RSA PKCS#8 key".into(),
+            });
+        };
+        let key = Self { kind, chain, rng };
+        key.check_matches_certificate()?;
+        Ok(key)
+    }
+
+    /// Refuses a key that does not belong to the leaf certificate: everything it signed
+    /// would fail verification later, far from the mistake.
+    fn check_matches_certificate(&self) -> Result<(), ProtocolError> {
+        let leaf = self.chain.first().ok_or(ProtocolError::NoCertificate)?;
+        let probe = b"lienthong key check";
+        let signature = self.sign_raw(probe)?;
+        let cert = EndEntityCert::try_from(leaf).map_err(|e| ProtocolError::Malformed {
+            what: "certificate",
+            detail: e.to_string(),
+        })?;
+        cert.verify_signature(webpki_algorithm(self.algorithm())?, probe, &signature)
+            .map_err(|_| ProtocolError::Key {
+                detail: "the private key does not match the certificate".into(),
+            })
+    }
+
+    pub fn algorithm(&self) -> SignatureAlgorithm {
+        match &self.kind {
+            KeyKind::Ed25519(_) => SignatureAlgorithm::Ed25519,
+            KeyKind::Ecdsa(_, alg) => *alg,
+            KeyKind::Rsa(_) => SignatureAlgorithm::RsaPssSha256,
+        }
+    }
+
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The identity in the leaf certificate's SAN URI.
+    pub fn identity(&self) -> Result<PeerIdentity, ProtocolError> {
+        let leaf = self.chain.first().ok_or(ProtocolError::NoCertificate)?;
+        PeerIdentity::from_cert_der(leaf)
+    }
+
+    /// The public key bytes, for diagnostics and tests.
+    pub fn public_key(&self) -> Vec<u8> {
+        match &self.kind {
+            KeyKind::Ed25519(k) => k.public_key().as_ref().to_vec(),
+            KeyKind::Ecdsa(k, _) => k.public_key().as_ref().to_vec(),
+            KeyKind::Rsa(k) => k.public_key().as_ref().to_vec(),
+        }
+    }
+
+    fn sign_raw(&self, message: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+        let failed = |_| ProtocolError::Key {
+            detail: "signing failed".into(),
+        };
+        match &self.kind {
+            KeyKind::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
+            KeyKind::Ecdsa(k, _) => Ok(k.sign(&self.rng, message).map_err(failed)?.as_ref().to_vec()),
+            KeyKind::Rsa(k) => {
+                let mut signature = vec![0u8; k.public().modulus_len()];
+                k.sign(&ring_sig::RSA_PSS_SHA256, &self.rng, message, &mut signature)
+                    .map_err(failed)?;
+                Ok(signature)
+            }
+        }
+    }
+
+    /// Signs `domain prefix || payload` and packs the payload, the signature, the
+    /// algorithm and the chain into a [`Signed`].
+    pub fn sign(&self, domain: Domain, payload: bytes::Bytes) -> Result<Signed, ProtocolError> {
+        let mut message = Vec::with_capacity(domain.prefix().len() + payload.len());
+        message.extend_from_slice(domain.prefix());
+        message.extend_from_slice(&payload);
+        let signature = self.sign_raw(&message)?;
+        Ok(Signed {
+            payload,
+            signature,
+            algorithm: self.algorithm() as i32,
+            cert_chain: self.chain.iter().map(|c| c.to_vec()).collect(),
+        })
+    }
+}
+
+/// Reads every certificate in a PEM bundle; an empty bundle is an error.
+pub fn certs_from_pem(
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, ProtocolError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ProtocolError::Pem {
+            what,
+            detail: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(ProtocolError::Pem {
+            what,
+            detail: "no CERTIFICATE block found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The certificate authorities whose certificates may sign (documents or receipts).
+#[derive(Clone)]
+pub struct TrustAnchors {
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl std::fmt::Debug for TrustAnchors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TrustAnchors({} anchors)", self.anchors.len())
+    }
+}
+
+impl TrustAnchors {
+    /// Every certificate in the PEM bundle becomes a trust anchor.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, ProtocolError> {
+        let certs = certs_from_pem(pem, "trust anchors")?;
+        let anchors = certs
+            .iter()
+            .map(|der| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| ProtocolError::Malformed {
+                        what: "trust anchor certificate",
+                        detail: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { anchors })
+    }
+}
+
+/// When a certificate chain must have been valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyTime {
+    Now,
+    /// Unix milliseconds: e.g. the time the broker's receipt says it accepted a
+    /// document, for checking evidence long after the certificates expired.
+    AtMs(i64),
+}
+
+impl VerifyTime {
+    fn unix_time(self) -> UnixTime {
+        match self {
+            VerifyTime::Now => UnixTime::now(),
+            VerifyTime::AtMs(ms) => {
+                UnixTime::since_unix_epoch(Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+            }
+        }
+    }
+}
+
+fn webpki_algorithm(
+    algorithm: SignatureAlgorithm,
+) -> Result<&'static dyn rustls_pki_types::SignatureVerificationAlgorithm, ProtocolError> {
+    use webpki::ring as algs;
+    Ok(match algorithm {
+        SignatureAlgorithm::EcdsaP256Sha256 => algs::ECDSA_P256_SHA256,
+        SignatureAlgorithm::EcdsaP384Sha384 => algs::ECDSA_P384_SHA384,
+        SignatureAlgorithm::Ed25519 => algs::ED25519,
+        SignatureAlgorithm::RsaPkcs1Sha256 => algs::RSA_PKCS1_2048_8192_SHA256,
+        SignatureAlgorithm::RsaPkcs1Sha384 => algs::RSA_PKCS1_2048_8192_SHA384,
+        SignatureAlgorithm::RsaPssSha256 => algs::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+        SignatureAlgorithm::RsaPssSha384 => algs::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+        SignatureAlgorithm::Unspecified => return Err(ProtocolError::UnsupportedAlgorithm),
+    })
+}
+
+/// Algorithms accepted in certificate chains.
+static CHAIN_ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
+    webpki::ring::ECDSA_P256_SHA256,
+    webpki::ring::ECDSA_P256_SHA384,
+    webpki::ring::ECDSA_P384_SHA256,
+    webpki::ring::ECDSA_P384_SHA384,
+    webpki::ring::ED25519,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA256,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA384,
+    webpki::ring::RSA_PKCS1_2048_8192_SHA512,
+    webpki::ring::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+    webpki::ring::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+    webpki::ring::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+];
+
+fn map_chain_error(error: webpki::Error) -> ProtocolError {
+    match error {
+        webpki::Error::UnknownIssuer => ProtocolError::UnknownIssuer,
+        webpki::Error::CertExpired { .. } => ProtocolError::CertificateExpired,
+        webpki::Error::CertNotValidYet { .. } => ProtocolError::CertificateNotYetValid,
+        other => ProtocolError::CertificateInvalid {
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Checks a [`Signed`]: the chain against `anchors` at `time` for `role`, then the
+/// signature over `domain prefix || payload`. Returns the leaf certificate (DER) of the
+/// signer; the payload may be decoded only after this succeeded.
+pub fn verify_signed<'a>(
+    signed: &'a Signed,
+    domain: Domain,
+    anchors: &TrustAnchors,
+    role: SignerRole,
+    time: VerifyTime,
+) -> Result<&'a [u8], ProtocolError> {
+    let algorithm = SignatureAlgorithm::try_from(signed.algorithm)
+        .map_err(|_| ProtocolError::UnsupportedAlgorithm)?;
+    let webpki_alg = webpki_algorithm(algorithm)?;
+    let (leaf, intermediates) = signed
+        .cert_chain
+        .split_first()
+        .ok_or(ProtocolError::NoCertificate)?;
+    let leaf_der = CertificateDer::from(leaf.as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    let cert = EndEntityCert::try_from(&leaf_der).map_err(|e| ProtocolError::Malformed {
+        what: "signer certificate",
+        detail: e.to_string(),
+    })?;
+    let usage = match role {
+        SignerRole::Agency => KeyUsage::client_auth(),
+        SignerRole::Broker => KeyUsage::server_auth(),
+    };
+    cert.verify_for_usage(
+        CHAIN_ALGORITHMS,
+        &anchors.anchors,
+        &intermediates,
+        time.unix_time(),
+        usage,
+        None,
+        None,
+    )
+    .map_err(map_chain_error)?;
+
+    let mut message = Vec::with_capacity(domain.prefix().len() + signed.payload.len());
+    message.extend_from_slice(domain.prefix());
+    message.extend_from_slice(&signed.payload);
+    cert.verify_signature(webpki_alg, &message, &signed.signature)
+        .map_err(|e| match e {
+            webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
+            | webpki::Error::SignatureAlgorithmMismatch => ProtocolError::AlgorithmMismatch,
+            _ => ProtocolError::BadSignature,
+        })?;
+    Ok(leaf)
+}
