@@ -4,10 +4,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(
-        [
-            "lienthong/v1/document.proto",
-            "lienthong/v1/exchange.proto",
-        ],
+        ["lienthong/v1/document.proto", "lienthong/v1/exchange.proto"],
         ["proto"],
     )?;
     tonic_prost_build::configure()

@@ -1,1 +1,197 @@
-//! placeholder
+//! lienthong-broker: the central broker of a lienthong exchange.
+//!
+//! Layout:
+//! - [`run`] serves the gRPC services on a listener the caller bound, until shutdown.
+//! - `exchange`: submission, agent sessions and status (agency certificates).
+//! - `admin`: queue views for operators (operator certificates).
+//! - `session`: pushing one recipient's queue with a bounded window.
+//! - `hub`: which agencies have a live session.
+//! - [`store`]: sled trees and the submission transaction; `commit`: group commit.
+//! - `auth`: the caller's identity from its TLS certificate.
+//! - [`error`]: the error type and its mapping to gRPC status codes.
+//!
+//! Invariant: a submission is answered only after it is durable on disk, and a queued
+//! delivery leaves its queue only with the recipient's verified signed receipt.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod auth;
+mod commit;
+pub mod error;
+mod exchange;
+mod hub;
+mod records;
+mod session;
+pub mod store;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use lienthong_proto::pb::{admin_server::AdminServer, exchange_server::ExchangeServer};
+use lienthong_proto::tls::{TlsFiles, install_crypto_provider};
+use lienthong_proto::{AgencyCode, SigningKey, TrustAnchors};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use error::BrokerError;
+
+/// Everything the broker needs to run.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Names the broker in its receipts (`broker:<name>`).
+    pub name: String,
+    /// CA bundle for client certificates, the broker's certificate chain and key.
+    pub tls: TlsFiles,
+    /// Trust anchors for document and receipt signatures; `None` = the TLS CA bundle.
+    pub document_anchors: Option<TrustAnchors>,
+    pub data_dir: PathBuf,
+    /// Agencies registered at start (code, name), in addition to those already stored.
+    pub agencies: Vec<(AgencyCode, String)>,
+    /// Register an agency automatically on its first authenticated connection.
+    pub auto_register: bool,
+    /// Largest total attachment size accepted for one document.
+    pub max_document_bytes: u64,
+    /// Largest number of unacknowledged deliveries per session.
+    pub window: u32,
+    /// A pushed delivery without acknowledgement for this long is offered again.
+    pub ack_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+}
+
+impl BrokerConfig {
+    pub fn new(tls: TlsFiles, data_dir: PathBuf) -> Self {
+        Self {
+            name: "broker".into(),
+            tls,
+            document_anchors: None,
+            data_dir,
+            agencies: Vec::new(),
+            auto_register: true,
+            max_document_bytes: 200 * 1024 * 1024,
+            window: 64,
+            ack_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Largest gRPC message: a delivery carries the whole document for now.
+    fn max_message_bytes(&self) -> usize {
+        usize::try_from(self.max_document_bytes)
+            .unwrap_or(usize::MAX)
+            .saturating_add(4 * 1024 * 1024)
+    }
+}
+
+/// Message ids being stored right now, so two concurrent submissions of the same id
+/// cannot interleave their attachment writes.
+#[derive(Default)]
+struct InProgress(Mutex<HashSet<String>>);
+
+struct InProgressGuard<'a> {
+    set: &'a InProgress,
+    id: String,
+}
+
+impl InProgress {
+    fn claim(&self, id: &str) -> Option<InProgressGuard<'_>> {
+        let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        set.insert(id.to_owned()).then(|| InProgressGuard {
+            set: self,
+            id: id.to_owned(),
+        })
+    }
+}
+
+impl Drop for InProgressGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.id);
+    }
+}
+
+/// State shared by the services and sessions.
+struct Shared {
+    config: BrokerConfig,
+    store: store::Store,
+    hub: hub::Hub,
+    signing_key: SigningKey,
+    document_anchors: TrustAnchors,
+    in_progress: InProgress,
+    /// Cancelled at shutdown; sessions end with it so the server can drain.
+    shutdown: CancellationToken,
+}
+
+/// Opens the store and serves until `shutdown` is cancelled, then stops accepting,
+/// ends the sessions, waits for in-flight calls, and makes everything durable.
+pub async fn run(
+    config: BrokerConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), BrokerError> {
+    install_crypto_provider();
+    let config_error = |what: &str, e: lienthong_proto::ProtocolError| BrokerError::Config {
+        path: what.to_owned(),
+        detail: e.to_string(),
+    };
+    let signing_key = config
+        .tls
+        .signing_key()
+        .map_err(|e| config_error("broker certificate/key", e))?;
+    let document_anchors = match &config.document_anchors {
+        Some(anchors) => anchors.clone(),
+        None => config
+            .tls
+            .trust_anchors()
+            .map_err(|e| config_error("CA bundle", e))?,
+    };
+    let store = store::Store::open(&config.data_dir)?;
+    for (code, name) in &config.agencies {
+        store.register_agency(code.as_str(), name, false, lienthong_proto::now_ms())?;
+    }
+    let local_addr = listener.local_addr().ok();
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        hub: hub::Hub::default(),
+        signing_key,
+        document_anchors,
+        in_progress: InProgress::default(),
+        shutdown: shutdown.child_token(),
+        config,
+    });
+    let max_message = shared.config.max_message_bytes();
+    let exchange = ExchangeServer::new(exchange::ExchangeService {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+    let admin = AdminServer::new(admin::AdminService {
+        shared: shared.clone(),
+    });
+    tracing::info!(
+        addr = ?local_addr,
+        data_dir = %shared.config.data_dir.display(),
+        documents = store.document_count(),
+        "broker listening"
+    );
+    let serve = tonic::transport::Server::builder()
+        .tls_config(shared.config.tls.server_config())
+        .map_err(|e| BrokerError::Serve(e.to_string()))?
+        .http2_keepalive_interval(Some(shared.config.keepalive_interval))
+        .http2_keepalive_timeout(Some(shared.config.keepalive_timeout))
+        .add_service(exchange)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
+    let result = serve.await.map_err(|e| BrokerError::Serve(e.to_string()));
+    shared.shutdown.cancel();
+    store.close().await?;
+    tracing::info!("broker stopped; store flushed");
+    result
+}

@@ -11,10 +11,10 @@ use std::collections::HashSet;
 
 use prost::Message;
 
-use crate::agency::{is_valid_agency_code, printable, AgencyCode, PeerIdentity};
+use crate::agency::{AgencyCode, PeerIdentity, is_valid_agency_code, printable};
 use crate::pb::{AttachmentInfo, DocumentHeader, Signed};
-use crate::signing::{verify_signed, Domain, SignerRole, SigningKey, TrustAnchors, VerifyTime};
-use crate::{sha256, ProtocolError};
+use crate::signing::{Domain, SignerRole, SigningKey, TrustAnchors, VerifyTime, verify_signed};
+use crate::{ProtocolError, sha256};
 
 /// Names an exported document folder already uses, so attachments may not.
 pub const RESERVED_FILE_NAMES: [&str; 2] = ["envelope.pb", "document.json"];
@@ -67,7 +67,8 @@ fn is_valid_date(date: &str) -> bool {
         return false;
     }
     let num = |s: &str| s.parse::<u32>().ok();
-    let (Some(y), Some(m), Some(d)) = (num(&date[0..4]), num(&date[5..7]), num(&date[8..10])) else {
+    let (Some(y), Some(m), Some(d)) = (num(&date[0..4]), num(&date[5..7]), num(&date[8..10]))
+    else {
         return false;
     };
     let Ok(month) = time::Month::try_from(u8::try_from(m).unwrap_or(0)) else {
@@ -86,7 +87,10 @@ fn max_chars(field: &'static str, value: &str, max: usize) -> Result<(), Protoco
             rule: format!("at most {max} characters"),
         });
     }
-    if value.chars().any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t') {
+    if value
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\r' && c != '\t')
+    {
         return Err(ProtocolError::InvalidField {
             field,
             rule: "no control characters".into(),
@@ -110,9 +114,9 @@ pub fn is_safe_file_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && !name.starts_with('.')
-        && !name
-            .chars()
-            .any(|c| c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|'))
+        && !name.chars().any(|c| {
+            c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')
+        })
         && !RESERVED_FILE_NAMES.contains(&name)
 }
 
@@ -296,13 +300,20 @@ pub fn verify_document(
             rule: format!("at most {MAX_HEADER_BYTES} bytes"),
         });
     }
-    let leaf = verify_signed(envelope, Domain::DocumentHeader, anchors, SignerRole::Agency, time)?;
+    let leaf = verify_signed(
+        envelope,
+        Domain::DocumentHeader,
+        anchors,
+        SignerRole::Agency,
+        time,
+    )?;
     let signer = PeerIdentity::from_cert_der(leaf)?;
-    let header =
-        DocumentHeader::decode(envelope.payload.as_ref()).map_err(|e| ProtocolError::Malformed {
+    let header = DocumentHeader::decode(envelope.payload.as_ref()).map_err(|e| {
+        ProtocolError::Malformed {
             what: "document header",
             detail: e.to_string(),
-        })?;
+        }
+    })?;
     validate_header(&header)?;
     let sender = match signer {
         PeerIdentity::Agency(code) if code.as_str() == header.sender => code,
@@ -350,10 +361,7 @@ impl<'a> AttachmentCheck<'a> {
     pub fn update(&mut self, chunk: &[u8]) -> Result<(), ProtocolError> {
         self.seen = self.seen.saturating_add(chunk.len() as u64);
         if self.seen > self.info.size {
-            return Err(self.error(format!(
-                "more than the declared {} bytes",
-                self.info.size
-            )));
+            return Err(self.error(format!("more than the declared {} bytes", self.info.size)));
         }
         self.hasher.update(chunk);
         Ok(())

@@ -36,7 +36,11 @@ pub enum ProtocolError {
     #[error("the document is signed by {signer} but claims sender {sender}")]
     SignerNotSender { signer: String, sender: String },
     #[error("attachment {index} ({name}): {detail}")]
-    AttachmentMismatch { index: usize, name: String, detail: String },
+    AttachmentMismatch {
+        index: usize,
+        name: String,
+        detail: String,
+    },
     #[error("receipt does not match the document: {field} differs")]
     ReceiptMismatch { field: &'static str },
     #[error("receipt is signed by {signer}, expected {expected}")]

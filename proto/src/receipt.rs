@@ -7,10 +7,10 @@
 
 use prost::Message;
 
+use crate::ProtocolError;
 use crate::agency::PeerIdentity;
 use crate::pb::{Receipt, ReceiptKind, Signed};
-use crate::signing::{verify_signed, Domain, SignerRole, SigningKey, TrustAnchors, VerifyTime};
-use crate::ProtocolError;
+use crate::signing::{Domain, SignerRole, SigningKey, TrustAnchors, VerifyTime, verify_signed};
 
 /// Encodes and signs a receipt.
 pub fn sign_receipt(receipt: &Receipt, key: &SigningKey) -> Result<Signed, ProtocolError> {
@@ -41,10 +41,11 @@ pub fn verify_receipt(
 ) -> Result<Receipt, ProtocolError> {
     // Decoding before the signature check is safe here only because nothing from the
     // decoded receipt is trusted until verify_signed has passed below.
-    let receipt = Receipt::decode(signed.payload.as_ref()).map_err(|e| ProtocolError::Malformed {
-        what: "receipt",
-        detail: e.to_string(),
-    })?;
+    let receipt =
+        Receipt::decode(signed.payload.as_ref()).map_err(|e| ProtocolError::Malformed {
+            what: "receipt",
+            detail: e.to_string(),
+        })?;
     let role = match expected.kind {
         ReceiptKind::Submission => SignerRole::Broker,
         _ => SignerRole::Agency,

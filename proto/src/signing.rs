@@ -14,9 +14,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer, TrustAnchor, UnixTime};
 use webpki::{EndEntityCert, KeyUsage};
 
+use crate::ProtocolError;
 use crate::agency::PeerIdentity;
 use crate::pb::{SignatureAlgorithm, Signed};
-use crate::ProtocolError;
 
 /// What a signed payload is; selects the domain-separation prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,13 +86,17 @@ impl SigningKey {
         let rng = SystemRandom::new();
         let kind = if let Ok(k) = ring_sig::Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8) {
             KeyKind::Ed25519(k)
-        } else if let Ok(k) =
-            ring_sig::EcdsaKeyPair::from_pkcs8(&ring_sig::ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8, &rng)
-        {
+        } else if let Ok(k) = ring_sig::EcdsaKeyPair::from_pkcs8(
+            &ring_sig::ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8,
+            &rng,
+        ) {
             KeyKind::Ecdsa(k, SignatureAlgorithm::EcdsaP256Sha256)
-        } else if let Ok(k) =
-            ring_sig::EcdsaKeyPair::from_pkcs8(&ring_sig::ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8, &rng)
-        {
+        } else if let Ok(k) = ring_sig::EcdsaKeyPair::from_pkcs8(
+            &ring_sig::ECDSA_P384_SHA384_ASN1_SIGNING,
+            pkcs8,
+            &rng,
+        ) {
             KeyKind::Ecdsa(k, SignatureAlgorithm::EcdsaP384Sha384)
         } else if let Ok(k) = ring_sig::RsaKeyPair::from_pkcs8(pkcs8) {
             KeyKind::Rsa(k)
@@ -156,11 +160,20 @@ impl SigningKey {
         };
         match &self.kind {
             KeyKind::Ed25519(k) => Ok(k.sign(message).as_ref().to_vec()),
-            KeyKind::Ecdsa(k, _) => Ok(k.sign(&self.rng, message).map_err(failed)?.as_ref().to_vec()),
+            KeyKind::Ecdsa(k, _) => Ok(k
+                .sign(&self.rng, message)
+                .map_err(failed)?
+                .as_ref()
+                .to_vec()),
             KeyKind::Rsa(k) => {
                 let mut signature = vec![0u8; k.public().modulus_len()];
-                k.sign(&ring_sig::RSA_PSS_SHA256, &self.rng, message, &mut signature)
-                    .map_err(failed)?;
+                k.sign(
+                    &ring_sig::RSA_PSS_SHA256,
+                    &self.rng,
+                    message,
+                    &mut signature,
+                )
+                .map_err(failed)?;
                 Ok(signature)
             }
         }

@@ -7,12 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
-use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::PemObject;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::signing::{certs_from_pem, SigningKey, TrustAnchors};
 use crate::ProtocolError;
+use crate::signing::{SigningKey, TrustAnchors, certs_from_pem};
 
 /// Installs rustls's ring provider as the process default. Safe to call repeatedly.
 pub fn install_crypto_provider() {

@@ -1,0 +1,330 @@
+//! The `Exchange` service: submission, agent sessions and status.
+//!
+//! Submission order of checks, all before anything is stored: TLS identity, signature
+//! and chain, signer = sender = TLS identity, recipients registered, declared sizes
+//! within limits, then the attachment bytes against their digests. Then store, wait for
+//! the group commit, and only then answer with the signed submission receipt.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use lienthong_proto::document::{AttachmentCheck, verify_document};
+use lienthong_proto::pb::{
+    self, ReceiptKind, Signed, exchange_server::Exchange, submit_frame::Frame,
+};
+use lienthong_proto::receipt::sign_receipt;
+use lienthong_proto::signing::VerifyTime;
+use prost::Message;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Shared;
+use crate::auth;
+use crate::error::BrokerError;
+use crate::records::DocumentRecord;
+use crate::session;
+use crate::store::Accepted;
+
+pub struct ExchangeService {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl ExchangeService {
+    /// Registers the caller on first contact when the configuration allows it.
+    fn admit(&self, agency: &str) -> Result<(), BrokerError> {
+        if self.shared.store.is_registered(agency)? {
+            return Ok(());
+        }
+        if self.shared.config.auto_register {
+            if self
+                .shared
+                .store
+                .register_agency(agency, "", true, lienthong_proto::now_ms())?
+            {
+                tracing::info!(agency, "agency registered on first connection");
+            }
+            Ok(())
+        } else {
+            Err(BrokerError::PermissionDenied(format!(
+                "agency {agency} is not registered at this broker; ask the operator to register it"
+            )))
+        }
+    }
+
+    async fn submit_inner(
+        &self,
+        request: Request<Streaming<pb::SubmitFrame>>,
+    ) -> Result<pb::SubmitResponse, BrokerError> {
+        let caller = auth::agency(&request)?;
+        self.admit(caller.as_str())?;
+        let mut frames = request.into_inner();
+        let envelope = match frames.next().await {
+            Some(Ok(pb::SubmitFrame {
+                frame: Some(Frame::Envelope(envelope)),
+            })) => envelope,
+            Some(Ok(_)) => {
+                return Err(BrokerError::InvalidArgument(
+                    "the first frame of a submission must be the signed envelope".into(),
+                ));
+            }
+            Some(Err(status)) => {
+                return Err(BrokerError::InvalidArgument(status.message().to_owned()));
+            }
+            None => return Err(BrokerError::InvalidArgument("empty submission".into())),
+        };
+        let verified = verify_document(&envelope, &self.shared.document_anchors, VerifyTime::Now)?;
+        let header = &verified.header;
+        let message_id = header.message_id.clone();
+        if header.sender != caller.as_str() {
+            return Err(BrokerError::PermissionDenied(format!(
+                "the TLS identity is agency {caller} but the document's sender is {}",
+                header.sender
+            )));
+        }
+        if let Some(existing) = self.shared.store.document(&message_id)? {
+            return self
+                .answer_duplicate(existing, &verified.header_sha256)
+                .await;
+        }
+        for recipient in &header.recipients {
+            if !self.shared.store.is_registered(recipient)? {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "recipient {recipient} is not a registered agency"
+                )));
+            }
+        }
+        let declared: u64 = header.attachments.iter().map(|a| a.size).sum();
+        let limit = self.shared.config.max_document_bytes;
+        if declared > limit {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "the document's attachments total {declared} bytes; the broker accepts at most {limit} (max_document_bytes)"
+            )));
+        }
+
+        let attachments = receive_attachments(&mut frames, header).await?;
+
+        let _guard = self.shared.in_progress.claim(&message_id).ok_or_else(|| {
+            BrokerError::Unavailable(
+                "the same message id is being submitted right now; retry".into(),
+            )
+        })?;
+        let accepted_at_ms = lienthong_proto::now_ms();
+        let receipt = pb::Receipt {
+            kind: ReceiptKind::Submission as i32,
+            message_id: message_id.clone(),
+            header_sha256: verified.header_sha256.to_vec(),
+            at_ms: accepted_at_ms,
+            issuer: format!("broker:{}", self.shared.config.name),
+            business_id: header.business_id.clone(),
+            sender: header.sender.clone(),
+            recipient: String::new(),
+        };
+        let signed_receipt = sign_receipt(&receipt, &self.shared.signing_key)?;
+        let record = DocumentRecord {
+            envelope: envelope.encode_to_vec(),
+            submission_receipt: signed_receipt.encode_to_vec(),
+            header_sha256: verified.header_sha256.to_vec(),
+            accepted_at_ms,
+            business_id: header.business_id.clone(),
+            sender: header.sender.clone(),
+            recipients: header.recipients.clone(),
+            attachment_bytes: declared,
+            attachment_count: u32::try_from(header.attachments.len()).unwrap_or(u32::MAX),
+        };
+        let store = self.shared.store.clone();
+        let id = message_id.clone();
+        let outcome = tokio::task::spawn_blocking(move || store.accept(&record, &id, &attachments))
+            .await
+            .map_err(|e| BrokerError::Serve(e.to_string()))??;
+        match outcome {
+            Accepted::New => {}
+            Accepted::Duplicate(existing) => {
+                return self
+                    .answer_duplicate(existing, &verified.header_sha256)
+                    .await;
+            }
+            Accepted::BusinessIdTaken { message_id: other } => {
+                return Err(BrokerError::AlreadyExists(format!(
+                    "business document id {} is already used by message {other} with other content",
+                    header.business_id
+                )));
+            }
+        }
+        self.shared.store.durable().await?;
+        tracing::info!(
+            message_id = %message_id,
+            sender = %header.sender,
+            recipients = header.recipients.len(),
+            bytes = declared,
+            "document accepted"
+        );
+        for recipient in &header.recipients {
+            self.shared.hub.wake(recipient);
+        }
+        Ok(pb::SubmitResponse {
+            submission_receipt: Some(signed_receipt),
+            duplicate: false,
+        })
+    }
+
+    /// The same message id again: the original receipt if the content is the same,
+    /// after making sure the original is durable (it may still be in a group commit).
+    async fn answer_duplicate(
+        &self,
+        existing: DocumentRecord,
+        header_sha256: &[u8; 32],
+    ) -> Result<pb::SubmitResponse, BrokerError> {
+        if existing.header_sha256 != header_sha256 {
+            return Err(BrokerError::AlreadyExists(
+                "this message id was already accepted with other content".into(),
+            ));
+        }
+        self.shared.store.durable().await?;
+        let receipt = Signed::decode(existing.submission_receipt.as_slice())
+            .map_err(|e| BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
+        Ok(pb::SubmitResponse {
+            submission_receipt: Some(receipt),
+            duplicate: true,
+        })
+    }
+
+    async fn status_inner(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<pb::StatusResponse, BrokerError> {
+        let caller = auth::agency(&request)?;
+        let message_id = request.into_inner().message_id;
+        let not_found = || {
+            BrokerError::NotFound(format!(
+                "no document {} visible to {caller}",
+                lienthong_proto::agency::printable(&message_id)
+            ))
+        };
+        let record = self
+            .shared
+            .store
+            .document(&message_id)?
+            .ok_or_else(not_found)?;
+        let is_sender = record.sender == caller.as_str();
+        let visible: Vec<&String> = record
+            .recipients
+            .iter()
+            .filter(|r| is_sender || r.as_str() == caller.as_str())
+            .collect();
+        if visible.is_empty() {
+            return Err(not_found());
+        }
+        let mut recipients = Vec::with_capacity(visible.len());
+        for agency in visible {
+            let delivery = self
+                .shared
+                .store
+                .delivery(&message_id, agency)?
+                .unwrap_or_default();
+            recipients.push(pb::RecipientStatus {
+                agency: agency.clone(),
+                state: delivery.state,
+                delivery_receipt: if delivery.receipt.is_empty() {
+                    None
+                } else {
+                    Signed::decode(delivery.receipt.as_slice()).ok()
+                },
+                delivered_at_ms: delivery.delivered_at_ms,
+                reason: delivery.reason,
+                attempts: delivery.attempts,
+                last_attempt_at_ms: delivery.last_attempt_at_ms,
+            });
+        }
+        Ok(pb::StatusResponse {
+            message_id,
+            business_id: record.business_id,
+            sender: record.sender,
+            submission_receipt: Signed::decode(record.submission_receipt.as_slice()).ok(),
+            recipients,
+            envelope: Signed::decode(record.envelope.as_slice()).ok(),
+        })
+    }
+}
+
+/// Reads the attachment frames, checking sizes and digests as they pass.
+async fn receive_attachments(
+    frames: &mut Streaming<pb::SubmitFrame>,
+    header: &pb::DocumentHeader,
+) -> Result<Vec<Bytes>, BrokerError> {
+    let mut buffers: Vec<Vec<u8>> = header
+        .attachments
+        .iter()
+        .map(|a| Vec::with_capacity(usize::try_from(a.size).unwrap_or(0).min(64 << 20)))
+        .collect();
+    let mut checks: Vec<AttachmentCheck<'_>> = header
+        .attachments
+        .iter()
+        .enumerate()
+        .map(|(i, info)| AttachmentCheck::new(i, info))
+        .collect();
+    let mut current = 0usize;
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(|s| {
+            BrokerError::InvalidArgument(format!("submission stream failed: {}", s.message()))
+        })?;
+        let Some(Frame::Chunk(chunk)) = frame.frame else {
+            return Err(BrokerError::InvalidArgument(
+                "only attachment chunks may follow the envelope".into(),
+            ));
+        };
+        let index = chunk.attachment_index as usize;
+        if index < current || index >= checks.len() {
+            return Err(BrokerError::InvalidArgument(format!(
+                "attachment chunk for index {index} out of order or out of range"
+            )));
+        }
+        current = index;
+        if let (Some(check), Some(buffer)) = (checks.get_mut(index), buffers.get_mut(index)) {
+            check.update(&chunk.data)?;
+            buffer.extend_from_slice(&chunk.data);
+        }
+    }
+    for check in checks {
+        check.finish()?;
+    }
+    Ok(buffers.into_iter().map(Bytes::from).collect())
+}
+
+type SessionStream = ReceiverStream<Result<pb::BrokerMessage, Status>>;
+
+#[tonic::async_trait]
+impl Exchange for ExchangeService {
+    async fn submit(
+        &self,
+        request: Request<Streaming<pb::SubmitFrame>>,
+    ) -> Result<Response<pb::SubmitResponse>, Status> {
+        match self.submit_inner(request).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => {
+                tracing::warn!(%error, "submission refused");
+                Err(error.into())
+            }
+        }
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let agency = auth::agency(&request)?;
+        self.admit(agency.as_str())?;
+        let inbound = request.into_inner();
+        let stream = session::start(self.shared.clone(), agency, inbound);
+        Ok(Response::new(stream))
+    }
+
+    async fn status(
+        &self,
+        request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.status_inner(request).await?))
+    }
+}

@@ -1,0 +1,73 @@
+//! The records the broker keeps in sled, encoded with prost. These are internal storage
+//! formats, not wire messages; changing one needs a new store format version.
+
+/// One accepted document.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DocumentRecord {
+    /// The sender's `Signed` envelope, encoded exactly as received.
+    #[prost(bytes = "vec", tag = "1")]
+    pub envelope: Vec<u8>,
+    /// The broker's signed submission receipt (`Signed`, encoded).
+    #[prost(bytes = "vec", tag = "2")]
+    pub submission_receipt: Vec<u8>,
+    #[prost(bytes = "vec", tag = "3")]
+    pub header_sha256: Vec<u8>,
+    #[prost(int64, tag = "4")]
+    pub accepted_at_ms: i64,
+    #[prost(string, tag = "5")]
+    pub business_id: String,
+    #[prost(string, tag = "6")]
+    pub sender: String,
+    #[prost(string, repeated, tag = "7")]
+    pub recipients: Vec<String>,
+    /// Sum of the attachments' sizes.
+    #[prost(uint64, tag = "8")]
+    pub attachment_bytes: u64,
+    #[prost(uint32, tag = "9")]
+    pub attachment_count: u32,
+}
+
+/// A queue entry: the value under `recipient ‖ seq` in the queue tree.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct QueueEntry {
+    #[prost(string, tag = "1")]
+    pub message_id: String,
+    #[prost(uint64, tag = "2")]
+    pub bytes: u64,
+    #[prost(int64, tag = "3")]
+    pub enqueued_at_ms: i64,
+}
+
+/// The state of one document for one recipient.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeliveryRecord {
+    /// `lienthong_proto::pb::DeliveryState` as i32.
+    #[prost(int32, tag = "1")]
+    pub state: i32,
+    /// The queue key while queued.
+    #[prost(bytes = "vec", tag = "2")]
+    pub queue_key: Vec<u8>,
+    #[prost(uint32, tag = "3")]
+    pub attempts: u32,
+    #[prost(int64, tag = "4")]
+    pub last_attempt_at_ms: i64,
+    #[prost(int64, tag = "5")]
+    pub delivered_at_ms: i64,
+    /// The recipient's signed delivery receipt (`Signed`, encoded), once delivered.
+    #[prost(bytes = "vec", tag = "6")]
+    pub receipt: Vec<u8>,
+    #[prost(string, tag = "7")]
+    pub reason: String,
+}
+
+/// A registered agency.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AgencyRecord {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(int64, tag = "2")]
+    pub registered_at_ms: i64,
+    /// True when registered automatically on its first authenticated connection.
+    #[prost(bool, tag = "3")]
+    pub auto_registered: bool,
+}
