@@ -1,1 +1,128 @@
-//! placeholder
+//! lienthong-cli: the `lienthong` command. Thin: it parses arguments and configuration,
+//! sets up tracing, and calls the libraries.
+//!
+//! Layout: `cmd::<subcommand>` per subcommand, [`config`] for `--config` files,
+//! `http` for the agent's local API client, [`error`] for exit codes.
+#![forbid(unsafe_code)]
+
+mod cmd;
+pub mod config;
+pub mod error;
+pub mod http;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::CliError;
+
+/// lienthong — exchange of digitally signed official documents between agencies.
+#[derive(Debug, Parser)]
+#[command(name = "lienthong", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a whole exchange on this machine: dev PKI, a broker and three agents.
+    Demo(cmd::demo::DemoArgs),
+    /// Public-key infrastructure helpers.
+    #[command(subcommand)]
+    Pki(cmd::pki::PkiCommand),
+    /// Run the central broker.
+    Broker(cmd::broker::BrokerArgs),
+    /// Run an agency's agent.
+    Agent(cmd::agent::AgentArgs),
+    /// Send a document through the local agent; prints the message id.
+    Send(cmd::client::SendArgs),
+    /// Show a sent document's per-recipient state and receipts.
+    Status(cmd::client::StatusArgs),
+    /// List the documents this agency received.
+    Inbox(cmd::client::InboxArgs),
+    /// Check an exported document offline: signature, certificate chain, attachments.
+    Verify(cmd::verify::VerifyArgs),
+    /// Operator commands against the broker's admin service.
+    Admin(cmd::admin::AdminArgs),
+}
+
+/// Parses the command line, runs the command, and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            // clap prints help and version to stdout with exit 0, usage errors with 2.
+            let _ = error.print();
+            return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
+        }
+    };
+    init_tracing(&cli.command);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("lienthong: cannot start the async runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lienthong: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), CliError> {
+    lienthong_proto::tls::install_crypto_provider();
+    match command {
+        Command::Demo(args) => cmd::demo::run(args).await,
+        Command::Pki(command) => cmd::pki::run(command),
+        Command::Broker(args) => cmd::broker::run(args).await,
+        Command::Agent(args) => cmd::agent::run(args).await,
+        Command::Send(args) => cmd::client::send(args).await,
+        Command::Status(args) => cmd::client::status(args).await,
+        Command::Inbox(args) => cmd::client::inbox(args).await,
+        Command::Verify(args) => cmd::verify::run(args),
+        Command::Admin(args) => cmd::admin::run(args).await,
+    }
+}
+
+/// Servers log at info by default, client commands only warnings; `RUST_LOG` overrides.
+fn init_tracing(command: &Command) {
+    let default = match command {
+        Command::Demo(_) | Command::Broker(_) | Command::Agent(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub(crate) async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `lienthong` binary: everything lives in the `lienthong_cli` library.
+
+fn main() -> std::process::ExitCode {
+    lienthong_cli::main()
+}

@@ -1,1 +1,462 @@
-//! placeholder
+//! The lienthong test harness: a fresh dev PKI per test, the real broker and agents on
+//! `127.0.0.1:0` (in-process, or the real binary as a child process that tests kill
+//! with SIGKILL and restart), and waiting on conditions with deadlines instead of sleeps.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use lienthong_agent::api_types::{AttachmentUpload, SendRequest, StatusView};
+use lienthong_agent::AgentConfig;
+use lienthong_broker::BrokerConfig;
+use lienthong_certs_dev::{write_dev_pki, DevCa, DevPkiPaths, LeafSpec};
+use lienthong_cli::http::AgentClient;
+use lienthong_proto::tls::TlsFiles;
+use lienthong_proto::AgencyCode;
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const A: &str = "000.00.00.H31";
+pub const B: &str = "000.00.12.H31";
+pub const C: &str = "000.00.15.H31";
+
+/// Logs to the test's output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    lienthong_proto::tls::install_crypto_provider();
+}
+
+/// A temporary world: dev PKI and data folders, removed at drop.
+pub struct World {
+    pub dir: TempDir,
+    pub pki: DevPkiPaths,
+    pub ca: DevCa,
+}
+
+impl World {
+    pub fn new() -> Self {
+        init_tracing();
+        let dir = tempfile::tempdir().unwrap();
+        let codes: Vec<String> = [A, B, C].iter().map(|c| (*c).to_owned()).collect();
+        let pki = write_dev_pki(&dir.path().join("pki"), &codes).unwrap();
+        let ca = DevCa::from_pem(
+            &std::fs::read_to_string(&pki.ca_cert).unwrap(),
+            &std::fs::read_to_string(&pki.ca_key).unwrap(),
+        )
+        .unwrap();
+        Self { dir, pki, ca }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn broker_tls(&self) -> TlsFiles {
+        TlsFiles::load(&self.pki.ca_cert, &self.pki.broker_cert, &self.pki.broker_key).unwrap()
+    }
+
+    pub fn agency_tls(&self, code: &str) -> TlsFiles {
+        let (cert, key) = self.pki.agency(code).unwrap();
+        TlsFiles::load(&self.pki.ca_cert, cert, key).unwrap()
+    }
+
+    pub fn operator_tls(&self) -> TlsFiles {
+        TlsFiles::load(&self.pki.ca_cert, &self.pki.operator_cert, &self.pki.operator_key)
+            .unwrap()
+    }
+
+    /// TLS files for a certificate minted by `ca` (the world's CA unless given), with
+    /// the world's CA as trust anchor.
+    pub fn custom_tls(&self, ca: Option<&DevCa>, spec: &LeafSpec) -> TlsFiles {
+        let issued = ca.unwrap_or(&self.ca).issue(spec).unwrap();
+        TlsFiles {
+            ca_pem: std::fs::read(&self.pki.ca_cert).unwrap(),
+            cert_pem: issued.cert_pem.into_bytes(),
+            key_pem: issued.key_pem.into_bytes(),
+        }
+    }
+
+    pub fn broker_config(&self, data: &str) -> BrokerConfig {
+        let mut config = BrokerConfig::new(self.broker_tls(), self.path(data));
+        for code in [A, B, C] {
+            config
+                .agencies
+                .push((AgencyCode::parse(code).unwrap(), String::new()));
+        }
+        config
+    }
+
+    pub fn agent_config(&self, code: &str, broker_url: &str) -> AgentConfig {
+        let mut config = AgentConfig::new(
+            AgencyCode::parse(code).unwrap(),
+            broker_url.to_owned(),
+            self.agency_tls(code),
+            self.path(&format!("agent-{code}/data")),
+            self.inbox_dir(code),
+        );
+        config.reconnect_min = Duration::from_millis(50);
+        config.reconnect_max = Duration::from_millis(500);
+        config
+    }
+
+    pub fn inbox_dir(&self, code: &str) -> PathBuf {
+        self.path(&format!("agent-{code}/inbox"))
+    }
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A broker running in this process.
+pub struct Broker {
+    pub addr: SocketAddr,
+    pub url: String,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), lienthong_broker::BrokerError>>,
+}
+
+impl Broker {
+    pub async fn start(config: BrokerConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(config, listener)
+    }
+
+    pub fn start_on(config: BrokerConfig, listener: TcpListener) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(lienthong_broker::run(config, listener, shutdown.clone()));
+        Self {
+            addr,
+            url: format!("https://localhost:{}", addr.port()),
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("broker stops within 20 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// An agent running in this process.
+pub struct Agent {
+    pub code: String,
+    pub api: String,
+    pub client: AgentClient,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), lienthong_agent::AgentError>>,
+}
+
+impl Agent {
+    pub async fn start(config: AgentConfig) -> Self {
+        let code = config.agency.to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(lienthong_agent::run(config, listener, shutdown.clone()));
+        Self {
+            code,
+            client: AgentClient::new(&api).unwrap(),
+            api,
+            shutdown,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("agent stops within 20 s")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Sends a document with the given attachments (name, bytes); returns the message id.
+    pub async fn send(&self, to: &[&str], subject: &str, attachments: &[(&str, &[u8])]) -> String {
+        let request = SendRequest {
+            to: to.iter().map(|c| (*c).to_owned()).collect(),
+            subject: subject.to_owned(),
+            attachments: attachments
+                .iter()
+                .map(|(name, bytes)| AttachmentUpload {
+                    name: (*name).to_owned(),
+                    media_type: None,
+                    content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+                })
+                .collect(),
+            ..SendRequest::default()
+        };
+        self.client.send(&request).await.unwrap().message_id
+    }
+
+    /// Waits until the status satisfies `done`; panics with the last status on timeout.
+    pub async fn wait_status(
+        &self,
+        message_id: &str,
+        what: &str,
+        done: impl Fn(&StatusView) -> bool,
+    ) -> StatusView {
+        let mut last = None;
+        let found = wait_until(what, Duration::from_secs(30), || {
+            let client = self.client.clone();
+            let id = message_id.to_owned();
+            async move { client.status(&id).await.ok() }
+        }, |view: &StatusView| {
+            let ok = done(view);
+            ok
+        }, &mut last)
+        .await;
+        found.unwrap_or_else(|| panic!("timed out waiting for {what}; last status: {last:?}"))
+    }
+}
+
+/// Polls `probe` every 25 ms until `accept` holds or `limit` passes. Returns the
+/// accepted value, or None (with the last value seen in `last`).
+pub async fn wait_until<T, F, Fut>(
+    what: &str,
+    limit: Duration,
+    probe: F,
+    accept: impl Fn(&T) -> bool,
+    last: &mut Option<T>,
+) -> Option<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = probe().await {
+            if accept(&value) {
+                return Some(value);
+            }
+            *last = Some(value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing_log(what);
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn tracing_log(what: &str) {
+    eprintln!("deadline passed while waiting for: {what}");
+}
+
+/// Waits until `path` exists (e.g. an exported inbox folder).
+pub async fn wait_for_path(path: &Path) {
+    let mut last = None;
+    let found = wait_until(
+        &format!("{}", path.display()),
+        Duration::from_secs(30),
+        || async { Some(path.exists()) },
+        |exists| *exists,
+        &mut last,
+    )
+    .await;
+    assert!(found.is_some(), "{} did not appear within 30 s", path.display());
+}
+
+/// The message-id folders in an inbox directory (hidden and `recalled` excluded).
+pub fn inbox_entries(inbox: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(inbox)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| !n.starts_with('.') && n != "recalled")
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The real `lienthong` binary running `broker` as a child process.
+pub struct BrokerProcess {
+    pub bin: PathBuf,
+    pub addr: SocketAddr,
+    pub url: String,
+    pub args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl BrokerProcess {
+    /// Starts the binary on a port picked now and kept across restarts.
+    pub async fn start(bin: &Path, world: &World, data: &str) -> Self {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut args: Vec<String> = vec![
+            "broker".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data".into(),
+            world.path(data).display().to_string(),
+            "--ca".into(),
+            world.pki.ca_cert.display().to_string(),
+            "--cert".into(),
+            world.pki.broker_cert.display().to_string(),
+            "--key".into(),
+            world.pki.broker_key.display().to_string(),
+        ];
+        for code in [A, B, C] {
+            args.push("--register".into());
+            args.push(code.into());
+        }
+        let mut process = Self {
+            bin: bin.to_owned(),
+            addr,
+            url: format!("https://localhost:{port}"),
+            args,
+            child: None,
+        };
+        process.spawn().await;
+        process
+    }
+
+    /// Starts the child and waits until it accepts TCP connections.
+    pub async fn spawn(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr = self.addr;
+        let mut last = None;
+        let up = wait_until(
+            "broker process listening",
+            Duration::from_secs(30),
+            || async move { Some(tokio::net::TcpStream::connect(addr).await.is_ok()) },
+            |ok| *ok,
+            &mut last,
+        )
+        .await;
+        assert!(up.is_some(), "broker process did not listen on {addr}");
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A raw gRPC client of the broker's Exchange service, for tests that craft envelopes.
+pub async fn exchange_client(
+    url: &str,
+    tls: tonic::transport::ClientTlsConfig,
+) -> Result<
+    lienthong_proto::pb::exchange_client::ExchangeClient<tonic::transport::Channel>,
+    tonic::transport::Error,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(lienthong_proto::pb::exchange_client::ExchangeClient::new(channel))
+}
+
+/// TLS without a client certificate.
+pub fn anonymous_tls(world: &World) -> tonic::transport::ClientTlsConfig {
+    tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(&world.pki.ca_cert).unwrap(),
+        ))
+        .domain_name("localhost")
+}
+
+/// A valid header from `sender` to `recipients` describing `attachments`.
+pub fn header(
+    sender: &str,
+    recipients: &[&str],
+    attachments: &[(&str, &[u8])],
+) -> lienthong_proto::pb::DocumentHeader {
+    use lienthong_proto::document::{business_id, describe_attachment, new_message_id, vietnam_date_today};
+    let message_id = new_message_id();
+    let issue_date = vietnam_date_today();
+    // A unique number per document keeps business ids distinct.
+    let number = message_id[24..].to_owned()[..8].to_owned();
+    lienthong_proto::pb::DocumentHeader {
+        business_id: business_id(sender, &issue_date, &number, "TEST"),
+        message_id,
+        sender: sender.to_owned(),
+        recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+        number,
+        notation: "TEST".into(),
+        subject: "Văn bản thử nghiệm".into(),
+        issue_date,
+        created_at_ms: lienthong_proto::now_ms(),
+        attachments: attachments
+            .iter()
+            .map(|(name, bytes)| describe_attachment(name, "application/octet-stream", bytes))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Submits an envelope and its attachments over `client`, one chunk per attachment.
+pub async fn submit(
+    client: &mut lienthong_proto::pb::exchange_client::ExchangeClient<tonic::transport::Channel>,
+    envelope: lienthong_proto::pb::Signed,
+    attachments: &[&[u8]],
+) -> Result<lienthong_proto::pb::SubmitResponse, tonic::Status> {
+    use lienthong_proto::pb::{submit_frame::Frame, AttachmentChunk, SubmitFrame};
+    let mut frames = vec![SubmitFrame {
+        frame: Some(Frame::Envelope(envelope)),
+    }];
+    for (index, bytes) in attachments.iter().enumerate() {
+        frames.push(SubmitFrame {
+            frame: Some(Frame::Chunk(AttachmentChunk {
+                attachment_index: index as u32,
+                data: bytes.to_vec().into(),
+            })),
+        });
+    }
+    client
+        .submit(tokio_stream::iter(frames))
+        .await
+        .map(|r| r.into_inner())
+}

@@ -1,0 +1,667 @@
+//! The agent's durable store: one sled database in the data directory.
+//!
+//! Trees and keys:
+//! - `meta`: `format` → [`FORMAT`] (a database without it, or with another value, is
+//!   refused); `next_number` → u64 BE, the per-agent counter for document numbers.
+//! - `outbox`: `r<id>` → [`OutboxRecord`] (JSON), `e<id>` → the sealed envelope
+//!   (prost-encoded `Signed`, exactly as sealed), `p<id>` → empty while the document
+//!   still waits for submission. Message ids are UUIDv7, so key order is age order.
+//! - `inbox`: `r<id>` → [`InboxRecord`] (JSON), `e<id>` → the envelope exactly as
+//!   received.
+//! - `outbox_attachments`, `inbox_attachments`: `<id> \0 index(u32 BE) chunk(u32 BE)` →
+//!   at most [`CHUNK_BYTES`] of the attachment (small values stay inline in sled's log).
+//! - `receipts`: `s<id>` → the broker's submission receipt, `d<id>` → our own delivery
+//!   receipt (both prost-encoded `Signed`).
+//!
+//! Invariants:
+//! - A document (record, envelope, attachments) is written in one transaction: it is
+//!   there whole or not at all.
+//! - Nothing is acknowledged before [`Store::durable`] returned: sled's flush only
+//!   issues `sync_file_range`, so `durable` also `fdatasync`s the main data file and any
+//!   new blob file. Concurrent callers share one sync (group commit).
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use sled::transaction::ConflictableTransactionResult;
+use sled::{IVec, Transactional};
+
+use crate::error::{AgentError, StoreError};
+
+/// The value of `meta/format` in an agent store.
+pub const FORMAT: &str = "lienthong-agent/1";
+/// The largest attachment chunk stored in one sled value.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// Where a document this agent sent stands locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutboxState {
+    /// Accepted locally, not yet accepted by the broker.
+    Outbox,
+    /// The broker returned a submission receipt.
+    Submitted,
+    /// The broker refused it for good.
+    Failed,
+}
+
+impl OutboxState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutboxState::Outbox => "outbox",
+            OutboxState::Submitted => "submitted",
+            OutboxState::Failed => "failed",
+        }
+    }
+}
+
+/// A document this agent sent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    pub message_id: String,
+    pub business_id: String,
+    pub recipients: Vec<String>,
+    pub created_at_ms: i64,
+    /// Hex SHA-256 of the signed header bytes.
+    pub header_sha256: String,
+    pub state: OutboxState,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub submitted_at_ms: Option<i64>,
+}
+
+/// A document this agent received.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboxRecord {
+    pub message_id: String,
+    pub received_at_ms: i64,
+    pub sender: String,
+    pub subject: String,
+    pub business_id: String,
+    /// Hex SHA-256 of the signed header bytes.
+    pub header_sha256: String,
+    /// Attachment names in header order.
+    pub attachments: Vec<String>,
+    pub exported: bool,
+}
+
+/// The agent's sled database and the files synced after each flush.
+pub struct Store {
+    path: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    outbox: sled::Tree,
+    outbox_attachments: sled::Tree,
+    inbox: sled::Tree,
+    inbox_attachments: sled::Tree,
+    receipts: sled::Tree,
+    data_file: Arc<File>,
+    /// Group commit: tickets handed out to callers of `durable` after their writes.
+    requested: AtomicU64,
+    /// Guarded: the highest ticket covered by a completed sync, and blob files synced.
+    sync_state: tokio::sync::Mutex<SyncState>,
+}
+
+#[derive(Default)]
+struct SyncState {
+    completed: u64,
+    synced_blobs: HashSet<OsString>,
+}
+
+fn key(tag: u8, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 1);
+    k.push(tag);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn attachment_prefix(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 1);
+    k.extend_from_slice(id.as_bytes());
+    k.push(0);
+    k
+}
+
+fn attachment_index_prefix(id: &str, index: u32) -> Vec<u8> {
+    let mut k = attachment_prefix(id);
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The (key, value) pairs that store `attachments` of message `id`.
+fn attachment_writes(id: &str, attachments: &[Bytes]) -> Vec<(IVec, IVec)> {
+    let mut writes = Vec::new();
+    for (index, bytes) in attachments.iter().enumerate() {
+        let index = u32::try_from(index).unwrap_or(u32::MAX);
+        for (chunk, part) in bytes.chunks(CHUNK_BYTES).enumerate() {
+            let chunk = u32::try_from(chunk).unwrap_or(u32::MAX);
+            let mut k = attachment_index_prefix(id, index);
+            k.extend_from_slice(&chunk.to_be_bytes());
+            writes.push((IVec::from(k), IVec::from(part)));
+        }
+    }
+    writes
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|e| StoreError::Record {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: e.to_string(),
+    })
+}
+
+fn encode_json<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Record {
+        key: "(new record)".into(),
+        detail: e.to_string(),
+    })
+}
+
+/// Parses `<id> \0 index chunk` into the attachment index.
+fn attachment_index_of(key: &[u8], prefix_len: usize) -> Option<u32> {
+    let index = key.get(prefix_len..prefix_len + 4)?;
+    Some(u32::from_be_bytes(index.try_into().ok()?))
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. Refuses a directory holding something
+    /// else, a database of another format, or one sled cannot open.
+    pub fn open(dir: &Path) -> Result<Self, AgentError> {
+        let io = |source| AgentError::Io {
+            path: dir.to_owned(),
+            source,
+        };
+        let not_ours = |detail: String| AgentError::NotOurs {
+            path: dir.to_owned(),
+            detail,
+        };
+        let corrupt = |detail: String| AgentError::Corrupt {
+            path: dir.to_owned(),
+            detail,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let has_entries = std::fs::read_dir(dir).map_err(io)?.next().is_some();
+        if has_entries && !dir.join("conf").exists() {
+            return Err(not_ours(
+                "the directory is not empty and holds no agent store".into(),
+            ));
+        }
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| corrupt(format!("sled cannot open it (corrupt, or used by another process?): {e}")))?;
+        let sled_err = |e: sled::Error| corrupt(e.to_string());
+        let meta = db.open_tree("meta").map_err(sled_err)?;
+        match meta.get("format").map_err(sled_err)? {
+            Some(format) if format.as_ref() == FORMAT.as_bytes() => {}
+            Some(other) => {
+                return Err(not_ours(format!(
+                    "store format {:?}, expected {FORMAT:?}",
+                    String::from_utf8_lossy(&other)
+                )));
+            }
+            None => {
+                let foreign = !db.is_empty()
+                    || db.tree_names().iter().any(|name| {
+                        name.as_ref() != b"meta"
+                            && name.as_ref() != b"__sled__default"
+                            && db.open_tree(name).is_ok_and(|t| !t.is_empty())
+                    });
+                if foreign {
+                    return Err(not_ours(
+                        "a sled database without the lienthong agent format marker".into(),
+                    ));
+                }
+                meta.insert("format", FORMAT).map_err(sled_err)?;
+                db.flush().map_err(sled_err)?;
+            }
+        }
+        let data_path = dir.join("db");
+        let data_file = File::open(&data_path).map_err(|source| AgentError::Io {
+            path: data_path.clone(),
+            source,
+        })?;
+        data_file.sync_data().map_err(|source| AgentError::Io {
+            path: data_path,
+            source,
+        })?;
+        Ok(Self {
+            path: dir.to_owned(),
+            outbox: db.open_tree("outbox").map_err(sled_err)?,
+            outbox_attachments: db.open_tree("outbox_attachments").map_err(sled_err)?,
+            inbox: db.open_tree("inbox").map_err(sled_err)?,
+            inbox_attachments: db.open_tree("inbox_attachments").map_err(sled_err)?,
+            receipts: db.open_tree("receipts").map_err(sled_err)?,
+            meta,
+            db,
+            data_file: Arc::new(data_file),
+            requested: AtomicU64::new(0),
+            sync_state: tokio::sync::Mutex::new(SyncState::default()),
+        })
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Returns once everything written before the call is on stable storage.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        let ticket = self.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut state = self.sync_state.lock().await;
+        if state.completed >= ticket {
+            return Ok(());
+        }
+        // Every ticket up to `covers` was taken after its writes, so this sync covers it.
+        let covers = self.requested.load(Ordering::SeqCst);
+        self.db.flush_async().await?;
+        let file = Arc::clone(&self.data_file);
+        let data_path = self.path.join("db");
+        let blobs_dir = self.path.join("blobs");
+        let known = std::mem::take(&mut state.synced_blobs);
+        let synced = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            file.sync_data().map_err(|source| StoreError::Sync {
+                path: data_path,
+                source,
+            })?;
+            sync_new_blobs(&blobs_dir, known)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        state.synced_blobs = synced;
+        state.completed = covers;
+        Ok(())
+    }
+
+    /// The next document number of this agent (1, 2, ...). Durable with the document
+    /// that uses it.
+    pub fn next_number(&self) -> Result<u64, StoreError> {
+        let value = self.meta.update_and_fetch("next_number", |old| {
+            let current = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some(current.saturating_add(1).to_be_bytes().to_vec())
+        })?;
+        Ok(value
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(1))
+    }
+
+    // ---- outbox ----
+
+    /// Stores a sealed document waiting for submission, in one transaction.
+    /// Call [`Store::durable`] before telling anyone it is accepted.
+    pub fn put_outbox(
+        &self,
+        record: &OutboxRecord,
+        envelope: &[u8],
+        attachments: &[Bytes],
+    ) -> Result<(), StoreError> {
+        let id = record.message_id.as_str();
+        let writes = attachment_writes(id, attachments);
+        let record = IVec::from(encode_json(record)?);
+        let envelope = IVec::from(envelope);
+        (&self.outbox, &self.outbox_attachments).transaction(
+            |(outbox, atts)| -> ConflictableTransactionResult<(), StoreError> {
+                for (k, v) in &writes {
+                    atts.insert(k.clone(), v.clone())?;
+                }
+                outbox.insert(key(b'e', id), envelope.clone())?;
+                outbox.insert(key(b'r', id), record.clone())?;
+                outbox.insert(key(b'p', id), IVec::default())?;
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// Message ids waiting for submission, oldest first.
+    pub fn pending_outbox(&self) -> Result<Vec<String>, StoreError> {
+        let mut ids = Vec::new();
+        for entry in self.outbox.scan_prefix(b"p") {
+            let (k, _) = entry?;
+            ids.push(String::from_utf8_lossy(&k[1..]).into_owned());
+        }
+        Ok(ids)
+    }
+
+    pub fn outbox_record(&self, id: &str) -> Result<Option<OutboxRecord>, StoreError> {
+        let k = key(b'r', id);
+        self.outbox
+            .get(&k)?
+            .map(|v| decode_json(&k, &v))
+            .transpose()
+    }
+
+    pub fn outbox_envelope(&self, id: &str) -> Result<Option<IVec>, StoreError> {
+        Ok(self.outbox.get(key(b'e', id))?)
+    }
+
+    /// The stored chunks of every attachment of `id`, in order, as (index, bytes).
+    pub fn outbox_attachment_chunks(
+        &self,
+        id: &str,
+    ) -> impl Iterator<Item = Result<(u32, IVec), StoreError>> + Send + 'static {
+        let prefix = attachment_prefix(id);
+        let prefix_len = prefix.len();
+        self.outbox_attachments.scan_prefix(prefix).map(move |entry| {
+            let (k, v) = entry?;
+            let index = attachment_index_of(&k, prefix_len).ok_or_else(|| StoreError::Record {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                detail: "attachment key too short".into(),
+            })?;
+            Ok((index, v))
+        })
+    }
+
+    fn update_outbox(
+        &self,
+        id: &str,
+        receipt: Option<&[u8]>,
+        change: impl Fn(&mut OutboxRecord),
+    ) -> Result<(), StoreError> {
+        let rkey = key(b'r', id);
+        let receipt = receipt.map(IVec::from);
+        (&self.outbox, &self.receipts).transaction(
+            |(outbox, receipts)| -> ConflictableTransactionResult<(), StoreError> {
+                let Some(current) = outbox.get(&rkey)? else {
+                    return Ok(());
+                };
+                let mut record: OutboxRecord = decode_json(&rkey, &current)
+                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                change(&mut record);
+                let value = encode_json(&record)
+                    .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                outbox.insert(rkey.clone(), value)?;
+                outbox.remove(key(b'p', id))?;
+                if let Some(receipt) = &receipt {
+                    receipts.insert(key(b's', id), receipt.clone())?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    /// The broker accepted `id`: keep its receipt, stop submitting.
+    pub fn mark_submitted(&self, id: &str, receipt: &[u8], at_ms: i64) -> Result<(), StoreError> {
+        self.update_outbox(id, Some(receipt), |r| {
+            r.state = OutboxState::Submitted;
+            r.failure_reason = None;
+            r.submitted_at_ms = Some(at_ms);
+        })
+    }
+
+    /// The broker refused `id` for good.
+    pub fn mark_failed(&self, id: &str, reason: &str) -> Result<(), StoreError> {
+        self.update_outbox(id, None, |r| {
+            r.state = OutboxState::Failed;
+            r.failure_reason = Some(reason.to_owned());
+        })
+    }
+
+    pub fn submission_receipt(&self, id: &str) -> Result<Option<IVec>, StoreError> {
+        Ok(self.receipts.get(key(b's', id))?)
+    }
+
+    // ---- inbox ----
+
+    /// Stores a received document, in one transaction. Call [`Store::durable`] before
+    /// acknowledging it.
+    pub fn put_inbox(
+        &self,
+        record: &InboxRecord,
+        envelope: &[u8],
+        attachments: &[Bytes],
+    ) -> Result<(), StoreError> {
+        let id = record.message_id.as_str();
+        let writes = attachment_writes(id, attachments);
+        let record = IVec::from(encode_json(record)?);
+        let envelope = IVec::from(envelope);
+        (&self.inbox, &self.inbox_attachments).transaction(
+            |(inbox, atts)| -> ConflictableTransactionResult<(), StoreError> {
+                for (k, v) in &writes {
+                    atts.insert(k.clone(), v.clone())?;
+                }
+                inbox.insert(key(b'e', id), envelope.clone())?;
+                inbox.insert(key(b'r', id), record.clone())?;
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
+    pub fn inbox_record(&self, id: &str) -> Result<Option<InboxRecord>, StoreError> {
+        let k = key(b'r', id);
+        self.inbox.get(&k)?.map(|v| decode_json(&k, &v)).transpose()
+    }
+
+    pub fn inbox_envelope(&self, id: &str) -> Result<Option<IVec>, StoreError> {
+        Ok(self.inbox.get(key(b'e', id))?)
+    }
+
+    /// Every inbox record, in message id order.
+    pub fn inbox_records(&self) -> Result<Vec<InboxRecord>, StoreError> {
+        let mut records = Vec::new();
+        for entry in self.inbox.scan_prefix(b"r") {
+            let (k, v) = entry?;
+            records.push(decode_json(&k, &v)?);
+        }
+        Ok(records)
+    }
+
+    /// The attachments of received document `id`, `count` of them, whole.
+    pub fn inbox_attachments(&self, id: &str, count: usize) -> Result<Vec<Bytes>, StoreError> {
+        let mut out: Vec<BytesMut> = (0..count).map(|_| BytesMut::new()).collect();
+        let prefix = attachment_prefix(id);
+        let prefix_len = prefix.len();
+        for entry in self.inbox_attachments.scan_prefix(prefix) {
+            let (k, v) = entry?;
+            let slot = attachment_index_of(&k, prefix_len)
+                .and_then(|i| out.get_mut(usize::try_from(i).ok()?))
+                .ok_or_else(|| StoreError::Record {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    detail: "attachment chunk outside the header's list".into(),
+                })?;
+            slot.extend_from_slice(&v);
+        }
+        Ok(out.into_iter().map(BytesMut::freeze).collect())
+    }
+
+    /// Records that the document's export folder is complete.
+    pub fn mark_exported(&self, id: &str) -> Result<(), StoreError> {
+        let k = key(b'r', id);
+        self.inbox
+            .fetch_and_update(&k, |old| {
+                let old = old?;
+                let Ok(mut record) = serde_json::from_slice::<InboxRecord>(old) else {
+                    return Some(old.to_vec());
+                };
+                record.exported = true;
+                serde_json::to_vec(&record).ok().or_else(|| Some(old.to_vec()))
+            })?;
+        Ok(())
+    }
+
+    pub fn put_delivery_receipt(&self, id: &str, receipt: &[u8]) -> Result<(), StoreError> {
+        self.receipts.insert(key(b'd', id), receipt)?;
+        Ok(())
+    }
+
+    pub fn delivery_receipt(&self, id: &str) -> Result<Option<IVec>, StoreError> {
+        Ok(self.receipts.get(key(b'd', id))?)
+    }
+}
+
+/// `fdatasync`s blob files in `dir` not in `known` (sled writes large values there
+/// without syncing), then the directory itself if any was new. Returns the names now
+/// present.
+fn sync_new_blobs(dir: &Path, known: HashSet<OsString>) -> Result<HashSet<OsString>, StoreError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(known),
+        Err(source) => {
+            return Err(StoreError::Sync {
+                path: dir.to_owned(),
+                source,
+            });
+        }
+    };
+    let mut present = HashSet::new();
+    let mut any_new = false;
+    for entry in entries {
+        let entry = entry.map_err(|source| StoreError::Sync {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let name = entry.file_name();
+        if !known.contains(&name) {
+            let path = entry.path();
+            match File::open(&path) {
+                Ok(f) => f
+                    .sync_data()
+                    .map_err(|source| StoreError::Sync { path, source })?,
+                // Removed by sled's garbage collection meanwhile: nothing to sync.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(source) => return Err(StoreError::Sync { path, source }),
+            }
+            any_new = true;
+        }
+        present.insert(name);
+    }
+    if any_new {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StoreError::Sync {
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    Ok(present)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> InboxRecord {
+        InboxRecord {
+            message_id: id.into(),
+            received_at_ms: 1,
+            sender: "000.00.00.H31".into(),
+            subject: "s".into(),
+            business_id: "b".into(),
+            header_sha256: "00".into(),
+            attachments: vec!["a.pdf".into(), "empty.txt".into(), "b.bin".into()],
+            exported: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn reopen_keeps_documents_and_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Bytes = (0..(CHUNK_BYTES * 2 + 17)).map(|i| (i % 251) as u8).collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.next_number().unwrap(), 1);
+            assert_eq!(store.next_number().unwrap(), 2);
+            store
+                .put_inbox(
+                    &record("id1"),
+                    b"envelope",
+                    &[Bytes::from_static(b"pdf"), Bytes::new(), big.clone()],
+                )
+                .unwrap();
+            store.mark_exported("id1").unwrap();
+            store.durable().await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.next_number().unwrap(), 3);
+        let rec = store.inbox_record("id1").unwrap().unwrap();
+        assert!(rec.exported);
+        assert_eq!(store.inbox_envelope("id1").unwrap().unwrap().as_ref(), b"envelope");
+        let atts = store.inbox_attachments("id1", 3).unwrap();
+        assert_eq!(atts[0].as_ref(), b"pdf");
+        assert!(atts[1].is_empty());
+        assert_eq!(atts[2], big);
+    }
+
+    #[tokio::test]
+    async fn outbox_lifecycle() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for id in ["a", "b"] {
+            let rec = OutboxRecord {
+                message_id: id.into(),
+                business_id: "x".into(),
+                recipients: vec![],
+                created_at_ms: 1,
+                header_sha256: "00".into(),
+                state: OutboxState::Outbox,
+                failure_reason: None,
+                submitted_at_ms: None,
+            };
+            store
+                .put_outbox(&rec, b"env", &[Bytes::from_static(b"12345")])
+                .unwrap();
+        }
+        store.durable().await.unwrap();
+        assert_eq!(store.pending_outbox().unwrap(), vec!["a", "b"]);
+        let chunks: Vec<_> = store
+            .outbox_attachment_chunks("a")
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].0, 0);
+        store.mark_submitted("a", b"receipt", 5).unwrap();
+        store.mark_failed("b", "refused").unwrap();
+        assert!(store.pending_outbox().unwrap().is_empty());
+        assert_eq!(
+            store.outbox_record("a").unwrap().unwrap().state,
+            OutboxState::Submitted
+        );
+        assert_eq!(store.submission_receipt("a").unwrap().unwrap().as_ref(), b"receipt");
+        let b = store.outbox_record("b").unwrap().unwrap();
+        assert_eq!(b.state, OutboxState::Failed);
+        assert_eq!(b.failure_reason.as_deref(), Some("refused"));
+    }
+
+    #[test]
+    fn refuses_foreign_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"hello").unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, AgentError::NotOurs { .. }), "{err}");
+        assert!(err.to_string().contains(&dir.path().display().to_string()));
+
+        let other = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(other.path()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert("format", "lienthong-broker/1")
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(other.path()).err().unwrap();
+        assert!(err.to_string().contains("not a lienthong agent data directory"), "{err}");
+    }
+
+    #[test]
+    fn refuses_corrupt_store() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        std::fs::write(dir.path().join("conf"), b"garbage\0\0").unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, AgentError::Corrupt { .. }), "{err}");
+    }
+}

@@ -1,0 +1,147 @@
+//! `lienthong agent`: run an agency's agent until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use lienthong_agent::AgentConfig;
+use lienthong_proto::tls::TlsFiles;
+use lienthong_proto::{AgencyCode, SigningKey, TrustAnchors};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, relative_to, required};
+use crate::error::CliError;
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// TOML configuration file; keys are the long flag names.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The broker, e.g. https://localhost:7443.
+    #[arg(long)]
+    broker: Option<String>,
+    /// This agency's code, e.g. 000.00.12.H31.
+    #[arg(long)]
+    agency: Option<String>,
+    /// CA bundle (PEM): trusts the broker and, by default, document signers.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This agency's TLS certificate chain (PEM).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This agency's TLS private key (PKCS#8 PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// A separate document-signing certificate chain (default: --cert).
+    #[arg(long)]
+    signing_cert: Option<PathBuf>,
+    /// A separate document-signing key (default: --key).
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// CA bundle for document signatures, when it differs from --ca.
+    #[arg(long)]
+    document_ca: Option<PathBuf>,
+    /// Data directory (sled outbox and inbox).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Local HTTP API address. Default 127.0.0.1:7180.
+    #[arg(long)]
+    api: Option<SocketAddr>,
+    /// Folder where received documents are exported.
+    #[arg(long)]
+    inbox_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    broker: Option<String>,
+    agency: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    signing_cert: Option<PathBuf>,
+    signing_key: Option<PathBuf>,
+    document_ca: Option<PathBuf>,
+    data: Option<PathBuf>,
+    api: Option<SocketAddr>,
+    inbox_dir: Option<PathBuf>,
+}
+
+pub async fn run(args: AgentArgs) -> Result<(), CliError> {
+    let cfg = args.config.as_deref();
+    let file: AgentFile = config::load(cfg)?;
+    let path = |flag: Option<PathBuf>, from_file: Option<PathBuf>, name: &str| {
+        required(flag, from_file.map(|p| relative_to(cfg, p)), name)
+    };
+    let optional_path = |flag: Option<PathBuf>, from_file: Option<PathBuf>| {
+        flag.or(from_file.map(|p| relative_to(cfg, p)))
+    };
+    let broker = required(args.broker, file.broker, "broker")?;
+    if !broker.starts_with("https://") {
+        return Err(CliError::Usage(format!(
+            "--broker must be an https:// URL such as https://localhost:7443, not {broker}"
+        )));
+    }
+    let agency = required(args.agency, file.agency, "agency")?;
+    let agency = AgencyCode::parse(&agency).map_err(|e| CliError::Usage(format!("--agency: {e}")))?;
+    let ca = path(args.ca, file.ca, "ca")?;
+    let cert = path(args.cert, file.cert, "cert")?;
+    let key = path(args.key, file.key, "key")?;
+    let data = path(args.data, file.data, "data")?;
+    let inbox_dir = path(args.inbox_dir, file.inbox_dir, "inbox-dir")?;
+    let api = args
+        .api
+        .or(file.api)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7180)));
+    let tls = TlsFiles::load(&ca, &cert, &key)?;
+    let tls_identity = tls
+        .signing_key()
+        .and_then(|k| k.identity())
+        .map_err(|e| CliError::config(&cert, e))?;
+    if tls_identity.agency() != Some(&agency) {
+        return Err(CliError::config(
+            &cert,
+            format!("the certificate is for {tls_identity}, not agency {agency}"),
+        ));
+    }
+    let mut config = AgentConfig::new(agency, broker, tls, data, inbox_dir);
+    match (
+        optional_path(args.signing_cert, file.signing_cert),
+        optional_path(args.signing_key, file.signing_key),
+    ) {
+        (Some(cert), Some(key)) => {
+            let cert_pem = std::fs::read(&cert).map_err(|e| CliError::config(&cert, e))?;
+            let key_pem = std::fs::read(&key).map_err(|e| CliError::config(&key, e))?;
+            let signing = SigningKey::from_pem(&cert_pem, &key_pem)
+                .map_err(|e| CliError::config(&key, e))?;
+            config.signing_key = Some(Arc::new(signing));
+        }
+        (None, None) => {}
+        _ => {
+            return Err(CliError::Usage(
+                "--signing-cert and --signing-key go together".into(),
+            ));
+        }
+    }
+    if let Some(document_ca) = optional_path(args.document_ca, file.document_ca) {
+        let pem = std::fs::read(&document_ca).map_err(|e| CliError::config(&document_ca, e))?;
+        config.document_anchors =
+            Some(TrustAnchors::from_pem(&pem).map_err(|e| CliError::config(&document_ca, e))?);
+    }
+    let listener = tokio::net::TcpListener::bind(api)
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot listen on {api}: {e}")))?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        trigger.cancel();
+    });
+    lienthong_agent::run(config, listener, shutdown)
+        .await
+        .map_err(|e| CliError::Failed(format!("agent: {e}")))
+}

@@ -1,0 +1,131 @@
+//! `lienthong broker`: run the central broker until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use lienthong_broker::BrokerConfig;
+use lienthong_proto::tls::TlsFiles;
+use lienthong_proto::{AgencyCode, TrustAnchors};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, relative_to, required};
+use crate::error::CliError;
+
+#[derive(Debug, Args)]
+pub struct BrokerArgs {
+    /// TOML configuration file; keys are the long flag names.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address for agents (gRPC over mutual TLS). Default 127.0.0.1:7443.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Data directory (sled store).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// CA bundle (PEM) for client certificates and, by default, document signatures.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Broker certificate chain (PEM).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Broker private key (PKCS#8 PEM).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// CA bundle for document signatures, when it differs from --ca.
+    #[arg(long)]
+    document_ca: Option<PathBuf>,
+    /// Register an agency at start: CODE or CODE=NAME (repeatable).
+    #[arg(long = "register", value_name = "CODE[=NAME]")]
+    register: Vec<String>,
+    /// Refuse agencies that are not registered instead of registering them on their
+    /// first authenticated connection.
+    #[arg(long)]
+    no_auto_register: bool,
+    /// Largest total attachment size of one document, in bytes.
+    #[arg(long)]
+    max_document_bytes: Option<u64>,
+    /// Seconds to wait for an acknowledgement before offering a delivery again.
+    #[arg(long)]
+    ack_timeout_secs: Option<u64>,
+    /// Name used in the broker's receipts.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BrokerFile {
+    listen: Option<SocketAddr>,
+    data: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    document_ca: Option<PathBuf>,
+    #[serde(default)]
+    register: Vec<String>,
+    no_auto_register: Option<bool>,
+    max_document_bytes: Option<u64>,
+    ack_timeout_secs: Option<u64>,
+    name: Option<String>,
+}
+
+fn parse_registration(value: &str) -> Result<(AgencyCode, String), CliError> {
+    let (code, name) = value.split_once('=').unwrap_or((value, ""));
+    let code = AgencyCode::parse(code).map_err(|e| CliError::Usage(format!("--register: {e}")))?;
+    Ok((code, name.to_owned()))
+}
+
+pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
+    let cfg = args.config.as_deref();
+    let file: BrokerFile = config::load(cfg)?;
+    let path = |flag: Option<PathBuf>, from_file: Option<PathBuf>, name: &str| {
+        required(flag, from_file.map(|p| relative_to(cfg, p)), name)
+    };
+    let data = path(args.data, file.data, "data")?;
+    let ca = path(args.ca, file.ca, "ca")?;
+    let cert = path(args.cert, file.cert, "cert")?;
+    let key = path(args.key, file.key, "key")?;
+    let listen = args
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
+    let tls = TlsFiles::load(&ca, &cert, &key)?;
+    let mut broker = BrokerConfig::new(tls, data);
+    if let Some(document_ca) = args
+        .document_ca
+        .or(file.document_ca.map(|p| relative_to(cfg, p)))
+    {
+        let pem = std::fs::read(&document_ca).map_err(|e| CliError::config(&document_ca, e))?;
+        broker.document_anchors =
+            Some(TrustAnchors::from_pem(&pem).map_err(|e| CliError::config(&document_ca, e))?);
+    }
+    for value in file.register.iter().chain(&args.register) {
+        broker.agencies.push(parse_registration(value)?);
+    }
+    broker.auto_register = !(args.no_auto_register || file.no_auto_register.unwrap_or(false));
+    if let Some(max) = args.max_document_bytes.or(file.max_document_bytes) {
+        broker.max_document_bytes = max;
+    }
+    if let Some(secs) = args.ack_timeout_secs.or(file.ack_timeout_secs) {
+        broker.ack_timeout = Duration::from_secs(secs.max(1));
+    }
+    if let Some(name) = args.name.or(file.name) {
+        broker.name = name;
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot listen on {listen}: {e}")))?;
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        tracing::info!("shutdown requested; draining");
+        trigger.cancel();
+    });
+    lienthong_broker::run(broker, listener, shutdown)
+        .await
+        .map_err(|e| CliError::Failed(format!("broker: {e}")))
+}

@@ -1,0 +1,223 @@
+//! `lienthong demo`: a whole exchange on one machine. A dev PKI in a temporary folder,
+//! a broker and three agents in this process on loopback ports, one document with two
+//! attachments sent from the provincial People's Committee to two departments, each
+//! step printed; then it keeps running so a person can try the other commands.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use clap::Args;
+use lienthong_agent::api_types::{AttachmentUpload, SendRequest, StatusView};
+use lienthong_agent::AgentConfig;
+use lienthong_broker::BrokerConfig;
+use lienthong_certs_dev::{write_dev_pki, DEFAULT_AGENCIES};
+use lienthong_proto::tls::TlsFiles;
+use lienthong_proto::AgencyCode;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::CliError;
+use crate::http::AgentClient;
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after the first exchange instead of waiting for Ctrl-C.
+    #[arg(long)]
+    once: bool,
+}
+
+const AGENCY_NAMES: [&str; 3] = [
+    "UBND tỉnh Hưng Yên",
+    "Sở Tài chính tỉnh Hưng Yên",
+    "Sở Nội vụ tỉnh Hưng Yên",
+];
+
+fn failed(what: &str) -> impl Fn(String) -> CliError + '_ {
+    move |e| CliError::Failed(format!("{what}: {e}"))
+}
+
+async fn bind() -> Result<TcpListener, CliError> {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| CliError::Failed(format!("cannot bind a loopback port: {e}")))
+}
+
+fn port(listener: &TcpListener) -> u16 {
+    listener.local_addr().map(|a| a.port()).unwrap_or(0)
+}
+
+pub async fn run(args: DemoArgs) -> Result<(), CliError> {
+    let temp = tempfile::Builder::new()
+        .prefix("lienthong-demo-")
+        .tempdir()
+        .map_err(|e| CliError::Failed(format!("cannot create a temporary folder: {e}")))?;
+    let root = temp.path();
+    let codes: Vec<String> = DEFAULT_AGENCIES.iter().map(|c| (*c).to_owned()).collect();
+    let pki = write_dev_pki(&root.join("pki"), &codes).map_err(|e| failed("dev PKI")(e.to_string()))?;
+    println!("1. Development PKI written to {}", pki.dir.display());
+
+    let shutdown = CancellationToken::new();
+    let broker_listener = bind().await?;
+    let broker_url = format!("https://localhost:{}", port(&broker_listener));
+    let mut broker = BrokerConfig::new(
+        TlsFiles::load(&pki.ca_cert, &pki.broker_cert, &pki.broker_key)?,
+        root.join("broker"),
+    );
+    for (code, name) in codes.iter().zip(AGENCY_NAMES) {
+        let code = AgencyCode::parse(code).map_err(|e| failed("agency")(e.to_string()))?;
+        broker.agencies.push((code, name.to_owned()));
+    }
+    let broker_task = tokio::spawn(lienthong_broker::run(broker, broker_listener, shutdown.clone()));
+    println!("2. Broker listening on {broker_url} (mutual TLS), data in {}", root.join("broker").display());
+
+    let mut apis = Vec::new();
+    let mut agent_tasks = Vec::new();
+    for (code, name) in codes.iter().zip(AGENCY_NAMES) {
+        let (cert, key) = pki
+            .agency(code)
+            .ok_or_else(|| CliError::Failed(format!("no certificate for {code}")))?;
+        let tls = TlsFiles::load(&pki.ca_cert, cert, key)?;
+        let agency = AgencyCode::parse(code).map_err(|e| failed("agency")(e.to_string()))?;
+        let dir = root.join("agents").join(code);
+        let config = AgentConfig::new(agency, broker_url.clone(), tls, dir.join("data"), dir.join("inbox"));
+        let listener = bind().await?;
+        let api = format!("http://127.0.0.1:{}", port(&listener));
+        println!("3. Agent {code} ({name}): API {api}, inbox {}", dir.join("inbox").display());
+        agent_tasks.push(tokio::spawn(lienthong_agent::run(config, listener, shutdown.clone())));
+        apis.push(api);
+    }
+
+    let outcome = exchange(&apis, &codes, root).await;
+    if outcome.is_ok() && !args.once {
+        print_try_it(&apis, &codes, &broker_url, &pki.dir);
+        crate::shutdown_signal().await;
+        println!("Stopping…");
+    }
+    shutdown.cancel();
+    for task in agent_tasks {
+        if let Ok(Err(error)) = task.await {
+            eprintln!("agent stopped with an error: {error}");
+        }
+    }
+    if let Ok(Err(error)) = broker_task.await {
+        eprintln!("broker stopped with an error: {error}");
+    }
+    outcome
+}
+
+async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), CliError> {
+    let (Some(sender_api), Some(recipients)) = (apis.first(), codes.get(1..)) else {
+        return Err(CliError::Failed("the demo needs three agencies".into()));
+    };
+    let client = AgentClient::new(sender_api)?;
+    let letter = "ỦY BAN NHÂN DÂN TỈNH HƯNG YÊN\n\nV/v triển khai liên thông văn bản điện tử.\n\
+                  Đề nghị các sở xác nhận đã nhận văn bản trong ngày.\n";
+    let table = "đơn vị,số văn bản\nSở Tài chính,12\nSở Nội vụ,7\n";
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    let request = SendRequest {
+        to: recipients.to_vec(),
+        subject: "Về việc triển khai liên thông văn bản điện tử (demo)".into(),
+        notation: Some("UBND-VP".into()),
+        attachments: vec![
+            AttachmentUpload {
+                name: "cong-van.txt".into(),
+                media_type: Some("text/plain; charset=utf-8".into()),
+                content_base64: b64(letter),
+            },
+            AttachmentUpload {
+                name: "phu-luc.csv".into(),
+                media_type: Some("text/csv".into()),
+                content_base64: b64(table),
+            },
+        ],
+        ..SendRequest::default()
+    };
+    let sent = client.send(&request).await?;
+    println!(
+        "4. {} signed document {} (business id {}) and stored it in its outbox",
+        codes.first().map(String::as_str).unwrap_or(""),
+        sent.message_id,
+        sent.business_id
+    );
+    let view = wait_for(&client, &sent.message_id, |v| v.outbox_state != "outbox").await?;
+    if view.outbox_state != "submitted" {
+        return Err(CliError::Failed(format!(
+            "the broker did not accept the document: {}",
+            view.failure_reason.unwrap_or_default()
+        )));
+    }
+    println!(
+        "5. Broker accepted it at {} with a signed submission receipt ({})",
+        view.submitted_at.as_deref().unwrap_or("?"),
+        if view.submission_receipt_verified { "verified" } else { "NOT verified" }
+    );
+    let view = wait_for(&client, &sent.message_id, |v| {
+        v.recipients.iter().all(|r| r.state != "queued" && r.state != "unknown")
+    })
+    .await?;
+    for r in &view.recipients {
+        println!(
+            "6. {}: {} at {}, delivery receipt {}",
+            r.agency,
+            r.state,
+            r.delivered_at.as_deref().unwrap_or("?"),
+            match r.receipt_verified {
+                Some(true) => "verified",
+                Some(false) => "NOT verified",
+                None => "absent",
+            }
+        );
+    }
+    for code in recipients {
+        let folder = root.join("agents").join(code).join("inbox").join(&sent.message_id);
+        println!("7. {code} exported it to {}", folder.display());
+    }
+    if view.recipients.iter().any(|r| r.state != "delivered") {
+        return Err(CliError::Failed("not every recipient received the document".into()));
+    }
+    Ok(())
+}
+
+async fn wait_for(
+    client: &AgentClient,
+    message_id: &str,
+    done: impl Fn(&StatusView) -> bool,
+) -> Result<StatusView, CliError> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let view = client.status(message_id).await?;
+        if done(&view) {
+            return Ok(view);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(CliError::Failed(format!(
+                "timed out waiting on {message_id}; last state: outbox {}",
+                view.outbox_state
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_try_it(apis: &[String], codes: &[String], broker_url: &str, pki: &Path) {
+    let (Some(a), Some(b)) = (apis.first(), apis.get(1)) else {
+        return;
+    };
+    let to = codes.get(1..).map(|c| c.join(",")).unwrap_or_default();
+    println!();
+    println!("The exchange keeps running. In another terminal, try:");
+    println!("  echo 'Kính gửi các sở' > /tmp/thu.txt");
+    println!("  id=$(cargo run --release -q -- send --api {a} --to {to} --subject 'Thử nghiệm' /tmp/thu.txt)");
+    println!("  cargo run --release -q -- status --api {a} \"$id\"");
+    println!("  cargo run --release -q -- inbox --api {b}");
+    println!(
+        "  cargo run --release -q -- verify --ca {} <folder printed by inbox>",
+        pki.join("ca.crt").display()
+    );
+    println!(
+        "  cargo run --release -q -- admin --broker {broker_url} --ca {0}/ca.crt --cert {0}/operator.crt --key {0}/operator.key queues",
+        pki.display()
+    );
+    println!("Press Ctrl-C to stop (the temporary folder is removed).");
+}

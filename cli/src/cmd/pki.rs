@@ -1,0 +1,48 @@
+//! `lienthong pki dev`: a development PKI (never for production).
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use lienthong_certs_dev::{write_dev_pki, DEFAULT_AGENCIES};
+
+use crate::error::CliError;
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Write a dev CA, broker, operator and agency certificates into DIR.
+    Dev {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Agency code to issue a certificate for (repeatable). Default: three
+        /// agencies of Hưng Yên province.
+        #[arg(long = "agency", value_name = "CODE")]
+        agencies: Vec<String>,
+    },
+}
+
+pub fn run(command: PkiCommand) -> Result<(), CliError> {
+    match command {
+        PkiCommand::Dev { out, agencies } => {
+            for code in &agencies {
+                lienthong_proto::AgencyCode::parse(code)
+                    .map_err(|e| CliError::Usage(format!("--agency: {e}")))?;
+            }
+            let agencies = if agencies.is_empty() {
+                DEFAULT_AGENCIES.iter().map(|c| (*c).to_owned()).collect()
+            } else {
+                agencies
+            };
+            let paths = write_dev_pki(&out, &agencies)
+                .map_err(|e| CliError::Failed(format!("cannot write the dev PKI: {e}")))?;
+            eprintln!("development PKI in {} (not for production):", paths.dir.display());
+            eprintln!("  CA        {}", paths.ca_cert.display());
+            eprintln!("  broker    {}", paths.broker_cert.display());
+            eprintln!("  operator  {}", paths.operator_cert.display());
+            for (code, cert, _) in &paths.agencies {
+                eprintln!("  {code}  {}", cert.display());
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Client of an agent's local HTTP API, shared by `send`, `status`, `inbox`, the demo
+//! and the tests. Errors carry the agent's own message (it names the field and rule).
+
+use lienthong_agent::api_types::{ErrorBody, InboxItem, SendRequest, SendResponse, StatusView};
+use serde::de::DeserializeOwned;
+
+use crate::error::CliError;
+
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl AgentClient {
+    /// `api` is the agent's base URL, e.g. `http://127.0.0.1:7180`.
+    pub fn new(api: &str) -> Result<Self, CliError> {
+        if !api.starts_with("http://") && !api.starts_with("https://") {
+            return Err(CliError::Usage(format!(
+                "--api must be a URL such as http://127.0.0.1:7180, not {api}"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| CliError::Failed(format!("HTTP client: {e}")))?;
+        Ok(Self {
+            base: api.trim_end_matches('/').to_owned(),
+            http,
+        })
+    }
+
+    pub async fn send(&self, request: &SendRequest) -> Result<SendResponse, CliError> {
+        let response = self
+            .http
+            .post(format!("{}/v1/documents", self.base))
+            .json(request)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(response).await
+    }
+
+    pub async fn status(&self, message_id: &str) -> Result<StatusView, CliError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/documents/{message_id}/status", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(response).await
+    }
+
+    pub async fn inbox(&self) -> Result<Vec<InboxItem>, CliError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/inbox", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(response).await
+    }
+
+    fn unreachable(&self, error: reqwest::Error) -> CliError {
+        CliError::Failed(format!(
+            "cannot reach the agent at {}: {error} (is `lienthong agent` running there?)",
+            self.base
+        ))
+    }
+
+    async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, CliError> {
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| CliError::Failed(format!("reading the agent's answer: {e}")))?;
+        if status.is_success() {
+            serde_json::from_slice(&body)
+                .map_err(|e| CliError::Failed(format!("unexpected answer from the agent: {e}")))
+        } else {
+            let message = serde_json::from_slice::<ErrorBody>(&body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            if status.is_client_error() && status != reqwest::StatusCode::NOT_FOUND {
+                Err(CliError::Failed(format!("refused by the agent: {message}")))
+            } else {
+                Err(CliError::Failed(format!("the agent answered {status}: {message}")))
+            }
+        }
+    }
+}
