@@ -1,1 +1,249 @@
-//! placeholder
+//! lienthong-agent: an agency's agent.
+//!
+//! It signs documents with the agency key and keeps them in a durable outbox until the
+//! broker accepts them; it holds one long-lived session with the broker, verifies every
+//! pushed document end to end, stores it durably, exports it to the inbox folder and
+//! answers with a signed delivery receipt; and it serves a local HTTP JSON API for the
+//! agency's gateways and clerks.
+//!
+//! Modules: [`store`] (sled, durability), `outbox` (submitter), `session` (broker
+//! session, delivery handling), [`export`] (inbox folders), `api` and [`api_types`]
+//! (local HTTP API), `broker_client` (gRPC channel, retry policy), [`error`].
+//!
+//! Invariants: nothing is acknowledged (HTTP 202, delivery Ack) before it is durable;
+//! nothing received is trusted before `verify_document` passed; document bodies and
+//! keys are never logged.
+#![forbid(unsafe_code)]
+
+mod api;
+pub mod api_types;
+mod broker_client;
+pub mod error;
+pub mod export;
+mod outbox;
+mod session;
+pub mod store;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lienthong_proto::pb::exchange_client::ExchangeClient;
+use lienthong_proto::tls::TlsFiles;
+use lienthong_proto::{AgencyCode, PeerIdentity, SigningKey, TrustAnchors};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use error::AgentError;
+
+/// Everything an agent needs to run.
+#[derive(Clone)]
+pub struct AgentConfig {
+    pub agency: AgencyCode,
+    /// `https://HOST:PORT` of the broker.
+    pub broker_url: String,
+    /// CA bundle (trusts the broker and, by default, document signers), own chain, key.
+    pub tls: TlsFiles,
+    /// The key documents and receipts are signed with; `None` = the TLS cert and key.
+    pub signing_key: Option<Arc<SigningKey>>,
+    /// Trust anchors for document and delivery-receipt signatures; `None` = `tls.ca_pem`.
+    pub document_anchors: Option<TrustAnchors>,
+    /// The sled database lives here.
+    pub data_dir: PathBuf,
+    /// Received documents are exported to `<inbox_dir>/<message-id>/`.
+    pub inbox_dir: PathBuf,
+    /// Deliveries the agent accepts unacknowledged (default 32).
+    pub window: u32,
+    /// Backoff for session reconnects and outbox retries (default 200 ms .. 30 s).
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// HTTP/2 keepalive ping interval (default 20 s) and timeout (default 10 s).
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    /// gRPC maximum message size, both directions (default 256 MiB).
+    pub max_message_bytes: usize,
+    /// Largest request body the local HTTP API accepts (default 512 MiB).
+    pub api_max_body_bytes: usize,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("agency", &self.agency)
+            .field("broker_url", &self.broker_url)
+            .field("data_dir", &self.data_dir)
+            .field("inbox_dir", &self.inbox_dir)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentConfig {
+    /// A configuration with the defaults for everything not given.
+    pub fn new(
+        agency: AgencyCode,
+        broker_url: impl Into<String>,
+        tls: TlsFiles,
+        data_dir: impl Into<PathBuf>,
+        inbox_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            agency,
+            broker_url: broker_url.into(),
+            tls,
+            signing_key: None,
+            document_anchors: None,
+            data_dir: data_dir.into(),
+            inbox_dir: inbox_dir.into(),
+            window: 32,
+            reconnect_min: Duration::from_millis(200),
+            reconnect_max: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(20),
+            keepalive_timeout: Duration::from_secs(10),
+            max_message_bytes: 256 * 1024 * 1024,
+            api_max_body_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// What the agent's tasks share.
+pub(crate) struct Agent {
+    pub agency: AgencyCode,
+    pub store: store::Store,
+    pub signing_key: Arc<SigningKey>,
+    /// Trusts the broker (submission receipts).
+    pub tls_anchors: TrustAnchors,
+    /// Trusts document signers (documents, delivery receipts).
+    pub document_anchors: TrustAnchors,
+    pub client: ExchangeClient<Channel>,
+    /// Absolute.
+    pub inbox_dir: PathBuf,
+    /// Woken when a document enters the outbox.
+    pub outbox_wake: tokio::sync::Notify,
+    pub window: u32,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl Agent {
+    pub(crate) fn backoff(&self, failures: u32) -> Duration {
+        broker_client::backoff(failures, self.reconnect_min, self.reconnect_max)
+    }
+}
+
+/// Opens the store (refusing a corrupt or foreign data directory with an error naming
+/// the path), then serves the local HTTP API on `api_listener`, runs the outbox
+/// submitter and the broker session until `shutdown` is cancelled; then stops taking
+/// requests, flushes the store and returns `Ok(())`.
+pub async fn run(
+    config: AgentConfig,
+    api_listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    lienthong_proto::tls::install_crypto_provider();
+    let signing_key = match &config.signing_key {
+        Some(key) => Arc::clone(key),
+        None => Arc::new(config.tls.signing_key().map_err(|source| AgentError::Key {
+            what: "TLS certificate and key",
+            source,
+        })?),
+    };
+    match signing_key.identity() {
+        Ok(PeerIdentity::Agency(code)) if code == config.agency => {}
+        Ok(other) => {
+            return Err(AgentError::Config(format!(
+                "the signing certificate is for {other}, not agency {}",
+                config.agency
+            )));
+        }
+        Err(source) => {
+            return Err(AgentError::Key {
+                what: "signing certificate",
+                source,
+            });
+        }
+    }
+    let tls_anchors = config
+        .tls
+        .trust_anchors()
+        .map_err(|source| AgentError::Key {
+            what: "CA bundle",
+            source,
+        })?;
+    let document_anchors = config
+        .document_anchors
+        .clone()
+        .unwrap_or_else(|| tls_anchors.clone());
+    let client = broker_client::client(&config)?;
+
+    // The store first: an inbox folder inside the data directory must not make a new
+    // data directory look foreign.
+    let data_dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&data_dir))
+        .await
+        .map_err(|e| AgentError::Corrupt {
+            path: config.data_dir.clone(),
+            detail: format!("opening the store failed: {e}"),
+        })??;
+
+    let inbox_io = |source| AgentError::Io {
+        path: config.inbox_dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(&config.inbox_dir).map_err(inbox_io)?;
+    let inbox_dir = std::fs::canonicalize(&config.inbox_dir).map_err(inbox_io)?;
+    let removed = export::remove_partials(&inbox_dir).map_err(|e| AgentError::Io {
+        path: e.path,
+        source: e.source,
+    })?;
+    if removed > 0 {
+        tracing::info!(agency = %config.agency, removed, "removed half-written inbox folders");
+    }
+
+    let agent = Arc::new(Agent {
+        agency: config.agency.clone(),
+        store,
+        signing_key,
+        tls_anchors,
+        document_anchors,
+        client,
+        inbox_dir,
+        outbox_wake: tokio::sync::Notify::new(),
+        window: config.window.max(1),
+        reconnect_min: config.reconnect_min,
+        reconnect_max: config.reconnect_max.max(config.reconnect_min),
+    });
+
+    session::reexport_pending(&agent).await;
+
+    let stop = shutdown.child_token();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(outbox::run(Arc::clone(&agent), stop.clone()));
+    tasks.spawn(session::run(Arc::clone(&agent), stop.clone()));
+
+    let api_addr = api_listener.local_addr().ok();
+    tracing::info!(
+        agency = %agent.agency,
+        api = ?api_addr,
+        broker = %config.broker_url,
+        data = %config.data_dir.display(),
+        inbox = %agent.inbox_dir.display(),
+        "agent running"
+    );
+    let app = api::router(Arc::clone(&agent), config.api_max_body_bytes);
+    let served = axum::serve(api_listener, app)
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await;
+    if let Err(e) = &served {
+        tracing::error!(agency = %agent.agency, error = %e, "local HTTP API failed; stopping");
+    }
+    stop.cancel();
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            tracing::error!(agency = %agent.agency, error = %e, "agent task failed");
+        }
+    }
+    agent.store.durable().await?;
+    tracing::info!(agency = %agent.agency, "agent stopped");
+    served.map_err(AgentError::Api)
+}

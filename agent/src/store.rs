@@ -193,10 +193,11 @@ impl Store {
                 "the directory is not empty and holds no agent store".into(),
             ));
         }
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
-            .map_err(|e| corrupt(format!("sled cannot open it (corrupt, or used by another process?): {e}")))?;
+        let db = sled::Config::new().path(dir).open().map_err(|e| {
+            corrupt(format!(
+                "sled cannot open it (corrupt, or used by another process?): {e}"
+            ))
+        })?;
         let sled_err = |e: sled::Error| corrupt(e.to_string());
         let meta = db.open_tree("meta").map_err(sled_err)?;
         match meta.get("format").map_err(sled_err)? {
@@ -353,14 +354,17 @@ impl Store {
     ) -> impl Iterator<Item = Result<(u32, IVec), StoreError>> + Send + 'static {
         let prefix = attachment_prefix(id);
         let prefix_len = prefix.len();
-        self.outbox_attachments.scan_prefix(prefix).map(move |entry| {
-            let (k, v) = entry?;
-            let index = attachment_index_of(&k, prefix_len).ok_or_else(|| StoreError::Record {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                detail: "attachment key too short".into(),
-            })?;
-            Ok((index, v))
-        })
+        self.outbox_attachments
+            .scan_prefix(prefix)
+            .map(move |entry| {
+                let (k, v) = entry?;
+                let index =
+                    attachment_index_of(&k, prefix_len).ok_or_else(|| StoreError::Record {
+                        key: String::from_utf8_lossy(&k).into_owned(),
+                        detail: "attachment key too short".into(),
+                    })?;
+                Ok((index, v))
+            })
     }
 
     fn update_outbox(
@@ -480,15 +484,16 @@ impl Store {
     /// Records that the document's export folder is complete.
     pub fn mark_exported(&self, id: &str) -> Result<(), StoreError> {
         let k = key(b'r', id);
-        self.inbox
-            .fetch_and_update(&k, |old| {
-                let old = old?;
-                let Ok(mut record) = serde_json::from_slice::<InboxRecord>(old) else {
-                    return Some(old.to_vec());
-                };
-                record.exported = true;
-                serde_json::to_vec(&record).ok().or_else(|| Some(old.to_vec()))
-            })?;
+        self.inbox.fetch_and_update(&k, |old| {
+            let old = old?;
+            let Ok(mut record) = serde_json::from_slice::<InboxRecord>(old) else {
+                return Some(old.to_vec());
+            };
+            record.exported = true;
+            serde_json::to_vec(&record)
+                .ok()
+                .or_else(|| Some(old.to_vec()))
+        })?;
         Ok(())
     }
 
@@ -569,7 +574,9 @@ mod tests {
     #[tokio::test]
     async fn reopen_keeps_documents_and_counter() {
         let dir = tempfile::tempdir().unwrap();
-        let big: Bytes = (0..(CHUNK_BYTES * 2 + 17)).map(|i| (i % 251) as u8).collect();
+        let big: Bytes = (0..(CHUNK_BYTES * 2 + 17))
+            .map(|i| (i % 251) as u8)
+            .collect();
         {
             let store = Store::open(dir.path()).unwrap();
             assert_eq!(store.next_number().unwrap(), 1);
@@ -588,7 +595,10 @@ mod tests {
         assert_eq!(store.next_number().unwrap(), 3);
         let rec = store.inbox_record("id1").unwrap().unwrap();
         assert!(rec.exported);
-        assert_eq!(store.inbox_envelope("id1").unwrap().unwrap().as_ref(), b"envelope");
+        assert_eq!(
+            store.inbox_envelope("id1").unwrap().unwrap().as_ref(),
+            b"envelope"
+        );
         let atts = store.inbox_attachments("id1", 3).unwrap();
         assert_eq!(atts[0].as_ref(), b"pdf");
         assert!(atts[1].is_empty());
@@ -629,7 +639,10 @@ mod tests {
             store.outbox_record("a").unwrap().unwrap().state,
             OutboxState::Submitted
         );
-        assert_eq!(store.submission_receipt("a").unwrap().unwrap().as_ref(), b"receipt");
+        assert_eq!(
+            store.submission_receipt("a").unwrap().unwrap().as_ref(),
+            b"receipt"
+        );
         let b = store.outbox_record("b").unwrap().unwrap();
         assert_eq!(b.state, OutboxState::Failed);
         assert_eq!(b.failure_reason.as_deref(), Some("refused"));
@@ -653,7 +666,11 @@ mod tests {
             db.flush().unwrap();
         }
         let err = Store::open(other.path()).err().unwrap();
-        assert!(err.to_string().contains("not a lienthong agent data directory"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("not a lienthong agent data directory"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct BrokerConfig {
     pub ack_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// After shutdown is requested, in-flight calls get this long to finish.
+    pub shutdown_grace: Duration,
 }
 
 impl BrokerConfig {
@@ -76,6 +78,7 @@ impl BrokerConfig {
             ack_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 
@@ -189,7 +192,14 @@ pub async fn run(
         .add_service(exchange)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
-    let result = serve.await.map_err(|e| BrokerError::Serve(e.to_string()));
+    let grace = shared.config.shutdown_grace;
+    let result = tokio::select! {
+        served = serve => served.map_err(|e| BrokerError::Serve(e.to_string())),
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight calls did not finish within the grace period");
+            Ok(())
+        }
+    };
     shared.shutdown.cancel();
     store.close().await?;
     tracing::info!("broker stopped; store flushed");

@@ -84,7 +84,9 @@ impl AgentClient {
             if status.is_client_error() && status != reqwest::StatusCode::NOT_FOUND {
                 Err(CliError::Failed(format!("refused by the agent: {message}")))
             } else {
-                Err(CliError::Failed(format!("the agent answered {status}: {message}")))
+                Err(CliError::Failed(format!(
+                    "the agent answered {status}: {message}"
+                )))
             }
         }
     }

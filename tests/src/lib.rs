@@ -9,13 +9,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
-use lienthong_agent::api_types::{AttachmentUpload, SendRequest, StatusView};
 use lienthong_agent::AgentConfig;
+use lienthong_agent::api_types::{AttachmentUpload, SendRequest, StatusView};
 use lienthong_broker::BrokerConfig;
-use lienthong_certs_dev::{write_dev_pki, DevCa, DevPkiPaths, LeafSpec};
+use lienthong_certs_dev::{DevCa, DevPkiPaths, LeafSpec, write_dev_pki};
 use lienthong_cli::http::AgentClient;
-use lienthong_proto::tls::TlsFiles;
 use lienthong_proto::AgencyCode;
+use lienthong_proto::tls::TlsFiles;
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -60,7 +60,12 @@ impl World {
     }
 
     pub fn broker_tls(&self) -> TlsFiles {
-        TlsFiles::load(&self.pki.ca_cert, &self.pki.broker_cert, &self.pki.broker_key).unwrap()
+        TlsFiles::load(
+            &self.pki.ca_cert,
+            &self.pki.broker_cert,
+            &self.pki.broker_key,
+        )
+        .unwrap()
     }
 
     pub fn agency_tls(&self, code: &str) -> TlsFiles {
@@ -69,8 +74,12 @@ impl World {
     }
 
     pub fn operator_tls(&self) -> TlsFiles {
-        TlsFiles::load(&self.pki.ca_cert, &self.pki.operator_cert, &self.pki.operator_key)
-            .unwrap()
+        TlsFiles::load(
+            &self.pki.ca_cert,
+            &self.pki.operator_cert,
+            &self.pki.operator_key,
+        )
+        .unwrap()
     }
 
     /// TLS files for a certificate minted by `ca` (the world's CA unless given), with
@@ -214,14 +223,17 @@ impl Agent {
         done: impl Fn(&StatusView) -> bool,
     ) -> StatusView {
         let mut last = None;
-        let found = wait_until(what, Duration::from_secs(30), || {
-            let client = self.client.clone();
-            let id = message_id.to_owned();
-            async move { client.status(&id).await.ok() }
-        }, |view: &StatusView| {
-            let ok = done(view);
-            ok
-        }, &mut last)
+        let found = wait_until(
+            what,
+            Duration::from_secs(30),
+            || {
+                let client = self.client.clone();
+                let id = message_id.to_owned();
+                async move { client.status(&id).await.ok() }
+            },
+            done,
+            &mut last,
+        )
         .await;
         found.unwrap_or_else(|| panic!("timed out waiting for {what}; last status: {last:?}"))
     }
@@ -249,15 +261,11 @@ where
             *last = Some(value);
         }
         if tokio::time::Instant::now() >= deadline {
-            tracing_log(what);
+            eprintln!("deadline passed while waiting for: {what}");
             return None;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-}
-
-fn tracing_log(what: &str) {
-    eprintln!("deadline passed while waiting for: {what}");
 }
 
 /// Waits until `path` exists (e.g. an exported inbox folder).
@@ -271,7 +279,11 @@ pub async fn wait_for_path(path: &Path) {
         &mut last,
     )
     .await;
-    assert!(found.is_some(), "{} did not appear within 30 s", path.display());
+    assert!(
+        found.is_some(),
+        "{} did not appear within 30 s",
+        path.display()
+    );
 }
 
 /// The message-id folders in an inbox directory (hidden and `recalled` excluded).
@@ -339,7 +351,10 @@ impl BrokerProcess {
     pub async fn spawn(&mut self) {
         let child = Command::new(&self.bin)
             .args(&self.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -396,7 +411,9 @@ pub async fn exchange_client(
         .tls_config(tls)?
         .connect()
         .await?;
-    Ok(lienthong_proto::pb::exchange_client::ExchangeClient::new(channel))
+    Ok(lienthong_proto::pb::exchange_client::ExchangeClient::new(
+        channel,
+    ))
 }
 
 /// TLS without a client certificate.
@@ -414,7 +431,9 @@ pub fn header(
     recipients: &[&str],
     attachments: &[(&str, &[u8])],
 ) -> lienthong_proto::pb::DocumentHeader {
-    use lienthong_proto::document::{business_id, describe_attachment, new_message_id, vietnam_date_today};
+    use lienthong_proto::document::{
+        business_id, describe_attachment, new_message_id, vietnam_date_today,
+    };
     let message_id = new_message_id();
     let issue_date = vietnam_date_today();
     // A unique number per document keeps business ids distinct.
@@ -443,7 +462,7 @@ pub async fn submit(
     envelope: lienthong_proto::pb::Signed,
     attachments: &[&[u8]],
 ) -> Result<lienthong_proto::pb::SubmitResponse, tonic::Status> {
-    use lienthong_proto::pb::{submit_frame::Frame, AttachmentChunk, SubmitFrame};
+    use lienthong_proto::pb::{AttachmentChunk, SubmitFrame, submit_frame::Frame};
     let mut frames = vec![SubmitFrame {
         frame: Some(Frame::Envelope(envelope)),
     }];

@@ -1,9 +1,9 @@
 //! End-to-end exchange over real sockets, real mutual TLS and real sled stores.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use lienthong_proto::pb::{ReceiptKind, StatusRequest};
-use lienthong_proto::receipt::{verify_receipt, ExpectedReceipt};
 use lienthong_proto::TrustAnchors;
+use lienthong_proto::pb::{ReceiptKind, StatusRequest};
+use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
 use lienthong_tests::*;
 
 fn delivered(view: &lienthong_agent::api_types::StatusView) -> bool {
@@ -21,7 +21,11 @@ async fn document_with_two_attachments_reaches_both_recipients_with_verified_rec
     let pdf: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let docx = "Nội dung phụ lục – tiếng Việt có dấu".as_bytes().to_vec();
     let id = a
-        .send(&[B, C], "Công văn thử", &[("cong-van.pdf", &pdf), ("phu-luc.docx", &docx)])
+        .send(
+            &[B, C],
+            "Công văn thử",
+            &[("cong-van.pdf", &pdf), ("phu-luc.docx", &docx)],
+        )
         .await;
 
     let view = a.wait_status(&id, "both delivered", delivered).await;
@@ -55,7 +59,9 @@ async fn document_with_two_attachments_reaches_both_recipients_with_verified_rec
         .await
         .unwrap();
     let status = raw
-        .status(StatusRequest { message_id: id.clone() })
+        .status(StatusRequest {
+            message_id: id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -100,9 +106,13 @@ async fn recipient_offline_at_submission_receives_when_it_connects() {
     let world = World::new();
     let broker = Broker::start(world.broker_config("broker")).await;
     let a = Agent::start(world.agent_config(A, &broker.url)).await;
-    let id = a.send(&[B], "Gửi khi B vắng mặt", &[("a.txt", b"xin chao")]).await;
+    let id = a
+        .send(&[B], "Gửi khi B vắng mặt", &[("a.txt", b"xin chao")])
+        .await;
     let view = a
-        .wait_status(&id, "accepted by the broker", |v| v.outbox_state == "submitted")
+        .wait_status(&id, "accepted by the broker", |v| {
+            v.outbox_state == "submitted"
+        })
         .await;
     assert_eq!(view.recipients[0].state, "queued");
     assert!(inbox_entries(&world.inbox_dir(B)).is_empty());
@@ -130,13 +140,22 @@ async fn broker_down_at_submission_document_waits_in_outbox_then_is_delivered() 
     let a = Agent::start(world.agent_config(A, &url)).await;
     let b = Agent::start(world.agent_config(B, &url)).await;
 
-    let id = a.send(&[B], "Gửi khi trung tâm mất kết nối", &[("a.txt", b"outbox")]).await;
+    let id = a
+        .send(
+            &[B],
+            "Gửi khi trung tâm mất kết nối",
+            &[("a.txt", b"outbox")],
+        )
+        .await;
     let view = a.client.status(&id).await.unwrap();
     assert_eq!(view.outbox_state, "outbox");
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
     let broker = Broker::start_on(world.broker_config("broker"), listener);
-    a.wait_status(&id, "delivered after the broker came up", delivered).await;
+    a.wait_status(&id, "delivered after the broker came up", delivered)
+        .await;
     assert_eq!(inbox_entries(&world.inbox_dir(B)), vec![id.clone()]);
     a.stop().await;
     b.stop().await;
@@ -152,8 +171,12 @@ async fn same_message_submitted_twice_gives_one_receipt_and_one_delivery() {
     let body: &[u8] = b"noi dung";
     let header = header(A, &[B], &[("a.txt", body)]);
     let envelope = lienthong_proto::document::seal(&header, &key).unwrap();
-    let mut client = exchange_client(&broker.url, tls.client_config("localhost")).await.unwrap();
-    let first = submit(&mut client, envelope.clone(), &[body]).await.unwrap();
+    let mut client = exchange_client(&broker.url, tls.client_config("localhost"))
+        .await
+        .unwrap();
+    let first = submit(&mut client, envelope.clone(), &[body])
+        .await
+        .unwrap();
     let second = submit(&mut client, envelope, &[body]).await.unwrap();
     assert!(!first.duplicate);
     assert!(second.duplicate);

@@ -18,11 +18,17 @@ async fn broker_killed_with_undelivered_documents_delivers_each_exactly_once_aft
     let mut ids = Vec::new();
     for i in 0..20u32 {
         let body = format!("văn bản số {i}").into_bytes();
-        ids.push((a.send(&[B], &format!("Tài liệu {i}"), &[("vb.txt", &body)]).await, body));
+        ids.push((
+            a.send(&[B], &format!("Tài liệu {i}"), &[("vb.txt", &body)])
+                .await,
+            body,
+        ));
     }
     for (id, _) in &ids {
-        a.wait_status(id, "accepted by the broker", |v| v.outbox_state == "submitted")
-            .await;
+        a.wait_status(id, "accepted by the broker", |v| {
+            v.outbox_state == "submitted"
+        })
+        .await;
     }
     // Every document has a submission receipt: the broker promised them. Kill it hard.
     broker.kill();
@@ -36,9 +42,14 @@ async fn broker_killed_with_undelivered_documents_delivers_each_exactly_once_aft
     expected.sort();
     assert_eq!(inbox_entries(&world.inbox_dir(B)), expected);
     for (id, body) in &ids {
-        assert_eq!(&std::fs::read(world.inbox_dir(B).join(id).join("vb.txt")).unwrap(), body);
+        assert_eq!(
+            &std::fs::read(world.inbox_dir(B).join(id).join("vb.txt")).unwrap(),
+            body
+        );
         a.wait_status(id, "delivery receipt back at A", |v| {
-            v.recipients.iter().all(|r| r.state == "delivered" && r.receipt_verified == Some(true))
+            v.recipients
+                .iter()
+                .all(|r| r.state == "delivered" && r.receipt_verified == Some(true))
         })
         .await;
     }
@@ -68,14 +79,25 @@ async fn verify_accepts_an_exported_document_and_rejects_a_changed_attachment_by
     let broker = Broker::start(world.broker_config("broker")).await;
     let a = Agent::start(world.agent_config(A, &broker.url)).await;
     let b = Agent::start(world.agent_config(B, &broker.url)).await;
-    let id = a.send(&[B], "Kiểm tra ngoại tuyến", &[("qd.pdf", b"%PDF-1.4 quyet dinh")]).await;
+    let id = a
+        .send(
+            &[B],
+            "Kiểm tra ngoại tuyến",
+            &[("qd.pdf", b"%PDF-1.4 quyet dinh")],
+        )
+        .await;
     let folder = world.inbox_dir(B).join(&id);
     wait_for_path(&folder).await;
     let ca = world.pki.ca_cert.display().to_string();
     let dir = folder.display().to_string();
 
     let ok = lienthong(&["verify", &dir, "--ca", &ca]);
-    assert_eq!(ok.status.code(), Some(0), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains(&id));
 
     let path = folder.join("qd.pdf");
@@ -84,14 +106,23 @@ async fn verify_accepts_an_exported_document_and_rejects_a_changed_attachment_by
     std::fs::write(&path, bytes).unwrap();
     let bad = lienthong(&["verify", &dir, "--ca", &ca]);
     assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("SHA-256"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("SHA-256"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
 
     // Another CA does not vouch for the signer.
     let other = world.path("other-pki");
     let made = lienthong(&["pki", "dev", "--out", &other.display().to_string()]);
     assert_eq!(made.status.code(), Some(0));
     std::fs::write(&path, b"%PDF-1.4 quyet dinh").unwrap();
-    let foreign = lienthong(&["verify", &dir, "--ca", &other.join("ca.crt").display().to_string()]);
+    let foreign = lienthong(&[
+        "verify",
+        &dir,
+        "--ca",
+        &other.join("ca.crt").display().to_string(),
+    ]);
     assert_eq!(foreign.status.code(), Some(1));
 
     // Bad usage exits 2.
@@ -111,7 +142,8 @@ async fn admin_queues_shows_depth_and_refuses_agency_certificates() {
     let first = a.send(&[B], "Một", &[]).await;
     let second = a.send(&[B], "Hai", &[]).await;
     for id in [&first, &second] {
-        a.wait_status(id, "accepted", |v| v.outbox_state == "submitted").await;
+        a.wait_status(id, "accepted", |v| v.outbox_state == "submitted")
+            .await;
     }
     let ca = world.pki.ca_cert.display().to_string();
     let url = broker.url.clone();
@@ -121,28 +153,54 @@ async fn admin_queues_shows_depth_and_refuses_agency_certificates() {
             world.pki.operator_key.display().to_string(),
         );
         let (ca, url) = (ca.clone(), url.clone());
-        move || lienthong(&["admin", "--broker", &url, "--ca", &ca, "--cert", &cert, "--key", &key, "queues", "--json"])
+        move || {
+            lienthong(&[
+                "admin", "--broker", &url, "--ca", &ca, "--cert", &cert, "--key", &key, "queues",
+                "--json",
+            ])
+        }
     })
     .await
     .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let row_b = rows.as_array().unwrap().iter().find(|r| r["agency"] == B).unwrap();
+    let row_b = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agency"] == B)
+        .unwrap();
     assert_eq!(row_b["pending"], 2);
     assert_eq!(row_b["connected"], false);
-    let row_a = rows.as_array().unwrap().iter().find(|r| r["agency"] == A).unwrap();
+    let row_a = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agency"] == A)
+        .unwrap();
     assert_eq!(row_a["pending"], 0);
     assert_eq!(row_a["connected"], true);
 
     let (cert, key) = world.pki.agency(A).unwrap();
     let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let refused = tokio::task::spawn_blocking(move || {
-        lienthong(&["admin", "--broker", &url, "--ca", &ca, "--cert", &cert, "--key", &key, "queues"])
+        lienthong(&[
+            "admin", "--broker", &url, "--ca", &ca, "--cert", &cert, "--key", &key, "queues",
+        ])
     })
     .await
     .unwrap();
     assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"), "{}", String::from_utf8_lossy(&refused.stderr));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("PermissionDenied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     a.stop().await;
     broker.stop().await;
 }

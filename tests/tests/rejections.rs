@@ -28,16 +28,21 @@ impl Setup {
         &self,
         code: &str,
     ) -> lienthong_proto::pb::exchange_client::ExchangeClient<tonic::transport::Channel> {
-        exchange_client(&self.broker.url, self.world.agency_tls(code).client_config("localhost"))
-            .await
-            .unwrap()
+        exchange_client(
+            &self.broker.url,
+            self.world.agency_tls(code).client_config("localhost"),
+        )
+        .await
+        .unwrap()
     }
 
     /// Asserts the broker knows nothing of `message_id`.
     async fn assert_not_stored(&self, message_id: &str) {
         let mut client = self.client_of(A).await;
         let status = client
-            .status(StatusRequest { message_id: message_id.to_owned() })
+            .status(StatusRequest {
+                message_id: message_id.to_owned(),
+            })
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{status:?}");
@@ -48,10 +53,15 @@ impl Setup {
         let key = self.world.agency_tls(A).signing_key().unwrap();
         let header = header(A, &[B], &[]);
         let mut client = self.client_of(A).await;
-        submit(&mut client, seal(&header, &key).unwrap(), &[]).await.unwrap();
+        submit(&mut client, seal(&header, &key).unwrap(), &[])
+            .await
+            .unwrap();
         let b = Agent::start(self.world.agent_config(B, &self.broker.url)).await;
         wait_for_path(&self.world.inbox_dir(B).join(&header.message_id)).await;
-        assert_eq!(inbox_entries(&self.world.inbox_dir(B)), vec![header.message_id.clone()]);
+        assert_eq!(
+            inbox_entries(&self.world.inbox_dir(B)),
+            vec![header.message_id.clone()]
+        );
         b.stop().await;
     }
 }
@@ -73,7 +83,9 @@ async fn tampered_attachment_header_or_foreign_signature_is_invalid_argument() {
     let envelope = seal(&h, &key_a).unwrap();
     let mut tampered = body.clone();
     flip_bit(&mut tampered, 17);
-    let status = submit(&mut client, envelope, &[&tampered]).await.unwrap_err();
+    let status = submit(&mut client, envelope, &[&tampered])
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("SHA-256"), "{}", status.message());
     refused_ids.push(h.message_id);
@@ -90,7 +102,11 @@ async fn tampered_attachment_header_or_foreign_signature_is_invalid_argument() {
 
     // 3. Signed by another key (a second certificate for the same agency from the same
     //    CA), with A's certificate chain attached.
-    let other = setup.world.custom_tls(None, &LeafSpec::agency(A)).signing_key().unwrap();
+    let other = setup
+        .world
+        .custom_tls(None, &LeafSpec::agency(A))
+        .signing_key()
+        .unwrap();
     let h = header(A, &[B], &[("a.txt", &body)]);
     let forged = seal(&h, &other).unwrap();
     let envelope = Signed {
@@ -103,7 +119,9 @@ async fn tampered_attachment_header_or_foreign_signature_is_invalid_argument() {
 
     // 4. A receipt-domain signature presented as a document.
     let h = header(A, &[B], &[]);
-    let envelope = key_a.sign(Domain::Receipt, h.encode_to_vec().into()).unwrap();
+    let envelope = key_a
+        .sign(Domain::Receipt, h.encode_to_vec().into())
+        .unwrap();
     let status = submit(&mut client, envelope, &[]).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     refused_ids.push(h.message_id);
@@ -124,7 +142,9 @@ async fn agency_claiming_another_sender_is_permission_denied() {
 
     // A signs a header that claims sender C.
     let h = header(C, &[B], &[]);
-    let envelope = key_a.sign(Domain::DocumentHeader, h.encode_to_vec().into()).unwrap();
+    let envelope = key_a
+        .sign(Domain::DocumentHeader, h.encode_to_vec().into())
+        .unwrap();
     let status = submit(&mut client, envelope, &[]).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
 
@@ -146,9 +166,15 @@ async fn unknown_recipient_and_bad_codes_are_invalid_argument() {
     let key_a = setup.world.agency_tls(A).signing_key().unwrap();
     let mut client = setup.client_of(A).await;
     let h = header(A, &["000.00.99.H31"], &[]);
-    let status = submit(&mut client, seal(&h, &key_a).unwrap(), &[]).await.unwrap_err();
+    let status = submit(&mut client, seal(&h, &key_a).unwrap(), &[])
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-    assert!(status.message().contains("000.00.99.H31"), "{}", status.message());
+    assert!(
+        status.message().contains("000.00.99.H31"),
+        "{}",
+        status.message()
+    );
     setup.assert_not_stored(&h.message_id).await;
     setup.broker.stop().await;
 }
@@ -167,7 +193,11 @@ async fn assert_refused(setup: &Setup, tls: tonic::transport::ClientTlsConfig, w
             assert!(
                 matches!(
                     status.code(),
-                    Code::Unauthenticated | Code::Unknown | Code::Unavailable | Code::Cancelled | Code::Internal
+                    Code::Unauthenticated
+                        | Code::Unknown
+                        | Code::Unavailable
+                        | Code::Cancelled
+                        | Code::Internal
                 ),
                 "{what}: unexpected {status:?}"
             );
@@ -182,7 +212,9 @@ async fn missing_rogue_or_expired_client_certificates_are_refused() {
     assert_refused(&setup, anonymous_tls(&setup.world), "no client certificate").await;
 
     let rogue_ca = DevCa::generate("rogue CA").unwrap();
-    let rogue = setup.world.custom_tls(Some(&rogue_ca), &LeafSpec::agency(A));
+    let rogue = setup
+        .world
+        .custom_tls(Some(&rogue_ca), &LeafSpec::agency(A));
     assert_refused(&setup, rogue.client_config("localhost"), "rogue CA").await;
 
     let expired = setup.world.custom_tls(None, &LeafSpec::agency(A).expired());
@@ -190,22 +222,31 @@ async fn missing_rogue_or_expired_client_certificates_are_refused() {
 
     // A trusted certificate without an agency identity reaches the handler and is
     // refused there with UNAUTHENTICATED.
-    let anonymous = setup.world.custom_tls(None, &LeafSpec::agency(A).without_uri());
+    let anonymous = setup
+        .world
+        .custom_tls(None, &LeafSpec::agency(A).without_uri());
     let mut client = exchange_client(&setup.broker.url, anonymous.client_config("localhost"))
         .await
         .unwrap();
     let key_a = setup.world.agency_tls(A).signing_key().unwrap();
     let h = header(A, &[B], &[]);
-    let status = submit(&mut client, seal(&h, &key_a).unwrap(), &[]).await.unwrap_err();
+    let status = submit(&mut client, seal(&h, &key_a).unwrap(), &[])
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     setup.assert_not_stored(&h.message_id).await;
 
     // An operator certificate may not submit documents.
-    let mut client = exchange_client(&setup.broker.url, setup.world.operator_tls().client_config("localhost"))
-        .await
-        .unwrap();
+    let mut client = exchange_client(
+        &setup.broker.url,
+        setup.world.operator_tls().client_config("localhost"),
+    )
+    .await
+    .unwrap();
     let h = header(A, &[B], &[]);
-    let status = submit(&mut client, seal(&h, &key_a).unwrap(), &[]).await.unwrap_err();
+    let status = submit(&mut client, seal(&h, &key_a).unwrap(), &[])
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     setup.broker.stop().await;
 }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use lienthong_proto::pb::admin_client::AdminClient;
 use lienthong_proto::pb::QueuesRequest;
+use lienthong_proto::pb::admin_client::AdminClient;
 use lienthong_proto::tls::TlsFiles;
 use serde::Deserialize;
 
@@ -70,7 +70,9 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
             let queues = client
                 .queues(QueuesRequest {})
                 .await
-                .map_err(|s| CliError::Failed(format!("broker refused: {} ({:?})", s.message(), s.code())))?
+                .map_err(|s| {
+                    CliError::Failed(format!("broker refused: {} ({:?})", s.message(), s.code()))
+                })?
                 .into_inner()
                 .queues;
             if args.json {
@@ -114,7 +116,12 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
 pub async fn connect(broker: &str, tls: &TlsFiles) -> Result<tonic::transport::Channel, CliError> {
     let endpoint = tonic::transport::Endpoint::from_shared(broker.to_owned())
         .map_err(|e| CliError::Usage(format!("--broker {broker}: {e}")))?;
-    let host = endpoint.uri().host().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
+    let host = endpoint
+        .uri()
+        .host()
+        .unwrap_or("localhost")
+        .trim_matches(['[', ']'])
+        .to_owned();
     endpoint
         .tls_config(tls.client_config(&host))
         .map_err(|e| CliError::Usage(format!("TLS configuration: {e}")))?

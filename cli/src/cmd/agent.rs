@@ -86,7 +86,8 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         )));
     }
     let agency = required(args.agency, file.agency, "agency")?;
-    let agency = AgencyCode::parse(&agency).map_err(|e| CliError::Usage(format!("--agency: {e}")))?;
+    let agency =
+        AgencyCode::parse(&agency).map_err(|e| CliError::Usage(format!("--agency: {e}")))?;
     let ca = path(args.ca, file.ca, "ca")?;
     let cert = path(args.cert, file.cert, "cert")?;
     let key = path(args.key, file.key, "key")?;
@@ -115,8 +116,8 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         (Some(cert), Some(key)) => {
             let cert_pem = std::fs::read(&cert).map_err(|e| CliError::config(&cert, e))?;
             let key_pem = std::fs::read(&key).map_err(|e| CliError::config(&key, e))?;
-            let signing = SigningKey::from_pem(&cert_pem, &key_pem)
-                .map_err(|e| CliError::config(&key, e))?;
+            let signing =
+                SigningKey::from_pem(&cert_pem, &key_pem).map_err(|e| CliError::config(&key, e))?;
             config.signing_key = Some(Arc::new(signing));
         }
         (None, None) => {}

@@ -58,8 +58,8 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| CliError::Usage(format!("{}: not a file name", path.display())))?;
-        let bytes = std::fs::read(path)
-            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        let bytes =
+            std::fs::read(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
         attachments.push(AttachmentUpload {
             name: name.to_owned(),
             media_type: None,
@@ -117,10 +117,17 @@ fn print_status(view: &StatusView) {
     if let Some(at) = &view.submitted_at {
         println!(
             "accepted     {at} (broker receipt {})",
-            if view.submission_receipt_verified { "verified" } else { "NOT verified" }
+            if view.submission_receipt_verified {
+                "verified"
+            } else {
+                "NOT verified"
+            }
         );
     }
-    println!("{:<15} {:<10} {:>8}  {}", "RECIPIENT", "STATE", "ATTEMPTS", "RECEIPT / REASON");
+    println!(
+        "{:<15} {:<10} {:>8}  RECEIPT / REASON",
+        "RECIPIENT", "STATE", "ATTEMPTS"
+    );
     for r in &view.recipients {
         let detail = match (&r.receipt_verified, &r.delivered_at, &r.reason) {
             (Some(true), Some(at), _) => format!("delivered {at}, receipt verified"),
@@ -128,7 +135,10 @@ fn print_status(view: &StatusView) {
             (_, _, Some(reason)) => reason.clone(),
             _ => String::new(),
         };
-        println!("{:<15} {:<10} {:>8}  {detail}", r.agency, r.state, r.attempts);
+        println!(
+            "{:<15} {:<10} {:>8}  {detail}",
+            r.agency, r.state, r.attempts
+        );
     }
 }
 
@@ -151,7 +161,10 @@ pub async fn inbox(args: InboxArgs) -> Result<(), CliError> {
             .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
         println!("{text}");
     } else {
-        println!("{:<36}  {:<13}  {:<25}  {}", "MESSAGE ID", "SENDER", "RECEIVED", "SUBJECT");
+        println!(
+            "{:<36}  {:<13}  {:<25}  SUBJECT",
+            "MESSAGE ID", "SENDER", "RECEIVED"
+        );
         for item in &items {
             println!(
                 "{:<36}  {:<13}  {:<25}  {}",

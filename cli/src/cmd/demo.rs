@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use clap::Args;
-use lienthong_agent::api_types::{AttachmentUpload, SendRequest, StatusView};
 use lienthong_agent::AgentConfig;
+use lienthong_agent::api_types::{AttachmentUpload, SendRequest, StatusView};
 use lienthong_broker::BrokerConfig;
-use lienthong_certs_dev::{write_dev_pki, DEFAULT_AGENCIES};
-use lienthong_proto::tls::TlsFiles;
+use lienthong_certs_dev::{DEFAULT_AGENCIES, write_dev_pki};
 use lienthong_proto::AgencyCode;
+use lienthong_proto::tls::TlsFiles;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -54,7 +54,8 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::Failed(format!("cannot create a temporary folder: {e}")))?;
     let root = temp.path();
     let codes: Vec<String> = DEFAULT_AGENCIES.iter().map(|c| (*c).to_owned()).collect();
-    let pki = write_dev_pki(&root.join("pki"), &codes).map_err(|e| failed("dev PKI")(e.to_string()))?;
+    let pki =
+        write_dev_pki(&root.join("pki"), &codes).map_err(|e| failed("dev PKI")(e.to_string()))?;
     println!("1. Development PKI written to {}", pki.dir.display());
 
     let shutdown = CancellationToken::new();
@@ -68,8 +69,15 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         let code = AgencyCode::parse(code).map_err(|e| failed("agency")(e.to_string()))?;
         broker.agencies.push((code, name.to_owned()));
     }
-    let broker_task = tokio::spawn(lienthong_broker::run(broker, broker_listener, shutdown.clone()));
-    println!("2. Broker listening on {broker_url} (mutual TLS), data in {}", root.join("broker").display());
+    let broker_task = tokio::spawn(lienthong_broker::run(
+        broker,
+        broker_listener,
+        shutdown.clone(),
+    ));
+    println!(
+        "2. Broker listening on {broker_url} (mutual TLS), data in {}",
+        root.join("broker").display()
+    );
 
     let mut apis = Vec::new();
     let mut agent_tasks = Vec::new();
@@ -80,11 +88,24 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         let tls = TlsFiles::load(&pki.ca_cert, cert, key)?;
         let agency = AgencyCode::parse(code).map_err(|e| failed("agency")(e.to_string()))?;
         let dir = root.join("agents").join(code);
-        let config = AgentConfig::new(agency, broker_url.clone(), tls, dir.join("data"), dir.join("inbox"));
+        let config = AgentConfig::new(
+            agency,
+            broker_url.clone(),
+            tls,
+            dir.join("data"),
+            dir.join("inbox"),
+        );
         let listener = bind().await?;
         let api = format!("http://127.0.0.1:{}", port(&listener));
-        println!("3. Agent {code} ({name}): API {api}, inbox {}", dir.join("inbox").display());
-        agent_tasks.push(tokio::spawn(lienthong_agent::run(config, listener, shutdown.clone())));
+        println!(
+            "3. Agent {code} ({name}): API {api}, inbox {}",
+            dir.join("inbox").display()
+        );
+        agent_tasks.push(tokio::spawn(lienthong_agent::run(
+            config,
+            listener,
+            shutdown.clone(),
+        )));
         apis.push(api);
     }
 
@@ -150,10 +171,16 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
     println!(
         "5. Broker accepted it at {} with a signed submission receipt ({})",
         view.submitted_at.as_deref().unwrap_or("?"),
-        if view.submission_receipt_verified { "verified" } else { "NOT verified" }
+        if view.submission_receipt_verified {
+            "verified"
+        } else {
+            "NOT verified"
+        }
     );
     let view = wait_for(&client, &sent.message_id, |v| {
-        v.recipients.iter().all(|r| r.state != "queued" && r.state != "unknown")
+        v.recipients
+            .iter()
+            .all(|r| r.state != "queued" && r.state != "unknown")
     })
     .await?;
     for r in &view.recipients {
@@ -170,11 +197,17 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
         );
     }
     for code in recipients {
-        let folder = root.join("agents").join(code).join("inbox").join(&sent.message_id);
+        let folder = root
+            .join("agents")
+            .join(code)
+            .join("inbox")
+            .join(&sent.message_id);
         println!("7. {code} exported it to {}", folder.display());
     }
     if view.recipients.iter().any(|r| r.state != "delivered") {
-        return Err(CliError::Failed("not every recipient received the document".into()));
+        return Err(CliError::Failed(
+            "not every recipient received the document".into(),
+        ));
     }
     Ok(())
 }
@@ -208,7 +241,9 @@ fn print_try_it(apis: &[String], codes: &[String], broker_url: &str, pki: &Path)
     println!();
     println!("The exchange keeps running. In another terminal, try:");
     println!("  echo 'Kính gửi các sở' > /tmp/thu.txt");
-    println!("  id=$(cargo run --release -q -- send --api {a} --to {to} --subject 'Thử nghiệm' /tmp/thu.txt)");
+    println!(
+        "  id=$(cargo run --release -q -- send --api {a} --to {to} --subject 'Thử nghiệm' /tmp/thu.txt)"
+    );
     println!("  cargo run --release -q -- status --api {a} \"$id\"");
     println!("  cargo run --release -q -- inbox --api {b}");
     println!(

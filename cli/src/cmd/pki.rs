@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use lienthong_certs_dev::{write_dev_pki, DEFAULT_AGENCIES};
+use lienthong_certs_dev::{DEFAULT_AGENCIES, write_dev_pki};
 
 use crate::error::CliError;
 
@@ -35,7 +35,10 @@ pub fn run(command: PkiCommand) -> Result<(), CliError> {
             };
             let paths = write_dev_pki(&out, &agencies)
                 .map_err(|e| CliError::Failed(format!("cannot write the dev PKI: {e}")))?;
-            eprintln!("development PKI in {} (not for production):", paths.dir.display());
+            eprintln!(
+                "development PKI in {} (not for production):",
+                paths.dir.display()
+            );
             eprintln!("  CA        {}", paths.ca_cert.display());
             eprintln!("  broker    {}", paths.broker_cert.display());
             eprintln!("  operator  {}", paths.operator_cert.display());

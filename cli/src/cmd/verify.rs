@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use lienthong_proto::document::{verify_document, AttachmentCheck, VerifiedDocument};
+use lienthong_proto::document::{AttachmentCheck, VerifiedDocument, verify_document};
 use lienthong_proto::pb::Signed;
 use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::{ProtocolError, TrustAnchors};
@@ -36,8 +36,12 @@ pub fn run(args: VerifyArgs) -> Result<(), CliError> {
     let envelope_path = args.dir.join("envelope.pb");
     let envelope_bytes = std::fs::read(&envelope_path)
         .map_err(|e| CliError::Usage(format!("{}: {e}", envelope_path.display())))?;
-    let envelope = Signed::decode(envelope_bytes.as_slice())
-        .map_err(|e| CliError::Invalid(format!("{}: not a signed envelope: {e}", envelope_path.display())))?;
+    let envelope = Signed::decode(envelope_bytes.as_slice()).map_err(|e| {
+        CliError::Invalid(format!(
+            "{}: not a signed envelope: {e}",
+            envelope_path.display()
+        ))
+    })?;
     let (verified, checked_at) = verify_with_fallback(&envelope, &anchors)
         .map_err(|e| CliError::Invalid(format!("signature: {e}")))?;
     for (index, info) in verified.header.attachments.iter().enumerate() {
@@ -61,10 +65,16 @@ pub fn run(args: VerifyArgs) -> Result<(), CliError> {
         println!("VALID: {}", args.dir.display());
         println!("  message id   {}", header.message_id);
         println!("  business id  {}", header.business_id);
-        println!("  signed by    {} (signature and certificate chain verified, {checked_at})", header.sender);
+        println!(
+            "  signed by    {} (signature and certificate chain verified, {checked_at})",
+            header.sender
+        );
         println!("  subject      {}", header.subject);
         for info in &header.attachments {
-            println!("  attachment   {} ({} bytes, SHA-256 matches)", info.name, info.size);
+            println!(
+                "  attachment   {} ({} bytes, SHA-256 matches)",
+                info.name, info.size
+            );
         }
     }
     Ok(())
@@ -83,8 +93,12 @@ fn verify_with_fallback(
                     what: "document header",
                     detail: e.to_string(),
                 })?;
-            let verified = verify_document(envelope, anchors, VerifyTime::AtMs(header.created_at_ms))?;
-            Ok((verified, "certificate valid at the signing time; expired since"))
+            let verified =
+                verify_document(envelope, anchors, VerifyTime::AtMs(header.created_at_ms))?;
+            Ok((
+                verified,
+                "certificate valid at the signing time; expired since",
+            ))
         }
         Err(other) => Err(other),
     }

@@ -1,0 +1,573 @@
+//! The local HTTP JSON API for gateways and clerks (loopback by default).
+//!
+//! Routes: `POST /v1/documents`, `GET /v1/documents/{id}/status`, `GET /v1/inbox`,
+//! `GET /v1/inbox/{id}`, `GET /healthz`, `GET /openapi.json`.
+//!
+//! Invariants:
+//! - `202 Accepted` is answered only after the sealed document is durable in the
+//!   outbox.
+//! - Bad input is a `400` whose message names the field and the rule; storage failures
+//!   are a `500` with a generic message (details go to the log, never to the client).
+//! - Every error body is an [`ErrorBody`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use bytes::Bytes;
+use lienthong_proto::document::{
+    business_id, describe_attachment, is_valid_message_id, new_message_id, seal, vietnam_date_today,
+};
+use lienthong_proto::pb;
+use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
+use lienthong_proto::{AgencyCode, ProtocolError, now_ms};
+use prost::Message;
+use tracing::{debug, error, info, warn};
+
+use crate::Agent;
+use crate::api_types::{
+    ErrorBody, InboxDetail, InboxItem, RecipientView, SendRequest, SendResponse, StatusView,
+};
+use crate::error::StoreError;
+use crate::export::{document_json, rfc3339_ms};
+use crate::store::{OutboxRecord, OutboxState};
+
+/// How long a status query to the broker may take.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+const OPENAPI: &str = include_str!("openapi.json");
+
+/// An API failure and its HTTP answer.
+#[derive(Debug)]
+enum ApiError {
+    BadRequest(String),
+    NotFound(String),
+    /// Already logged with details.
+    Internal,
+    Rejected(StatusCode, String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error) = match self {
+            ApiError::BadRequest(e) => (StatusCode::BAD_REQUEST, e),
+            ApiError::NotFound(e) => (StatusCode::NOT_FOUND, e),
+            ApiError::Internal => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error of the agent's store; see the agent's log".to_owned(),
+            ),
+            ApiError::Rejected(status, e) => (status, e),
+        };
+        (status, Json(ErrorBody { error })).into_response()
+    }
+}
+
+fn internal(context: &'static str) -> impl Fn(StoreError) -> ApiError {
+    move |e| {
+        error!(error = %e, "{context}");
+        ApiError::Internal
+    }
+}
+
+/// The API's routes over the shared agent state.
+pub(crate) fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/documents", post(send_document))
+        .route("/v1/documents/{id}/status", get(document_status))
+        .route("/v1/inbox", get(list_inbox))
+        .route("/v1/inbox/{id}", get(inbox_document))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+        )
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(agent)
+}
+
+/// The media type for a file name's extension.
+pub fn guess_media_type(name: &str) -> &'static str {
+    let extension = name
+        .rsplit_once('.')
+        .map(|(_, ext)| ext.to_ascii_lowercase())
+        .unwrap_or_default();
+    match extension.as_str() {
+        "pdf" => "application/pdf",
+        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        "doc" => "application/msword",
+        "xlsx" => "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+        "txt" => "text/plain",
+        "xml" => "application/xml",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        _ => "application/octet-stream",
+    }
+}
+
+fn protocol_error(e: ProtocolError) -> ApiError {
+    match e {
+        ProtocolError::Key { .. } | ProtocolError::UnsupportedAlgorithm => {
+            error!(error = %e, "cannot sign with the agency key");
+            ApiError::Internal
+        }
+        other => ApiError::BadRequest(other.to_string()),
+    }
+}
+
+/// A document sealed and stored, not yet durable.
+struct Prepared {
+    message_id: String,
+    business_id: String,
+}
+
+/// Builds the header, seals it and stores it in the outbox. Blocking.
+fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
+    let mut recipients = Vec::with_capacity(req.to.len());
+    for code in &req.to {
+        let code =
+            AgencyCode::parse(code.trim()).map_err(|e| ApiError::BadRequest(format!("to: {e}")))?;
+        recipients.push(code.to_string());
+    }
+    let mut attachments = Vec::with_capacity(req.attachments.len());
+    let mut infos = Vec::with_capacity(req.attachments.len());
+    for (index, attachment) in req.attachments.iter().enumerate() {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(attachment.content_base64.as_bytes())
+            .map_err(|e| {
+                ApiError::BadRequest(format!(
+                    "attachments[{index}].content_base64: not valid standard base64 ({e})"
+                ))
+            })?;
+        let media_type = attachment
+            .media_type
+            .clone()
+            .filter(|m| !m.trim().is_empty())
+            .unwrap_or_else(|| guess_media_type(&attachment.name).to_owned());
+        infos.push(describe_attachment(&attachment.name, &media_type, &bytes));
+        attachments.push(Bytes::from(bytes));
+    }
+    let sender = agent.agency.to_string();
+    let issue_date = req
+        .issue_date
+        .clone()
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(vietnam_date_today);
+    let notation = req.notation.clone().unwrap_or_default();
+    let given_number = req.number.clone().filter(|n| !n.trim().is_empty());
+    let mut header = pb::DocumentHeader {
+        message_id: new_message_id(),
+        sender: sender.clone(),
+        recipients,
+        business_id: String::new(),
+        number: given_number.clone().unwrap_or_else(|| "0".into()),
+        notation,
+        document_type: req.document_type.unwrap_or_default(),
+        document_type_name: req.document_type_name.unwrap_or_default(),
+        subject: req.subject,
+        content: req.content.unwrap_or_default(),
+        issue_place: req.issue_place.unwrap_or_default(),
+        issue_date,
+        signer: req.signer.map(|s| pb::SignerInfo {
+            competence: s.competence,
+            position: s.position,
+            full_name: s.full_name,
+        }),
+        priority: req.priority.unwrap_or(0),
+        steering_type: req.steering_type.unwrap_or(0),
+        due_date: req.due_date.unwrap_or_default(),
+        business_type: pb::BusinessType::New as i32,
+        refers_to: String::new(),
+        created_at_ms: now_ms(),
+        expires_at_ms: req.expires_at_ms.unwrap_or(0),
+        attachments: infos,
+        to_places: req.to_places.unwrap_or_default(),
+        sender_name: String::new(),
+    };
+    let set_business_id = |h: &mut pb::DocumentHeader| {
+        h.business_id = business_id(&h.sender, &h.issue_date, &h.number, &h.notation);
+    };
+    set_business_id(&mut header);
+    // Check every rule before a number is taken from the counter, so that bad requests
+    // leave no gaps in the numbering.
+    lienthong_proto::document::validate_header(&header).map_err(protocol_error)?;
+    if given_number.is_none() {
+        let number = agent
+            .store
+            .next_number()
+            .map_err(internal("cannot take the next document number"))?;
+        header.number = number.to_string();
+        set_business_id(&mut header);
+    }
+    let envelope = seal(&header, &agent.signing_key).map_err(protocol_error)?;
+    let record = OutboxRecord {
+        message_id: header.message_id.clone(),
+        business_id: header.business_id.clone(),
+        recipients: header.recipients.clone(),
+        created_at_ms: header.created_at_ms,
+        header_sha256: hex::encode(lienthong_proto::sha256(&envelope.payload)),
+        state: OutboxState::Outbox,
+        failure_reason: None,
+        submitted_at_ms: None,
+    };
+    agent
+        .store
+        .put_outbox(&record, &envelope.encode_to_vec(), &attachments)
+        .map_err(internal("cannot store the document in the outbox"))?;
+    Ok(Prepared {
+        message_id: header.message_id,
+        business_id: header.business_id,
+    })
+}
+
+async fn send_document(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Json<SendRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
+    let Json(req) = body.map_err(|rejection| {
+        let status = rejection.status();
+        let text = rejection.body_text();
+        ApiError::Rejected(
+            if status == StatusCode::PAYLOAD_TOO_LARGE
+                || status == StatusCode::UNSUPPORTED_MEDIA_TYPE
+            {
+                status
+            } else {
+                StatusCode::BAD_REQUEST
+            },
+            text,
+        )
+    })?;
+    let preparing = Arc::clone(&agent);
+    let prepared = tokio::task::spawn_blocking(move || prepare(&preparing, req))
+        .await
+        .map_err(|e| {
+            error!(error = %e, "preparing a document failed");
+            ApiError::Internal
+        })?;
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if let ApiError::BadRequest(reason) = &e {
+                info!(agency = %agent.agency, reason = %reason, "document refused");
+            }
+            return Err(e);
+        }
+    };
+    agent
+        .store
+        .durable()
+        .await
+        .map_err(internal("cannot make the outbox durable"))?;
+    agent.outbox_wake.notify_one();
+    info!(
+        agency = %agent.agency,
+        message_id = %prepared.message_id,
+        business_id = %prepared.business_id,
+        "document accepted into the outbox"
+    );
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(SendResponse {
+            message_id: prepared.message_id,
+            business_id: prepared.business_id,
+        }),
+    ))
+}
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    if is_valid_message_id(id) {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(
+            "message id: must be a lowercase hyphenated UUID".into(),
+        ))
+    }
+}
+
+/// What the broker says about a document, checked against our own header digest.
+struct Live {
+    recipients: Vec<RecipientView>,
+    submission_receipt: Option<pb::Signed>,
+}
+
+async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Live> {
+    let mut client = agent.client.clone();
+    let request = pb::StatusRequest {
+        message_id: id.to_owned(),
+    };
+    let response = match tokio::time::timeout(STATUS_TIMEOUT, client.status(request)).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
+            debug!(agency = %agent.agency, message_id = %id, "the broker does not know the document");
+            return None;
+        }
+        Ok(Err(status)) => {
+            warn!(agency = %agent.agency, message_id = %id, code = ?status.code(), reason = %status.message(), "broker status query failed");
+            return None;
+        }
+        Err(_) => {
+            warn!(agency = %agent.agency, message_id = %id, "broker status query timed out");
+            return None;
+        }
+    };
+    let recipients = response
+        .recipients
+        .iter()
+        .map(|r| {
+            let state = match pb::DeliveryState::try_from(r.state) {
+                Ok(pb::DeliveryState::Queued) => "queued",
+                Ok(pb::DeliveryState::Delivered) => "delivered",
+                Ok(pb::DeliveryState::Refused) => "refused",
+                Ok(pb::DeliveryState::Expired) => "expired",
+                _ => "unknown",
+            };
+            let (receipt_verified, receipt_at) = match &r.delivery_receipt {
+                None => (None, None),
+                Some(receipt) => {
+                    let expected = ExpectedReceipt {
+                        kind: pb::ReceiptKind::Delivery,
+                        message_id: id,
+                        header_sha256,
+                        recipient: Some(&r.agency),
+                        live: false,
+                    };
+                    match verify_receipt(receipt, &agent.document_anchors, &expected) {
+                        Ok(verified) => (Some(true), rfc3339_ms(verified.at_ms)),
+                        Err(e) => {
+                            warn!(
+                                agency = %agent.agency,
+                                message_id = %id,
+                                recipient = %lienthong_proto::agency::printable(&r.agency),
+                                error = %e,
+                                "delivery receipt does not verify"
+                            );
+                            (Some(false), None)
+                        }
+                    }
+                }
+            };
+            RecipientView {
+                agency: r.agency.clone(),
+                state: state.to_owned(),
+                attempts: r.attempts,
+                delivered_at: (r.delivered_at_ms > 0)
+                    .then(|| rfc3339_ms(r.delivered_at_ms))
+                    .flatten(),
+                reason: (!r.reason.is_empty()).then(|| r.reason.clone()),
+                receipt_verified,
+                receipt_at,
+            }
+        })
+        .collect();
+    Some(Live {
+        recipients,
+        submission_receipt: response.submission_receipt,
+    })
+}
+
+fn recipients_in_state(recipients: &[String], state: &str) -> Vec<RecipientView> {
+    recipients
+        .iter()
+        .map(|agency| RecipientView {
+            agency: agency.clone(),
+            state: state.to_owned(),
+            attempts: 0,
+            delivered_at: None,
+            reason: None,
+            receipt_verified: None,
+            receipt_at: None,
+        })
+        .collect()
+}
+
+/// Checks a submission receipt; returns whether it verified and the time it states.
+fn check_submission_receipt(
+    agent: &Agent,
+    receipt: &pb::Signed,
+    id: &str,
+    header_sha256: &[u8],
+) -> (bool, Option<String>) {
+    let expected = ExpectedReceipt {
+        kind: pb::ReceiptKind::Submission,
+        message_id: id,
+        header_sha256,
+        recipient: None,
+        live: false,
+    };
+    match verify_receipt(receipt, &agent.tls_anchors, &expected) {
+        Ok(verified) => (true, rfc3339_ms(verified.at_ms)),
+        Err(e) => {
+            debug!(agency = %agent.agency, message_id = %id, error = %e, "submission receipt does not verify");
+            (false, None)
+        }
+    }
+}
+
+fn decode_stored(id: &str, what: &'static str, bytes: &[u8]) -> Result<pb::Signed, ApiError> {
+    pb::Signed::decode(bytes).map_err(|e| {
+        error!(message_id = %id, error = %e, "stored {what} is unreadable");
+        ApiError::Internal
+    })
+}
+
+async fn document_status(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<StatusView>, ApiError> {
+    check_id(&id)?;
+    let store = &agent.store;
+    if let Some(record) = store
+        .outbox_record(&id)
+        .map_err(internal("cannot read the outbox"))?
+    {
+        let sha = hex::decode(&record.header_sha256).unwrap_or_default();
+        let receipt = store
+            .submission_receipt(&id)
+            .map_err(internal("cannot read receipts"))?
+            .map(|bytes| decode_stored(&id, "submission receipt", &bytes))
+            .transpose()?;
+        let (verified, receipt_at) = match &receipt {
+            Some(receipt) => check_submission_receipt(&agent, receipt, &id, &sha),
+            None => (false, None),
+        };
+        let submitted_at = receipt_at.or_else(|| record.submitted_at_ms.and_then(rfc3339_ms));
+        let recipients = match record.state {
+            OutboxState::Submitted => match live_status(&agent, &id, &sha).await {
+                Some(live) => live.recipients,
+                None => recipients_in_state(&record.recipients, "unknown"),
+            },
+            OutboxState::Outbox => recipients_in_state(&record.recipients, "queued"),
+            OutboxState::Failed => recipients_in_state(&record.recipients, "unknown"),
+        };
+        return Ok(Json(StatusView {
+            message_id: record.message_id,
+            business_id: record.business_id,
+            sender: agent.agency.to_string(),
+            outbox_state: record.state.as_str().to_owned(),
+            failure_reason: record.failure_reason,
+            submitted_at,
+            submission_receipt_verified: verified,
+            recipients,
+        }));
+    }
+    if let Some(record) = store
+        .inbox_record(&id)
+        .map_err(internal("cannot read the inbox"))?
+    {
+        let sha = hex::decode(&record.header_sha256).unwrap_or_default();
+        let (recipients, verified, submitted_at) = match live_status(&agent, &id, &sha).await {
+            Some(live) => {
+                let (verified, at) = match &live.submission_receipt {
+                    Some(receipt) => check_submission_receipt(&agent, receipt, &id, &sha),
+                    None => (false, None),
+                };
+                (live.recipients, verified, at)
+            }
+            None => (
+                recipients_in_state(&[agent.agency.to_string()], "delivered"),
+                false,
+                None,
+            ),
+        };
+        return Ok(Json(StatusView {
+            message_id: record.message_id,
+            business_id: record.business_id,
+            sender: record.sender,
+            outbox_state: "received".into(),
+            failure_reason: None,
+            submitted_at,
+            submission_receipt_verified: verified,
+            recipients,
+        }));
+    }
+    Err(ApiError::NotFound(format!(
+        "message {id} is unknown to this agent"
+    )))
+}
+
+fn inbox_item(agent: &Agent, record: &crate::store::InboxRecord) -> InboxItem {
+    InboxItem {
+        message_id: record.message_id.clone(),
+        sender: record.sender.clone(),
+        subject: record.subject.clone(),
+        business_id: record.business_id.clone(),
+        received_at: rfc3339_ms(record.received_at_ms).unwrap_or_default(),
+        path: agent
+            .inbox_dir
+            .join(&record.message_id)
+            .display()
+            .to_string(),
+        attachments: record.attachments.clone(),
+    }
+}
+
+async fn list_inbox(State(agent): State<Arc<Agent>>) -> Result<Json<Vec<InboxItem>>, ApiError> {
+    let mut records = agent
+        .store
+        .inbox_records()
+        .map_err(internal("cannot read the inbox"))?;
+    records.sort_by(|a, b| {
+        b.received_at_ms
+            .cmp(&a.received_at_ms)
+            .then_with(|| b.message_id.cmp(&a.message_id))
+    });
+    Ok(Json(
+        records.iter().map(|r| inbox_item(&agent, r)).collect(),
+    ))
+}
+
+async fn inbox_document(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Json<InboxDetail>, ApiError> {
+    check_id(&id)?;
+    let not_found = || ApiError::NotFound(format!("message {id} is not in this agent's inbox"));
+    let record = agent
+        .store
+        .inbox_record(&id)
+        .map_err(internal("cannot read the inbox"))?
+        .ok_or_else(not_found)?;
+    let envelope_bytes = agent
+        .store
+        .inbox_envelope(&id)
+        .map_err(internal("cannot read the inbox"))?
+        .ok_or_else(not_found)?;
+    let envelope = decode_stored(&id, "envelope", &envelope_bytes)?;
+    // Verified before it was stored; decoded here only to describe it.
+    let header = pb::DocumentHeader::decode(envelope.payload.as_ref()).map_err(|e| {
+        error!(message_id = %id, error = %e, "stored header is unreadable");
+        ApiError::Internal
+    })?;
+    let sha = lienthong_proto::sha256(&envelope.payload);
+    Ok(Json(InboxDetail {
+        item: inbox_item(&agent, &record),
+        document: document_json(&header, &sha, record.received_at_ms),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_types() {
+        assert_eq!(guess_media_type("QD.PDF"), "application/pdf");
+        assert_eq!(guess_media_type("a.b.docx"), guess_media_type("x.docx"));
+        assert_eq!(guess_media_type("noext"), "application/octet-stream");
+        assert_eq!(guess_media_type("a.jpg"), "image/jpeg");
+    }
+
+    #[test]
+    fn openapi_is_json() {
+        let value: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(value["openapi"], "3.0.3");
+        assert!(value["paths"]["/v1/documents"]["post"].is_object());
+    }
+}

@@ -1,0 +1,149 @@
+//! JSON bodies of the agent's local HTTP API, shared with the CLI client.
+//!
+//! Invariant: these are the only shapes the API reads and writes; `openapi.json`
+//! describes exactly these. Optional request fields may be omitted; optional response
+//! fields are `null` when unknown.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/documents`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// Recipient agency codes.
+    pub to: Vec<String>,
+    /// Trích yếu.
+    pub subject: String,
+    /// Số; when absent the agent's own counter gives the next number.
+    #[serde(default)]
+    pub number: Option<String>,
+    /// Ký hiệu.
+    #[serde(default)]
+    pub notation: Option<String>,
+    /// 0 normal .. 4 express at a set time.
+    #[serde(default)]
+    pub priority: Option<u32>,
+    #[serde(default)]
+    pub document_type: Option<String>,
+    #[serde(default)]
+    pub document_type_name: Option<String>,
+    #[serde(default)]
+    pub content: Option<String>,
+    #[serde(default)]
+    pub issue_place: Option<String>,
+    /// `yyyy/MM/dd`; today in Vietnam when absent.
+    #[serde(default)]
+    pub issue_date: Option<String>,
+    #[serde(default)]
+    pub signer: Option<SignerJson>,
+    /// 1 not a directive, 2 directive, 3 report on a directive.
+    #[serde(default)]
+    pub steering_type: Option<u32>,
+    /// `yyyy/MM/dd`.
+    #[serde(default)]
+    pub due_date: Option<String>,
+    #[serde(default)]
+    pub to_places: Option<Vec<String>>,
+    /// Unix milliseconds; the broker's default (by priority) when absent.
+    #[serde(default)]
+    pub expires_at_ms: Option<i64>,
+    #[serde(default)]
+    pub attachments: Vec<AttachmentUpload>,
+}
+
+/// Who signed the document on paper.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SignerJson {
+    #[serde(default)]
+    pub competence: String,
+    #[serde(default)]
+    pub position: String,
+    #[serde(default)]
+    pub full_name: String,
+}
+
+/// One attachment of a [`SendRequest`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AttachmentUpload {
+    /// Plain file name, no directory part.
+    pub name: String,
+    /// Guessed from the extension when absent.
+    #[serde(default)]
+    pub media_type: Option<String>,
+    /// The file's bytes, standard base64 with padding.
+    pub content_base64: String,
+}
+
+/// `202 Accepted` answer to [`SendRequest`]: the document is durable in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendResponse {
+    pub message_id: String,
+    pub business_id: String,
+}
+
+/// `GET /v1/documents/{id}/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    pub message_id: String,
+    pub business_id: String,
+    pub sender: String,
+    /// `outbox` (waiting for the broker), `submitted`, `failed`; `received` for a
+    /// document this agent received rather than sent.
+    pub outbox_state: String,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    /// When the broker accepted it (RFC 3339, from its receipt).
+    #[serde(default)]
+    pub submitted_at: Option<String>,
+    /// The broker's submission receipt is present and checks out.
+    pub submission_receipt_verified: bool,
+    pub recipients: Vec<RecipientView>,
+}
+
+/// One recipient's delivery state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RecipientView {
+    pub agency: String,
+    /// `queued`, `delivered`, `refused`, `expired` or `unknown` (broker not reachable).
+    pub state: String,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub delivered_at: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Present when the broker returned a delivery receipt: whether it checks out.
+    #[serde(default)]
+    pub receipt_verified: Option<bool>,
+    /// The time the verified delivery receipt states (RFC 3339).
+    #[serde(default)]
+    pub receipt_at: Option<String>,
+}
+
+/// `GET /v1/inbox` entries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboxItem {
+    pub message_id: String,
+    pub sender: String,
+    pub subject: String,
+    pub business_id: String,
+    /// When it became durable here (RFC 3339).
+    pub received_at: String,
+    /// The export folder, absolute.
+    pub path: String,
+    /// Attachment file names, in header order.
+    pub attachments: Vec<String>,
+}
+
+/// `GET /v1/inbox/{id}`: the item plus the `document.json` value.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InboxDetail {
+    #[serde(flatten)]
+    pub item: InboxItem,
+    pub document: serde_json::Value,
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,275 @@
+//! The inbox folder: one complete folder per received document.
+//!
+//! Layout (DESIGN.md section 7): `<inbox_dir>/<message-id>/` holds every attachment
+//! under its own name, `envelope.pb` (the signed envelope exactly as received) and
+//! `document.json` (the decoded header, for people and scripts).
+//!
+//! Invariants:
+//! - A folder named after a message id is always complete: it is written as
+//!   `<inbox_dir>/.partial-<id>/`, every file and the folder are fsynced, and only then
+//!   is it renamed into place (and the inbox folder fsynced).
+//! - Each document appears exactly once: an existing complete folder is never
+//!   rewritten.
+//! - Attachment names were checked by `verify_document` (plain, safe file names that
+//!   cannot collide with the two fixed names).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use lienthong_proto::pb::{BusinessType, DocumentHeader};
+
+/// Prefix of folders still being written.
+pub const PARTIAL_PREFIX: &str = ".partial-";
+
+/// RFC 3339 text for Unix milliseconds (UTC).
+pub fn rfc3339_ms(ms: i64) -> Option<String> {
+    let nanos = i128::from(ms).checked_mul(1_000_000)?;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+fn business_type_name(value: i32) -> &'static str {
+    match BusinessType::try_from(value) {
+        Ok(BusinessType::New) => "new",
+        Ok(BusinessType::Recall) => "recall",
+        Ok(BusinessType::Update) => "update",
+        Ok(BusinessType::Replace) => "replace",
+        Err(_) => "unknown",
+    }
+}
+
+/// The `document.json` value: the decoded header, for people and scripts.
+pub fn document_json(
+    header: &DocumentHeader,
+    header_sha256: &[u8],
+    received_at_ms: i64,
+) -> serde_json::Value {
+    let signer = header.signer.as_ref().map(|s| {
+        serde_json::json!({
+            "competence": s.competence,
+            "position": s.position,
+            "full_name": s.full_name,
+        })
+    });
+    let attachments: Vec<serde_json::Value> = header
+        .attachments
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "name": a.name,
+                "media_type": a.media_type,
+                "size": a.size,
+                "sha256": hex::encode(&a.sha256),
+            })
+        })
+        .collect();
+    let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    serde_json::json!({
+        "message_id": header.message_id,
+        "business_id": header.business_id,
+        "sender": header.sender,
+        "sender_name": optional(&header.sender_name),
+        "recipients": header.recipients,
+        "number": header.number,
+        "notation": header.notation,
+        "document_type": optional(&header.document_type),
+        "document_type_name": optional(&header.document_type_name),
+        "subject": header.subject,
+        "content": optional(&header.content),
+        "issue_place": optional(&header.issue_place),
+        "issue_date": header.issue_date,
+        "signer": signer,
+        "priority": header.priority,
+        "steering_type": header.steering_type,
+        "due_date": optional(&header.due_date),
+        "business_type": business_type_name(header.business_type),
+        "refers_to": optional(&header.refers_to),
+        "created_at": rfc3339_ms(header.created_at_ms),
+        "expires_at": if header.expires_at_ms == 0 { None } else { rfc3339_ms(header.expires_at_ms) },
+        "to_places": header.to_places,
+        "attachments": attachments,
+        "header_sha256": hex::encode(header_sha256),
+        "received_at": rfc3339_ms(received_at_ms),
+    })
+}
+
+/// Everything written into one export folder.
+pub struct ExportDocument<'a> {
+    pub message_id: &'a str,
+    /// The envelope exactly as received (prost-encoded `Signed`).
+    pub envelope: &'a [u8],
+    /// Decoded from the verified envelope.
+    pub header: &'a DocumentHeader,
+    pub header_sha256: &'a [u8],
+    pub received_at_ms: i64,
+    /// In header order.
+    pub attachments: &'a [Bytes],
+}
+
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> ExportError + '_ {
+    move |source| ExportError {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A file or folder of the inbox that could not be written.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct ExportError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The folder of message `id` in `inbox_dir`.
+pub fn folder(inbox_dir: &Path, id: &str) -> PathBuf {
+    inbox_dir.join(id)
+}
+
+/// True when the document's complete folder exists.
+pub fn is_exported(inbox_dir: &Path, id: &str) -> bool {
+    folder(inbox_dir, id).is_dir()
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io_at(path))?;
+    file.write_all(bytes).map_err(io_at(path))?;
+    file.sync_all().map_err(io_at(path))
+}
+
+fn sync_dir(path: &Path) -> Result<(), ExportError> {
+    std::fs::File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(path))
+}
+
+/// Writes the document's folder atomically. Does nothing when the complete folder
+/// already exists. Blocking: call from `spawn_blocking`.
+pub fn export(inbox_dir: &Path, doc: &ExportDocument<'_>) -> Result<PathBuf, ExportError> {
+    let target = folder(inbox_dir, doc.message_id);
+    if target.is_dir() {
+        return Ok(target);
+    }
+    let partial = inbox_dir.join(format!("{PARTIAL_PREFIX}{}", doc.message_id));
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial).map_err(io_at(&partial))?;
+    }
+    std::fs::create_dir_all(&partial).map_err(io_at(&partial))?;
+    for (info, bytes) in doc.header.attachments.iter().zip(doc.attachments) {
+        write_synced(&partial.join(&info.name), bytes)?;
+    }
+    write_synced(&partial.join("envelope.pb"), doc.envelope)?;
+    let json = document_json(doc.header, doc.header_sha256, doc.received_at_ms);
+    let mut text = serde_json::to_vec_pretty(&json).map_err(|e| ExportError {
+        path: partial.join("document.json"),
+        source: std::io::Error::other(e),
+    })?;
+    text.push(b'\n');
+    write_synced(&partial.join("document.json"), &text)?;
+    sync_dir(&partial)?;
+    std::fs::rename(&partial, &target).map_err(io_at(&target))?;
+    sync_dir(inbox_dir)?;
+    Ok(target)
+}
+
+/// Removes folders left half-written by a crash. Returns how many were removed.
+pub fn remove_partials(inbox_dir: &Path) -> Result<usize, ExportError> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(inbox_dir).map_err(io_at(inbox_dir))? {
+        let entry = entry.map_err(io_at(inbox_dir))?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(PARTIAL_PREFIX)
+        {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(io_at(&path))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lienthong_proto::pb::AttachmentInfo;
+
+    fn header() -> DocumentHeader {
+        DocumentHeader {
+            message_id: "0190a5b2-0000-7000-8000-000000000001".into(),
+            sender: "000.00.00.H31".into(),
+            recipients: vec!["000.00.12.H31".into()],
+            subject: "Trích yếu".into(),
+            issue_date: "2025/01/02".into(),
+            created_at_ms: 1_700_000_000_000,
+            attachments: vec![
+                AttachmentInfo {
+                    name: "a.pdf".into(),
+                    media_type: "application/pdf".into(),
+                    size: 3,
+                    sha256: vec![1; 32],
+                },
+                AttachmentInfo {
+                    name: "empty.txt".into(),
+                    media_type: "text/plain".into(),
+                    size: 0,
+                    sha256: vec![2; 32],
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn export_is_complete_and_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = header();
+        // A crash left a partial folder behind.
+        let stale = dir.path().join(format!("{PARTIAL_PREFIX}{}", h.message_id));
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("a.pdf"), b"half").unwrap();
+        assert_eq!(remove_partials(dir.path()).unwrap(), 1);
+        assert!(!stale.exists());
+
+        let attachments = [Bytes::from_static(b"pdf"), Bytes::new()];
+        let doc = ExportDocument {
+            message_id: &h.message_id,
+            envelope: b"env",
+            header: &h,
+            header_sha256: &[7; 32],
+            received_at_ms: 1_700_000_000_500,
+            attachments: &attachments,
+        };
+        let path = export(dir.path(), &doc).unwrap();
+        assert_eq!(path, dir.path().join(&h.message_id));
+        assert_eq!(std::fs::read(path.join("a.pdf")).unwrap(), b"pdf");
+        assert_eq!(std::fs::read(path.join("empty.txt")).unwrap(), b"");
+        assert_eq!(std::fs::read(path.join("envelope.pb")).unwrap(), b"env");
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path.join("document.json")).unwrap()).unwrap();
+        assert_eq!(json["message_id"], h.message_id.as_str());
+        assert_eq!(json["subject"], "Trích yếu");
+        assert_eq!(json["attachments"][0]["sha256"], hex::encode([1u8; 32]));
+        assert_eq!(json["created_at"], "2023-11-14T22:13:20Z");
+        assert!(json["expires_at"].is_null());
+
+        // A second export leaves the complete folder as it is.
+        std::fs::write(path.join("marker"), b"x").unwrap();
+        export(dir.path(), &doc).unwrap();
+        assert!(path.join("marker").exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1);
+    }
+}

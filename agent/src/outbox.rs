@@ -1,0 +1,319 @@
+//! The outbox submitter: submits documents waiting in the outbox to the broker, oldest
+//! first, and records the outcome.
+//!
+//! Invariants:
+//! - An entry leaves the outbox only as `submitted` (with the broker's receipt stored)
+//!   or `failed` (the broker refused it with a permanent gRPC code).
+//! - Retryable failures back off exponentially with full jitter: when the broker is
+//!   unreachable all submissions wait; other retryable errors delay only that entry.
+//! - A submission sends exactly the stored envelope and attachment bytes: the envelope
+//!   frame first, then each attachment's bytes in header order, in frames of at most
+//!   [`FRAME_BYTES`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use lienthong_proto::pb::{self, submit_frame::Frame};
+use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
+use prost::Message;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::Agent;
+use crate::broker_client::is_permanent;
+use crate::error::StoreError;
+
+/// The largest attachment frame sent.
+pub const FRAME_BYTES: usize = 1024 * 1024;
+
+enum Outcome {
+    Submitted,
+    Failed,
+    /// The broker could not be reached: everything waits.
+    Unreachable(String),
+    /// This entry failed for now.
+    Retry(String),
+}
+
+/// Runs until `stop` is cancelled.
+pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
+    let mut global_failures: u32 = 0;
+    let mut not_before = Instant::now();
+    let mut entries: HashMap<String, (u32, Instant)> = HashMap::new();
+    loop {
+        if Instant::now() < not_before {
+            tokio::select! {
+                () = tokio::time::sleep_until(not_before) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        let pending = match agent.store.pending_outbox() {
+            Ok(pending) => pending,
+            Err(e) => {
+                error!(agency = %agent.agency, error = %e, "cannot read the outbox");
+                global_failures = global_failures.saturating_add(1);
+                not_before = Instant::now() + agent.backoff(global_failures);
+                continue;
+            }
+        };
+        entries.retain(|id, _| pending.contains(id));
+        let mut next_due: Option<Instant> = None;
+        let mut halted = false;
+        for id in &pending {
+            let not_due = entries
+                .get(id)
+                .map(|&(_, due)| due)
+                .filter(|due| *due > Instant::now());
+            if let Some(due) = not_due {
+                next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                continue;
+            }
+            let outcome = tokio::select! {
+                outcome = submit_one(&agent, id) => outcome,
+                () = stop.cancelled() => return,
+            };
+            match outcome {
+                Outcome::Submitted | Outcome::Failed => {
+                    entries.remove(id);
+                    global_failures = 0;
+                }
+                Outcome::Unreachable(reason) => {
+                    global_failures = global_failures.saturating_add(1);
+                    let delay = agent.backoff(global_failures);
+                    not_before = Instant::now() + delay;
+                    warn!(
+                        agency = %agent.agency,
+                        message_id = %id,
+                        reason = %reason,
+                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        "broker unreachable; outbox waits"
+                    );
+                    halted = true;
+                    break;
+                }
+                Outcome::Retry(reason) => {
+                    global_failures = 0;
+                    let entry = entries.entry(id.clone()).or_insert((0, Instant::now()));
+                    entry.0 = entry.0.saturating_add(1);
+                    let delay = agent.backoff(entry.0);
+                    entry.1 = Instant::now() + delay;
+                    next_due = Some(next_due.map_or(entry.1, |n| n.min(entry.1)));
+                    warn!(
+                        agency = %agent.agency,
+                        message_id = %id,
+                        reason = %reason,
+                        attempts = entry.0,
+                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                        "submission failed; will retry"
+                    );
+                }
+            }
+        }
+        if halted {
+            continue;
+        }
+        // Wait for a new document, the next entry due for a retry, or shutdown.
+        let wake = agent.outbox_wake.notified();
+        match next_due {
+            Some(due) => tokio::select! {
+                () = wake => {}
+                () = tokio::time::sleep_until(due) => {}
+                () = stop.cancelled() => return,
+            },
+            None => tokio::select! {
+                () = wake => {}
+                () = stop.cancelled() => return,
+            },
+        }
+    }
+}
+
+/// The frames of one submission, read lazily from the store.
+struct Frames {
+    envelope: Option<pb::Signed>,
+    chunks: Box<dyn Iterator<Item = Result<(u32, sled::IVec), StoreError>> + Send>,
+    carry: Option<(u32, sled::IVec)>,
+    /// Set when reading the store failed mid-stream (the stream then ends early).
+    failure: Arc<Mutex<Option<String>>>,
+    done: bool,
+}
+
+impl Frames {
+    fn fail(&mut self, e: StoreError) {
+        self.done = true;
+        if let Ok(mut slot) = self.failure.lock() {
+            *slot = Some(e.to_string());
+        }
+    }
+}
+
+impl Iterator for Frames {
+    type Item = pb::SubmitFrame;
+
+    fn next(&mut self) -> Option<pb::SubmitFrame> {
+        if let Some(envelope) = self.envelope.take() {
+            return Some(pb::SubmitFrame {
+                frame: Some(Frame::Envelope(envelope)),
+            });
+        }
+        if self.done {
+            return None;
+        }
+        let (index, first) = match self.carry.take() {
+            Some(carry) => carry,
+            None => match self.chunks.next() {
+                None => return None,
+                Some(Err(e)) => {
+                    self.fail(e);
+                    return None;
+                }
+                Some(Ok(chunk)) => chunk,
+            },
+        };
+        let mut data = BytesMut::with_capacity(FRAME_BYTES.min(first.len() * 16));
+        data.extend_from_slice(&first);
+        loop {
+            match self.chunks.next() {
+                None => {
+                    self.done = true;
+                    break;
+                }
+                Some(Err(e)) => {
+                    self.fail(e);
+                    break;
+                }
+                Some(Ok((i, bytes))) => {
+                    if i == index && data.len() + bytes.len() <= FRAME_BYTES {
+                        data.extend_from_slice(&bytes);
+                    } else {
+                        self.carry = Some((i, bytes));
+                        break;
+                    }
+                }
+            }
+        }
+        Some(pb::SubmitFrame {
+            frame: Some(Frame::Chunk(pb::AttachmentChunk {
+                attachment_index: index,
+                data: data.freeze(),
+            })),
+        })
+    }
+}
+
+async fn submit_one(agent: &Agent, id: &str) -> Outcome {
+    let local = |e: StoreError| {
+        error!(agency = %agent.agency, message_id = %id, error = %e, "outbox store failure");
+        Outcome::Unreachable(format!("local store: {e}"))
+    };
+    let record = match agent.store.outbox_record(id) {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            return local(StoreError::Record {
+                key: id.to_owned(),
+                detail: "pending entry without a record".into(),
+            });
+        }
+        Err(e) => return local(e),
+    };
+    let envelope = match agent.store.outbox_envelope(id) {
+        Ok(Some(bytes)) => match pb::Signed::decode(bytes.as_ref()) {
+            Ok(envelope) => envelope,
+            Err(e) => {
+                return local(StoreError::Record {
+                    key: id.to_owned(),
+                    detail: format!("stored envelope: {e}"),
+                });
+            }
+        },
+        Ok(None) => {
+            return local(StoreError::Record {
+                key: id.to_owned(),
+                detail: "no stored envelope".into(),
+            });
+        }
+        Err(e) => return local(e),
+    };
+    let header_sha256 = lienthong_proto::sha256(&envelope.payload);
+    let failure = Arc::new(Mutex::new(None));
+    let frames = Frames {
+        envelope: Some(envelope),
+        chunks: Box::new(agent.store.outbox_attachment_chunks(id)),
+        carry: None,
+        failure: Arc::clone(&failure),
+        done: false,
+    };
+    let mut client = agent.client.clone();
+    let result = client.submit(tokio_stream::iter(frames)).await;
+    let store_failure = failure.lock().ok().and_then(|mut slot| slot.take());
+    if let Some(detail) = store_failure {
+        error!(agency = %agent.agency, message_id = %id, error = %detail, "reading the outbox failed during submission");
+        return Outcome::Unreachable(format!("local store: {detail}"));
+    }
+    let response = match result {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            let reason = format!("{:?}: {}", status.code(), status.message());
+            if is_permanent(status.code()) {
+                warn!(agency = %agent.agency, message_id = %id, reason = %reason, "the broker refused the document");
+                if let Err(e) = agent.store.mark_failed(id, &reason) {
+                    return local(e);
+                }
+                if let Err(e) = agent.store.durable().await {
+                    return local(e);
+                }
+                return Outcome::Failed;
+            }
+            return match status.code() {
+                tonic::Code::Unavailable => Outcome::Unreachable(reason),
+                _ => Outcome::Retry(reason),
+            };
+        }
+    };
+    let Some(receipt) = response.submission_receipt else {
+        return Outcome::Retry("the broker answered without a submission receipt".into());
+    };
+    let expected = ExpectedReceipt {
+        kind: pb::ReceiptKind::Submission,
+        message_id: id,
+        header_sha256: &header_sha256,
+        recipient: None,
+        live: true,
+    };
+    let at_ms = match verify_receipt(&receipt, &agent.tls_anchors, &expected) {
+        Ok(verified) => verified.at_ms,
+        Err(e) => {
+            // Resubmitting would only return the same receipt: keep it, and let the
+            // status show it unverified.
+            error!(
+                agency = %agent.agency,
+                message_id = %id,
+                error = %e,
+                "the broker's submission receipt does not verify; kept as unverified"
+            );
+            lienthong_proto::now_ms()
+        }
+    };
+    if let Err(e) = agent
+        .store
+        .mark_submitted(id, &receipt.encode_to_vec(), at_ms)
+    {
+        return local(e);
+    }
+    if let Err(e) = agent.store.durable().await {
+        return local(e);
+    }
+    info!(
+        agency = %agent.agency,
+        message_id = %id,
+        business_id = %record.business_id,
+        duplicate = response.duplicate,
+        "document submitted"
+    );
+    Outcome::Submitted
+}

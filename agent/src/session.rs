@@ -1,0 +1,409 @@
+//! The broker session: one long-lived bidirectional stream on which the broker pushes
+//! deliveries, and the handling of each delivery.
+//!
+//! Invariants:
+//! - Nothing from the broker is trusted: every delivery is verified end to end
+//!   (sender signature and chain, this agency among the recipients, every attachment's
+//!   size and digest) before anything is stored. A delivery that fails is refused with
+//!   the reason and nothing is exported.
+//! - `Ack` is sent only after the document is durable in the store, exported to the
+//!   inbox folder, and the signed delivery receipt is durable.
+//! - A message id is stored and exported once; a redelivery is answered with the
+//!   stored receipt. A different document reusing a stored message id is refused.
+//! - A local failure (store, disk, signing) sends neither Ack nor Refuse: the session
+//!   is dropped and the broker redelivers after the reconnect.
+//! - Deliveries are handled one at a time, in the order they arrive.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use lienthong_proto::document::{check_attachment, is_valid_message_id, verify_document};
+use lienthong_proto::pb::{self, agent_message::Msg as Out, broker_message::Msg as In};
+use lienthong_proto::receipt::sign_receipt;
+use lienthong_proto::signing::VerifyTime;
+use lienthong_proto::{ProtocolError, now_ms};
+use prost::Message;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::Agent;
+use crate::error::StoreError;
+use crate::export::{self, ExportDocument};
+use crate::store::InboxRecord;
+
+/// A failure on our side: the delivery is neither acknowledged nor refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LocalError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    #[error("signing the delivery receipt: {0}")]
+    Sign(ProtocolError),
+    #[error("stored data of {id} is unreadable: {detail}")]
+    Stored { id: String, detail: String },
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+enum SessionEnd {
+    Stopped,
+    Ended { reason: String, handled: u64 },
+}
+
+/// Runs the session, reconnecting with jittered backoff, until `stop` is cancelled.
+pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
+    let mut failures: u32 = 0;
+    loop {
+        let started = Instant::now();
+        let (reason, handled) = match session_once(&agent, &stop).await {
+            SessionEnd::Stopped => return,
+            SessionEnd::Ended { reason, handled } => (reason, handled),
+        };
+        if handled > 0 || started.elapsed() >= agent.reconnect_max {
+            failures = 0;
+        }
+        failures = failures.saturating_add(1);
+        let delay = agent.backoff(failures);
+        warn!(
+            agency = %agent.agency,
+            reason = %reason,
+            handled,
+            reconnect_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            "broker session ended"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEnd {
+    let capacity = usize::try_from(agent.window)
+        .unwrap_or(32)
+        .saturating_add(8);
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(capacity);
+    let hello = pb::AgentMessage {
+        msg: Some(Out::Hello(pb::Hello {
+            window: agent.window,
+        })),
+    };
+    if tx.send(hello).await.is_err() {
+        return SessionEnd::Ended {
+            reason: "the outgoing stream closed".into(),
+            handled: 0,
+        };
+    }
+    let mut client = agent.client.clone();
+    let response = tokio::select! {
+        response = client.session(ReceiverStream::new(rx)) => response,
+        () = stop.cancelled() => return SessionEnd::Stopped,
+    };
+    let mut inbound = match response {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            return SessionEnd::Ended {
+                reason: format!("{:?}: {}", status.code(), status.message()),
+                handled: 0,
+            };
+        }
+    };
+    info!(agency = %agent.agency, window = agent.window, "broker session established");
+    let mut handled: u64 = 0;
+    loop {
+        let message = tokio::select! {
+            message = inbound.message() => message,
+            () = stop.cancelled() => return SessionEnd::Stopped,
+        };
+        let delivery = match message {
+            Ok(Some(pb::BrokerMessage {
+                msg: Some(In::Delivery(delivery)),
+            })) => delivery,
+            Ok(Some(_)) => {
+                debug!(agency = %agent.agency, "ignoring an empty broker message");
+                continue;
+            }
+            Ok(None) => {
+                return SessionEnd::Ended {
+                    reason: "the broker closed the session".into(),
+                    handled,
+                };
+            }
+            Err(status) => {
+                return SessionEnd::Ended {
+                    reason: format!("{:?}: {}", status.code(), status.message()),
+                    handled,
+                };
+            }
+        };
+        let reply = match handle_delivery(agent, delivery).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                error!(agency = %agent.agency, error = %e, "cannot take the delivery; dropping the session so the broker redelivers");
+                return SessionEnd::Ended {
+                    reason: format!("local failure: {e}"),
+                    handled,
+                };
+            }
+        };
+        if tx.send(reply).await.is_err() {
+            return SessionEnd::Ended {
+                reason: "the outgoing stream closed".into(),
+                handled,
+            };
+        }
+        handled += 1;
+    }
+}
+
+fn refuse(message_id: String, reason: String) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(Out::Refuse(pb::Refuse { message_id, reason })),
+    }
+}
+
+fn ack(message_id: String, receipt: pb::Signed) -> pb::AgentMessage {
+    pb::AgentMessage {
+        msg: Some(Out::Ack(pb::Ack {
+            message_id,
+            delivery_receipt: Some(receipt),
+        })),
+    }
+}
+
+/// The message id an unverified envelope claims, only to name it in a refusal.
+fn untrusted_message_id(envelope: &pb::Signed) -> String {
+    pb::DocumentHeader::decode(envelope.payload.as_ref())
+        .ok()
+        .map(|h| h.message_id)
+        .filter(|id| is_valid_message_id(id))
+        .unwrap_or_default()
+}
+
+/// Every check a delivery must pass before it is stored.
+fn check_delivery(
+    agent: &Agent,
+    envelope: &pb::Signed,
+    attachments: &[Bytes],
+) -> Result<lienthong_proto::document::VerifiedDocument, String> {
+    let verified = verify_document(envelope, &agent.document_anchors, VerifyTime::Now)
+        .map_err(|e| e.to_string())?;
+    let header = &verified.header;
+    if !header.recipients.iter().any(|r| r == agent.agency.as_str()) {
+        return Err(format!(
+            "this agency ({}) is not a recipient of the document",
+            agent.agency
+        ));
+    }
+    if attachments.len() != header.attachments.len() {
+        return Err(format!(
+            "the delivery carries {} attachments, the header lists {}",
+            attachments.len(),
+            header.attachments.len()
+        ));
+    }
+    for (index, (info, bytes)) in header.attachments.iter().zip(attachments).enumerate() {
+        check_attachment(index, info, bytes).map_err(|e| e.to_string())?;
+    }
+    Ok(verified)
+}
+
+async fn handle_delivery(
+    agent: &Arc<Agent>,
+    delivery: pb::Delivery,
+) -> Result<pb::AgentMessage, LocalError> {
+    let Some(envelope) = delivery.envelope else {
+        warn!(agency = %agent.agency, "refusing a delivery without an envelope");
+        return Ok(refuse(
+            String::new(),
+            "the delivery carries no signed envelope".into(),
+        ));
+    };
+    let attachments = delivery.attachments;
+    let attempt = delivery.attempt;
+    let checking = Arc::clone(agent);
+    let (envelope, attachments, checked) = tokio::task::spawn_blocking(move || {
+        let checked = check_delivery(&checking, &envelope, &attachments);
+        (envelope, attachments, checked)
+    })
+    .await
+    .map_err(|e| LocalError::Task(e.to_string()))?;
+    let verified = match checked {
+        Ok(verified) => verified,
+        Err(reason) => {
+            let message_id = untrusted_message_id(&envelope);
+            warn!(
+                agency = %agent.agency,
+                message_id = %message_id,
+                reason = %reason,
+                attempt,
+                "refusing delivery"
+            );
+            return Ok(refuse(message_id, reason));
+        }
+    };
+    let id = verified.header.message_id.clone();
+    let sha_hex = hex::encode(verified.header_sha256);
+    let envelope_bytes = Bytes::from(envelope.encode_to_vec());
+
+    let (record, durable_at) = match agent.store.inbox_record(&id)? {
+        Some(existing) if existing.header_sha256 != sha_hex => {
+            let reason =
+                "a different document with this message id was already received".to_owned();
+            warn!(agency = %agent.agency, message_id = %id, reason = %reason, "refusing delivery");
+            return Ok(refuse(id, reason));
+        }
+        Some(existing) => {
+            debug!(agency = %agent.agency, message_id = %id, attempt, "redelivery of a stored document");
+            (existing, None)
+        }
+        None => {
+            let record = InboxRecord {
+                message_id: id.clone(),
+                received_at_ms: now_ms(),
+                sender: verified.header.sender.clone(),
+                subject: verified.header.subject.clone(),
+                business_id: verified.header.business_id.clone(),
+                header_sha256: sha_hex,
+                attachments: verified
+                    .header
+                    .attachments
+                    .iter()
+                    .map(|a| a.name.clone())
+                    .collect(),
+                exported: false,
+            };
+            let storing = Arc::clone(agent);
+            let (r, e, a) = (record.clone(), envelope_bytes.clone(), attachments.clone());
+            tokio::task::spawn_blocking(move || storing.store.put_inbox(&r, &e, &a))
+                .await
+                .map_err(|e| LocalError::Task(e.to_string()))??;
+            agent.store.durable().await?;
+            (record, Some(now_ms()))
+        }
+    };
+
+    ensure_exported(
+        agent,
+        &record,
+        &envelope_bytes,
+        &verified.header,
+        &verified.header_sha256,
+        attachments,
+    )
+    .await?;
+
+    let receipt = match agent.store.delivery_receipt(&id)? {
+        Some(stored) => pb::Signed::decode(stored.as_ref()).map_err(|e| LocalError::Stored {
+            id: id.clone(),
+            detail: format!("delivery receipt: {e}"),
+        })?,
+        None => {
+            let receipt = pb::Receipt {
+                kind: pb::ReceiptKind::Delivery as i32,
+                message_id: id.clone(),
+                header_sha256: verified.header_sha256.to_vec(),
+                at_ms: durable_at.unwrap_or_else(now_ms),
+                issuer: agent.agency.to_string(),
+                business_id: verified.header.business_id.clone(),
+                sender: verified.header.sender.clone(),
+                recipient: agent.agency.to_string(),
+            };
+            let signed = sign_receipt(&receipt, &agent.signing_key).map_err(LocalError::Sign)?;
+            agent
+                .store
+                .put_delivery_receipt(&id, &signed.encode_to_vec())?;
+            agent.store.durable().await?;
+            info!(
+                agency = %agent.agency,
+                message_id = %id,
+                sender = %verified.header.sender,
+                business_id = %verified.header.business_id,
+                "document received"
+            );
+            signed
+        }
+    };
+    Ok(ack(id, receipt))
+}
+
+/// Exports the document unless its complete folder exists and the record says so.
+async fn ensure_exported(
+    agent: &Arc<Agent>,
+    record: &InboxRecord,
+    envelope_bytes: &[u8],
+    header: &pb::DocumentHeader,
+    header_sha256: &[u8],
+    attachments: Vec<Bytes>,
+) -> Result<(), LocalError> {
+    let id = record.message_id.as_str();
+    if record.exported && export::is_exported(&agent.inbox_dir, id) {
+        return Ok(());
+    }
+    let inbox_dir = agent.inbox_dir.clone();
+    let id_owned = id.to_owned();
+    let envelope = envelope_bytes.to_vec();
+    let header = header.clone();
+    let sha = header_sha256.to_vec();
+    let received_at_ms = record.received_at_ms;
+    let path = tokio::task::spawn_blocking(move || {
+        export::export(
+            &inbox_dir,
+            &ExportDocument {
+                message_id: &id_owned,
+                envelope: &envelope,
+                header: &header,
+                header_sha256: &sha,
+                received_at_ms,
+                attachments: &attachments,
+            },
+        )
+    })
+    .await
+    .map_err(|e| LocalError::Task(e.to_string()))??;
+    agent.store.mark_exported(id)?;
+    info!(agency = %agent.agency, message_id = %id, path = %path.display(), "document exported");
+    Ok(())
+}
+
+/// On start-up: exports every stored document whose export did not complete.
+/// Failures are logged; the broker's redelivery retries them.
+pub(crate) async fn reexport_pending(agent: &Arc<Agent>) {
+    let records = match agent.store.inbox_records() {
+        Ok(records) => records,
+        Err(e) => {
+            error!(agency = %agent.agency, error = %e, "cannot read the inbox");
+            return;
+        }
+    };
+    for record in records.into_iter().filter(|r| !r.exported) {
+        if let Err(e) = reexport(agent, &record).await {
+            error!(agency = %agent.agency, message_id = %record.message_id, error = %e, "cannot export a stored document");
+        }
+    }
+}
+
+async fn reexport(agent: &Arc<Agent>, record: &InboxRecord) -> Result<(), LocalError> {
+    let id = record.message_id.as_str();
+    let stored = |detail: String| LocalError::Stored {
+        id: id.to_owned(),
+        detail,
+    };
+    let envelope_bytes = agent
+        .store
+        .inbox_envelope(id)?
+        .ok_or_else(|| stored("no envelope".into()))?;
+    let envelope = pb::Signed::decode(envelope_bytes.as_ref())
+        .map_err(|e| stored(format!("envelope: {e}")))?;
+    // Verified before it was stored; decoded here only to write document.json.
+    let header = pb::DocumentHeader::decode(envelope.payload.as_ref())
+        .map_err(|e| stored(format!("header: {e}")))?;
+    let sha = lienthong_proto::sha256(&envelope.payload);
+    let attachments = agent
+        .store
+        .inbox_attachments(id, header.attachments.len())?;
+    ensure_exported(agent, record, &envelope_bytes, &header, &sha, attachments).await
+}
