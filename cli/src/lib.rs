@@ -92,10 +92,12 @@ async fn run(command: Command) -> Result<(), CliError> {
     }
 }
 
-/// Servers log at info by default, client commands only warnings; `RUST_LOG` overrides.
+/// Servers log at info by default, the demo and client commands only warnings;
+/// `RUST_LOG` overrides.
 fn init_tracing(command: &Command) {
     let default = match command {
-        Command::Demo(_) | Command::Broker(_) | Command::Agent(_) => "info",
+        // The demo prints its own steps; its servers' logs would bury them.
+        Command::Broker(_) | Command::Agent(_) => "info",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
