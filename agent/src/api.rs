@@ -33,7 +33,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::Agent;
 use crate::api_types::{
-    ErrorBody, InboxDetail, InboxItem, RecipientView, SendRequest, SendResponse, StatusView,
+    AttemptView, ErrorBody, InboxDetail, InboxItem, RecipientView, SendRequest, SendResponse,
+    StatusView,
 };
 use crate::error::StoreError;
 use crate::export::{document_json, rfc3339_ms};
@@ -353,6 +354,21 @@ async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Li
                     }
                 }
             };
+            // A dead letter comes with the broker's signed notice saying why.
+            let notice_verified = r.notice.as_ref().map(|notice| {
+                let expected = ExpectedReceipt {
+                    kind: pb::ReceiptKind::DeadLetter,
+                    message_id: id,
+                    header_sha256,
+                    recipient: Some(&r.agency),
+                    live: false,
+                };
+                verify_receipt(notice, &agent.tls_anchors, &expected)
+                    .map_err(|e| {
+                        warn!(agency = %agent.agency, message_id = %id, error = %e, "dead-letter notice does not verify");
+                    })
+                    .is_ok()
+            });
             RecipientView {
                 agency: r.agency.clone(),
                 state: state.to_owned(),
@@ -363,6 +379,16 @@ async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Li
                 reason: (!r.reason.is_empty()).then(|| r.reason.clone()),
                 receipt_verified,
                 receipt_at,
+                notice_verified,
+                expires_at: (r.expires_at_ms > 0).then(|| rfc3339_ms(r.expires_at_ms)).flatten(),
+                attempt_log: r
+                    .attempt_log
+                    .iter()
+                    .map(|a| AttemptView {
+                        at: rfc3339_ms(a.at_ms).unwrap_or_default(),
+                        outcome: a.outcome.clone(),
+                    })
+                    .collect(),
             }
         })
         .collect();
@@ -383,6 +409,9 @@ fn recipients_in_state(recipients: &[String], state: &str) -> Vec<RecipientView>
             reason: None,
             receipt_verified: None,
             receipt_at: None,
+            notice_verified: None,
+            expires_at: None,
+            attempt_log: Vec::new(),
         })
         .collect()
 }

@@ -117,6 +117,23 @@ pub struct RecipientView {
     /// The time the verified delivery receipt states (RFC 3339).
     #[serde(default)]
     pub receipt_at: Option<String>,
+    /// Present for dead letters (expired, refused): whether the broker's signed notice
+    /// checks out.
+    #[serde(default)]
+    pub notice_verified: Option<bool>,
+    /// When an undelivered copy becomes a dead letter (RFC 3339).
+    #[serde(default)]
+    pub expires_at: Option<String>,
+    /// Each push attempt with its time and outcome, oldest first.
+    #[serde(default)]
+    pub attempt_log: Vec<AttemptView>,
+}
+
+/// One push attempt of the broker to a recipient.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AttemptView {
+    pub at: String,
+    pub outcome: String,
 }
 
 /// `GET /v1/inbox` entries.

@@ -23,13 +23,7 @@ use lienthong_proto::pb::{BusinessType, DocumentHeader};
 pub const PARTIAL_PREFIX: &str = ".partial-";
 
 /// RFC 3339 text for Unix milliseconds (UTC).
-pub fn rfc3339_ms(ms: i64) -> Option<String> {
-    let nanos = i128::from(ms).checked_mul(1_000_000)?;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()?
-        .format(&time::format_description::well_known::Rfc3339)
-        .ok()
-}
+pub use lienthong_proto::rfc3339_ms;
 
 fn business_type_name(value: i32) -> &'static str {
     match BusinessType::try_from(value) {

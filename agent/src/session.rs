@@ -311,6 +311,7 @@ async fn handle_delivery(
                 business_id: verified.header.business_id.clone(),
                 sender: verified.header.sender.clone(),
                 recipient: agent.agency.to_string(),
+                ..Default::default()
             };
             let signed = sign_receipt(&receipt, &agent.signing_key).map_err(LocalError::Sign)?;
             agent

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
 use crate::auth;
+use crate::deadletter;
 use crate::error::BrokerError;
 use crate::records::DocumentRecord;
 use crate::session;
@@ -101,6 +102,10 @@ impl ExchangeService {
                 "the document's attachments total {declared} bytes; the broker accepts at most {limit} (max_document_bytes)"
             )));
         }
+        self.check_queue_limits(
+            header,
+            declared.saturating_add(envelope.payload.len() as u64),
+        )?;
 
         let attachments = receive_attachments(&mut frames, header).await?;
 
@@ -110,6 +115,7 @@ impl ExchangeService {
             )
         })?;
         let accepted_at_ms = lienthong_proto::now_ms();
+        let expires_at_ms = deadletter::expiry_for(&self.shared, header, accepted_at_ms);
         let receipt = pb::Receipt {
             kind: ReceiptKind::Submission as i32,
             message_id: message_id.clone(),
@@ -118,7 +124,7 @@ impl ExchangeService {
             issuer: format!("broker:{}", self.shared.config.name),
             business_id: header.business_id.clone(),
             sender: header.sender.clone(),
-            recipient: String::new(),
+            ..Default::default()
         };
         let signed_receipt = sign_receipt(&receipt, &self.shared.signing_key)?;
         let record = DocumentRecord {
@@ -131,6 +137,7 @@ impl ExchangeService {
             recipients: header.recipients.clone(),
             attachment_bytes: declared,
             attachment_count: u32::try_from(header.attachments.len()).unwrap_or(u32::MAX),
+            expires_at_ms,
         };
         let store = self.shared.store.clone();
         let id = message_id.clone();
@@ -166,6 +173,32 @@ impl ExchangeService {
             submission_receipt: Some(signed_receipt),
             duplicate: false,
         })
+    }
+
+    /// Backpressure: refuses a document that would push a recipient's queue over the
+    /// configured limits, naming the recipient and the limit.
+    fn check_queue_limits(
+        &self,
+        header: &pb::DocumentHeader,
+        bytes: u64,
+    ) -> Result<(), BrokerError> {
+        let config = &self.shared.config;
+        for recipient in &header.recipients {
+            let pending = self.shared.store.pending(recipient);
+            if pending.documents >= config.max_pending_documents {
+                return Err(BrokerError::ResourceExhausted(format!(
+                    "the queue for {recipient} holds {} documents, the limit (max_pending_documents); retry later",
+                    pending.documents
+                )));
+            }
+            if pending.bytes.saturating_add(bytes) > config.max_pending_bytes {
+                return Err(BrokerError::ResourceExhausted(format!(
+                    "the queue for {recipient} holds {} bytes; this document would exceed the limit of {} (max_pending_bytes); retry later",
+                    pending.bytes, config.max_pending_bytes
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The same message id again: the original receipt if the content is the same,
@@ -234,6 +267,20 @@ impl ExchangeService {
                 reason: delivery.reason,
                 attempts: delivery.attempts,
                 last_attempt_at_ms: delivery.last_attempt_at_ms,
+                notice: if delivery.notice.is_empty() {
+                    None
+                } else {
+                    Signed::decode(delivery.notice.as_slice()).ok()
+                },
+                expires_at_ms: delivery.expires_at_ms,
+                attempt_log: delivery
+                    .attempt_log
+                    .into_iter()
+                    .map(|a| pb::DeliveryAttempt {
+                        at_ms: a.at_ms,
+                        outcome: a.outcome,
+                    })
+                    .collect(),
             });
         }
         Ok(pb::StatusResponse {

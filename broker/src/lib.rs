@@ -17,6 +17,7 @@
 mod admin;
 mod auth;
 mod commit;
+mod deadletter;
 pub mod error;
 mod exchange;
 mod hub;
@@ -62,6 +63,17 @@ pub struct BrokerConfig {
     pub keepalive_timeout: Duration,
     /// After shutdown is requested, in-flight calls get this long to finish.
     pub shutdown_grace: Duration,
+    /// Redelivery backoff: the wait for an acknowledgement doubles with each attempt,
+    /// from `ack_timeout` up to this.
+    pub max_ack_timeout: Duration,
+    /// Expiry of a document without its own, by priority 0 (normal) to 4.
+    pub default_expiry: [Duration; 5],
+    /// How often queued deliveries are checked for expiry.
+    pub expiry_check_interval: Duration,
+    /// Per-recipient queue limits; a submission that would exceed one is refused with
+    /// RESOURCE_EXHAUSTED naming the limit.
+    pub max_pending_documents: u64,
+    pub max_pending_bytes: u64,
 }
 
 impl BrokerConfig {
@@ -79,6 +91,17 @@ impl BrokerConfig {
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
+            max_ack_timeout: Duration::from_secs(300),
+            default_expiry: [
+                Duration::from_secs(7 * 24 * 3600),
+                Duration::from_secs(3 * 24 * 3600),
+                Duration::from_secs(24 * 3600),
+                Duration::from_secs(8 * 3600),
+                Duration::from_secs(8 * 3600),
+            ],
+            expiry_check_interval: Duration::from_secs(1),
+            max_pending_documents: 1_000_000,
+            max_pending_bytes: 50 * 1024 * 1024 * 1024,
         }
     }
 
@@ -169,6 +192,7 @@ pub async fn run(
         shutdown: shutdown.child_token(),
         config,
     });
+    tokio::spawn(deadletter::expiry_loop(shared.clone()));
     let max_message = shared.config.max_message_bytes();
     let exchange = ExchangeServer::new(exchange::ExchangeService {
         shared: shared.clone(),

@@ -25,6 +25,9 @@ pub struct DocumentRecord {
     pub attachment_bytes: u64,
     #[prost(uint32, tag = "9")]
     pub attachment_count: u32,
+    /// When undelivered copies become dead letters, Unix ms.
+    #[prost(int64, tag = "10")]
+    pub expires_at_ms: i64,
 }
 
 /// A queue entry: the value under `recipient ‖ seq` in the queue tree.
@@ -36,6 +39,8 @@ pub struct QueueEntry {
     pub bytes: u64,
     #[prost(int64, tag = "3")]
     pub enqueued_at_ms: i64,
+    #[prost(int64, tag = "4")]
+    pub expires_at_ms: i64,
 }
 
 /// The state of one document for one recipient.
@@ -58,6 +63,29 @@ pub struct DeliveryRecord {
     pub receipt: Vec<u8>,
     #[prost(string, tag = "7")]
     pub reason: String,
+    #[prost(int64, tag = "8")]
+    pub expires_at_ms: i64,
+    /// The key in the expiry index while queued.
+    #[prost(bytes = "vec", tag = "9")]
+    pub expiry_key: Vec<u8>,
+    /// The broker's signed dead-letter notice (`Signed`, encoded) when expired or refused.
+    #[prost(bytes = "vec", tag = "10")]
+    pub notice: Vec<u8>,
+    /// When it became a dead letter, Unix ms.
+    #[prost(int64, tag = "11")]
+    pub dead_at_ms: i64,
+    /// The latest attempts, oldest first.
+    #[prost(message, repeated, tag = "12")]
+    pub attempt_log: Vec<AttemptRecord>,
+}
+
+/// One push attempt and what became of it.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AttemptRecord {
+    #[prost(int64, tag = "1")]
+    pub at_ms: i64,
+    #[prost(string, tag = "2")]
+    pub outcome: String,
 }
 
 /// A registered agency.

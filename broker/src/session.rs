@@ -5,8 +5,10 @@
 //! - At most `window` deliveries are unacknowledged at once; memory per session is
 //!   bounded by the window, not by the queue.
 //! - A delivery leaves the queue only when the recipient's signed delivery receipt has
-//!   been verified (or the recipient refused it). Anything unacknowledged is offered
-//!   again after `ack_timeout`, and from the start of the queue on the next session.
+//!   been verified (or the recipient refused it, or it expired: then it is a dead
+//!   letter). Anything unacknowledged is offered again after `ack_timeout`, doubling
+//!   with each attempt up to `max_ack_timeout`, and from the start of the queue on the
+//!   next session. Every attempt is recorded with its time and outcome.
 //! - Queue sequences only grow, so a cursor over the queue key sees every new entry.
 
 use std::collections::HashMap;
@@ -24,11 +26,22 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::Shared;
+use crate::deadletter;
 use crate::error::BrokerError;
 use crate::hub::SessionHandle;
+use crate::store::Settlement;
 
 struct InFlight {
-    sent_at: Instant,
+    /// When to offer it again if no acknowledgement came.
+    deadline: Instant,
+    attempt: u32,
+}
+
+/// The wait for an acknowledgement of attempt `attempt` (1-based): `base` doubled for
+/// each earlier attempt, at most `max`.
+fn ack_wait(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(16);
+    base.saturating_mul(1u32 << doublings).min(max.max(base))
 }
 
 /// Starts the session task and returns the stream of messages to the agent.
@@ -55,6 +68,7 @@ pub fn start(
         if let Err(error) = session.run(inbound).await {
             tracing::warn!(agency = %agency, %error, "agent session ended with an error");
         }
+        session.abandon_in_flight();
         shared.hub.deregister(agency.as_str(), session_id);
         tracing::info!(agency = %agency, session = session_id, "agent session closed");
     });
@@ -94,17 +108,12 @@ impl Session {
             }
             Err(status) => return Err(BrokerError::Unavailable(status.message().to_owned())),
         }
-        let ack_timeout = self.shared.config.ack_timeout;
         loop {
             self.fill_window().await?;
             self.handle
                 .in_flight
                 .store(self.in_flight.len() as u64, Ordering::Relaxed);
-            let next_deadline = self
-                .in_flight
-                .values()
-                .map(|f| f.sent_at + ack_timeout)
-                .min();
+            let next_deadline = self.in_flight.values().map(|f| f.deadline).min();
             let step = tokio::select! {
                 _ = self.handle.cancel.cancelled() => Step::Stop,
                 message = inbound.message() => match message {
@@ -121,7 +130,7 @@ impl Session {
                 },
                 _ = self.handle.notify.notified() => Step::Continue,
                 _ = sleep_until_or_forever(next_deadline) => {
-                    self.redeliver_overdue(ack_timeout).await?;
+                    self.redeliver_overdue().await?;
                     Step::Continue
                 }
             };
@@ -145,23 +154,48 @@ impl Session {
             if self.in_flight.contains_key(&entry.message_id) {
                 continue;
             }
-            if self.push(&entry.message_id).await? {
-                self.in_flight.insert(
-                    entry.message_id,
-                    InFlight {
-                        sent_at: Instant::now(),
-                    },
-                );
+            if let Some(attempt) = self.push(&entry.message_id).await? {
+                let deadline = Instant::now() + self.ack_wait(attempt);
+                self.in_flight
+                    .insert(entry.message_id, InFlight { deadline, attempt });
             }
         }
         Ok(())
     }
 
-    /// Sends one delivery. Returns false when the document is not deliverable.
-    async fn push(&mut self, message_id: &str) -> Result<bool, BrokerError> {
+    fn ack_wait(&self, attempt: u32) -> Duration {
+        let config = &self.shared.config;
+        ack_wait(config.ack_timeout, config.max_ack_timeout, attempt)
+    }
+
+    /// Records the fate of every delivery still unacknowledged when the session ends.
+    fn abandon_in_flight(&mut self) {
+        for message_id in self.in_flight.keys() {
+            if let Err(error) =
+                self.shared
+                    .store
+                    .resolve_attempt(message_id, self.agency.as_str(), "session ended")
+            {
+                tracing::warn!(agency = %self.agency, %error, "cannot record an attempt");
+            }
+        }
+        self.in_flight.clear();
+    }
+
+    /// Sends one delivery if it is still queued. Returns the attempt number, or None
+    /// when it is not deliverable (settled meanwhile, or missing).
+    async fn push(&mut self, message_id: &str) -> Result<Option<u32>, BrokerError> {
+        let queued = self
+            .shared
+            .store
+            .delivery(message_id, self.agency.as_str())?
+            .is_some_and(|d| d.state == DeliveryState::Queued as i32);
+        if !queued {
+            return Ok(None);
+        }
         let Some(record) = self.shared.store.document(message_id)? else {
             tracing::error!(agency = %self.agency, message_id, "queued document is missing from the store");
-            return Ok(false);
+            return Ok(None);
         };
         let envelope = Signed::decode(record.envelope.as_slice())
             .map_err(|e| BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
@@ -186,25 +220,33 @@ impl Session {
             .send(Ok(delivery))
             .await
             .map_err(|_| BrokerError::Unavailable("the agent went away".into()))?;
-        Ok(true)
+        Ok(Some(attempt))
     }
 
-    async fn redeliver_overdue(&mut self, ack_timeout: Duration) -> Result<(), BrokerError> {
+    async fn redeliver_overdue(&mut self) -> Result<(), BrokerError> {
         let now = Instant::now();
-        let overdue: Vec<String> = self
+        let overdue: Vec<(String, u32)> = self
             .in_flight
             .iter()
-            .filter(|(_, f)| f.sent_at + ack_timeout <= now)
-            .map(|(id, _)| id.clone())
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(id, f)| (id.clone(), f.attempt))
             .collect();
-        for message_id in overdue {
-            tracing::info!(agency = %self.agency, message_id = %message_id, "no acknowledgement in time; offering again");
-            if self.push(&message_id).await? {
-                if let Some(flight) = self.in_flight.get_mut(&message_id) {
-                    flight.sent_at = Instant::now();
+        for (message_id, attempt) in overdue {
+            tracing::info!(agency = %self.agency, message_id = %message_id, attempt, "no acknowledgement in time; offering again");
+            self.shared.store.resolve_attempt(
+                &message_id,
+                self.agency.as_str(),
+                "no acknowledgement",
+            )?;
+            match self.push(&message_id).await? {
+                Some(attempt) => {
+                    let deadline = Instant::now() + self.ack_wait(attempt);
+                    self.in_flight
+                        .insert(message_id, InFlight { deadline, attempt });
                 }
-            } else {
-                self.in_flight.remove(&message_id);
+                None => {
+                    self.in_flight.remove(&message_id);
+                }
             }
         }
         Ok(())
@@ -214,19 +256,19 @@ impl Session {
         match message.msg {
             Some(Msg::Ack(ack)) => self.on_ack(ack),
             Some(Msg::Refuse(refuse)) => {
-                let reason = lienthong_proto::agency::printable(&refuse.reason);
-                let settled = self.shared.store.settle(
+                let reason = format!(
+                    "refused by {}: {}",
+                    self.agency,
+                    lienthong_proto::agency::printable(&refuse.reason)
+                );
+                deadletter::make_dead(
+                    &self.shared,
                     &refuse.message_id,
                     self.agency.as_str(),
                     DeliveryState::Refused,
-                    Vec::new(),
-                    reason.clone(),
-                    lienthong_proto::now_ms(),
+                    &reason,
                 )?;
                 self.in_flight.remove(&refuse.message_id);
-                if settled {
-                    tracing::warn!(agency = %self.agency, message_id = %refuse.message_id, reason = %reason, "recipient refused a delivery");
-                }
                 Ok(())
             }
             Some(Msg::Hello(_)) | None => Ok(()),
@@ -256,9 +298,9 @@ impl Session {
         let settled = self.shared.store.settle(
             &ack.message_id,
             self.agency.as_str(),
-            DeliveryState::Delivered,
-            receipt.encode_to_vec(),
-            String::new(),
+            Settlement::Delivered {
+                receipt: receipt.encode_to_vec(),
+            },
             lienthong_proto::now_ms(),
         )?;
         self.in_flight.remove(&ack.message_id);

@@ -10,13 +10,19 @@
 //!   FIFO order, sequences from `generate_id`, which only grows, even across restarts.
 //! - `deliveries`: message id ‖ 0 ‖ recipient → [`DeliveryRecord`].
 //! - `agencies`: code → [`AgencyRecord`].
+//! - `expiry`: expires-at (u64 BE ms) ‖ queue key → delivery key; the queued deliveries
+//!   in the order they expire.
+//! - `dead_letters`: recipient ‖ 0 ‖ message id → (); deliveries expired or refused.
 //!
 //! Invariants: a document, its business id, its queue entries and delivery records are
 //! written in one transaction, after its attachments; nothing is acknowledged before
-//! [`Store::durable`] returns. A queue entry exists exactly while its delivery record is
-//! `Queued`.
+//! [`Store::durable`] returns. A queue entry and an expiry entry exist exactly while the
+//! delivery record is `Queued`; a dead-letter entry exactly while it is `Expired` or
+//! `Refused`. The in-memory pending counters mirror the queue tree (rebuilt at open).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use lienthong_proto::pb::DeliveryState;
@@ -25,12 +31,14 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, abort};
 
 use crate::commit::{CommitError, GroupCommit, sled_data_file};
-use crate::records::{AgencyRecord, DeliveryRecord, DocumentRecord, QueueEntry};
+use crate::records::{AgencyRecord, AttemptRecord, DeliveryRecord, DocumentRecord, QueueEntry};
 
 /// Written into `meta` when a store is created.
 pub const FORMAT: &[u8] = b"lienthong-broker/1";
 /// Attachments are stored in chunks of this size.
 pub const CHUNK_BYTES: usize = 64 * 1024;
+/// Attempts kept per delivery record.
+const ATTEMPT_LOG_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -70,6 +78,34 @@ pub struct QueueStats {
     pub oldest_enqueued_ms: Option<i64>,
 }
 
+/// Pending documents and bytes in one recipient's queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    pub documents: u64,
+    pub bytes: u64,
+}
+
+/// How a queued delivery ends.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// The recipient's verified delivery receipt (`Signed`, encoded).
+    Delivered { receipt: Vec<u8> },
+    /// Expired or refused: the state, the reason and the broker's signed notice.
+    Dead {
+        state: DeliveryState,
+        reason: String,
+        notice: Vec<u8>,
+    },
+}
+
+/// A dead letter as listed for operators.
+#[derive(Debug, Clone)]
+pub struct DeadLetterEntry {
+    pub message_id: String,
+    pub recipient: String,
+    pub record: DeliveryRecord,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -79,6 +115,9 @@ pub struct Store {
     queue: sled::Tree,
     deliveries: sled::Tree,
     agencies: sled::Tree,
+    expiry: sled::Tree,
+    dead_letters: sled::Tree,
+    pending: Arc<Mutex<HashMap<String, Pending>>>,
     commit: GroupCommit,
 }
 
@@ -95,6 +134,30 @@ fn queue_key(recipient: &str, seq: u64) -> Vec<u8> {
     key.extend_from_slice(recipient.as_bytes());
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+fn expiry_key(expires_at_ms: i64, queue_key: &[u8]) -> Vec<u8> {
+    let mut key = u64::try_from(expires_at_ms.max(0))
+        .unwrap_or(0)
+        .to_be_bytes()
+        .to_vec();
+    key.extend_from_slice(queue_key);
+    key
+}
+
+fn dead_letter_key(recipient: &str, message_id: &str) -> Vec<u8> {
+    let mut key = recipient.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(message_id.as_bytes());
+    key
+}
+
+/// Splits a delivery key into message id and recipient.
+fn split_pair(key: &[u8]) -> Option<(String, String)> {
+    let at = key.iter().position(|b| *b == 0)?;
+    let first = String::from_utf8(key.get(..at)?.to_vec()).ok()?;
+    let second = String::from_utf8(key.get(at + 1..)?.to_vec()).ok()?;
+    Some((first, second))
 }
 
 fn attachment_prefix(message_id: &str) -> Vec<u8> {
@@ -161,13 +224,18 @@ impl Store {
         }
         let commit = GroupCommit::start(db.clone(), dir)
             .map_err(|e| open_error(format!("cannot open the data file for syncing: {e}")))?;
+        let queue = db.open_tree("queue")?;
+        let pending = Arc::new(Mutex::new(count_pending(&queue)?));
         Ok(Self {
             documents: db.open_tree("documents")?,
             attachments: db.open_tree("attachments")?,
             business_ids: db.open_tree("business_ids")?,
-            queue: db.open_tree("queue")?,
+            queue,
             deliveries: db.open_tree("deliveries")?,
             agencies: db.open_tree("agencies")?,
+            expiry: db.open_tree("expiry")?,
+            dead_letters: db.open_tree("dead_letters")?,
+            pending,
             db,
             commit,
         })
@@ -235,8 +303,9 @@ impl Store {
             &self.business_ids,
             &self.queue,
             &self.deliveries,
+            &self.expiry,
         )
-            .transaction(|(documents, business_ids, queue, deliveries)| {
+            .transaction(|(documents, business_ids, queue, deliveries, expiry)| {
                 if let Some(existing) = documents.get(message_id)? {
                     return abort(AcceptAbort::Duplicate(existing.to_vec()));
                 }
@@ -255,22 +324,30 @@ impl Store {
                         message_id: message_id.to_owned(),
                         bytes: entry_bytes,
                         enqueued_at_ms: record.accepted_at_ms,
+                        expires_at_ms: record.expires_at_ms,
                     };
                     queue.insert(key.as_slice(), entry.encode_to_vec())?;
+                    let pair = delivery_key(message_id, recipient);
+                    let expires = expiry_key(record.expires_at_ms, &key);
+                    expiry.insert(expires.as_slice(), pair.as_slice())?;
                     let delivery = DeliveryRecord {
                         state: DeliveryState::Queued as i32,
                         queue_key: key,
+                        expires_at_ms: record.expires_at_ms,
+                        expiry_key: expires,
                         ..Default::default()
                     };
-                    deliveries.insert(
-                        delivery_key(message_id, recipient),
-                        delivery.encode_to_vec(),
-                    )?;
+                    deliveries.insert(pair, delivery.encode_to_vec())?;
                 }
                 Ok(())
             });
         match result {
-            Ok(()) => Ok(Accepted::New),
+            Ok(()) => {
+                for recipient in &record.recipients {
+                    self.adjust_pending(recipient, entry_bytes, true);
+                }
+                Ok(Accepted::New)
+            }
             Err(TransactionError::Abort(AcceptAbort::Duplicate(bytes))) => {
                 Ok(Accepted::Duplicate(decode(&bytes)?))
             }
@@ -325,17 +402,27 @@ impl Store {
         Ok(None)
     }
 
+    /// Queue depth of `recipient` from the in-memory counters, and its oldest entry.
     pub fn queue_stats(&self, recipient: &str) -> Result<QueueStats, StoreError> {
-        let mut stats = QueueStats::default();
-        for item in self.queue.scan_prefix(recipient.as_bytes()) {
-            let (_, value) = item?;
-            let entry: QueueEntry = decode(&value)?;
-            stats.pending += 1;
-            stats.pending_bytes += entry.bytes;
-            let oldest = stats.oldest_enqueued_ms.get_or_insert(entry.enqueued_at_ms);
-            *oldest = (*oldest).min(entry.enqueued_at_ms);
-        }
-        Ok(stats)
+        let pending = self.pending(recipient);
+        let oldest = self
+            .next_queued(recipient, None)?
+            .map(|(_, entry)| entry.enqueued_at_ms);
+        Ok(QueueStats {
+            pending: pending.documents,
+            pending_bytes: pending.bytes,
+            oldest_enqueued_ms: oldest,
+        })
+    }
+
+    /// Pending documents and bytes queued for `recipient`.
+    pub fn pending(&self, recipient: &str) -> Pending {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(recipient)
+            .copied()
+            .unwrap_or_default()
     }
 
     pub fn delivery(
@@ -349,59 +436,257 @@ impl Store {
             .transpose()
     }
 
-    /// Counts a push attempt.
+    fn update_delivery(
+        &self,
+        message_id: &str,
+        recipient: &str,
+        change: impl Fn(&mut DeliveryRecord),
+    ) -> Result<Option<DeliveryRecord>, StoreError> {
+        let key = delivery_key(message_id, recipient);
+        let updated = self.deliveries.update_and_fetch(&key, |old| {
+            let mut record: DeliveryRecord = old.and_then(|b| DeliveryRecord::decode(b).ok())?;
+            change(&mut record);
+            Some(record.encode_to_vec())
+        })?;
+        updated.map(|v| decode(&v)).transpose()
+    }
+
+    /// Counts a push attempt; returns the attempt number.
     pub fn record_attempt(
         &self,
         message_id: &str,
         recipient: &str,
         at_ms: i64,
     ) -> Result<u32, StoreError> {
-        let key = delivery_key(message_id, recipient);
-        let mut attempts = 0;
-        self.deliveries.fetch_and_update(&key, |old| {
-            let mut record: DeliveryRecord = old.and_then(|b| DeliveryRecord::decode(b).ok())?;
+        let record = self.update_delivery(message_id, recipient, |record| {
             record.attempts = record.attempts.saturating_add(1);
             record.last_attempt_at_ms = at_ms;
-            attempts = record.attempts;
-            Some(record.encode_to_vec())
+            push_attempt(record, at_ms, "pushed");
         })?;
-        Ok(attempts)
+        Ok(record.map(|r| r.attempts).unwrap_or(0))
     }
 
-    /// Ends a queued delivery: `Delivered` with the recipient's receipt, or `Refused`
-    /// with a reason. Returns false when it was not queued (already settled).
+    /// Records what became of the latest push attempt (e.g. no acknowledgement in time).
+    pub fn resolve_attempt(
+        &self,
+        message_id: &str,
+        recipient: &str,
+        outcome: &str,
+    ) -> Result<(), StoreError> {
+        self.update_delivery(message_id, recipient, |record| {
+            resolve_last(record, outcome)
+        })?;
+        Ok(())
+    }
+
+    /// Ends a delivery. `Delivered` is accepted while queued and also after it became a
+    /// dead letter (a late receipt still proves delivery); `Dead` only while queued.
+    /// Returns false when there was nothing to settle.
     pub fn settle(
         &self,
         message_id: &str,
         recipient: &str,
-        state: DeliveryState,
-        receipt: Vec<u8>,
-        reason: String,
+        settlement: Settlement,
         at_ms: i64,
     ) -> Result<bool, StoreError> {
         let key = delivery_key(message_id, recipient);
-        let result = (&self.queue, &self.deliveries).transaction(|(queue, deliveries)| {
-            let Some(bytes) = deliveries.get(&key)? else {
-                return Ok(false);
-            };
-            let mut record = DeliveryRecord::decode(bytes.as_ref())
-                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-            if record.state != DeliveryState::Queued as i32 {
-                return Ok(false);
-            }
-            queue.remove(record.queue_key.as_slice())?;
-            record.state = state as i32;
-            record.queue_key.clear();
-            record.receipt = receipt.clone();
-            record.reason = reason.clone();
-            if state == DeliveryState::Delivered {
-                record.delivered_at_ms = at_ms;
-            }
-            deliveries.insert(key.as_slice(), record.encode_to_vec())?;
-            Ok(true)
-        });
+        let dead_key = dead_letter_key(recipient, message_id);
+        let result = (
+            &self.queue,
+            &self.deliveries,
+            &self.expiry,
+            &self.dead_letters,
+        )
+            .transaction(|(queue, deliveries, expiry, dead_letters)| {
+                let Some(bytes) = deliveries.get(&key)? else {
+                    return Ok(None);
+                };
+                let mut record = DeliveryRecord::decode(bytes.as_ref())
+                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                let queued = record.state == DeliveryState::Queued as i32;
+                let dead = record.state == DeliveryState::Expired as i32
+                    || record.state == DeliveryState::Refused as i32;
+                let mut freed = None;
+                match &settlement {
+                    Settlement::Delivered { receipt } if queued || dead => {
+                        record.state = DeliveryState::Delivered as i32;
+                        record.receipt = receipt.clone();
+                        record.delivered_at_ms = at_ms;
+                        resolve_last(&mut record, "acknowledged");
+                    }
+                    Settlement::Dead {
+                        state,
+                        reason,
+                        notice,
+                    } if queued => {
+                        record.state = *state as i32;
+                        record.reason = reason.clone();
+                        record.notice = notice.clone();
+                        record.dead_at_ms = at_ms;
+                        resolve_last(
+                            &mut record,
+                            if *state == DeliveryState::Refused {
+                                "refused"
+                            } else {
+                                "expired"
+                            },
+                        );
+                        dead_letters.insert(dead_key.as_slice(), &[] as &[u8])?;
+                    }
+                    _ => return Ok(None),
+                }
+                if queued {
+                    if let Some(entry) = queue.remove(record.queue_key.as_slice())? {
+                        let entry = QueueEntry::decode(entry.as_ref())
+                            .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                        freed = Some(entry.bytes);
+                    }
+                    expiry.remove(record.expiry_key.as_slice())?;
+                    record.queue_key.clear();
+                    record.expiry_key.clear();
+                } else {
+                    dead_letters.remove(dead_key.as_slice())?;
+                }
+                deliveries.insert(key.as_slice(), record.encode_to_vec())?;
+                Ok(Some(freed))
+            });
         match result {
-            Ok(settled) => Ok(settled),
+            Ok(Some(freed)) => {
+                if let Some(bytes) = freed {
+                    self.adjust_pending(recipient, bytes, false);
+                }
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(TransactionError::Abort(detail)) => Err(StoreError::Corrupt(detail)),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// Adds (`queued`) or removes one document of `bytes` from `recipient`'s counters.
+    fn adjust_pending(&self, recipient: &str, bytes: u64, queued: bool) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let p = pending.entry(recipient.to_owned()).or_default();
+        if queued {
+            p.documents = p.documents.saturating_add(1);
+            p.bytes = p.bytes.saturating_add(bytes);
+        } else {
+            p.documents = p.documents.saturating_sub(1);
+            p.bytes = p.bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// Queued deliveries whose expiry is at or before `now_ms`, oldest expiry first, at
+    /// most `limit` of them: (message id, recipient).
+    pub fn expired_due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let end = u64::try_from(now_ms.max(0))
+            .unwrap_or(0)
+            .saturating_add(1)
+            .to_be_bytes();
+        let mut due = Vec::new();
+        for item in self.expiry.range(..end.to_vec()).take(limit) {
+            let (_, pair) = item?;
+            if let Some(pair) = split_pair(&pair) {
+                due.push(pair);
+            }
+        }
+        Ok(due)
+    }
+
+    /// Dead letters, for one recipient or all.
+    pub fn dead_letters(
+        &self,
+        recipient: Option<&str>,
+    ) -> Result<Vec<DeadLetterEntry>, StoreError> {
+        let prefix = recipient.map(|r| {
+            let mut p = r.as_bytes().to_vec();
+            p.push(0);
+            p
+        });
+        let mut out = Vec::new();
+        for item in self.dead_letters.scan_prefix(prefix.unwrap_or_default()) {
+            let (key, _) = item?;
+            let Some((recipient, message_id)) = split_pair(&key) else {
+                continue;
+            };
+            if let Some(record) = self.delivery(&message_id, &recipient)? {
+                out.push(DeadLetterEntry {
+                    message_id,
+                    recipient,
+                    record,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queues a dead letter again under the same message id, with a new expiry.
+    /// Returns false when it is not a dead letter.
+    pub fn redrive(
+        &self,
+        message_id: &str,
+        recipient: &str,
+        expires_at_ms: i64,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let Some(document) = self.document(message_id)? else {
+            return Ok(false);
+        };
+        let bytes = document
+            .attachment_bytes
+            .saturating_add(document.envelope.len() as u64);
+        let seq = self.db.generate_id()?;
+        let key = delivery_key(message_id, recipient);
+        let dead_key = dead_letter_key(recipient, message_id);
+        let queue_key = queue_key(recipient, seq);
+        let result = (
+            &self.queue,
+            &self.deliveries,
+            &self.expiry,
+            &self.dead_letters,
+        )
+            .transaction(|(queue, deliveries, expiry, dead_letters)| {
+                let Some(current) = deliveries.get(&key)? else {
+                    return Ok(false);
+                };
+                let mut record = DeliveryRecord::decode(current.as_ref())
+                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                if record.state != DeliveryState::Expired as i32
+                    && record.state != DeliveryState::Refused as i32
+                {
+                    return Ok(false);
+                }
+                let entry = QueueEntry {
+                    message_id: message_id.to_owned(),
+                    bytes,
+                    enqueued_at_ms: now_ms,
+                    expires_at_ms,
+                };
+                queue.insert(queue_key.as_slice(), entry.encode_to_vec())?;
+                let expires = expiry_key(expires_at_ms, &queue_key);
+                expiry.insert(expires.as_slice(), key.as_slice())?;
+                dead_letters.remove(dead_key.as_slice())?;
+                record.state = DeliveryState::Queued as i32;
+                record.queue_key = queue_key.clone();
+                record.expiry_key = expires;
+                record.expires_at_ms = expires_at_ms;
+                record.reason.clear();
+                record.notice.clear();
+                record.dead_at_ms = 0;
+                push_attempt(&mut record, now_ms, "redriven");
+                deliveries.insert(key.as_slice(), record.encode_to_vec())?;
+                Ok(true)
+            });
+        match result {
+            Ok(true) => {
+                self.adjust_pending(recipient, bytes, true);
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
             Err(TransactionError::Abort(detail)) => Err(StoreError::Corrupt(detail)),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }
@@ -449,6 +734,41 @@ impl Store {
     pub async fn close(&self) -> Result<(), StoreError> {
         self.durable().await
     }
+}
+
+fn push_attempt(record: &mut DeliveryRecord, at_ms: i64, outcome: &str) {
+    record.attempt_log.push(AttemptRecord {
+        at_ms,
+        outcome: outcome.to_owned(),
+    });
+    if record.attempt_log.len() > ATTEMPT_LOG_LEN {
+        let excess = record.attempt_log.len() - ATTEMPT_LOG_LEN;
+        record.attempt_log.drain(..excess);
+    }
+}
+
+fn resolve_last(record: &mut DeliveryRecord, outcome: &str) {
+    if let Some(last) = record.attempt_log.last_mut()
+        && last.outcome == "pushed"
+    {
+        last.outcome = outcome.to_owned();
+    }
+}
+
+/// Rebuilds the pending counters from the queue tree.
+fn count_pending(queue: &sled::Tree) -> Result<HashMap<String, Pending>, StoreError> {
+    let mut pending: HashMap<String, Pending> = HashMap::new();
+    for item in queue.iter() {
+        let (key, value) = item?;
+        let recipient =
+            String::from_utf8_lossy(key.get(..key.len().saturating_sub(8)).unwrap_or_default())
+                .into_owned();
+        let entry: QueueEntry = decode(&value)?;
+        let p = pending.entry(recipient).or_default();
+        p.documents += 1;
+        p.bytes += entry.bytes;
+    }
+    Ok(pending)
 }
 
 enum AcceptAbort {

@@ -45,3 +45,12 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     out.copy_from_slice(digest.as_ref());
     out
 }
+
+/// Unix milliseconds as RFC 3339 text in UTC, e.g. `2026-11-25T23:10:49.434Z`.
+pub fn rfc3339_ms(ms: i64) -> Option<String> {
+    let nanos = i128::from(ms).checked_mul(1_000_000)?;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()?
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}

@@ -3,7 +3,9 @@
 //!
 //! A receipt names the message id and the SHA-256 of the exact signed header bytes, so
 //! it proves receipt of exactly that document. Submission receipts are signed by the
-//! broker's server certificate; delivery receipts by the recipient agency.
+//! broker's server certificate; delivery receipts by the recipient agency. Dead-letter
+//! notices (a delivery ended without receipt: expired or refused) are signed by the
+//! broker and name the recipient, the outcome and the reason.
 
 use prost::Message;
 
@@ -23,7 +25,8 @@ pub struct ExpectedReceipt<'a> {
     pub kind: ReceiptKind,
     pub message_id: &'a str,
     pub header_sha256: &'a [u8],
-    /// Delivery receipts: the agency that must have signed it.
+    /// Delivery receipts: the agency that must have signed it. Dead-letter notices:
+    /// the recipient they are about.
     pub recipient: Option<&'a str>,
     /// Check the chain now (a receipt arriving live) rather than at the receipt's own
     /// time (evidence checked later).
@@ -47,7 +50,7 @@ pub fn verify_receipt(
             detail: e.to_string(),
         })?;
     let role = match expected.kind {
-        ReceiptKind::Submission => SignerRole::Broker,
+        ReceiptKind::Submission | ReceiptKind::DeadLetter => SignerRole::Broker,
         _ => SignerRole::Agency,
     };
     let leaf = verify_signed(
@@ -74,10 +77,12 @@ pub fn verify_receipt(
             field: "header_sha256",
         });
     }
-    if let Some(recipient) = expected.recipient {
-        if receipt.recipient != recipient {
-            return Err(ProtocolError::ReceiptMismatch { field: "recipient" });
-        }
+    if let Some(recipient) = expected.recipient
+        && receipt.recipient != recipient
+    {
+        return Err(ProtocolError::ReceiptMismatch { field: "recipient" });
+    }
+    if let (ReceiptKind::Delivery, Some(recipient)) = (expected.kind, expected.recipient) {
         match PeerIdentity::from_cert_der(leaf)? {
             PeerIdentity::Agency(code) if code.as_str() == recipient => {}
             other => {

@@ -3,6 +3,7 @@
 //! with SIGKILL and restart), and waiting on conditions with deadlines instead of sleeps.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod proxy;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -478,4 +479,19 @@ pub async fn submit(
         .submit(tokio_stream::iter(frames))
         .await
         .map(|r| r.into_inner())
+}
+
+/// The broker's Admin service with the operator certificate.
+pub async fn admin_client(
+    world: &World,
+    url: &str,
+) -> lienthong_proto::pb::admin_client::AdminClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tls_config(world.operator_tls().client_config("localhost"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    lienthong_proto::pb::admin_client::AdminClient::new(channel)
 }

@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
-use lienthong_proto::pb::QueuesRequest;
 use lienthong_proto::pb::admin_client::AdminClient;
+use lienthong_proto::pb::{
+    DeadLetter, DeadLettersRequest, DeliveryState, QueuesRequest, RedriveRequest,
+};
 use lienthong_proto::tls::TlsFiles;
 use serde::Deserialize;
 
@@ -40,6 +42,20 @@ pub struct AdminArgs {
 enum AdminCommand {
     /// Per-agency connection state, queue depth and oldest pending age.
     Queues,
+    /// Deliveries that ended without a receipt (expired or refused).
+    DeadLetters {
+        /// Only this recipient agency.
+        #[arg(long)]
+        agency: Option<String>,
+    },
+    /// Queue dead letters again (same message id: recipients deduplicate).
+    Redrive {
+        /// The message to redrive.
+        message_id: Option<String>,
+        /// Only this recipient; alone, every dead letter of this agency.
+        #[arg(long)]
+        agency: Option<String>,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,7 +81,38 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
     )?;
     let channel = connect(&broker, &tls).await?;
     let mut client = AdminClient::new(channel);
+    let refused = |s: tonic::Status| {
+        CliError::Failed(format!("broker refused: {} ({:?})", s.message(), s.code()))
+    };
     match args.command {
+        AdminCommand::DeadLetters { agency } => {
+            let list = client
+                .dead_letters(DeadLettersRequest {
+                    agency: agency.unwrap_or_default(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .dead_letters;
+            print_dead_letters(&list, args.json);
+        }
+        AdminCommand::Redrive { message_id, agency } => {
+            if message_id.is_none() && agency.is_none() {
+                return Err(CliError::Usage(
+                    "give a MESSAGE_ID, --agency CODE, or both".into(),
+                ));
+            }
+            let list = client
+                .redrive(RedriveRequest {
+                    message_id: message_id.unwrap_or_default(),
+                    agency: agency.unwrap_or_default(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .redriven;
+            print_dead_letters(&list, args.json);
+        }
         AdminCommand::Queues => {
             let queues = client
                 .queues(QueuesRequest {})
@@ -110,6 +157,52 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+fn state_name(state: i32) -> &'static str {
+    match DeliveryState::try_from(state) {
+        Ok(DeliveryState::Queued) => "queued",
+        Ok(DeliveryState::Delivered) => "delivered",
+        Ok(DeliveryState::Refused) => "refused",
+        Ok(DeliveryState::Expired) => "expired",
+        _ => "unknown",
+    }
+}
+
+fn print_dead_letters(list: &[DeadLetter], json: bool) {
+    if json {
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "message_id": d.message_id,
+                    "agency": d.agency,
+                    "state": state_name(d.state),
+                    "reason": d.reason,
+                    "at": lienthong_proto::rfc3339_ms(d.at_ms),
+                    "sender": d.sender,
+                    "business_id": d.business_id,
+                    "attempts": d.attempts,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return;
+    }
+    println!(
+        "{:<36}  {:<13}  {:<8}  {:>8}  REASON",
+        "MESSAGE ID", "RECIPIENT", "STATE", "ATTEMPTS"
+    );
+    for d in list {
+        println!(
+            "{:<36}  {:<13}  {:<8}  {:>8}  {}",
+            d.message_id,
+            d.agency,
+            state_name(d.state),
+            d.attempts,
+            d.reason
+        );
+    }
 }
 
 /// A mutual-TLS channel to the broker.

@@ -53,6 +53,15 @@ pub struct BrokerArgs {
     /// Name used in the broker's receipts.
     #[arg(long)]
     name: Option<String>,
+    /// Default expiry in hours by priority 0..4, comma separated (default 168,72,24,8,8).
+    #[arg(long, value_delimiter = ',')]
+    expiry_hours: Option<Vec<u64>>,
+    /// Most documents queued for one recipient before submissions to it are refused.
+    #[arg(long)]
+    max_pending_documents: Option<u64>,
+    /// Most bytes queued for one recipient before submissions to it are refused.
+    #[arg(long)]
+    max_pending_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +79,9 @@ struct BrokerFile {
     max_document_bytes: Option<u64>,
     ack_timeout_secs: Option<u64>,
     name: Option<String>,
+    expiry_hours: Option<Vec<u64>>,
+    max_pending_documents: Option<u64>,
+    max_pending_bytes: Option<u64>,
 }
 
 fn parse_registration(value: &str) -> Result<(AgencyCode, String), CliError> {
@@ -114,6 +126,18 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     }
     if let Some(name) = args.name.or(file.name) {
         broker.name = name;
+    }
+    if let Some(hours) = args.expiry_hours.or(file.expiry_hours) {
+        let hours: [u64; 5] = hours.try_into().map_err(|_| {
+            CliError::Usage("--expiry-hours takes five values, for priorities 0 to 4".into())
+        })?;
+        broker.default_expiry = hours.map(|h| Duration::from_secs(h.max(1) * 3600));
+    }
+    if let Some(max) = args.max_pending_documents.or(file.max_pending_documents) {
+        broker.max_pending_documents = max;
+    }
+    if let Some(max) = args.max_pending_bytes.or(file.max_pending_bytes) {
+        broker.max_pending_bytes = max;
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
