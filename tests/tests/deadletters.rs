@@ -311,7 +311,7 @@ async fn full_recipient_queue_refuses_with_resource_exhausted_naming_the_limit()
 
     // Once B drains its queue, the refused document goes through.
     let b = Agent::start(world.agent_config(B, &broker.url)).await;
-    let mut admin = admin_client(&world, &broker.url).await;
+    let admin = admin_client(&world, &broker.url).await;
     let mut last = None;
     let drained = wait_until(
         "B's queue drained",
