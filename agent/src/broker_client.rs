@@ -27,7 +27,12 @@ pub fn client(config: &AgentConfig) -> Result<ExchangeClient<Channel>, AgentErro
         .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
         .ok_or_else(|| bad_url("no host".into()))?;
     let channel = endpoint
-        .tls_config(config.tls.client_config(&host))
+        .tls_config(
+            config
+                .tls
+                .client_config(&host)
+                .timeout(Duration::from_secs(5)),
+        )
         .map_err(|e| bad_url(format!("TLS configuration: {e}")))?
         .http2_keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)

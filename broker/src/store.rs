@@ -2,7 +2,10 @@
 //! can replace it later).
 //!
 //! Trees and keys:
-//! - `meta`: `format` → [`FORMAT`]; a directory without it is not ours and is refused.
+//! - default tree: `lienthong-format` → [`FORMAT`]; a database without it is corrupt or
+//!   not ours and is refused. The one exception is an empty data file holding no data:
+//!   a creation interrupted before its first flush (the crash tests kill the broker while
+//!   it starts), which is initialised.
 //! - `documents`: message id → [`DocumentRecord`].
 //! - `attachments`: message id ‖ 0 ‖ index (u32 BE) ‖ chunk (u32 BE) → ≤ 64 KiB of bytes.
 //! - `business_ids`: business document id → message id (a business id names one content).
@@ -33,8 +36,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, abort};
 use crate::commit::{CommitError, GroupCommit, sled_data_file};
 use crate::records::{AgencyRecord, AttemptRecord, DeliveryRecord, DocumentRecord, QueueEntry};
 
-/// Written into `meta` when a store is created.
+/// Written into the default tree when a store is created.
 pub const FORMAT: &[u8] = b"lienthong-broker/1";
+const FORMAT_KEY: &[u8] = b"lienthong-format";
 /// Attachments are stored in chunks of this size.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Attempts kept per delivery record.
@@ -198,12 +202,15 @@ impl Store {
                     .into(),
             ));
         }
+        // A creation interrupted before its first flush leaves an empty data file; a
+        // data file with bytes but no marker is corrupt or foreign, never reinitialised.
+        let data_file_was_empty =
+            std::fs::metadata(sled_data_file(dir)).is_ok_and(|m| m.len() == 0);
         let db = sled::Config::new()
             .path(dir)
             .open()
             .map_err(|e| open_error(format!("cannot open the store (corrupt or in use?): {e}")))?;
-        let meta = db.open_tree("meta")?;
-        match meta.get("format")? {
+        match db.get(FORMAT_KEY)? {
             Some(format) if format.as_ref() == FORMAT => {}
             Some(other) => {
                 return Err(open_error(format!(
@@ -212,13 +219,18 @@ impl Store {
                     String::from_utf8_lossy(FORMAT)
                 )));
             }
-            None if fresh => {
-                meta.insert("format", FORMAT)?;
+            None if fresh || (data_file_was_empty && holds_no_data(&db)?) => {
+                db.insert(FORMAT_KEY, FORMAT)?;
                 db.flush()?;
+                std::fs::File::open(sled_data_file(dir))
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| open_error(format!("cannot sync the new store: {e}")))?;
             }
             None => {
                 return Err(open_error(
-                    "a sled database without the lienthong broker format marker".into(),
+                    "the store holds no lienthong broker format marker: it is corrupt or \
+                     belongs to something else; restore it from a backup or give a new directory"
+                        .into(),
                 ));
             }
         }
@@ -753,6 +765,16 @@ fn resolve_last(record: &mut DeliveryRecord, outcome: &str) {
     {
         last.outcome = outcome.to_owned();
     }
+}
+
+/// True when no tree of `db` holds a single key.
+fn holds_no_data(db: &sled::Db) -> Result<bool, StoreError> {
+    for name in db.tree_names() {
+        if !db.open_tree(&name)?.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(db.is_empty())
 }
 
 /// Rebuilds the pending counters from the queue tree.

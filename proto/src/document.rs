@@ -66,6 +66,14 @@ fn is_valid_date(date: &str) -> bool {
     if b.len() != 10 || b[4] != b'/' || b[7] != b'/' {
         return false;
     }
+    // Digits only: `str::parse::<u32>` below would also accept a leading '+'.
+    if !b
+        .iter()
+        .enumerate()
+        .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+    {
+        return false;
+    }
     let num = |s: &str| s.parse::<u32>().ok();
     let (Some(y), Some(m), Some(d)) = (num(&date[0..4]), num(&date[5..7]), num(&date[8..10]))
     else {

@@ -303,49 +303,28 @@ pub fn inbox_entries(inbox: &Path) -> Vec<String> {
     names
 }
 
-/// The real `lienthong` binary running `broker` as a child process.
-pub struct BrokerProcess {
+/// A free loopback port, picked now (kept across restarts of the same process).
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+/// The real `lienthong` binary as a child process, ready once `addr` accepts TCP.
+pub struct Process {
     pub bin: PathBuf,
-    pub addr: SocketAddr,
-    pub url: String,
     pub args: Vec<String>,
+    pub addr: SocketAddr,
     child: Option<Child>,
 }
 
-impl BrokerProcess {
-    /// Starts the binary on a port picked now and kept across restarts.
-    pub async fn start(bin: &Path, world: &World, data: &str) -> Self {
-        let port = {
-            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            probe.local_addr().unwrap().port()
-        };
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut args: Vec<String> = vec![
-            "broker".into(),
-            "--listen".into(),
-            addr.to_string(),
-            "--data".into(),
-            world.path(data).display().to_string(),
-            "--ca".into(),
-            world.pki.ca_cert.display().to_string(),
-            "--cert".into(),
-            world.pki.broker_cert.display().to_string(),
-            "--key".into(),
-            world.pki.broker_key.display().to_string(),
-        ];
-        for code in [A, B, C] {
-            args.push("--register".into());
-            args.push(code.into());
-        }
-        let mut process = Self {
+impl Process {
+    pub fn new(bin: &Path, args: Vec<String>, addr: SocketAddr) -> Self {
+        Self {
             bin: bin.to_owned(),
-            addr,
-            url: format!("https://localhost:{port}"),
             args,
+            addr,
             child: None,
-        };
-        process.spawn().await;
-        process
+        }
     }
 
     /// Starts the child and waits until it accepts TCP connections.
@@ -365,14 +344,14 @@ impl BrokerProcess {
         let addr = self.addr;
         let mut last = None;
         let up = wait_until(
-            "broker process listening",
+            "process listening",
             Duration::from_secs(30),
             || async move { Some(tokio::net::TcpStream::connect(addr).await.is_ok()) },
             |ok| *ok,
             &mut last,
         )
         .await;
-        assert!(up.is_some(), "broker process did not listen on {addr}");
+        assert!(up.is_some(), "{} did not listen on {addr}", self.args[0]);
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
@@ -383,7 +362,7 @@ impl BrokerProcess {
         }
     }
 
-    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    /// SIGTERM, then waits for the exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
         Command::new("kill")
@@ -394,9 +373,102 @@ impl BrokerProcess {
     }
 }
 
-impl Drop for BrokerProcess {
+impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The real binary running `broker`, registering A, B and C.
+pub struct BrokerProcess {
+    pub url: String,
+    pub process: Process,
+}
+
+impl BrokerProcess {
+    pub async fn start(bin: &Path, world: &World, data: &str) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut args: Vec<String> = vec![
+            "broker".into(),
+            "--listen".into(),
+            addr.to_string(),
+            "--data".into(),
+            world.path(data).display().to_string(),
+            "--ca".into(),
+            world.pki.ca_cert.display().to_string(),
+            "--cert".into(),
+            world.pki.broker_cert.display().to_string(),
+            "--key".into(),
+            world.pki.broker_key.display().to_string(),
+        ];
+        for code in [A, B, C] {
+            args.push("--register".into());
+            args.push(code.into());
+        }
+        let mut process = Process::new(bin, args, addr);
+        process.spawn().await;
+        Self {
+            url: format!("https://localhost:{port}"),
+            process,
+        }
+    }
+
+    pub async fn spawn(&mut self) {
+        self.process.spawn().await;
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.process.terminate()
+    }
+}
+
+/// The real binary running `agent` for `code`, with its API on a fixed loopback port.
+pub struct AgentProcess {
+    pub api: String,
+    pub client: AgentClient,
+    pub process: Process,
+}
+
+impl AgentProcess {
+    pub async fn start(bin: &Path, world: &World, code: &str, broker_url: &str) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let (cert, key) = world.pki.agency(code).unwrap();
+        let args: Vec<String> = vec![
+            "agent".into(),
+            "--broker".into(),
+            broker_url.into(),
+            "--agency".into(),
+            code.into(),
+            "--ca".into(),
+            world.pki.ca_cert.display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+            "--data".into(),
+            world
+                .path(&format!("agent-{code}/data"))
+                .display()
+                .to_string(),
+            "--api".into(),
+            addr.to_string(),
+            "--inbox-dir".into(),
+            world.inbox_dir(code).display().to_string(),
+        ];
+        let mut process = Process::new(bin, args, addr);
+        process.spawn().await;
+        let api = format!("http://{addr}");
+        Self {
+            client: AgentClient::new(&api).unwrap(),
+            api,
+            process,
+        }
     }
 }
 

@@ -204,3 +204,61 @@ async fn admin_queues_shows_depth_and_refuses_agency_certificates() {
     a.stop().await;
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_or_corrupt_data_directories_are_refused_naming_the_path() {
+    let world = World::new();
+    let base = [
+        "broker",
+        "--listen",
+        "127.0.0.1:0",
+        "--ca",
+        &world.pki.ca_cert.display().to_string(),
+        "--cert",
+        &world.pki.broker_cert.display().to_string(),
+        "--key",
+        &world.pki.broker_key.display().to_string(),
+    ]
+    .map(String::from);
+    let run = |data: &Path| {
+        let mut args: Vec<String> = base.to_vec();
+        args.push("--data".into());
+        args.push(data.display().to_string());
+        Command::new(BIN).args(&args).output().unwrap()
+    };
+
+    // Someone else's files.
+    let foreign = world.path("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), b"not a store").unwrap();
+    let out = run(&foreign);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&foreign.display().to_string()) && stderr.contains("not a lienthong"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&foreign).unwrap().count(),
+        1,
+        "nothing was written into it"
+    );
+
+    // A real store whose data file was overwritten.
+    let mut broker = BrokerProcess::start(Path::new(BIN), &world, "store").await;
+    assert!(broker.terminate().success());
+    let db = world.path("store").join("db");
+    let len = std::fs::metadata(&db).unwrap().len() as usize;
+    std::fs::write(
+        &db,
+        (0..len).map(|i| (i * 31 % 253) as u8).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let out = run(&world.path("store"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&world.path("store").display().to_string()) && stderr.contains("corrupt"),
+        "{stderr}"
+    );
+}
