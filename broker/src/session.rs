@@ -9,7 +9,10 @@
 //!   letter). Anything unacknowledged is offered again after `ack_timeout`, doubling
 //!   with each attempt up to `max_ack_timeout`, and from the start of the queue on the
 //!   next session. Every attempt is recorded with its time and outcome.
-//! - Queue sequences only grow, so a cursor over the queue key sees every new entry.
+//! - Each fill scans the queue from its head, skipping what is in flight: sequences are
+//!   taken before their transaction commits, so two concurrent submissions can commit
+//!   out of sequence order, and a cursor kept across fills would miss the earlier one.
+//!   The scan costs at most `window` skipped entries.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,7 +66,6 @@ pub fn start(
             tx,
             window,
             in_flight: HashMap::new(),
-            cursor: None,
         };
         if let Err(error) = session.run(inbound).await {
             tracing::warn!(agency = %agency, %error, "agent session ended with an error");
@@ -82,8 +84,6 @@ struct Session {
     tx: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
     window: usize,
     in_flight: HashMap<String, InFlight>,
-    /// The last queue key pushed in this session.
-    cursor: Option<Vec<u8>>,
 }
 
 enum Step {
@@ -142,15 +142,16 @@ impl Session {
 
     /// Pushes queued documents until the window is full or the queue is exhausted.
     async fn fill_window(&mut self) -> Result<(), BrokerError> {
+        let mut cursor: Option<Vec<u8>> = None;
         while self.in_flight.len() < self.window {
             let next = self
                 .shared
                 .store
-                .next_queued(self.agency.as_str(), self.cursor.as_deref())?;
+                .next_queued(self.agency.as_str(), cursor.as_deref())?;
             let Some((key, entry)) = next else {
                 return Ok(());
             };
-            self.cursor = Some(key);
+            cursor = Some(key);
             if self.in_flight.contains_key(&entry.message_id) {
                 continue;
             }
