@@ -155,6 +155,22 @@ impl Admin for AdminService {
         Ok(Response::new(self.queues_inner()?))
     }
 
+    async fn health(
+        &self,
+        request: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        auth::operator(&request)?;
+        let reason = crate::not_ready_reason(&self.shared);
+        Ok(Response::new(pb::HealthResponse {
+            ready: reason.is_none(),
+            reason: reason.unwrap_or_default(),
+            store_writable: self.shared.store.is_writable(),
+            free_bytes: self.shared.store.free_bytes().unwrap_or(0),
+            min_free_bytes: self.shared.config.min_free_bytes,
+            documents: self.shared.store.document_count() as u64,
+        }))
+    }
+
     async fn dead_letters(
         &self,
         request: Request<pb::DeadLettersRequest>,

@@ -103,9 +103,15 @@ async fn commit_loop(
     }
 }
 
+/// A flush that takes longer than this is treated as failed: sled can hang forever
+/// after a blob write hit a full disk, and a broker that waits forever acknowledges
+/// nothing and says nothing.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn flush_and_sync(db: &sled::Db, data_file: &Arc<File>) -> Result<(), CommitError> {
-    db.flush_async()
+    tokio::time::timeout(FLUSH_TIMEOUT, db.flush_async())
         .await
+        .map_err(|_| CommitError::FlushFailed(format!("no flush within {FLUSH_TIMEOUT:?}")))?
         .map_err(|e| CommitError::FlushFailed(e.to_string()))?;
     let file = data_file.clone();
     tokio::task::spawn_blocking(move || file.sync_data())

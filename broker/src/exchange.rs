@@ -107,6 +107,8 @@ impl ExchangeService {
             declared.saturating_add(envelope.payload.len() as u64),
         )?;
 
+        let size = declared.saturating_add(envelope.payload.len() as u64);
+        let _space = self.reserve_space(size)?;
         let attachments = receive_attachments(&mut frames, header).await?;
 
         let _guard = self.shared.in_progress.claim(&message_id).ok_or_else(|| {
@@ -173,6 +175,44 @@ impl ExchangeService {
             submission_receipt: Some(signed_receipt),
             duplicate: false,
         })
+    }
+
+    /// Refuses a document the disk cannot take while keeping the configured reserve, and
+    /// counts it as being written until the returned guard drops.
+    fn reserve_space(&self, size: u64) -> Result<SpaceGuard<'_>, BrokerError> {
+        use std::sync::atomic::Ordering;
+        let shared = &self.shared;
+        if !shared.store.is_writable() {
+            return Err(BrokerError::ResourceExhausted(
+                "the broker's store failed to flush and refuses writes; the operator must act"
+                    .into(),
+            ));
+        }
+        let writing = shared.writing_bytes.fetch_add(size, Ordering::AcqRel);
+        let guard = SpaceGuard {
+            counter: &shared.writing_bytes,
+            size,
+        };
+        let free = shared
+            .store
+            .free_bytes()
+            .map_err(|e| BrokerError::Unavailable(format!("cannot read free disk space: {e}")))?;
+        let needed = shared
+            .config
+            .min_free_bytes
+            .saturating_add(writing)
+            .saturating_add(size.saturating_mul(2));
+        if free < needed {
+            shared.space_needed.store(needed, Ordering::Release);
+            tracing::warn!(free, needed, "submission refused: disk nearly full");
+            return Err(BrokerError::ResourceExhausted(format!(
+                "the broker's disk is nearly full ({free} bytes free; this document needs {size} \
+                 plus the {} bytes kept in reserve, min_free_bytes); retry later",
+                shared.config.min_free_bytes
+            )));
+        }
+        shared.space_needed.store(0, Ordering::Release);
+        Ok(guard)
     }
 
     /// Backpressure: refuses a document that would push a recipient's queue over the
@@ -336,6 +376,19 @@ async fn receive_attachments(
         check.finish()?;
     }
     Ok(buffers.into_iter().map(Bytes::from).collect())
+}
+
+/// Bytes counted as being written; released when the submission ends.
+struct SpaceGuard<'a> {
+    counter: &'a std::sync::atomic::AtomicU64,
+    size: u64,
+}
+
+impl Drop for SpaceGuard<'_> {
+    fn drop(&mut self) {
+        self.counter
+            .fetch_sub(self.size, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 type SessionStream = ReceiverStream<Result<pb::BrokerMessage, Status>>;

@@ -74,6 +74,12 @@ pub struct BrokerConfig {
     /// RESOURCE_EXHAUSTED naming the limit.
     pub max_pending_documents: u64,
     pub max_pending_bytes: u64,
+    /// Free space kept in reserve on the store's filesystem: a submission that would
+    /// leave less is refused with RESOURCE_EXHAUSTED before anything is written. sled
+    /// cannot recover in-process from a full disk (it may hang), so it must never get
+    /// there; the reserve covers the store's own growth (several times the largest
+    /// write) and deliveries' bookkeeping.
+    pub min_free_bytes: u64,
 }
 
 impl BrokerConfig {
@@ -102,6 +108,7 @@ impl BrokerConfig {
             expiry_check_interval: Duration::from_secs(1),
             max_pending_documents: 1_000_000,
             max_pending_bytes: 50 * 1024 * 1024 * 1024,
+            min_free_bytes: 512 * 1024 * 1024,
         }
     }
 
@@ -143,6 +150,26 @@ impl Drop for InProgressGuard<'_> {
     }
 }
 
+/// Why the broker is not ready to accept documents, if it is not.
+pub(crate) fn not_ready_reason(shared: &Shared) -> Option<String> {
+    if !shared.store.is_writable() {
+        return Some("the store failed to flush and refuses writes; see the log".into());
+    }
+    let needed = shared
+        .space_needed
+        .load(std::sync::atomic::Ordering::Acquire)
+        .max(shared.config.min_free_bytes);
+    match shared.store.free_bytes() {
+        Ok(free) if free < needed => Some(format!(
+            "disk nearly full: {free} bytes free, the last refused document needed {needed} \
+             including the {} kept in reserve (min_free_bytes)",
+            shared.config.min_free_bytes
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot read the store's free space: {e}")),
+    }
+}
+
 /// State shared by the services and sessions.
 struct Shared {
     config: BrokerConfig,
@@ -151,6 +178,12 @@ struct Shared {
     signing_key: SigningKey,
     document_anchors: TrustAnchors,
     in_progress: InProgress,
+    /// Bytes of submissions being written now, counted against the free-space reserve
+    /// so that concurrent submissions cannot all pass the check and then overfill.
+    writing_bytes: std::sync::atomic::AtomicU64,
+    /// Free bytes the last submission refused for disk space needed; 0 when none was.
+    /// Readiness stays false until that much is free again.
+    space_needed: std::sync::atomic::AtomicU64,
     /// Cancelled at shutdown; sessions end with it so the server can drain.
     shutdown: CancellationToken,
 }
@@ -189,6 +222,8 @@ pub async fn run(
         signing_key,
         document_anchors,
         in_progress: InProgress::default(),
+        writing_bytes: std::sync::atomic::AtomicU64::new(0),
+        space_needed: std::sync::atomic::AtomicU64::new(0),
         shutdown: shutdown.child_token(),
         config,
     });

@@ -123,6 +123,7 @@ pub struct Store {
     dead_letters: sled::Tree,
     pending: Arc<Mutex<HashMap<String, Pending>>>,
     commit: GroupCommit,
+    dir: PathBuf,
 }
 
 fn delivery_key(message_id: &str, recipient: &str) -> Vec<u8> {
@@ -248,6 +249,7 @@ impl Store {
             expiry: db.open_tree("expiry")?,
             dead_letters: db.open_tree("dead_letters")?,
             pending,
+            dir: dir.to_owned(),
             db,
             commit,
         })
@@ -261,6 +263,12 @@ impl Store {
     /// False after a failed flush: the store then refuses writes.
     pub fn is_writable(&self) -> bool {
         !self.commit.is_poisoned()
+    }
+
+    /// Bytes available to us on the filesystem that holds the store.
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        let stat = rustix::fs::statvfs(&self.dir).map_err(std::io::Error::from)?;
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
     }
 
     pub fn document(&self, message_id: &str) -> Result<Option<DocumentRecord>, StoreError> {

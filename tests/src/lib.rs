@@ -96,6 +96,8 @@ impl World {
 
     pub fn broker_config(&self, data: &str) -> BrokerConfig {
         let mut config = BrokerConfig::new(self.broker_tls(), self.path(data));
+        // Test machines may have little disk; the disk-full test sets its own reserve.
+        config.min_free_bytes = 16 * 1024 * 1024;
         for code in [A, B, C] {
             config
                 .agencies
@@ -402,6 +404,8 @@ impl BrokerProcess {
             "--key".into(),
             world.pki.broker_key.display().to_string(),
         ];
+        args.push("--min-free-bytes".into());
+        args.push((16u64 << 20).to_string());
         for code in [A, B, C] {
             args.push("--register".into());
             args.push(code.into());

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use lienthong_proto::pb::admin_client::AdminClient;
 use lienthong_proto::pb::{
-    DeadLetter, DeadLettersRequest, DeliveryState, QueuesRequest, RedriveRequest,
+    DeadLetter, DeadLettersRequest, DeliveryState, HealthRequest, QueuesRequest, RedriveRequest,
 };
 use lienthong_proto::tls::TlsFiles;
 use serde::Deserialize;
@@ -48,6 +48,8 @@ enum AdminCommand {
         #[arg(long)]
         agency: Option<String>,
     },
+    /// Whether the broker is ready to accept documents (store writable, disk space).
+    Health,
     /// Queue dead letters again (same message id: recipients deduplicate).
     Redrive {
         /// The message to redrive.
@@ -85,6 +87,36 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
         CliError::Failed(format!("broker refused: {} ({:?})", s.message(), s.code()))
     };
     match args.command {
+        AdminCommand::Health => {
+            let health = client
+                .health(HealthRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "ready": health.ready,
+                        "reason": health.reason,
+                        "store_writable": health.store_writable,
+                        "free_bytes": health.free_bytes,
+                        "min_free_bytes": health.min_free_bytes,
+                        "documents": health.documents,
+                    })
+                );
+            } else if health.ready {
+                println!(
+                    "ready ({} documents stored, {} bytes free)",
+                    health.documents, health.free_bytes
+                );
+            } else {
+                println!("NOT READY: {}", health.reason);
+            }
+            if !health.ready {
+                return Err(CliError::Failed("the broker is not ready".into()));
+            }
+        }
         AdminCommand::DeadLetters { agency } => {
             let list = client
                 .dead_letters(DeadLettersRequest {

@@ -62,6 +62,9 @@ pub struct BrokerArgs {
     /// Most bytes queued for one recipient before submissions to it are refused.
     #[arg(long)]
     max_pending_bytes: Option<u64>,
+    /// Free disk space kept in reserve: submissions that would leave less are refused.
+    #[arg(long)]
+    min_free_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +85,7 @@ struct BrokerFile {
     expiry_hours: Option<Vec<u64>>,
     max_pending_documents: Option<u64>,
     max_pending_bytes: Option<u64>,
+    min_free_bytes: Option<u64>,
 }
 
 fn parse_registration(value: &str) -> Result<(AgencyCode, String), CliError> {
@@ -138,6 +142,9 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     }
     if let Some(max) = args.max_pending_bytes.or(file.max_pending_bytes) {
         broker.max_pending_bytes = max;
+    }
+    if let Some(min) = args.min_free_bytes.or(file.min_free_bytes) {
+        broker.min_free_bytes = min;
     }
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -65,6 +65,8 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         TlsFiles::load(&pki.ca_cert, &pki.broker_cert, &pki.broker_key)?,
         root.join("broker"),
     );
+    // The demo stores a few kilobytes; don't refuse it on a small temporary disk.
+    broker.min_free_bytes = 32 * 1024 * 1024;
     for (code, name) in codes.iter().zip(AGENCY_NAMES) {
         let code = AgencyCode::parse(code).map_err(|e| failed("agency")(e.to_string()))?;
         broker.agencies.push((code, name.to_owned()));
