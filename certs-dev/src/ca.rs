@@ -224,77 +224,11 @@ impl DevCa {
 
 /// The DER contents of the first `CERTIFICATE` block of `pem`.
 fn first_pem_block_der(pem: &str) -> Result<Vec<u8>, CertsDevError> {
-    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-    const END: &str = "-----END CERTIFICATE-----";
-    let invalid = |detail: &str| CertsDevError::InvalidPem {
-        what: "CA certificate",
-        detail: detail.to_owned(),
-    };
-    let start = pem
-        .find(BEGIN)
-        .ok_or_else(|| invalid("no BEGIN CERTIFICATE line"))?
-        + BEGIN.len();
-    let len = pem[start..]
-        .find(END)
-        .ok_or_else(|| invalid("no END CERTIFICATE line"))?;
-    let body: String = pem[start..start + len]
-        .chars()
-        .filter(|c| !c.is_ascii_whitespace())
-        .collect();
-    base64_decode(&body).ok_or_else(|| invalid("the body is not valid base64"))
-}
-
-/// A strict standard-alphabet base64 decoder (padding required), enough for PEM bodies.
-fn base64_decode(input: &str) -> Option<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        match c {
-            b'A'..=b'Z' => Some(u32::from(c - b'A')),
-            b'a'..=b'z' => Some(u32::from(c - b'a') + 26),
-            b'0'..=b'9' => Some(u32::from(c - b'0') + 52),
-            b'+' => Some(62),
-            b'/' => Some(63),
-            _ => None,
-        }
-    }
-    let chunks = input.as_bytes().chunks_exact(4);
-    if !chunks.remainder().is_empty() {
-        return None;
-    }
-    let count = chunks.len();
-    let mut out = Vec::with_capacity(count * 3);
-    for (index, chunk) in chunks.enumerate() {
-        let last = index + 1 == count;
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut acc = 0u32;
-        for &c in &chunk[..4 - pad] {
-            acc = (acc << 6) | value(c)?;
-        }
-        acc <<= 6 * pad as u32;
-        let [_, high, middle, low] = acc.to_be_bytes();
-        out.extend_from_slice(&[high, middle, low][..3 - pad]);
-    }
-    Some(out)
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)] // tests fail loudly on purpose
-mod tests {
-    use super::base64_decode;
-
-    #[test]
-    fn base64_vectors() {
-        assert_eq!(base64_decode("").unwrap(), b"");
-        assert_eq!(base64_decode("Zg==").unwrap(), b"f");
-        assert_eq!(base64_decode("Zm8=").unwrap(), b"fo");
-        assert_eq!(base64_decode("Zm9v").unwrap(), b"foo");
-        assert_eq!(base64_decode("Zm9vYmFy").unwrap(), b"foobar");
-        assert_eq!(base64_decode("+/+/").unwrap(), [0xfb, 0xff, 0xbf]);
-        assert!(base64_decode("Zm9").is_none());
-        assert!(base64_decode("Zg==Zm9v").is_none());
-        assert!(base64_decode("Z===").is_none());
-        assert!(base64_decode("Zm9*").is_none());
-    }
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .map(|der| der.to_vec())
+        .map_err(|e| CertsDevError::InvalidPem {
+            what: "CA certificate",
+            detail: e.to_string(),
+        })
 }

@@ -115,17 +115,30 @@ fn required(field: &'static str, value: &str) -> Result<(), ProtocolError> {
     }
 }
 
-/// True when `name` can be used as a file name inside an inbox folder on any system.
+/// True when `name` can be used as a file name inside an inbox folder on any system:
+/// one plain path component, no characters or names Windows refuses (recipients may
+/// export to a Windows share), not ending in a dot or space, not one of the names the
+/// export folder uses itself (compared without case, as case-insensitive filesystems do).
 pub fn is_safe_file_name(name: &str) -> bool {
+    const WINDOWS_RESERVED: [&str; 22] = [
+        "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
+        "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+    ];
+    let stem = name.split('.').next().unwrap_or(name).trim_end();
     !name.is_empty()
         && name.len() <= 255
-        && name != "."
-        && name != ".."
         && !name.starts_with('.')
+        && !name.ends_with('.')
+        && !name.ends_with(' ')
         && !name.chars().any(|c| {
             c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')
         })
-        && !RESERVED_FILE_NAMES.contains(&name)
+        && !RESERVED_FILE_NAMES
+            .iter()
+            .any(|reserved| reserved.eq_ignore_ascii_case(name))
+        && !WINDOWS_RESERVED
+            .iter()
+            .any(|reserved| reserved.eq_ignore_ascii_case(stem))
 }
 
 /// Checks every header rule (DESIGN.md sections 4 and 9).
@@ -267,8 +280,11 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
                     .into(),
             ));
         }
-        if !names.insert(attachment.name.as_str()) {
-            return Err(bad("two attachments have this name".into()));
+        // Case-insensitive: on such filesystems two names differing only in case collide.
+        if !names.insert(attachment.name.to_lowercase()) {
+            return Err(bad(
+                "two attachments have this name (names are compared without case)".into(),
+            ));
         }
         if attachment.sha256.len() != 32 {
             return Err(bad("sha256 must be 32 bytes".into()));

@@ -14,6 +14,9 @@ use crate::agency::PeerIdentity;
 use crate::pb::{Receipt, ReceiptKind, Signed};
 use crate::signing::{Domain, SignerRole, SigningKey, TrustAnchors, VerifyTime, verify_signed};
 
+/// The largest receipt accepted, encoded; real ones are a few hundred bytes.
+pub const MAX_RECEIPT_BYTES: usize = 64 * 1024;
+
 /// Encodes and signs a receipt.
 pub fn sign_receipt(receipt: &Receipt, key: &SigningKey) -> Result<Signed, ProtocolError> {
     key.sign(Domain::Receipt, receipt.encode_to_vec().into())
@@ -42,6 +45,12 @@ pub fn verify_receipt(
     anchors: &TrustAnchors,
     expected: &ExpectedReceipt<'_>,
 ) -> Result<Receipt, ProtocolError> {
+    if signed.payload.len() > MAX_RECEIPT_BYTES {
+        return Err(ProtocolError::InvalidField {
+            field: "receipt",
+            rule: format!("at most {MAX_RECEIPT_BYTES} bytes"),
+        });
+    }
     // Decoding before the signature check is safe here only because nothing from the
     // decoded receipt is trusted until verify_signed has passed below.
     let receipt =

@@ -309,6 +309,14 @@ fn attachment_names_are_plain_file_names() {
         "",
         "c:x",
         "tab\there",
+        // Names a case-insensitive or Windows filesystem would refuse or confuse.
+        "ENVELOPE.PB",
+        "Document.Json",
+        "CON",
+        "nul.pdf",
+        "com1.txt",
+        "trailing-dot.",
+        "trailing-space ",
     ] {
         let err = refused(|h| {
             let a = &mut h.attachments[1];
@@ -332,6 +340,10 @@ fn attachment_names_are_unique() {
 
     let err = refused(|h| h.attachments[1].name = h.attachments[0].name.clone());
     assert_attachment(&err, 1, "cong-van-12.pdf");
+
+    // Names differing only in case collide on case-insensitive filesystems.
+    let err = refused(|h| h.attachments[1].name = h.attachments[0].name.to_uppercase());
+    assert_attachment(&err, 1, "CONG-VAN-12.PDF");
 }
 
 #[test]
