@@ -19,18 +19,7 @@ const BROKER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// Name of the operator certificate's identity.
 const OPERATOR_NAME: &str = "operator";
 
-/// Whether `code` matches `^\d{3}\.\d{2}\.\d{2}\.[A-Z]\d{2}$` (ASCII digits and letters only).
-pub fn is_valid_agency_code(code: &str) -> bool {
-    let bytes = code.as_bytes();
-    if bytes.len() != 13 {
-        return false;
-    }
-    bytes.iter().enumerate().all(|(index, &byte)| match index {
-        3 | 6 | 9 => byte == b'.',
-        10 => byte.is_ascii_uppercase(),
-        _ => byte.is_ascii_digit(),
-    })
-}
+pub use lienthong_proto::agency::is_valid_agency_code;
 
 /// Where `write_dev_pki` put things.
 #[derive(Clone, Debug, PartialEq, Eq)]
