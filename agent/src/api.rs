@@ -1,7 +1,8 @@
 //! The local HTTP JSON API for gateways and clerks (loopback by default).
 //!
 //! Routes: `POST /v1/documents`, `GET /v1/documents/{id}/status`, `GET /v1/inbox`,
-//! `GET /v1/inbox/{id}`, `GET /healthz`, `GET /openapi.json`.
+//! `GET /v1/inbox/{id}`, `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus),
+//! `GET /openapi.json`.
 //!
 //! Invariants:
 //! - `202 Accepted` is answered only after the sealed document is durable in the
@@ -85,12 +86,50 @@ pub(crate) fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
         .route("/v1/inbox", get(list_inbox))
         .route("/v1/inbox/{id}", get(inbox_document))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route(
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(agent)
+}
+
+/// Ready when the store answers a read (it is open: the API serves only after that).
+async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
+    let checking = Arc::clone(&agent);
+    match tokio::task::spawn_blocking(move || checking.store.outbox_record("")).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready").into_response(),
+        Ok(Err(e)) => {
+            error!(agency = %agent.agency, error = %e, "readiness: the store cannot be read");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the agent's store cannot be read; see the log",
+            )
+                .into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "readiness check failed").into_response(),
+    }
+}
+
+/// Prometheus text exposition of the agent's metrics.
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    let mut body = String::new();
+    match agent.metrics.encode(&mut body) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => {
+            error!("cannot encode the metrics");
+            ApiError::Internal.into_response()
+        }
+    }
 }
 
 /// The media type for a file name's extension.
@@ -266,6 +305,7 @@ async fn send_document(
         .durable()
         .await
         .map_err(internal("cannot make the outbox durable"))?;
+    agent.metrics.outbox_added();
     agent.outbox_wake.notify_one();
     info!(
         agency = %agent.agency,
@@ -598,5 +638,8 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
         assert_eq!(value["openapi"], "3.0.3");
         assert!(value["paths"]["/v1/documents"]["post"].is_object());
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert!(value["paths"][path]["get"].is_object(), "{path}");
+        }
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! Modules: [`store`] (sled, durability), `outbox` (submitter), `session` (broker
 //! session, delivery handling), [`export`] (inbox folders), `api` and [`api_types`]
-//! (local HTTP API), `broker_client` (gRPC channel, retry policy), [`error`].
+//! (local HTTP API), `broker_client` (gRPC channel, retry policy), `metrics`
+//! (Prometheus, served by the API at `/metrics`), [`error`].
 //!
 //! Invariants: nothing is acknowledged (HTTP 202, delivery Ack) before it is durable;
 //! nothing received is trusted before `verify_document` passed; document bodies and
@@ -20,6 +21,7 @@ pub mod api_types;
 mod broker_client;
 pub mod error;
 pub mod export;
+mod metrics;
 mod outbox;
 mod session;
 pub mod store;
@@ -123,12 +125,29 @@ pub(crate) struct Agent {
     pub window: u32,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    pub metrics: metrics::Metrics,
 }
 
 impl Agent {
     pub(crate) fn backoff(&self, failures: u32) -> Duration {
         broker_client::backoff(failures, self.reconnect_min, self.reconnect_max)
     }
+}
+
+/// (role, notAfter in Unix seconds) of the certificates the agent holds, for the
+/// expiry metric: its TLS certificate and the certificate it signs with.
+fn held_certificates(tls: &TlsFiles, signing_key: &SigningKey) -> Vec<(&'static str, i64)> {
+    let tls_cert = lienthong_proto::signing::certs_from_pem(&tls.cert_pem, "certificate")
+        .ok()
+        .and_then(|certs| certs.first().and_then(|c| metrics::not_after(c)));
+    let signing_cert = signing_key
+        .chain()
+        .first()
+        .and_then(|c| metrics::not_after(c));
+    [("tls", tls_cert), ("signing", signing_cert)]
+        .into_iter()
+        .filter_map(|(role, at)| at.map(|at| (role, at)))
+        .collect()
 }
 
 /// Opens the store (refusing a corrupt or foreign data directory with an error naming
@@ -179,12 +198,20 @@ pub async fn run(
     // The store first: an inbox folder inside the data directory must not make a new
     // data directory look foreign.
     let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || store::Store::open(&data_dir))
-        .await
-        .map_err(|e| AgentError::Corrupt {
-            path: config.data_dir.clone(),
-            detail: format!("opening the store failed: {e}"),
-        })??;
+    let (store, outbox_counts) = tokio::task::spawn_blocking(move || {
+        let store = store::Store::open(&data_dir)?;
+        let counts = store.outbox_counts().map_err(|e| AgentError::Corrupt {
+            path: data_dir.clone(),
+            detail: format!("cannot read the outbox: {e}"),
+        })?;
+        Ok::<_, AgentError>((store, counts))
+    })
+    .await
+    .map_err(|e| AgentError::Corrupt {
+        path: config.data_dir.clone(),
+        detail: format!("opening the store failed: {e}"),
+    })??;
+    let certificates = held_certificates(&config.tls, &signing_key);
 
     let inbox_io = |source| AgentError::Io {
         path: config.inbox_dir.clone(),
@@ -212,6 +239,7 @@ pub async fn run(
         window: config.window.max(1),
         reconnect_min: config.reconnect_min,
         reconnect_max: config.reconnect_max.max(config.reconnect_min),
+        metrics: metrics::Metrics::new(outbox_counts, certificates),
     });
 
     session::reexport_pending(&agent).await;

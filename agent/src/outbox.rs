@@ -24,6 +24,7 @@ use tracing::{error, info, warn};
 use crate::Agent;
 use crate::broker_client::is_permanent;
 use crate::error::StoreError;
+use crate::metrics::SubmissionOutcome;
 
 /// The largest attachment frame sent.
 pub const FRAME_BYTES: usize = 1024 * 1024;
@@ -77,6 +78,11 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                 outcome = submit_one(&agent, id) => outcome,
                 () = stop.cancelled() => return,
             };
+            agent.metrics.submission(match outcome {
+                Outcome::Submitted => SubmissionOutcome::Ok,
+                Outcome::Failed => SubmissionOutcome::Refused,
+                Outcome::Unreachable(_) | Outcome::Retry(_) => SubmissionOutcome::Retried,
+            });
             match outcome {
                 Outcome::Submitted | Outcome::Failed => {
                     entries.remove(id);

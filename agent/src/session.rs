@@ -112,6 +112,7 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
         }
     };
     info!(agency = %agent.agency, window = agent.window, "broker session established");
+    let _up = agent.metrics.session_up();
     let mut handled: u64 = 0;
     loop {
         let message = tokio::select! {
@@ -149,6 +150,9 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
                 };
             }
         };
+        if matches!(reply.msg, Some(Out::Refuse(_))) {
+            agent.metrics.delivery_refused();
+        }
         if tx.send(reply).await.is_err() {
             return SessionEnd::Ended {
                 reason: "the outgoing stream closed".into(),
@@ -258,6 +262,7 @@ async fn handle_delivery(
         }
         Some(existing) => {
             debug!(agency = %agent.agency, message_id = %id, attempt, "redelivery of a stored document");
+            agent.metrics.delivery_duplicate();
             (existing, None)
         }
         None => {
@@ -282,6 +287,7 @@ async fn handle_delivery(
                 .await
                 .map_err(|e| LocalError::Task(e.to_string()))??;
             agent.store.durable().await?;
+            agent.metrics.delivery_received();
             (record, Some(now_ms()))
         }
     };

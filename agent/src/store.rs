@@ -193,7 +193,7 @@ impl Store {
                 "the directory is not empty and holds no agent store".into(),
             ));
         }
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
+        let db = open_sled(dir).map_err(|e| {
             corrupt(format!(
                 "sled cannot open it (corrupt, or used by another process?): {e}"
             ))
@@ -333,6 +333,22 @@ impl Store {
             ids.push(String::from_utf8_lossy(&k[1..]).into_owned());
         }
         Ok(ids)
+    }
+
+    /// How many sent documents are in each state: (outbox, submitted, failed). Reads
+    /// every record; used once at start, the metrics follow the changes from there.
+    pub fn outbox_counts(&self) -> Result<(u64, u64, u64), StoreError> {
+        let mut counts = (0, 0, 0);
+        for entry in self.outbox.scan_prefix(b"r") {
+            let (k, v) = entry?;
+            let record: OutboxRecord = decode_json(&k, &v)?;
+            match record.state {
+                OutboxState::Outbox => counts.0 += 1,
+                OutboxState::Submitted => counts.1 += 1,
+                OutboxState::Failed => counts.2 += 1,
+            }
+        }
+        Ok(counts)
     }
 
     pub fn outbox_record(&self, id: &str) -> Result<Option<OutboxRecord>, StoreError> {
@@ -552,6 +568,25 @@ fn sync_new_blobs(dir: &Path, known: HashSet<OsString>) -> Result<HashSet<OsStri
             })?;
     }
     Ok(present)
+}
+
+/// Opens sled at `dir`, waiting up to 10 s while another handle in this process still
+/// holds its file lock (sled's threads release it a moment after the last handle drops,
+/// e.g. when a component restarts in place). Another process's lock is refused after that.
+fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            // sled reports a held lock as ErrorKind::Other with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
 }
 
 #[cfg(test)]

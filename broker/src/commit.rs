@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Why a durability request failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -36,6 +36,8 @@ type Waiter = oneshot::Sender<Result<(), CommitError>>;
 pub struct GroupCommit {
     requests: mpsc::UnboundedSender<Waiter>,
     poisoned: Arc<AtomicBool>,
+    /// Its sender lives in the task: closed once the task has ended and let go of sled.
+    ended: watch::Receiver<()>,
 }
 
 impl GroupCommit {
@@ -45,13 +47,29 @@ impl GroupCommit {
         let data_file = File::open(sled_data_file(dir))?;
         let (requests, receiver) = mpsc::unbounded_channel();
         let poisoned = Arc::new(AtomicBool::new(false));
-        tokio::spawn(commit_loop(
-            db,
-            Arc::new(data_file),
-            receiver,
-            poisoned.clone(),
-        ));
-        Ok(Self { requests, poisoned })
+        let poisoned_task = poisoned.clone();
+        let (ended_tx, ended) = watch::channel(());
+        tokio::spawn(async move {
+            commit_loop(db, Arc::new(data_file), receiver, poisoned_task).await;
+            drop(ended_tx);
+        });
+        Ok(Self {
+            requests,
+            poisoned,
+            ended,
+        })
+    }
+
+    /// Drops this handle and waits until the commit task has ended, which it does once
+    /// every handle is gone; the task's `sled::Db` clone and data file are closed then.
+    pub async fn finish(self) {
+        let Self {
+            requests,
+            poisoned: _,
+            mut ended,
+        } = self;
+        drop(requests);
+        while ended.changed().await.is_ok() {}
     }
 
     /// Waits until everything written to sled before this call is on disk.
@@ -88,7 +106,9 @@ async fn commit_loop(
         let result = if poisoned.load(Ordering::Acquire) {
             Err(CommitError::Poisoned)
         } else {
+            let started = std::time::Instant::now();
             let outcome = flush_and_sync(&db, &data_file).await;
+            crate::metrics::store_flush_seconds().observe(started.elapsed().as_secs_f64());
             if let Err(error) = &outcome {
                 poisoned.store(true, Ordering::Release);
                 tracing::error!(%error, "store flush failed; refusing further writes");

@@ -57,6 +57,7 @@ pub(crate) fn make_dead(
         now,
     )?;
     if settled {
+        shared.metrics.dead_letter(state);
         tracing::warn!(message_id, recipient, outcome = %notice.outcome, reason, "delivery dead-lettered");
     }
     Ok(settled)

@@ -399,9 +399,16 @@ impl Exchange for ExchangeService {
         &self,
         request: Request<Streaming<pb::SubmitFrame>>,
     ) -> Result<Response<pb::SubmitResponse>, Status> {
+        let started = std::time::Instant::now();
         match self.submit_inner(request).await {
-            Ok(response) => Ok(Response::new(response)),
+            Ok(response) => {
+                self.shared
+                    .metrics
+                    .submission_accepted(response.duplicate, started.elapsed());
+                Ok(Response::new(response))
+            }
             Err(error) => {
+                self.shared.metrics.submission_refused(&error);
                 tracing::warn!(%error, "submission refused");
                 Err(error.into())
             }

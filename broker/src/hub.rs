@@ -80,6 +80,14 @@ impl Hub {
         }
     }
 
+    /// How many agencies have a live session.
+    pub fn session_count(&self) -> usize {
+        self.sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     pub fn info(&self, agency: &str) -> Option<SessionInfo> {
         self.sessions
             .lock()

@@ -1,7 +1,9 @@
 //! lienthong-broker: the central broker of a lienthong exchange.
 //!
 //! Layout:
-//! - [`run`] serves the gRPC services on a listener the caller bound, until shutdown.
+//! - [`run`] serves the gRPC services on a listener the caller bound, until shutdown;
+//!   [`run_with_admin`] also serves the admin HTTP listener (`http`: `/metrics`,
+//!   `/healthz`, `/readyz`; `metrics`: what is measured).
 //! - `exchange`: submission, agent sessions and status (agency certificates).
 //! - `admin`: queue views for operators (operator certificates).
 //! - `session`: pushing one recipient's queue with a bounded window.
@@ -20,8 +22,10 @@ mod commit;
 mod deadletter;
 pub mod error;
 mod exchange;
+mod http;
 mod hub;
-mod records;
+mod metrics;
+pub mod records;
 mod session;
 pub mod store;
 
@@ -170,6 +174,22 @@ pub(crate) fn not_ready_reason(shared: &Shared) -> Option<String> {
     }
 }
 
+/// (role, notAfter in Unix seconds) of the certificates the broker holds, for the
+/// expiry metric: its TLS certificate and the certificate of its signing key.
+fn held_certificates(tls: &TlsFiles, signing_key: &SigningKey) -> Vec<(&'static str, i64)> {
+    let tls_cert = lienthong_proto::signing::certs_from_pem(&tls.cert_pem, "certificate")
+        .ok()
+        .and_then(|certs| certs.first().and_then(|c| metrics::not_after(c)));
+    let signing_cert = signing_key
+        .chain()
+        .first()
+        .and_then(|c| metrics::not_after(c));
+    [("tls", tls_cert), ("signing", signing_cert)]
+        .into_iter()
+        .filter_map(|(role, at)| at.map(|at| (role, at)))
+        .collect()
+}
+
 /// State shared by the services and sessions.
 struct Shared {
     config: BrokerConfig,
@@ -186,6 +206,7 @@ struct Shared {
     space_needed: std::sync::atomic::AtomicU64,
     /// Cancelled at shutdown; sessions end with it so the server can drain.
     shutdown: CancellationToken,
+    metrics: metrics::Metrics,
 }
 
 /// Opens the store and serves until `shutdown` is cancelled, then stops accepting,
@@ -193,6 +214,18 @@ struct Shared {
 pub async fn run(
     config: BrokerConfig,
     listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), BrokerError> {
+    run_with_admin(config, listener, None, shutdown).await
+}
+
+/// [`run`], and also serves `admin_listener` (when given) with plain HTTP: `GET
+/// /metrics` (Prometheus), `/healthz` and `/readyz`. It has no authentication: bind it
+/// to loopback or a monitoring network only. It stops when shutdown begins.
+pub async fn run_with_admin(
+    config: BrokerConfig,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
     install_crypto_provider();
@@ -216,7 +249,8 @@ pub async fn run(
         store.register_agency(code.as_str(), name, false, lienthong_proto::now_ms())?;
     }
     let local_addr = listener.local_addr().ok();
-    let shared = Arc::new(Shared {
+    let certificates = held_certificates(&config.tls, &signing_key);
+    let shared = Arc::new_cyclic(|weak| Shared {
         store: store.clone(),
         hub: hub::Hub::default(),
         signing_key,
@@ -225,6 +259,7 @@ pub async fn run(
         writing_bytes: std::sync::atomic::AtomicU64::new(0),
         space_needed: std::sync::atomic::AtomicU64::new(0),
         shutdown: shutdown.child_token(),
+        metrics: metrics::Metrics::new(weak.clone(), certificates),
         config,
     });
     tokio::spawn(deadletter::expiry_loop(shared.clone()));
@@ -251,6 +286,17 @@ pub async fn run(
         .add_service(exchange)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
+    let admin = admin_listener.map(|admin_listener| {
+        tracing::info!(addr = ?admin_listener.local_addr().ok(), "admin HTTP listening");
+        let app = http::router(shared.clone());
+        let stop = shared.shutdown.clone().cancelled_owned();
+        tokio::spawn(async move {
+            let served = axum::serve(admin_listener, app).with_graceful_shutdown(stop);
+            if let Err(error) = served.await {
+                tracing::error!(%error, "admin HTTP listener failed");
+            }
+        })
+    });
     let grace = shared.config.shutdown_grace;
     let result = tokio::select! {
         served = serve => served.map_err(|e| BrokerError::Serve(e.to_string())),
@@ -260,6 +306,14 @@ pub async fn run(
         }
     };
     shared.shutdown.cancel();
+    if let Some(mut admin) = admin {
+        // Its requests hold the shared state, and with it the store: wait for them.
+        if tokio::time::timeout(grace, &mut admin).await.is_err() {
+            tracing::warn!("admin HTTP requests did not finish within the grace period");
+            admin.abort();
+            let _ = admin.await;
+        }
+    }
     store.close().await?;
     tracing::info!("broker stopped; store flushed");
     result

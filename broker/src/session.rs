@@ -221,6 +221,7 @@ impl Session {
             .send(Ok(delivery))
             .await
             .map_err(|_| BrokerError::Unavailable("the agent went away".into()))?;
+        self.shared.metrics.delivery_pushed(attempt);
         Ok(Some(attempt))
     }
 
@@ -306,6 +307,7 @@ impl Session {
         )?;
         self.in_flight.remove(&ack.message_id);
         if settled {
+            self.shared.metrics.acknowledged(record.accepted_at_ms);
             tracing::info!(agency = %self.agency, message_id = %ack.message_id, "delivered with receipt");
         }
         Ok(())

@@ -207,9 +207,7 @@ impl Store {
         // data file with bytes but no marker is corrupt or foreign, never reinitialised.
         let data_file_was_empty =
             std::fs::metadata(sled_data_file(dir)).is_ok_and(|m| m.len() == 0);
-        let db = sled::Config::new()
-            .path(dir)
-            .open()
+        let db = open_sled(dir)
             .map_err(|e| open_error(format!("cannot open the store (corrupt or in use?): {e}")))?;
         match db.get(FORMAT_KEY)? {
             Some(format) if format.as_ref() == FORMAT => {}
@@ -286,9 +284,9 @@ impl Store {
     }
 
     /// Stores a verified document and queues it for each recipient. The attachments go
-    /// first: if the process dies before the transaction, they are unreferenced bytes
-    /// that the next submission of the same message id overwrites with the same content
-    /// (the header binds their digests).
+    /// first: if the process dies before the transaction, or the document is refused
+    /// for its business id, they are unreferenced bytes that the next submission of the
+    /// same message id replaces (its content may differ from the refused one's).
     pub fn accept(
         &self,
         record: &DocumentRecord,
@@ -299,6 +297,13 @@ impl Store {
             return Ok(Accepted::Duplicate(existing));
         }
         let mut batch = sled::Batch::default();
+        for key in self
+            .attachments
+            .scan_prefix(attachment_prefix(message_id))
+            .keys()
+        {
+            batch.remove(key?);
+        }
         for (index, bytes) in attachments.iter().enumerate() {
             let index = u32::try_from(index)
                 .map_err(|_| StoreError::Corrupt("too many attachments".into()))?;
@@ -754,6 +759,40 @@ impl Store {
     pub async fn close(&self) -> Result<(), StoreError> {
         self.durable().await
     }
+
+    /// Makes everything durable, drops this handle and waits until sled's files are
+    /// released, so that the directory can be opened again in this process. Returns
+    /// only once every other clone of this store has been dropped too.
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.durable().await?;
+        let commit = self.commit.clone();
+        let dir = self.dir.clone();
+        drop(self);
+        commit.finish().await;
+        wait_until_unlocked(&dir).await
+    }
+}
+
+/// Waits until sled's lock on its data file in `dir` is gone: sled's own threads can
+/// hold the file for a moment after the last handle is dropped, and close it then.
+async fn wait_until_unlocked(dir: &Path) -> Result<(), StoreError> {
+    use rustix::fs::{FlockOperation, flock};
+    let failed = |detail: String| StoreError::Open {
+        path: dir.to_owned(),
+        detail,
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let file = std::fs::File::open(sled_data_file(dir)).map_err(|e| failed(e.to_string()))?;
+        // Dropping `file` releases this probe's own lock again.
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(rustix::io::Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            Err(e) => return Err(failed(format!("the store is still locked: {e}"))),
+        }
+    }
 }
 
 fn push_attempt(record: &mut DeliveryRecord, at_ms: i64, outcome: &str) {
@@ -804,4 +843,23 @@ fn count_pending(queue: &sled::Tree) -> Result<HashMap<String, Pending>, StoreEr
 enum AcceptAbort {
     Duplicate(Vec<u8>),
     BusinessIdTaken(String),
+}
+
+/// Opens sled at `dir`, waiting up to 10 s while another handle in this process still
+/// holds its file lock (sled's threads release it a moment after the last handle drops,
+/// e.g. when a component restarts in place). Another process's lock is refused after that.
+fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            // sled reports a held lock as ErrorKind::Other with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
 }

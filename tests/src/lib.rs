@@ -156,6 +156,29 @@ impl Broker {
         }
     }
 
+    /// Starts a broker that also serves its admin HTTP listener (`/metrics`, `/healthz`,
+    /// `/readyz`) on loopback; returns it with that listener's `http://` base URL.
+    pub async fn start_with_admin(config: BrokerConfig) -> (Self, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_url = format!("http://{}", admin.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(lienthong_broker::run_with_admin(
+            config,
+            listener,
+            Some(admin),
+            shutdown.clone(),
+        ));
+        let broker = Self {
+            addr,
+            url: format!("https://localhost:{}", addr.port()),
+            shutdown,
+            task,
+        };
+        (broker, admin_url)
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(20), self.task)

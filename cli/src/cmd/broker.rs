@@ -22,6 +22,11 @@ pub struct BrokerArgs {
     /// Address for agents (gRPC over mutual TLS). Default 127.0.0.1:7443.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Address for the admin HTTP listener: GET /metrics (Prometheus), /healthz and
+    /// /readyz. Plain HTTP without authentication: give a loopback address (e.g.
+    /// 127.0.0.1:9443) or one reachable only from the monitoring network. Default: none.
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
     /// Data directory (sled store).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -71,6 +76,7 @@ pub struct BrokerArgs {
 #[serde(deny_unknown_fields)]
 struct BrokerFile {
     listen: Option<SocketAddr>,
+    admin_listen: Option<SocketAddr>,
     data: Option<PathBuf>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -149,6 +155,12 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {listen}: {e}")))?;
+    let admin_listener = match args.admin_listen.or(file.admin_listen) {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            CliError::Failed(format!("cannot listen on {addr} (--admin-listen): {e}"))
+        })?),
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {
@@ -156,7 +168,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
         tracing::info!("shutdown requested; draining");
         trigger.cancel();
     });
-    lienthong_broker::run(broker, listener, shutdown)
+    lienthong_broker::run_with_admin(broker, listener, admin_listener, shutdown)
         .await
         .map_err(|e| CliError::Failed(format!("broker: {e}")))
 }
