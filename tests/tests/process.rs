@@ -129,6 +129,25 @@ async fn verify_accepts_an_exported_document_and_rejects_a_changed_attachment_by
     let usage = lienthong(&["verify", &dir]);
     assert_eq!(usage.status.code(), Some(2));
 
+    // The same from a --config file; an unknown key is named and exits 2.
+    let config = world.path("verify.toml");
+    std::fs::write(&config, format!("ca = {:?}\n", ca)).unwrap();
+    let from_file = lienthong(&["verify", &dir, "--config", &config.display().to_string()]);
+    assert_eq!(
+        from_file.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&from_file.stderr)
+    );
+    std::fs::write(&config, format!("ca = {:?}\ncerts = 1\n", ca)).unwrap();
+    let typo = lienthong(&["verify", &dir, "--config", &config.display().to_string()]);
+    assert_eq!(typo.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&typo.stderr).contains("certs"),
+        "{}",
+        String::from_utf8_lossy(&typo.stderr)
+    );
+
     a.stop().await;
     b.stop().await;
     broker.stop().await;

@@ -11,9 +11,12 @@ use crate::error::CliError;
 pub enum PkiCommand {
     /// Write a dev CA, broker, operator and agency certificates into DIR.
     Dev {
+        /// TOML configuration file with `out` and `agencies` keys; flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Output directory.
         #[arg(long)]
-        out: PathBuf,
+        out: Option<PathBuf>,
         /// Agency code to issue a certificate for (repeatable). Default: three
         /// agencies of Hưng Yên province.
         #[arg(long = "agency", value_name = "CODE")]
@@ -21,9 +24,33 @@ pub enum PkiCommand {
     },
 }
 
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PkiFile {
+    out: Option<PathBuf>,
+    #[serde(default)]
+    agencies: Vec<String>,
+}
+
 pub fn run(command: PkiCommand) -> Result<(), CliError> {
     match command {
-        PkiCommand::Dev { out, agencies } => {
+        PkiCommand::Dev {
+            config,
+            out,
+            agencies,
+        } => {
+            let file: PkiFile = crate::config::load(config.as_deref())?;
+            let out = crate::config::required(
+                out,
+                file.out
+                    .map(|p| crate::config::relative_to(config.as_deref(), p)),
+                "out",
+            )?;
+            let agencies = if agencies.is_empty() {
+                file.agencies
+            } else {
+                agencies
+            };
             for code in &agencies {
                 lienthong_proto::AgencyCode::parse(code)
                     .map_err(|e| CliError::Usage(format!("--agency: {e}")))?;

@@ -24,15 +24,31 @@ pub struct VerifyArgs {
     dir: PathBuf,
     /// CA bundle (PEM) trusted for document signatures.
     #[arg(long)]
-    ca: PathBuf,
+    ca: Option<PathBuf>,
+    /// TOML configuration file with a `ca` key; flags win.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }
 
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyFile {
+    ca: Option<PathBuf>,
+}
+
 pub fn run(args: VerifyArgs) -> Result<(), CliError> {
-    let ca_pem = std::fs::read(&args.ca).map_err(|e| CliError::config(&args.ca, e))?;
-    let anchors = TrustAnchors::from_pem(&ca_pem).map_err(|e| CliError::config(&args.ca, e))?;
+    let file: VerifyFile = crate::config::load(args.config.as_deref())?;
+    let ca = crate::config::required(
+        args.ca,
+        file.ca
+            .map(|p| crate::config::relative_to(args.config.as_deref(), p)),
+        "ca",
+    )?;
+    let ca_pem = std::fs::read(&ca).map_err(|e| CliError::config(&ca, e))?;
+    let anchors = TrustAnchors::from_pem(&ca_pem).map_err(|e| CliError::config(&ca, e))?;
     let envelope_path = args.dir.join("envelope.pb");
     let envelope_bytes = std::fs::read(&envelope_path)
         .map_err(|e| CliError::Usage(format!("{}: {e}", envelope_path.display())))?;
