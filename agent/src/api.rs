@@ -246,6 +246,30 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
         set_business_id(&mut header);
     }
     let envelope = seal(&header, &agent.signing_key).map_err(protocol_error)?;
+    let bytes: u64 = header.attachments.iter().map(|a| a.size).sum();
+    let (pending, pending_bytes) = agent
+        .store
+        .outbox_pending()
+        .map_err(internal("cannot read the outbox"))?;
+    if pending >= agent.max_outbox_documents {
+        return Err(ApiError::Rejected(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "the outbox holds {pending} documents not yet accepted by the broker, the limit \
+                 (max_outbox_documents); retry when the broker is reachable again"
+            ),
+        ));
+    }
+    if pending_bytes.saturating_add(bytes) > agent.max_outbox_bytes {
+        return Err(ApiError::Rejected(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "the outbox holds {pending_bytes} bytes not yet accepted by the broker; this \
+                 document would exceed the limit of {} (max_outbox_bytes)",
+                agent.max_outbox_bytes
+            ),
+        ));
+    }
     let record = OutboxRecord {
         message_id: header.message_id.clone(),
         business_id: header.business_id.clone(),
@@ -255,6 +279,7 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
         state: OutboxState::Outbox,
         failure_reason: None,
         submitted_at_ms: None,
+        bytes,
     };
     agent
         .store

@@ -66,6 +66,11 @@ pub struct AgentConfig {
     pub max_message_bytes: usize,
     /// Largest request body the local HTTP API accepts (default 512 MiB).
     pub api_max_body_bytes: usize,
+    /// Outbox limits: documents and attachment bytes not yet accepted by the broker.
+    /// Over either, a new document is refused (HTTP 429) naming the limit, so an
+    /// unreachable broker never makes the agent's disk grow without bound.
+    pub max_outbox_documents: u64,
+    pub max_outbox_bytes: u64,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -104,6 +109,8 @@ impl AgentConfig {
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 256 * 1024 * 1024,
             api_max_body_bytes: 512 * 1024 * 1024,
+            max_outbox_documents: 10_000,
+            max_outbox_bytes: 10 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -126,6 +133,8 @@ pub(crate) struct Agent {
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     pub metrics: metrics::Metrics,
+    pub max_outbox_documents: u64,
+    pub max_outbox_bytes: u64,
 }
 
 impl Agent {
@@ -240,6 +249,8 @@ pub async fn run(
         reconnect_min: config.reconnect_min,
         reconnect_max: config.reconnect_max.max(config.reconnect_min),
         metrics: metrics::Metrics::new(outbox_counts, certificates),
+        max_outbox_documents: config.max_outbox_documents,
+        max_outbox_bytes: config.max_outbox_bytes,
     });
 
     session::reexport_pending(&agent).await;

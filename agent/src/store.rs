@@ -75,6 +75,9 @@ pub struct OutboxRecord {
     pub failure_reason: Option<String>,
     #[serde(default)]
     pub submitted_at_ms: Option<i64>,
+    /// Total attachment bytes.
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// A document this agent received.
@@ -349,6 +352,20 @@ impl Store {
             }
         }
         Ok(counts)
+    }
+
+    /// Documents and attachment bytes waiting in the outbox (not yet accepted).
+    pub fn outbox_pending(&self) -> Result<(u64, u64), StoreError> {
+        let mut pending = (0, 0);
+        for entry in self.outbox.scan_prefix(b"r") {
+            let (k, v) = entry?;
+            let record: OutboxRecord = decode_json(&k, &v)?;
+            if record.state == OutboxState::Outbox {
+                pending.0 += 1;
+                pending.1 += record.bytes;
+            }
+        }
+        Ok(pending)
     }
 
     pub fn outbox_record(&self, id: &str) -> Result<Option<OutboxRecord>, StoreError> {
@@ -654,6 +671,7 @@ mod tests {
                 state: OutboxState::Outbox,
                 failure_reason: None,
                 submitted_at_ms: None,
+                bytes: 5,
             };
             store
                 .put_outbox(&rec, b"env", &[Bytes::from_static(b"12345")])

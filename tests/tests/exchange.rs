@@ -196,3 +196,44 @@ async fn same_message_submitted_twice_gives_one_receipt_and_one_delivery() {
     b.stop().await;
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_outbox_refuses_new_documents_naming_the_limit() {
+    let world = World::new();
+    // The broker is unreachable: everything stays in the outbox.
+    let url = format!("https://localhost:{}", free_port());
+    let mut config = world.agent_config(A, &url);
+    config.max_outbox_documents = 2;
+    config.max_outbox_bytes = 1000;
+    let a = Agent::start(config).await;
+    a.send(&[B], "Một", &[("a.txt", b"1")]).await;
+    a.send(&[B], "Hai", &[("a.txt", b"2")]).await;
+    let request = lienthong_agent::api_types::SendRequest {
+        to: vec![B.into()],
+        subject: "Ba".into(),
+        ..Default::default()
+    };
+    let refused = a.client.send(&request).await.unwrap_err().to_string();
+    assert!(refused.contains("max_outbox_documents"), "{refused}");
+    a.stop().await;
+
+    let mut config = world.agent_config(C, &url);
+    config.max_outbox_bytes = 1000;
+    let c = Agent::start(config).await;
+    let big = lienthong_agent::api_types::SendRequest {
+        to: vec![B.into()],
+        subject: "Lớn".into(),
+        attachments: vec![lienthong_agent::api_types::AttachmentUpload {
+            name: "big.bin".into(),
+            media_type: None,
+            content_base64: base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                vec![0u8; 2000],
+            ),
+        }],
+        ..Default::default()
+    };
+    let refused = c.client.send(&big).await.unwrap_err().to_string();
+    assert!(refused.contains("max_outbox_bytes"), "{refused}");
+    c.stop().await;
+}

@@ -52,6 +52,12 @@ pub struct AgentArgs {
     /// Folder where received documents are exported.
     #[arg(long)]
     inbox_dir: Option<PathBuf>,
+    /// Most documents waiting in the outbox before new ones are refused (HTTP 429).
+    #[arg(long)]
+    max_outbox_documents: Option<u64>,
+    /// Most attachment bytes waiting in the outbox before new documents are refused.
+    #[arg(long)]
+    max_outbox_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -68,6 +74,8 @@ struct AgentFile {
     data: Option<PathBuf>,
     api: Option<SocketAddr>,
     inbox_dir: Option<PathBuf>,
+    max_outbox_documents: Option<u64>,
+    max_outbox_bytes: Option<u64>,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
@@ -109,6 +117,12 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         ));
     }
     let mut config = AgentConfig::new(agency, broker, tls, data, inbox_dir);
+    if let Some(max) = args.max_outbox_documents.or(file.max_outbox_documents) {
+        config.max_outbox_documents = max;
+    }
+    if let Some(max) = args.max_outbox_bytes.or(file.max_outbox_bytes) {
+        config.max_outbox_bytes = max;
+    }
     match (
         optional_path(args.signing_cert, file.signing_cert),
         optional_path(args.signing_key, file.signing_key),
