@@ -1,5 +1,12 @@
 //! The `Admin` service for operators (operator certificates only): queue depths and
-//! connection state per agency, dead letters and their redrive.
+//! connection state per agency (with settled counts of the last hour and day), dead
+//! letters and their redrive, one document's timeline and evidence, agency
+//! registration and suspension, and the audit log (`audit`).
+//!
+//! Suspension: the agency's submissions and sessions are refused (PERMISSION_DENIED),
+//! its open session is ended, documents addressed to it are refused at submission with
+//! INVALID_ARGUMENT naming it; deliveries already queued for it stay queued (their
+//! expiry still runs) and go out after it is resumed.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -31,7 +38,12 @@ impl AdminService {
         for agency in agencies {
             let stats = self.shared.store.queue_stats(&agency)?;
             let session = self.shared.hub.info(&agency);
+            let recent = self.shared.store.recent_counts(&agency, now);
             queues.push(pb::QueueInfo {
+                delivered_last_hour: recent.delivered_last_hour,
+                delivered_last_day: recent.delivered_last_day,
+                dead_lettered_last_hour: recent.dead_lettered_last_hour,
+                dead_lettered_last_day: recent.dead_lettered_last_day,
                 connected: session.is_some(),
                 pending: stats.pending,
                 pending_bytes: stats.pending_bytes,
@@ -95,52 +107,249 @@ impl AdminService {
         } else {
             Some(AgencyCode::parse(&request.agency)?)
         };
-        let candidates: Vec<crate::store::DeadLetterEntry> = if request.message_id.is_empty() {
-            let agency = agency.as_ref().ok_or_else(|| {
-                BrokerError::InvalidArgument("give a message id, an agency, or both".into())
-            })?;
-            self.shared.store.dead_letters(Some(agency.as_str()))?
-        } else {
-            self.shared
-                .store
-                .dead_letters(agency.as_ref().map(AgencyCode::as_str))?
-                .into_iter()
-                .filter(|e| e.message_id == request.message_id)
-                .collect()
-        };
-        if candidates.is_empty() {
-            return Err(BrokerError::NotFound("no matching dead letter".into()));
-        }
-        let now = lienthong_proto::now_ms();
-        let mut redriven = Vec::new();
-        for entry in candidates {
-            let Some(document) = self.shared.store.document(&entry.message_id)? else {
-                continue;
-            };
-            let header = pb::Signed::decode(document.envelope.as_slice())
-                .ok()
-                .and_then(|e| pb::DocumentHeader::decode(e.payload.as_ref()).ok())
-                .unwrap_or_default();
-            // A redriven document gets a fresh expiry by its priority, from now.
-            let fresh = pb::DocumentHeader {
-                expires_at_ms: 0,
-                ..header
-            };
-            let expires_at_ms = crate::deadletter::expiry_for(&self.shared, &fresh, now);
-            if self
+        let done = crate::deadletter::redrive(
+            &self.shared,
+            &request.message_id,
+            agency.as_ref().map(AgencyCode::as_str),
+        )
+        .await?;
+        let mut redriven = Vec::with_capacity(done.len());
+        for item in done {
+            let record = self
                 .shared
                 .store
-                .redrive(&entry.message_id, &entry.recipient, expires_at_ms, now)?
-            {
-                tracing::info!(message_id = %entry.message_id, agency = %entry.recipient, "dead letter redriven");
-                self.shared.hub.wake(&entry.recipient);
-                let mut view = self.dead_letter_view(entry)?;
-                view.state = DeliveryState::Queued as i32;
-                redriven.push(view);
+                .delivery(&item.message_id, &item.recipient)?
+                .unwrap_or_default();
+            let mut view = self.dead_letter_view(crate::store::DeadLetterEntry {
+                message_id: item.message_id,
+                recipient: item.recipient,
+                record,
+            })?;
+            view.state = DeliveryState::Queued as i32;
+            redriven.push(view);
+        }
+        Ok(pb::RedriveResponse { redriven })
+    }
+
+    /// One document by message id, or else by business document id.
+    fn message_inner(&self, id: &str) -> Result<pb::MessageResponse, BrokerError> {
+        let store = &self.shared.store;
+        let not_found = || {
+            BrokerError::NotFound(format!(
+                "no document with message id or business document id {}",
+                lienthong_proto::agency::printable(id)
+            ))
+        };
+        if id.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "give a message id or a business document id".into(),
+            ));
+        }
+        let (message_id, document) = match store.document(id)? {
+            Some(document) => (id.to_owned(), document),
+            None => {
+                let message_id = store.message_for_business_id(id)?.ok_or_else(not_found)?;
+                let document = store.document(&message_id)?.ok_or_else(not_found)?;
+                (message_id, document)
             }
+        };
+        let envelope = pb::Signed::decode(document.envelope.as_slice()).ok();
+        // The header as the sender signed it; stored only after verification.
+        let header = envelope
+            .as_ref()
+            .and_then(|e| pb::DocumentHeader::decode(e.payload.as_ref()).ok())
+            .unwrap_or_default();
+        let decode_signed = |bytes: &[u8]| {
+            if bytes.is_empty() {
+                None
+            } else {
+                pb::Signed::decode(bytes).ok()
+            }
+        };
+        let mut timelines = Vec::with_capacity(document.recipients.len());
+        for agency in &document.recipients {
+            let delivery = store.delivery(&message_id, agency)?.unwrap_or_default();
+            timelines.push(timeline(agency, &document, delivery, decode_signed));
+        }
+        Ok(pb::MessageResponse {
+            message_id,
+            business_id: document.business_id.clone(),
+            sender: document.sender.clone(),
+            recipients: document.recipients.clone(),
+            subject: header.subject,
+            number: header.number,
+            notation: header.notation,
+            priority: header.priority,
+            created_at_ms: header.created_at_ms,
+            accepted_at_ms: document.accepted_at_ms,
+            expires_at_ms: document.expires_at_ms,
+            envelope,
+            submission_receipt: decode_signed(&document.submission_receipt),
+            timelines,
+        })
+    }
+}
+
+impl AdminService {
+    fn agency_info(code: String, record: crate::records::AgencyRecord) -> pb::AgencyInfo {
+        let parent = AgencyCode::parse(&code)
+            .ok()
+            .and_then(|c| c.parent())
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        pb::AgencyInfo {
+            code,
+            name: record.name,
+            parent,
+            suspended: record.suspended,
+            suspended_reason: record.suspended_reason,
+            suspended_at_ms: record.suspended_at_ms,
+            registered_at_ms: record.registered_at_ms,
+            auto_registered: record.auto_registered,
+        }
+    }
+
+    fn agencies_inner(&self) -> Result<pb::AgenciesResponse, BrokerError> {
+        let agencies = self
+            .shared
+            .store
+            .agencies()?
+            .into_iter()
+            .map(|(code, record)| Self::agency_info(code, record))
+            .collect();
+        Ok(pb::AgenciesResponse { agencies })
+    }
+
+    async fn register_inner(
+        &self,
+        request: pb::RegisterAgencyRequest,
+    ) -> Result<pb::AgencyInfo, BrokerError> {
+        let code = AgencyCode::parse(request.code.trim())?;
+        let now = lienthong_proto::now_ms();
+        if !self
+            .shared
+            .store
+            .register_agency(code.as_str(), request.name.trim(), false, now)?
+        {
+            return Err(BrokerError::AlreadyExists(format!(
+                "agency {code} is already registered"
+            )));
         }
         self.shared.store.durable().await?;
-        Ok(pb::RedriveResponse { redriven })
+        self.agency_view(code.as_str())
+    }
+
+    /// Suspends (`reason` given) or resumes an agency. Suspending ends its live session;
+    /// its queued deliveries stay queued and are pushed again once it is resumed.
+    async fn suspend_inner(
+        &self,
+        code: &str,
+        reason: Option<String>,
+    ) -> Result<pb::AgencyInfo, BrokerError> {
+        let code = AgencyCode::parse(code.trim())?;
+        let now = lienthong_proto::now_ms();
+        let updated = self
+            .shared
+            .store
+            .set_suspended(code.as_str(), reason.as_deref().map(|r| (r, now)))?;
+        let Some(record) = updated else {
+            return Err(BrokerError::NotFound(format!(
+                "agency {code} is not registered at this broker"
+            )));
+        };
+        self.shared.store.durable().await?;
+        if record.suspended {
+            if self.shared.hub.end_session(code.as_str()) {
+                tracing::info!(agency = %code, "session of the suspended agency ended");
+            }
+        } else {
+            self.shared.hub.wake(code.as_str());
+        }
+        Ok(Self::agency_info(code.to_string(), record))
+    }
+
+    fn agency_view(&self, code: &str) -> Result<pb::AgencyInfo, BrokerError> {
+        let record = self
+            .shared
+            .store
+            .agency(code)?
+            .ok_or_else(|| BrokerError::NotFound(format!("agency {code} is not registered")))?;
+        Ok(Self::agency_info(code.to_owned(), record))
+    }
+}
+
+fn audit_entry(entry: crate::records::AuditRecord) -> pb::AuditEntry {
+    pb::AuditEntry {
+        seq: entry.seq,
+        at_ms: entry.at_ms,
+        kind: entry.kind,
+        message_id: entry.message_id,
+        agency: entry.agency,
+        header_sha256: entry.header_sha256,
+        prev_hash: entry.prev_hash,
+        hash: entry.hash,
+        detail: entry.detail,
+    }
+}
+
+/// The life of one delivery: accepted, each attempt with its outcome (the attempt log
+/// keeps the latest 32), then the receipt or the refusal/expiry.
+fn timeline(
+    agency: &str,
+    document: &crate::records::DocumentRecord,
+    delivery: crate::records::DeliveryRecord,
+    decode_signed: impl Fn(&[u8]) -> Option<pb::Signed>,
+) -> pb::RecipientTimeline {
+    let event = |at_ms: i64, event: &str, detail: String| pb::TimelineEvent {
+        at_ms,
+        event: event.to_owned(),
+        detail,
+    };
+    let mut events = vec![event(
+        document.accepted_at_ms,
+        "accepted",
+        "queued for this recipient".into(),
+    )];
+    for attempt in &delivery.attempt_log {
+        events.push(match attempt.outcome.as_str() {
+            "redriven" => event(
+                attempt.at_ms,
+                "redriven",
+                "queued again by an operator".into(),
+            ),
+            outcome => event(attempt.at_ms, "pushed", outcome.to_owned()),
+        });
+    }
+    match DeliveryState::try_from(delivery.state) {
+        Ok(DeliveryState::Delivered) => events.push(event(
+            delivery.delivered_at_ms,
+            "delivered",
+            "signed delivery receipt received".into(),
+        )),
+        Ok(DeliveryState::Refused) => {
+            events.push(event(
+                delivery.dead_at_ms,
+                "refused",
+                delivery.reason.clone(),
+            ));
+        }
+        Ok(DeliveryState::Expired) => {
+            events.push(event(
+                delivery.dead_at_ms,
+                "expired",
+                delivery.reason.clone(),
+            ));
+        }
+        _ => {}
+    }
+    pb::RecipientTimeline {
+        agency: agency.to_owned(),
+        state: delivery.state,
+        events,
+        delivery_receipt: decode_signed(&delivery.receipt),
+        notice: decode_signed(&delivery.notice),
+        reason: delivery.reason,
+        attempts: delivery.attempts,
     }
 }
 
@@ -188,5 +397,103 @@ impl Admin for AdminService {
         let request = request.into_inner();
         tracing::info!(operator, message_id = %request.message_id, agency = %request.agency, "redrive requested");
         Ok(Response::new(self.redrive_inner(request).await?))
+    }
+
+    async fn message(
+        &self,
+        request: Request<pb::MessageRequest>,
+    ) -> Result<Response<pb::MessageResponse>, Status> {
+        auth::operator(&request)?;
+        let id = request.into_inner().id;
+        Ok(Response::new(self.message_inner(id.trim())?))
+    }
+
+    async fn agencies(
+        &self,
+        request: Request<pb::AgenciesRequest>,
+    ) -> Result<Response<pb::AgenciesResponse>, Status> {
+        auth::operator(&request)?;
+        Ok(Response::new(self.agencies_inner()?))
+    }
+
+    async fn register_agency(
+        &self,
+        request: Request<pb::RegisterAgencyRequest>,
+    ) -> Result<Response<pb::AgencyInfo>, Status> {
+        let operator = auth::operator(&request)?;
+        let request = request.into_inner();
+        tracing::info!(operator, code = %lienthong_proto::agency::printable(&request.code), "agency registration requested");
+        Ok(Response::new(self.register_inner(request).await?))
+    }
+
+    async fn suspend_agency(
+        &self,
+        request: Request<pb::SuspendAgencyRequest>,
+    ) -> Result<Response<pb::AgencyInfo>, Status> {
+        let operator = auth::operator(&request)?;
+        let request = request.into_inner();
+        let reason = match request.reason.trim() {
+            "" => format!("suspended by operator {operator}"),
+            reason => reason.to_owned(),
+        };
+        tracing::warn!(operator, code = %lienthong_proto::agency::printable(&request.code), reason, "agency suspension requested");
+        Ok(Response::new(
+            self.suspend_inner(&request.code, Some(reason)).await?,
+        ))
+    }
+
+    async fn resume_agency(
+        &self,
+        request: Request<pb::ResumeAgencyRequest>,
+    ) -> Result<Response<pb::AgencyInfo>, Status> {
+        let operator = auth::operator(&request)?;
+        let request = request.into_inner();
+        tracing::info!(operator, code = %lienthong_proto::agency::printable(&request.code), "agency resumption requested");
+        Ok(Response::new(
+            self.suspend_inner(&request.code, None).await?,
+        ))
+    }
+
+    async fn audit_tail(
+        &self,
+        request: Request<pb::AuditTailRequest>,
+    ) -> Result<Response<pb::AuditTailResponse>, Status> {
+        auth::operator(&request)?;
+        let n = match request.into_inner().n {
+            0 => 20,
+            n => n.min(10_000) as usize,
+        };
+        let entries = self
+            .shared
+            .store
+            .audit_tail(n)
+            .map_err(BrokerError::from)?
+            .into_iter()
+            .map(audit_entry)
+            .collect();
+        Ok(Response::new(pb::AuditTailResponse { entries }))
+    }
+
+    async fn audit_verify(
+        &self,
+        request: Request<pb::AuditVerifyRequest>,
+    ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let store = self.shared.store.clone();
+        let verification = tokio::task::spawn_blocking(move || store.audit_verify())
+            .await
+            .map_err(|e| BrokerError::Serve(e.to_string()))?
+            .map_err(BrokerError::from)?;
+        if let Some((seq, detail)) = &verification.first_break {
+            tracing::error!(operator, seq, detail, "the audit chain is broken");
+        }
+        let (first_break_seq, detail) = verification.first_break.clone().unwrap_or_default();
+        Ok(Response::new(pb::AuditVerifyResponse {
+            intact: verification.first_break.is_none(),
+            entries: verification.entries,
+            first_break_seq,
+            detail,
+            head_hash: verification.head_hash,
+        }))
     }
 }

@@ -122,3 +122,67 @@ fn sweep(shared: &Shared) -> Result<(), BrokerError> {
         }
     }
 }
+
+/// One dead letter queued again by [`redrive`].
+#[derive(Debug, Clone)]
+pub(crate) struct Redriven {
+    pub message_id: String,
+    pub recipient: String,
+}
+
+/// Queues dead letters again, each with a fresh expiry by its priority: the dead letter
+/// `message_id` (of `agency` only, when given), or every dead letter of `agency` when
+/// `message_id` is empty. Waits until the change is durable. `NotFound` when nothing
+/// matches. Shared by the gRPC `Admin.Redrive` and the dashboard's `POST /api/redrive`.
+pub(crate) async fn redrive(
+    shared: &Shared,
+    message_id: &str,
+    agency: Option<&str>,
+) -> Result<Vec<Redriven>, BrokerError> {
+    let candidates: Vec<crate::store::DeadLetterEntry> = if message_id.is_empty() {
+        let agency = agency.ok_or_else(|| {
+            BrokerError::InvalidArgument("give a message id, an agency, or both".into())
+        })?;
+        shared.store.dead_letters(Some(agency))?
+    } else {
+        shared
+            .store
+            .dead_letters(agency)?
+            .into_iter()
+            .filter(|e| e.message_id == message_id)
+            .collect()
+    };
+    if candidates.is_empty() {
+        return Err(BrokerError::NotFound("no matching dead letter".into()));
+    }
+    let now = lienthong_proto::now_ms();
+    let mut redriven = Vec::new();
+    for entry in candidates {
+        let Some(document) = shared.store.document(&entry.message_id)? else {
+            continue;
+        };
+        let header = pb::Signed::decode(document.envelope.as_slice())
+            .ok()
+            .and_then(|e| pb::DocumentHeader::decode(e.payload.as_ref()).ok())
+            .unwrap_or_default();
+        // A redriven document gets a fresh expiry by its priority, from now.
+        let fresh = pb::DocumentHeader {
+            expires_at_ms: 0,
+            ..header
+        };
+        let expires_at_ms = expiry_for(shared, &fresh, now);
+        if shared
+            .store
+            .redrive(&entry.message_id, &entry.recipient, expires_at_ms, now)?
+        {
+            tracing::info!(message_id = %entry.message_id, agency = %entry.recipient, "dead letter redriven");
+            shared.hub.wake(&entry.recipient);
+            redriven.push(Redriven {
+                message_id: entry.message_id,
+                recipient: entry.recipient,
+            });
+        }
+    }
+    shared.store.durable().await?;
+    Ok(redriven)
+}

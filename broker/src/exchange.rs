@@ -1,7 +1,8 @@
 //! The `Exchange` service: submission, agent sessions and status.
 //!
-//! Submission order of checks, all before anything is stored: TLS identity, signature
-//! and chain, signer = sender = TLS identity, recipients registered, declared sizes
+//! Submission order of checks, all before anything is stored: TLS identity (and the
+//! sender not suspended), signature and chain, signer = sender = TLS identity,
+//! recipients registered and not suspended, declared sizes
 //! within limits, then the attachment bytes against their digests. Then store, wait for
 //! the group commit, and only then answer with the signed submission receipt.
 
@@ -32,10 +33,11 @@ pub struct ExchangeService {
 }
 
 impl ExchangeService {
-    /// Registers the caller on first contact when the configuration allows it.
+    /// Registers the caller on first contact when the configuration allows it; refuses
+    /// a suspended agency.
     fn admit(&self, agency: &str) -> Result<(), BrokerError> {
-        if self.shared.store.is_registered(agency)? {
-            return Ok(());
+        if let Some(record) = self.shared.store.agency(agency)? {
+            return suspended_check(agency, &record);
         }
         if self.shared.config.auto_register {
             if self
@@ -89,10 +91,21 @@ impl ExchangeService {
                 .await;
         }
         for recipient in &header.recipients {
-            if !self.shared.store.is_registered(recipient)? {
-                return Err(BrokerError::InvalidArgument(format!(
-                    "recipient {recipient} is not a registered agency"
-                )));
+            match self.shared.store.agency(recipient)? {
+                None => {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "recipient {recipient} is not a registered agency"
+                    )));
+                }
+                // INVALID_ARGUMENT like an unregistered recipient: the document as
+                // addressed cannot be accepted now; nothing is stored.
+                Some(record) if record.suspended => {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "recipient {recipient} is suspended: {}; the document was not accepted",
+                        record.suspended_reason
+                    )));
+                }
+                Some(_) => {}
             }
         }
         let declared: u64 = header.attachments.iter().map(|a| a.size).sum();
@@ -332,6 +345,20 @@ impl ExchangeService {
             envelope: Signed::decode(record.envelope.as_slice()).ok(),
         })
     }
+}
+
+/// PERMISSION_DENIED for a suspended agency.
+pub(crate) fn suspended_check(
+    agency: &str,
+    record: &crate::records::AgencyRecord,
+) -> Result<(), BrokerError> {
+    if record.suspended {
+        return Err(BrokerError::PermissionDenied(format!(
+            "agency {agency} is suspended: {}",
+            record.suspended_reason
+        )));
+    }
+    Ok(())
 }
 
 /// Reads the attachment frames, checking sizes and digests as they pass.

@@ -68,6 +68,17 @@ impl Hub {
         }
     }
 
+    /// Ends the live session of `agency`, if it has one (e.g. it was suspended); the
+    /// session task records its unacknowledged deliveries as "session ended".
+    pub fn end_session(&self, agency: &str) -> bool {
+        let removed = self
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(agency);
+        removed.map(|h| h.cancel.cancel()).is_some()
+    }
+
     /// Wakes the session of `agency`, if it has one.
     pub fn wake(&self, agency: &str) {
         if let Some(handle) = self

@@ -17,14 +17,17 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod audit;
 mod auth;
 mod commit;
+mod dashboard;
 mod deadletter;
 pub mod error;
 mod exchange;
 mod http;
 mod hub;
 mod metrics;
+mod recent;
 pub mod records;
 mod session;
 pub mod store;
@@ -84,6 +87,10 @@ pub struct BrokerConfig {
     /// there; the reserve covers the store's own growth (several times the largest
     /// write) and deliveries' bookkeeping.
     pub min_free_bytes: u64,
+    /// When set, the dashboard's data (`/api/...` on the admin listener) requires
+    /// `Authorization: Bearer <token>`; the page itself, `/metrics`, `/healthz` and
+    /// `/readyz` stay open.
+    pub admin_token: Option<String>,
 }
 
 impl BrokerConfig {
@@ -113,6 +120,7 @@ impl BrokerConfig {
             max_pending_documents: 1_000_000,
             max_pending_bytes: 50 * 1024 * 1024 * 1024,
             min_free_bytes: 512 * 1024 * 1024,
+            admin_token: None,
         }
     }
 
@@ -220,8 +228,10 @@ pub async fn run(
 }
 
 /// [`run`], and also serves `admin_listener` (when given) with plain HTTP: `GET
-/// /metrics` (Prometheus), `/healthz` and `/readyz`. It has no authentication: bind it
-/// to loopback or a monitoring network only. It stops when shutdown begins.
+/// /metrics` (Prometheus), `/healthz`, `/readyz` and the operator dashboard (`GET /` and
+/// its `/api`, which can redrive dead letters). Only the dashboard's `/api` can be
+/// protected (`admin_token`); bind it to loopback or a monitoring network. It stops when
+/// shutdown begins.
 pub async fn run_with_admin(
     config: BrokerConfig,
     listener: TcpListener,

@@ -98,4 +98,41 @@ pub struct AgencyRecord {
     /// True when registered automatically on its first authenticated connection.
     #[prost(bool, tag = "3")]
     pub auto_registered: bool,
+    /// A suspended agency can neither send nor receive; its queue waits.
+    #[prost(bool, tag = "4")]
+    pub suspended: bool,
+    #[prost(string, tag = "5")]
+    pub suspended_reason: String,
+    /// When it was suspended, Unix ms; 0 when not suspended.
+    #[prost(int64, tag = "6")]
+    pub suspended_at_ms: i64,
+}
+
+/// One entry of the hash-chained audit log (tree `audit`, key: `seq` as u64 BE).
+/// `hash` = SHA-256(`prev_hash` ‖ this entry encoded with `hash` empty); the first
+/// entry's `prev_hash` is 32 zero bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AuditRecord {
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    #[prost(int64, tag = "2")]
+    pub at_ms: i64,
+    /// "accepted", "delivered", "dead_letter", "redriven", "agency_registered",
+    /// "agency_suspended", "agency_resumed".
+    #[prost(string, tag = "3")]
+    pub kind: String,
+    #[prost(string, tag = "4")]
+    pub message_id: String,
+    /// The sender for "accepted", the recipient for deliveries, the agency itself else.
+    #[prost(string, tag = "5")]
+    pub agency: String,
+    #[prost(bytes = "vec", tag = "6")]
+    pub header_sha256: Vec<u8>,
+    #[prost(bytes = "vec", tag = "7")]
+    pub prev_hash: Vec<u8>,
+    #[prost(bytes = "vec", tag = "8")]
+    pub hash: Vec<u8>,
+    /// E.g. a dead letter's outcome and reason, a suspension's reason.
+    #[prost(string, tag = "9")]
+    pub detail: String,
 }

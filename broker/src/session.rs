@@ -93,6 +93,13 @@ enum Step {
 
 impl Session {
     async fn run(&mut self, mut inbound: Streaming<pb::AgentMessage>) -> Result<(), BrokerError> {
+        // Suspended between the admission check and the hub registration: end here.
+        if let Some(record) = self.shared.store.agency(self.agency.as_str())?
+            && let Err(refused) = crate::exchange::suspended_check(self.agency.as_str(), &record)
+        {
+            let _ = self.tx.send(Err(refused.into())).await;
+            return Ok(());
+        }
         match inbound.message().await {
             Ok(Some(pb::AgentMessage {
                 msg: Some(Msg::Hello(hello)),

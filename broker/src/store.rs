@@ -16,6 +16,9 @@
 //! - `expiry`: expires-at (u64 BE ms) ‖ queue key → delivery key; the queued deliveries
 //!   in the order they expire.
 //! - `dead_letters`: recipient ‖ 0 ‖ message id → (); deliveries expired or refused.
+//! - `audit`: seq (u64 BE) → [`AuditRecord`], the hash-chained audit log (see `audit`):
+//!   an accepted document's, a settled or redriven delivery's entry is written in the
+//!   same transaction as the change; an agency's registration or suspension right after.
 //!
 //! Invariants: a document, its business id, its queue entries and delivery records are
 //! written in one transaction, after its attachments; nothing is acknowledged before
@@ -33,8 +36,11 @@ use prost::Message;
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, abort};
 
+use crate::audit::{self, Chain, Event, Head};
 use crate::commit::{CommitError, GroupCommit, sled_data_file};
-use crate::records::{AgencyRecord, AttemptRecord, DeliveryRecord, DocumentRecord, QueueEntry};
+use crate::records::{
+    AgencyRecord, AttemptRecord, AuditRecord, DeliveryRecord, DocumentRecord, QueueEntry,
+};
 
 /// Written into the default tree when a store is created.
 pub const FORMAT: &[u8] = b"lienthong-broker/1";
@@ -121,7 +127,12 @@ pub struct Store {
     agencies: sled::Tree,
     expiry: sled::Tree,
     dead_letters: sled::Tree,
+    audit: sled::Tree,
+    /// The audit chain's head; its mutex serialises appends.
+    chain: Arc<Chain>,
     pending: Arc<Mutex<HashMap<String, Pending>>>,
+    /// Settled deliveries per recipient over the last hour and day; in memory only.
+    recent: Arc<crate::recent::RecentCounts>,
     commit: GroupCommit,
     dir: PathBuf,
 }
@@ -237,6 +248,10 @@ impl Store {
             .map_err(|e| open_error(format!("cannot open the data file for syncing: {e}")))?;
         let queue = db.open_tree("queue")?;
         let pending = Arc::new(Mutex::new(count_pending(&queue)?));
+        let audit = db.open_tree("audit")?;
+        let last_audit: Option<AuditRecord> =
+            audit.last()?.map(|(_, value)| decode(&value)).transpose()?;
+        let chain = Arc::new(Chain::new(Head::after(last_audit.as_ref())));
         Ok(Self {
             documents: db.open_tree("documents")?,
             attachments: db.open_tree("attachments")?,
@@ -246,7 +261,10 @@ impl Store {
             agencies: db.open_tree("agencies")?,
             expiry: db.open_tree("expiry")?,
             dead_letters: db.open_tree("dead_letters")?,
+            audit,
+            chain,
             pending,
+            recent: Arc::default(),
             dir: dir.to_owned(),
             db,
             commit,
@@ -320,6 +338,17 @@ impl Store {
             sequences.push(self.db.generate_id()?);
         }
         let encoded = record.encode_to_vec();
+        let mut head = self.chain.lock();
+        let audit_entry = head.chain(Event {
+            kind: "accepted",
+            message_id: message_id.to_owned(),
+            agency: record.sender.clone(),
+            header_sha256: record.header_sha256.clone(),
+            detail: format!("to {}", record.recipients.join(", ")),
+            at_ms: record.accepted_at_ms,
+        });
+        let audit_key = audit_entry.seq.to_be_bytes();
+        let audit_bytes = audit_entry.encode_to_vec();
         let entry_bytes = record
             .attachment_bytes
             .saturating_add(record.envelope.len() as u64);
@@ -329,43 +358,51 @@ impl Store {
             &self.queue,
             &self.deliveries,
             &self.expiry,
+            &self.audit,
         )
-            .transaction(|(documents, business_ids, queue, deliveries, expiry)| {
-                if let Some(existing) = documents.get(message_id)? {
-                    return abort(AcceptAbort::Duplicate(existing.to_vec()));
-                }
-                if let Some(other) = business_ids.get(record.business_id.as_bytes())?
-                    && other.as_ref() != message_id.as_bytes()
-                {
-                    return abort(AcceptAbort::BusinessIdTaken(
-                        String::from_utf8_lossy(&other).into_owned(),
-                    ));
-                }
-                documents.insert(message_id.as_bytes(), encoded.as_slice())?;
-                business_ids.insert(record.business_id.as_bytes(), message_id.as_bytes())?;
-                for (recipient, seq) in record.recipients.iter().zip(&sequences) {
-                    let key = queue_key(recipient, *seq);
-                    let entry = QueueEntry {
-                        message_id: message_id.to_owned(),
-                        bytes: entry_bytes,
-                        enqueued_at_ms: record.accepted_at_ms,
-                        expires_at_ms: record.expires_at_ms,
-                    };
-                    queue.insert(key.as_slice(), entry.encode_to_vec())?;
-                    let pair = delivery_key(message_id, recipient);
-                    let expires = expiry_key(record.expires_at_ms, &key);
-                    expiry.insert(expires.as_slice(), pair.as_slice())?;
-                    let delivery = DeliveryRecord {
-                        state: DeliveryState::Queued as i32,
-                        queue_key: key,
-                        expires_at_ms: record.expires_at_ms,
-                        expiry_key: expires,
-                        ..Default::default()
-                    };
-                    deliveries.insert(pair, delivery.encode_to_vec())?;
-                }
-                Ok(())
-            });
+            .transaction(
+                |(documents, business_ids, queue, deliveries, expiry, audit)| {
+                    if let Some(existing) = documents.get(message_id)? {
+                        return abort(AcceptAbort::Duplicate(existing.to_vec()));
+                    }
+                    if let Some(other) = business_ids.get(record.business_id.as_bytes())?
+                        && other.as_ref() != message_id.as_bytes()
+                    {
+                        return abort(AcceptAbort::BusinessIdTaken(
+                            String::from_utf8_lossy(&other).into_owned(),
+                        ));
+                    }
+                    documents.insert(message_id.as_bytes(), encoded.as_slice())?;
+                    business_ids.insert(record.business_id.as_bytes(), message_id.as_bytes())?;
+                    for (recipient, seq) in record.recipients.iter().zip(&sequences) {
+                        let key = queue_key(recipient, *seq);
+                        let entry = QueueEntry {
+                            message_id: message_id.to_owned(),
+                            bytes: entry_bytes,
+                            enqueued_at_ms: record.accepted_at_ms,
+                            expires_at_ms: record.expires_at_ms,
+                        };
+                        queue.insert(key.as_slice(), entry.encode_to_vec())?;
+                        let pair = delivery_key(message_id, recipient);
+                        let expires = expiry_key(record.expires_at_ms, &key);
+                        expiry.insert(expires.as_slice(), pair.as_slice())?;
+                        let delivery = DeliveryRecord {
+                            state: DeliveryState::Queued as i32,
+                            queue_key: key,
+                            expires_at_ms: record.expires_at_ms,
+                            expiry_key: expires,
+                            ..Default::default()
+                        };
+                        deliveries.insert(pair, delivery.encode_to_vec())?;
+                    }
+                    audit.insert(&audit_key, audit_bytes.as_slice())?;
+                    Ok(())
+                },
+            );
+        if result.is_ok() {
+            head.advance(&audit_entry);
+        }
+        drop(head);
         match result {
             Ok(()) => {
                 for recipient in &record.recipients {
@@ -438,6 +475,12 @@ impl Store {
             pending_bytes: pending.bytes,
             oldest_enqueued_ms: oldest,
         })
+    }
+
+    /// Deliveries to `recipient` settled (delivered, dead-lettered) in the last hour and
+    /// day before `now_ms`, counted since this broker started (not kept across restarts).
+    pub fn recent_counts(&self, recipient: &str, now_ms: i64) -> crate::recent::Counts {
+        self.recent.counts(recipient, now_ms)
     }
 
     /// Pending documents and bytes queued for `recipient`.
@@ -516,13 +559,47 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let key = delivery_key(message_id, recipient);
         let dead_key = dead_letter_key(recipient, message_id);
+        let header_sha256 = self
+            .document(message_id)?
+            .map(|d| d.header_sha256)
+            .unwrap_or_default();
+        let event = match &settlement {
+            Settlement::Delivered { .. } => Event {
+                kind: "delivered",
+                detail: "signed delivery receipt".into(),
+                ..Event::default()
+            },
+            Settlement::Dead { state, reason, .. } => Event {
+                kind: "dead_letter",
+                detail: format!(
+                    "{}: {reason}",
+                    if *state == DeliveryState::Refused {
+                        "refused"
+                    } else {
+                        "expired"
+                    }
+                ),
+                ..Event::default()
+            },
+        };
+        let mut head = self.chain.lock();
+        let audit_entry = head.chain(Event {
+            message_id: message_id.to_owned(),
+            agency: recipient.to_owned(),
+            header_sha256,
+            at_ms,
+            ..event
+        });
+        let audit_key = audit_entry.seq.to_be_bytes();
+        let audit_bytes = audit_entry.encode_to_vec();
         let result = (
             &self.queue,
             &self.deliveries,
             &self.expiry,
             &self.dead_letters,
+            &self.audit,
         )
-            .transaction(|(queue, deliveries, expiry, dead_letters)| {
+            .transaction(|(queue, deliveries, expiry, dead_letters, audit)| {
                 let Some(bytes) = deliveries.get(&key)? else {
                     return Ok(None);
                 };
@@ -573,13 +650,23 @@ impl Store {
                     dead_letters.remove(dead_key.as_slice())?;
                 }
                 deliveries.insert(key.as_slice(), record.encode_to_vec())?;
+                audit.insert(&audit_key, audit_bytes.as_slice())?;
                 Ok(Some(freed))
             });
+        if matches!(result, Ok(Some(_))) {
+            head.advance(&audit_entry);
+        }
+        drop(head);
         match result {
             Ok(Some(freed)) => {
                 if let Some(bytes) = freed {
                     self.adjust_pending(recipient, bytes, false);
                 }
+                let outcome = match settlement {
+                    Settlement::Delivered { .. } => crate::recent::Outcome::Delivered,
+                    Settlement::Dead { .. } => crate::recent::Outcome::DeadLettered,
+                };
+                self.recent.record(recipient, outcome, at_ms);
                 Ok(true)
             }
             Ok(None) => Ok(false),
@@ -668,13 +755,25 @@ impl Store {
         let key = delivery_key(message_id, recipient);
         let dead_key = dead_letter_key(recipient, message_id);
         let queue_key = queue_key(recipient, seq);
+        let mut head = self.chain.lock();
+        let audit_entry = head.chain(Event {
+            kind: "redriven",
+            message_id: message_id.to_owned(),
+            agency: recipient.to_owned(),
+            header_sha256: document.header_sha256.clone(),
+            detail: "queued again by an operator".into(),
+            at_ms: now_ms,
+        });
+        let audit_key = audit_entry.seq.to_be_bytes();
+        let audit_bytes = audit_entry.encode_to_vec();
         let result = (
             &self.queue,
             &self.deliveries,
             &self.expiry,
             &self.dead_letters,
+            &self.audit,
         )
-            .transaction(|(queue, deliveries, expiry, dead_letters)| {
+            .transaction(|(queue, deliveries, expiry, dead_letters, audit)| {
                 let Some(current) = deliveries.get(&key)? else {
                     return Ok(false);
                 };
@@ -704,8 +803,13 @@ impl Store {
                 record.dead_at_ms = 0;
                 push_attempt(&mut record, now_ms, "redriven");
                 deliveries.insert(key.as_slice(), record.encode_to_vec())?;
+                audit.insert(&audit_key, audit_bytes.as_slice())?;
                 Ok(true)
             });
+        if matches!(result, Ok(true)) {
+            head.advance(&audit_entry);
+        }
+        drop(head);
         match result {
             Ok(true) => {
                 self.adjust_pending(recipient, bytes, true);
@@ -728,12 +832,101 @@ impl Store {
             name: name.to_owned(),
             registered_at_ms: at_ms,
             auto_registered: auto,
+            ..Default::default()
         };
         let inserted = self
             .agencies
             .compare_and_swap(code, None as Option<&[u8]>, Some(record.encode_to_vec()))?
             .is_ok();
+        if inserted {
+            self.append_audit(Event {
+                kind: "agency_registered",
+                agency: code.to_owned(),
+                detail: if auto {
+                    "automatically on its first connection".into()
+                } else {
+                    name.to_owned()
+                },
+                at_ms,
+                ..Event::default()
+            })?;
+        }
         Ok(inserted)
+    }
+
+    pub fn agency(&self, code: &str) -> Result<Option<AgencyRecord>, StoreError> {
+        self.agencies.get(code)?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Suspends (`Some((reason, at_ms))`) or resumes (`None`) a registered agency.
+    /// Returns the updated record, or None when the agency is not registered.
+    pub fn set_suspended(
+        &self,
+        code: &str,
+        suspension: Option<(&str, i64)>,
+    ) -> Result<Option<AgencyRecord>, StoreError> {
+        let updated = self.agencies.update_and_fetch(code, |old| {
+            let mut record: AgencyRecord = old.and_then(|b| AgencyRecord::decode(b).ok())?;
+            match suspension {
+                Some((reason, at_ms)) => {
+                    record.suspended = true;
+                    record.suspended_reason = reason.to_owned();
+                    record.suspended_at_ms = at_ms;
+                }
+                None => {
+                    record.suspended = false;
+                    record.suspended_reason.clear();
+                    record.suspended_at_ms = 0;
+                }
+            }
+            Some(record.encode_to_vec())
+        })?;
+        let updated: Option<AgencyRecord> = updated.map(|v| decode(&v)).transpose()?;
+        if let Some(record) = &updated {
+            self.append_audit(Event {
+                kind: if record.suspended {
+                    "agency_suspended"
+                } else {
+                    "agency_resumed"
+                },
+                agency: code.to_owned(),
+                detail: record.suspended_reason.clone(),
+                at_ms: suspension.map_or_else(lienthong_proto::now_ms, |(_, at)| at),
+                ..Event::default()
+            })?;
+        }
+        Ok(updated)
+    }
+
+    /// Appends an entry for a change already written (not in its transaction).
+    fn append_audit(&self, event: Event) -> Result<(), StoreError> {
+        let mut head = self.chain.lock();
+        let entry = head.chain(event);
+        self.audit
+            .insert(entry.seq.to_be_bytes(), entry.encode_to_vec())?;
+        head.advance(&entry);
+        Ok(())
+    }
+
+    /// The last `n` audit entries, oldest first.
+    pub fn audit_tail(&self, n: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut entries = self
+            .audit
+            .iter()
+            .rev()
+            .take(n)
+            .map(|item| {
+                let (_, value) = item?;
+                decode(&value)
+            })
+            .collect::<Result<Vec<AuditRecord>, StoreError>>()?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    /// Walks the whole audit chain from its first entry; reports the first break.
+    pub fn audit_verify(&self) -> Result<audit::Verification, StoreError> {
+        Ok(audit::verify(self.audit.iter())?)
     }
 
     pub fn is_registered(&self, code: &str) -> Result<bool, StoreError> {
@@ -861,5 +1054,73 @@ fn open_sled(dir: &Path) -> sled::Result<sled::Db> {
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod audit_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn audit_chain_survives_a_restart_and_verify_finds_the_first_break() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = Store::open(&path).unwrap();
+        store
+            .register_agency("000.00.00.H31", "UBND", false, 1)
+            .unwrap();
+        store
+            .register_agency("000.00.12.H31", "STC", false, 2)
+            .unwrap();
+        store
+            .set_suspended("000.00.12.H31", Some(("kiểm tra", 3)))
+            .unwrap();
+        let verified = store.audit_verify().unwrap();
+        assert_eq!(verified.entries, 3);
+        assert_eq!(verified.first_break, None);
+        store.release().await.unwrap();
+
+        // The head is reloaded: new entries chain on.
+        let store = Store::open(&path).unwrap();
+        store.set_suspended("000.00.12.H31", None).unwrap();
+        let tail = store.audit_tail(2).unwrap();
+        assert_eq!(tail.len(), 2);
+        assert_eq!(tail[0].kind, "agency_suspended");
+        assert_eq!(tail[1].kind, "agency_resumed");
+        assert_eq!(tail[1].seq, 3);
+        assert_eq!(tail[1].prev_hash, tail[0].hash);
+        let intact = store.audit_verify().unwrap();
+        assert_eq!((intact.entries, intact.first_break.clone()), (4, None));
+        assert_eq!(intact.head_hash, tail[1].hash);
+
+        // A changed entry is found, at its seq.
+        let mut changed = store.audit_tail(4).unwrap()[1].clone();
+        changed.detail = "Sở Tài chính".into();
+        store
+            .audit
+            .insert(1u64.to_be_bytes(), changed.encode_to_vec())
+            .unwrap();
+        let broken = store.audit_verify().unwrap();
+        assert_eq!(broken.entries, 1);
+        let (seq, detail) = broken.first_break.unwrap();
+        assert_eq!(seq, 1);
+        assert!(detail.contains("changed"), "{detail}");
+
+        // A changed entry whose hash was recomputed breaks the link to the next one.
+        changed.hash = audit::hash_of(&changed).to_vec();
+        store
+            .audit
+            .insert(1u64.to_be_bytes(), changed.encode_to_vec())
+            .unwrap();
+        let (seq, detail) = store.audit_verify().unwrap().first_break.unwrap();
+        assert_eq!(seq, 2);
+        assert!(detail.contains("previous entry's hash"), "{detail}");
+
+        // A removed entry is found too.
+        store.audit.remove(1u64.to_be_bytes()).unwrap();
+        let (seq, detail) = store.audit_verify().unwrap().first_break.unwrap();
+        assert_eq!(seq, 1);
+        assert!(detail.contains("missing"), "{detail}");
     }
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use lienthong_proto::pb::admin_client::AdminClient;
 use lienthong_proto::pb::{
-    DeadLetter, DeadLettersRequest, DeliveryState, HealthRequest, QueuesRequest, RedriveRequest,
+    AgenciesRequest, AgencyInfo, AuditTailRequest, AuditVerifyRequest, DeadLetter,
+    DeadLettersRequest, DeliveryState, HealthRequest, MessageRequest, MessageResponse,
+    QueuesRequest, RedriveRequest, RegisterAgencyRequest, ResumeAgencyRequest, Signed,
+    SuspendAgencyRequest,
 };
 use lienthong_proto::tls::TlsFiles;
 use serde::Deserialize;
@@ -58,6 +61,57 @@ enum AdminCommand {
         #[arg(long)]
         agency: Option<String>,
     },
+    /// One document by message id or business document id: header, per-recipient
+    /// timeline and the evidence (sender's signature, broker and delivery receipts).
+    Message {
+        /// A message id or a business document id.
+        id: String,
+    },
+    /// Registered agencies as a tree, and their registration and suspension.
+    Agencies {
+        #[command(subcommand)]
+        action: Option<AgenciesAction>,
+    },
+    /// The hash-chained audit log: its latest entries (default) or a check of the chain.
+    Audit {
+        #[command(subcommand)]
+        action: Option<AuditAction>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditAction {
+    /// The latest entries, oldest first.
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        n: u32,
+    },
+    /// Walk the whole chain and report the first break (exit 1 when broken).
+    Verify,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgenciesAction {
+    /// The registered agencies, children indented under their parents (the default).
+    List,
+    /// Register an agency so that documents may be addressed to it.
+    Register {
+        code: String,
+        /// The agency's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Suspend an agency: it can neither send nor receive; its session is ended,
+    /// documents to it are refused, deliveries already queued for it wait.
+    Suspend {
+        code: String,
+        /// Why (shown to the agency and to senders addressing it).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Resume a suspended agency; its queued deliveries go out again.
+    Resume { code: String },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -145,6 +199,134 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                 .redriven;
             print_dead_letters(&list, args.json);
         }
+        AdminCommand::Message { id } => {
+            let message = client
+                .message(MessageRequest { id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            print_message(&message, args.json);
+        }
+        AdminCommand::Agencies { action } => {
+            let one = |info: AgencyInfo| vec![info];
+            let list = match action.unwrap_or(AgenciesAction::List) {
+                AgenciesAction::List => {
+                    let list = client
+                        .agencies(AgenciesRequest {})
+                        .await
+                        .map_err(refused)?
+                        .into_inner()
+                        .agencies;
+                    if !args.json {
+                        print_agency_tree(&list);
+                        return Ok(());
+                    }
+                    list
+                }
+                AgenciesAction::Register { code, name } => one(client
+                    .register_agency(RegisterAgencyRequest { code, name })
+                    .await
+                    .map_err(refused)?
+                    .into_inner()),
+                AgenciesAction::Suspend { code, reason } => one(client
+                    .suspend_agency(SuspendAgencyRequest {
+                        code,
+                        reason: reason.unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(refused)?
+                    .into_inner()),
+                AgenciesAction::Resume { code } => one(client
+                    .resume_agency(ResumeAgencyRequest { code })
+                    .await
+                    .map_err(refused)?
+                    .into_inner()),
+            };
+            if args.json {
+                let rows: Vec<serde_json::Value> = list.iter().map(agency_json).collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for a in &list {
+                    println!("{}", agency_line(a));
+                }
+            }
+        }
+        AdminCommand::Audit { action } => match action.unwrap_or(AuditAction::Tail { n: 20 }) {
+            AuditAction::Tail { n } => {
+                let entries = client
+                    .audit_tail(AuditTailRequest { n: n.max(1) })
+                    .await
+                    .map_err(refused)?
+                    .into_inner()
+                    .entries;
+                if args.json {
+                    let rows: Vec<serde_json::Value> = entries
+                        .iter()
+                        .map(|e| {
+                            serde_json::json!({
+                                "seq": e.seq,
+                                "at": lienthong_proto::rfc3339_ms(e.at_ms),
+                                "kind": e.kind,
+                                "message_id": e.message_id,
+                                "agency": e.agency,
+                                "header_sha256": hex::encode(&e.header_sha256),
+                                "prev_hash": hex::encode(&e.prev_hash),
+                                "hash": hex::encode(&e.hash),
+                                "detail": e.detail,
+                            })
+                        })
+                        .collect();
+                    println!("{}", serde_json::Value::Array(rows));
+                } else {
+                    for e in &entries {
+                        let hash = hex::encode(&e.hash);
+                        println!(
+                            "{:>6}  {:<29} {:<17} {:<13} {:<36} {}  {}",
+                            e.seq,
+                            time(e.at_ms),
+                            e.kind,
+                            e.agency,
+                            e.message_id,
+                            hash.get(..16).unwrap_or(&hash),
+                            e.detail
+                        );
+                    }
+                }
+            }
+            AuditAction::Verify => {
+                let v = client
+                    .audit_verify(AuditVerifyRequest {})
+                    .await
+                    .map_err(refused)?
+                    .into_inner();
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "intact": v.intact,
+                            "entries": v.entries,
+                            "first_break_seq": if v.intact { None } else { Some(v.first_break_seq) },
+                            "detail": v.detail,
+                            "head_hash": hex::encode(&v.head_hash),
+                        })
+                    );
+                } else if v.intact {
+                    println!(
+                        "audit chain intact: {} entries, head {}",
+                        v.entries,
+                        hex::encode(&v.head_hash)
+                    );
+                } else {
+                    println!(
+                        "AUDIT CHAIN BROKEN at entry {}: {} ({} entries intact before it)",
+                        v.first_break_seq, v.detail, v.entries
+                    );
+                }
+                if !v.intact {
+                    return Err(CliError::Failed("the audit chain is broken".into()));
+                }
+            }
+        },
         AdminCommand::Queues => {
             let queues = client
                 .queues(QueuesRequest {})
@@ -165,26 +347,40 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                             "pending_bytes": q.pending_bytes,
                             "oldest_pending_seconds": q.oldest_pending_seconds,
                             "in_flight": q.in_flight,
+                            "delivered_last_hour": q.delivered_last_hour,
+                            "delivered_last_day": q.delivered_last_day,
+                            "dead_lettered_last_hour": q.dead_lettered_last_hour,
+                            "dead_lettered_last_day": q.dead_lettered_last_day,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
                 println!(
-                    "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9}",
-                    "AGENCY", "CONNECTED", "PENDING", "BYTES", "OLDEST(s)", "IN-FLIGHT"
+                    "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
+                    "AGENCY",
+                    "CONNECTED",
+                    "PENDING",
+                    "BYTES",
+                    "OLDEST(s)",
+                    "IN-FLIGHT",
+                    "DELIV 1h/24h",
+                    "DEAD 1h/24h"
                 );
                 for q in &queues {
                     println!(
-                        "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9}",
+                        "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
                         q.agency,
                         if q.connected { "yes" } else { "no" },
                         q.pending,
                         q.pending_bytes,
                         q.oldest_pending_seconds,
-                        q.in_flight
+                        q.in_flight,
+                        format!("{}/{}", q.delivered_last_hour, q.delivered_last_day),
+                        format!("{}/{}", q.dead_lettered_last_hour, q.dead_lettered_last_day)
                     );
                 }
+                println!("(delivered and dead-lettered counts since the broker started)");
             }
         }
     }
@@ -235,6 +431,175 @@ fn print_dead_letters(list: &[DeadLetter], json: bool) {
             d.reason
         );
     }
+}
+
+fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    lienthong_proto::rfc3339_ms(ms).unwrap_or_else(|| ms.to_string())
+}
+
+fn signed_json(signed: Option<&Signed>) -> serde_json::Value {
+    use base64::Engine as _;
+    use prost::Message as _;
+    match signed {
+        Some(s) => serde_json::Value::String(
+            base64::engine::general_purpose::STANDARD.encode(s.encode_to_vec()),
+        ),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn print_message(m: &MessageResponse, json: bool) {
+    if json {
+        let timelines: Vec<serde_json::Value> = m
+            .timelines
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "agency": t.agency,
+                    "state": state_name(t.state),
+                    "attempts": t.attempts,
+                    "reason": t.reason,
+                    "events": t.events.iter().map(|e| serde_json::json!({
+                        "at": lienthong_proto::rfc3339_ms(e.at_ms),
+                        "at_ms": e.at_ms,
+                        "event": e.event,
+                        "detail": e.detail,
+                    })).collect::<Vec<_>>(),
+                    "delivery_receipt": signed_json(t.delivery_receipt.as_ref()),
+                    "notice": signed_json(t.notice.as_ref()),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "message_id": m.message_id,
+                "business_id": m.business_id,
+                "sender": m.sender,
+                "recipients": m.recipients,
+                "subject": m.subject,
+                "number": m.number,
+                "notation": m.notation,
+                "priority": m.priority,
+                "created_at": lienthong_proto::rfc3339_ms(m.created_at_ms),
+                "accepted_at": lienthong_proto::rfc3339_ms(m.accepted_at_ms),
+                "expires_at": lienthong_proto::rfc3339_ms(m.expires_at_ms),
+                "envelope": signed_json(m.envelope.as_ref()),
+                "submission_receipt": signed_json(m.submission_receipt.as_ref()),
+                "timelines": timelines,
+            })
+        );
+        return;
+    }
+    let present = |s: Option<&Signed>| if s.is_some() { "present" } else { "missing" };
+    println!("message     {}", m.message_id);
+    println!("business id {}", m.business_id);
+    println!("sender      {}", m.sender);
+    println!("recipients  {}", m.recipients.join(", "));
+    println!("subject     {}", m.subject);
+    println!("number      {}/{}", m.number, m.notation);
+    println!("priority    {}", m.priority);
+    println!("created     {}", time(m.created_at_ms));
+    println!("accepted    {}", time(m.accepted_at_ms));
+    println!("expires     {}", time(m.expires_at_ms));
+    println!(
+        "evidence    sender's signed envelope: {}; broker's submission receipt: {}",
+        present(m.envelope.as_ref()),
+        present(m.submission_receipt.as_ref())
+    );
+    for t in &m.timelines {
+        println!();
+        println!(
+            "{}  {} ({} attempts)",
+            t.agency,
+            state_name(t.state),
+            t.attempts
+        );
+        for e in &t.events {
+            if e.detail.is_empty() {
+                println!("  {:<29} {}", time(e.at_ms), e.event);
+            } else {
+                println!("  {:<29} {:<12} {}", time(e.at_ms), e.event, e.detail);
+            }
+        }
+        if t.delivery_receipt.is_some() {
+            println!("  evidence: the recipient's signed delivery receipt");
+        }
+        if t.notice.is_some() {
+            println!("  evidence: the broker's signed dead-letter notice");
+        }
+    }
+}
+
+fn agency_json(a: &AgencyInfo) -> serde_json::Value {
+    serde_json::json!({
+        "code": a.code,
+        "name": a.name,
+        "parent": if a.parent.is_empty() { None } else { Some(&a.parent) },
+        "status": if a.suspended { "suspended" } else { "active" },
+        "suspended_reason": if a.suspended { Some(&a.suspended_reason) } else { None },
+        "suspended_at": lienthong_proto::rfc3339_ms(a.suspended_at_ms).filter(|_| a.suspended),
+        "registered_at": lienthong_proto::rfc3339_ms(a.registered_at_ms),
+        "auto_registered": a.auto_registered,
+    })
+}
+
+fn agency_line(a: &AgencyInfo) -> String {
+    let mut line = a.code.clone();
+    if !a.name.is_empty() {
+        line.push_str(&format!("  {}", a.name));
+    }
+    if a.suspended {
+        line.push_str(&format!(
+            "  [SUSPENDED since {}: {}]",
+            time(a.suspended_at_ms),
+            a.suspended_reason
+        ));
+    } else {
+        line.push_str("  [active]");
+    }
+    line.push_str(&format!("  registered {}", time(a.registered_at_ms)));
+    if a.auto_registered {
+        line.push_str(" (automatically)");
+    }
+    line
+}
+
+/// Prints the agencies as a tree: each under its nearest registered ancestor.
+fn print_agency_tree(list: &[AgencyInfo]) {
+    use std::collections::BTreeMap;
+    let by_code: BTreeMap<&str, &AgencyInfo> = list.iter().map(|a| (a.code.as_str(), a)).collect();
+    let nearest_parent = |a: &AgencyInfo| -> Option<String> {
+        let mut code = lienthong_proto::AgencyCode::parse(&a.code).ok()?;
+        while let Some(parent) = code.parent() {
+            if by_code.contains_key(parent.as_str()) {
+                return Some(parent.to_string());
+            }
+            code = parent;
+        }
+        None
+    };
+    let mut children: BTreeMap<Option<String>, Vec<&AgencyInfo>> = BTreeMap::new();
+    for a in by_code.values() {
+        children.entry(nearest_parent(a)).or_default().push(a);
+    }
+    fn walk(
+        children: &BTreeMap<Option<String>, Vec<&AgencyInfo>>,
+        parent: Option<String>,
+        depth: usize,
+    ) {
+        for a in children.get(&parent).map(Vec::as_slice).unwrap_or_default() {
+            println!("{}{}", "  ".repeat(depth), agency_line(a));
+            walk(children, Some(a.code.clone()), depth + 1);
+        }
+    }
+    if list.is_empty() {
+        println!("no agencies registered");
+    }
+    walk(&children, None, 0);
 }
 
 /// A mutual-TLS channel to the broker.

@@ -27,6 +27,11 @@ pub struct BrokerArgs {
     /// 127.0.0.1:9443) or one reachable only from the monitoring network. Default: none.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// Operator bearer token for the dashboard and its /api on the admin listener
+    /// (`Authorization: Bearer TOKEN`; open the page as `/#token=TOKEN`). Give one when
+    /// the admin listener is not on loopback. /metrics, /healthz, /readyz stay open.
+    #[arg(long, value_name = "TOKEN")]
+    admin_token: Option<String>,
     /// Data directory (sled store).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -77,6 +82,7 @@ pub struct BrokerArgs {
 struct BrokerFile {
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
+    admin_token: Option<String>,
     data: Option<PathBuf>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -152,6 +158,10 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     if let Some(min) = args.min_free_bytes.or(file.min_free_bytes) {
         broker.min_free_bytes = min;
     }
+    broker.admin_token = args
+        .admin_token
+        .or(file.admin_token)
+        .filter(|t| !t.is_empty());
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {listen}: {e}")))?;
