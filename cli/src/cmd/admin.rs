@@ -44,7 +44,11 @@ pub struct AdminArgs {
 #[derive(Debug, Subcommand)]
 enum AdminCommand {
     /// Per-agency connection state, queue depth and oldest pending age.
-    Queues,
+    Queues {
+        /// Refresh in place every 2 seconds until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Deliveries that ended without a receipt (expired or refused).
     DeadLetters {
         /// Only this recipient agency.
@@ -327,64 +331,81 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                 }
             }
         },
-        AdminCommand::Queues => {
+        AdminCommand::Queues { watch } => loop {
             let queues = client
                 .queues(QueuesRequest {})
                 .await
-                .map_err(|s| {
-                    CliError::Failed(format!("broker refused: {} ({:?})", s.message(), s.code()))
-                })?
+                .map_err(refused)?
                 .into_inner()
                 .queues;
-            if args.json {
-                let rows: Vec<serde_json::Value> = queues
-                    .iter()
-                    .map(|q| {
-                        serde_json::json!({
-                            "agency": q.agency,
-                            "connected": q.connected,
-                            "pending": q.pending,
-                            "pending_bytes": q.pending_bytes,
-                            "oldest_pending_seconds": q.oldest_pending_seconds,
-                            "in_flight": q.in_flight,
-                            "delivered_last_hour": q.delivered_last_hour,
-                            "delivered_last_day": q.delivered_last_day,
-                            "dead_lettered_last_hour": q.dead_lettered_last_hour,
-                            "dead_lettered_last_day": q.dead_lettered_last_day,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(rows));
-            } else {
+            if watch {
+                // Clear the screen and home the cursor: the table refreshes in place.
+                print!("\x1b[2J\x1b[H");
                 println!(
-                    "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
-                    "AGENCY",
-                    "CONNECTED",
-                    "PENDING",
-                    "BYTES",
-                    "OLDEST(s)",
-                    "IN-FLIGHT",
-                    "DELIV 1h/24h",
-                    "DEAD 1h/24h"
+                    "lienthong queues at {} (Ctrl-C to stop)",
+                    lienthong_proto::rfc3339_ms(lienthong_proto::now_ms()).unwrap_or_default()
                 );
-                for q in &queues {
-                    println!(
-                        "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
-                        q.agency,
-                        if q.connected { "yes" } else { "no" },
-                        q.pending,
-                        q.pending_bytes,
-                        q.oldest_pending_seconds,
-                        q.in_flight,
-                        format!("{}/{}", q.delivered_last_hour, q.delivered_last_day),
-                        format!("{}/{}", q.dead_lettered_last_hour, q.dead_lettered_last_day)
-                    );
-                }
-                println!("(delivered and dead-lettered counts since the broker started)");
             }
-        }
+            print_queues(&queues, args.json);
+            if !watch {
+                break;
+            }
+            tokio::select! {
+                _ = crate::shutdown_signal() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            }
+        },
     }
     Ok(())
+}
+
+fn print_queues(queues: &[lienthong_proto::pb::QueueInfo], json: bool) {
+    if json {
+        let rows: Vec<serde_json::Value> = queues
+            .iter()
+            .map(|q| {
+                serde_json::json!({
+                    "agency": q.agency,
+                    "connected": q.connected,
+                    "pending": q.pending,
+                    "pending_bytes": q.pending_bytes,
+                    "oldest_pending_seconds": q.oldest_pending_seconds,
+                    "in_flight": q.in_flight,
+                    "delivered_last_hour": q.delivered_last_hour,
+                    "delivered_last_day": q.delivered_last_day,
+                    "dead_lettered_last_hour": q.dead_lettered_last_hour,
+                    "dead_lettered_last_day": q.dead_lettered_last_day,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+    } else {
+        println!(
+            "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
+            "AGENCY",
+            "CONNECTED",
+            "PENDING",
+            "BYTES",
+            "OLDEST(s)",
+            "IN-FLIGHT",
+            "DELIV 1h/24h",
+            "DEAD 1h/24h"
+        );
+        for q in queues {
+            println!(
+                "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
+                q.agency,
+                if q.connected { "yes" } else { "no" },
+                q.pending,
+                q.pending_bytes,
+                q.oldest_pending_seconds,
+                q.in_flight,
+                format!("{}/{}", q.delivered_last_hour, q.delivered_last_day),
+                format!("{}/{}", q.dead_lettered_last_hour, q.dead_lettered_last_day)
+            );
+        }
+        println!("(delivered and dead-lettered counts since the broker started)");
+    }
 }
 
 fn state_name(state: i32) -> &'static str {

@@ -27,6 +27,9 @@ pub struct DemoArgs {
     once: bool,
 }
 
+/// Registered at the broker but running no agent in the demo.
+const OFFLINE_AGENCY: &str = "000.00.20.H31";
+
 const AGENCY_NAMES: [&str; 3] = [
     "UBND tỉnh Hưng Yên",
     "Sở Tài chính tỉnh Hưng Yên",
@@ -71,15 +74,25 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         let code = AgencyCode::parse(code).map_err(|e| failed("agency")(e.to_string()))?;
         broker.agencies.push((code, name.to_owned()));
     }
-    let broker_task = tokio::spawn(lienthong_broker::run(
+    // An agency registered at the broker that runs no agent in the demo: a document to
+    // it stays queued, which is what an operator looks for on the dashboard.
+    let offline = AgencyCode::parse(OFFLINE_AGENCY).map_err(|e| failed("agency")(e.to_string()))?;
+    broker
+        .agencies
+        .push((offline, "Sở Y tế tỉnh Hưng Yên".into()));
+    let admin_listener = bind().await?;
+    let dashboard = format!("http://127.0.0.1:{}/", port(&admin_listener));
+    let broker_task = tokio::spawn(lienthong_broker::run_with_admin(
         broker,
         broker_listener,
+        Some(admin_listener),
         shutdown.clone(),
     ));
     println!(
         "2. Broker listening on {broker_url} (mutual TLS), data in {}",
         root.join("broker").display()
     );
+    println!("   Operator dashboard: {dashboard} (metrics at {dashboard}metrics)");
 
     let mut apis = Vec::new();
     let mut agent_tasks = Vec::new();
@@ -113,7 +126,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
 
     let outcome = exchange(&apis, &codes, root).await;
     if outcome.is_ok() && !args.once {
-        print_try_it(&apis, &codes, &broker_url, &pki.dir);
+        print_try_it(&apis, &codes, &broker_url, &pki.dir, &dashboard);
         crate::shutdown_signal().await;
         println!("Stopping…");
     }
@@ -211,6 +224,18 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
             "not every recipient received the document".into(),
         ));
     }
+    let stuck = SendRequest {
+        to: vec![OFFLINE_AGENCY.into()],
+        subject: "Báo cáo tình hình dịch bệnh (chờ Sở Y tế kết nối)".into(),
+        notation: Some("UBND-VX".into()),
+        ..SendRequest::default()
+    };
+    let stuck = client.send(&stuck).await?;
+    wait_for(&client, &stuck.message_id, |v| v.outbox_state != "outbox").await?;
+    println!(
+        "8. A document to {OFFLINE_AGENCY}, which runs no agent here, stays queued at the broker: {}",
+        stuck.message_id
+    );
     Ok(())
 }
 
@@ -235,7 +260,7 @@ async fn wait_for(
     }
 }
 
-fn print_try_it(apis: &[String], codes: &[String], broker_url: &str, pki: &Path) {
+fn print_try_it(apis: &[String], codes: &[String], broker_url: &str, pki: &Path, dashboard: &str) {
     let (Some(a), Some(b)) = (apis.first(), apis.get(1)) else {
         return;
     };
@@ -255,6 +280,9 @@ fn print_try_it(apis: &[String], codes: &[String], broker_url: &str, pki: &Path)
     println!(
         "  cargo run --release -q -- admin --broker {broker_url} --ca {0}/ca.crt --cert {0}/operator.crt --key {0}/operator.key queues",
         pki.display()
+    );
+    println!(
+        "Open the operator dashboard at {dashboard} to find the document stuck for {OFFLINE_AGENCY}."
     );
     println!("Press Ctrl-C to stop (the temporary folder is removed).");
 }
