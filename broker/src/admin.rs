@@ -300,48 +300,14 @@ fn timeline(
     delivery: crate::records::DeliveryRecord,
     decode_signed: impl Fn(&[u8]) -> Option<pb::Signed>,
 ) -> pb::RecipientTimeline {
-    let event = |at_ms: i64, event: &str, detail: String| pb::TimelineEvent {
-        at_ms,
-        event: event.to_owned(),
-        detail,
-    };
-    let mut events = vec![event(
-        document.accepted_at_ms,
-        "accepted",
-        "queued for this recipient".into(),
-    )];
-    for attempt in &delivery.attempt_log {
-        events.push(match attempt.outcome.as_str() {
-            "redriven" => event(
-                attempt.at_ms,
-                "redriven",
-                "queued again by an operator".into(),
-            ),
-            outcome => event(attempt.at_ms, "pushed", outcome.to_owned()),
-        });
-    }
-    match DeliveryState::try_from(delivery.state) {
-        Ok(DeliveryState::Delivered) => events.push(event(
-            delivery.delivered_at_ms,
-            "delivered",
-            "signed delivery receipt received".into(),
-        )),
-        Ok(DeliveryState::Refused) => {
-            events.push(event(
-                delivery.dead_at_ms,
-                "refused",
-                delivery.reason.clone(),
-            ));
-        }
-        Ok(DeliveryState::Expired) => {
-            events.push(event(
-                delivery.dead_at_ms,
-                "expired",
-                delivery.reason.clone(),
-            ));
-        }
-        _ => {}
-    }
+    let events: Vec<pb::TimelineEvent> = crate::records::delivery_timeline(document, &delivery)
+        .into_iter()
+        .map(|e| pb::TimelineEvent {
+            at_ms: e.at_ms,
+            event: e.event.to_owned(),
+            detail: e.detail,
+        })
+        .collect();
     pb::RecipientTimeline {
         agency: agency.to_owned(),
         state: delivery.state,

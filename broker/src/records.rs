@@ -136,3 +136,60 @@ pub struct AuditRecord {
     #[prost(string, tag = "9")]
     pub detail: String,
 }
+
+/// One event in the life of a delivery, for operators' views.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimelineEvent {
+    pub at_ms: i64,
+    pub event: &'static str,
+    pub detail: String,
+}
+
+/// The life of one delivery: accepted, each attempt with its outcome (the attempt log
+/// keeps the latest 32), then the receipt or the refusal/expiry. Shared by the Admin
+/// service and the dashboard so both tell the same story.
+pub fn delivery_timeline(
+    document: &DocumentRecord,
+    delivery: &DeliveryRecord,
+) -> Vec<TimelineEvent> {
+    use lienthong_proto::pb::DeliveryState;
+    let event = |at_ms: i64, event: &'static str, detail: String| TimelineEvent {
+        at_ms,
+        event,
+        detail,
+    };
+    let mut events = vec![event(
+        document.accepted_at_ms,
+        "accepted",
+        "queued for this recipient".into(),
+    )];
+    for attempt in &delivery.attempt_log {
+        events.push(match attempt.outcome.as_str() {
+            "redriven" => event(
+                attempt.at_ms,
+                "redriven",
+                "queued again by an operator".into(),
+            ),
+            outcome => event(attempt.at_ms, "pushed", outcome.to_owned()),
+        });
+    }
+    match DeliveryState::try_from(delivery.state) {
+        Ok(DeliveryState::Delivered) => events.push(event(
+            delivery.delivered_at_ms,
+            "delivered",
+            "signed delivery receipt received".into(),
+        )),
+        Ok(DeliveryState::Refused) => events.push(event(
+            delivery.dead_at_ms,
+            "refused",
+            delivery.reason.clone(),
+        )),
+        Ok(DeliveryState::Expired) => events.push(event(
+            delivery.dead_at_ms,
+            "expired",
+            delivery.reason.clone(),
+        )),
+        _ => {}
+    }
+    events
+}

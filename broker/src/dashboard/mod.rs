@@ -435,48 +435,14 @@ fn recipient_view(
     document: &crate::records::DocumentRecord,
     delivery: crate::records::DeliveryRecord,
 ) -> RecipientView {
-    let event = |at_ms: i64, event: &str, detail: String| EventView {
-        at_ms,
-        event: event.to_owned(),
-        detail,
-    };
-    let mut events = vec![event(
-        document.accepted_at_ms,
-        "accepted",
-        "queued for this recipient".into(),
-    )];
-    for attempt in &delivery.attempt_log {
-        events.push(match attempt.outcome.as_str() {
-            "redriven" => event(
-                attempt.at_ms,
-                "redriven",
-                "queued again by an operator".into(),
-            ),
-            outcome => event(attempt.at_ms, "pushed", outcome.to_owned()),
-        });
-    }
-    match DeliveryState::try_from(delivery.state) {
-        Ok(DeliveryState::Delivered) => events.push(event(
-            delivery.delivered_at_ms,
-            "delivered",
-            "signed delivery receipt received".into(),
-        )),
-        Ok(DeliveryState::Refused) => {
-            events.push(event(
-                delivery.dead_at_ms,
-                "refused",
-                delivery.reason.clone(),
-            ));
-        }
-        Ok(DeliveryState::Expired) => {
-            events.push(event(
-                delivery.dead_at_ms,
-                "expired",
-                delivery.reason.clone(),
-            ));
-        }
-        _ => {}
-    }
+    let events: Vec<EventView> = crate::records::delivery_timeline(document, &delivery)
+        .into_iter()
+        .map(|e| EventView {
+            at_ms: e.at_ms,
+            event: e.event.to_owned(),
+            detail: e.detail,
+        })
+        .collect();
     RecipientView {
         agency: agency.to_owned(),
         state: state_name(delivery.state),
