@@ -311,21 +311,17 @@ impl Store {
         attachments: &[Bytes],
     ) -> Result<(), StoreError> {
         let id = record.message_id.as_str();
-        let writes = attachment_writes(id, attachments);
-        let record = IVec::from(encode_json(record)?);
-        let envelope = IVec::from(envelope);
-        (&self.outbox, &self.outbox_attachments).transaction(
-            |(outbox, atts)| -> ConflictableTransactionResult<(), StoreError> {
-                for (k, v) in &writes {
-                    atts.insert(k.clone(), v.clone())?;
-                }
-                outbox.insert(key(b'e', id), envelope.clone())?;
-                outbox.insert(key(b'r', id), record.clone())?;
-                outbox.insert(key(b'p', id), IVec::default())?;
-                Ok(())
-            },
-        )?;
-        Ok(())
+        let record = encode_json(record)?;
+        // The `p` key marks it pending submission.
+        put_document(
+            &self.outbox,
+            &self.outbox_attachments,
+            id,
+            &record,
+            envelope,
+            attachments,
+            Some(b'p'),
+        )
     }
 
     /// Message ids waiting for submission, oldest first.
@@ -461,20 +457,16 @@ impl Store {
         attachments: &[Bytes],
     ) -> Result<(), StoreError> {
         let id = record.message_id.as_str();
-        let writes = attachment_writes(id, attachments);
-        let record = IVec::from(encode_json(record)?);
-        let envelope = IVec::from(envelope);
-        (&self.inbox, &self.inbox_attachments).transaction(
-            |(inbox, atts)| -> ConflictableTransactionResult<(), StoreError> {
-                for (k, v) in &writes {
-                    atts.insert(k.clone(), v.clone())?;
-                }
-                inbox.insert(key(b'e', id), envelope.clone())?;
-                inbox.insert(key(b'r', id), record.clone())?;
-                Ok(())
-            },
-        )?;
-        Ok(())
+        let record = encode_json(record)?;
+        put_document(
+            &self.inbox,
+            &self.inbox_attachments,
+            id,
+            &record,
+            envelope,
+            attachments,
+            None,
+        )
     }
 
     pub fn inbox_record(&self, id: &str) -> Result<Option<InboxRecord>, StoreError> {
@@ -585,6 +577,36 @@ fn sync_new_blobs(dir: &Path, known: HashSet<OsString>) -> Result<HashSet<OsStri
             })?;
     }
     Ok(present)
+}
+
+/// Writes a document's record (`r`), envelope (`e`), attachments and an optional marker
+/// key in one transaction over `tree` and its attachment tree.
+fn put_document(
+    tree: &sled::Tree,
+    attachment_tree: &sled::Tree,
+    id: &str,
+    record: &[u8],
+    envelope: &[u8],
+    attachments: &[Bytes],
+    marker: Option<u8>,
+) -> Result<(), StoreError> {
+    let writes = attachment_writes(id, attachments);
+    let record = IVec::from(record);
+    let envelope = IVec::from(envelope);
+    (tree, attachment_tree).transaction(
+        |(documents, atts)| -> ConflictableTransactionResult<(), StoreError> {
+            for (k, v) in &writes {
+                atts.insert(k.clone(), v.clone())?;
+            }
+            documents.insert(key(b'e', id), envelope.clone())?;
+            documents.insert(key(b'r', id), record.clone())?;
+            if let Some(marker) = marker {
+                documents.insert(key(marker, id), IVec::default())?;
+            }
+            Ok(())
+        },
+    )?;
+    Ok(())
 }
 
 /// Opens sled at `dir`, waiting up to 10 s while another handle in this process still

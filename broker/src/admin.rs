@@ -134,25 +134,7 @@ impl AdminService {
     /// One document by message id, or else by business document id.
     fn message_inner(&self, id: &str) -> Result<pb::MessageResponse, BrokerError> {
         let store = &self.shared.store;
-        let not_found = || {
-            BrokerError::NotFound(format!(
-                "no document with message id or business document id {}",
-                lienthong_proto::agency::printable(id)
-            ))
-        };
-        if id.is_empty() {
-            return Err(BrokerError::InvalidArgument(
-                "give a message id or a business document id".into(),
-            ));
-        }
-        let (message_id, document) = match store.document(id)? {
-            Some(document) => (id.to_owned(), document),
-            None => {
-                let message_id = store.message_for_business_id(id)?.ok_or_else(not_found)?;
-                let document = store.document(&message_id)?.ok_or_else(not_found)?;
-                (message_id, document)
-            }
-        };
+        let (message_id, document) = find_document(store, id)?;
         let envelope = pb::Signed::decode(document.envelope.as_slice()).ok();
         // The header as the sender signed it; stored only after verification.
         let header = envelope
@@ -289,6 +271,33 @@ fn audit_entry(entry: crate::records::AuditRecord) -> pb::AuditEntry {
         prev_hash: entry.prev_hash,
         hash: entry.hash,
         detail: entry.detail,
+    }
+}
+
+/// A document by message id, or else by business document id; shared by the Admin
+/// service and the dashboard.
+pub(crate) fn find_document(
+    store: &crate::store::Store,
+    id: &str,
+) -> Result<(String, crate::records::DocumentRecord), BrokerError> {
+    let not_found = || {
+        BrokerError::NotFound(format!(
+            "no document with message id or business document id {}",
+            lienthong_proto::agency::printable(id)
+        ))
+    };
+    if id.is_empty() {
+        return Err(BrokerError::InvalidArgument(
+            "give a message id or a business document id".into(),
+        ));
+    }
+    match store.document(id)? {
+        Some(document) => Ok((id.to_owned(), document)),
+        None => {
+            let message_id = store.message_for_business_id(id)?.ok_or_else(not_found)?;
+            let document = store.document(&message_id)?.ok_or_else(not_found)?;
+            Ok((message_id, document))
+        }
     }
 }
 

@@ -387,25 +387,7 @@ pub(crate) async fn message(
     blocking(shared, move |shared| {
         let id = id.trim();
         let store = &shared.store;
-        let not_found = || {
-            BrokerError::NotFound(format!(
-                "no document with message id or business document id {}",
-                lienthong_proto::agency::printable(id)
-            ))
-        };
-        if id.is_empty() {
-            return Err(BrokerError::InvalidArgument(
-                "give a message id or a business document id".into(),
-            ));
-        }
-        let (message_id, document) = match store.document(id)? {
-            Some(document) => (id.to_owned(), document),
-            None => {
-                let message_id = store.message_for_business_id(id)?.ok_or_else(not_found)?;
-                let document = store.document(&message_id)?.ok_or_else(not_found)?;
-                (message_id, document)
-            }
-        };
+        let (message_id, document) = crate::admin::find_document(store, id)?;
         let header = header_of(&document);
         let mut recipients = Vec::with_capacity(document.recipients.len());
         for agency in &document.recipients {
