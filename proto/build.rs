@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".lienthong.v1.Signed.payload")
         .bytes(".lienthong.v1.AttachmentChunk.data")
         .bytes(".lienthong.v1.Delivery.attachments")
+        .bytes(".lienthong.v1.DeliveryChunk.data")
         .compile_fds(descriptors)?;
     Ok(())
 }

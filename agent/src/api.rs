@@ -34,8 +34,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::Agent;
 use crate::api_types::{
-    AttemptView, ErrorBody, InboxDetail, InboxItem, RecipientView, SendRequest, SendResponse,
-    StatusView,
+    AttemptView, ErrorBody, InboxDetail, InboxItem, Limits, RecipientView, SendRequest,
+    SendResponse, StatusView, UploadResponse,
 };
 use crate::error::StoreError;
 use crate::export::{document_json, rfc3339_ms};
@@ -82,6 +82,11 @@ fn internal(context: &'static str) -> impl Fn(StoreError) -> ApiError {
 pub(crate) fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/documents", post(send_document))
+        .route(
+            "/v1/uploads",
+            post(upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/limits", get(limits))
         .route("/v1/documents/{id}/status", get(document_status))
         .route("/v1/inbox", get(list_inbox))
         .route("/v1/inbox/{id}", get(inbox_document))
@@ -177,7 +182,33 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
     }
     let mut attachments = Vec::with_capacity(req.attachments.len());
     let mut infos = Vec::with_capacity(req.attachments.len());
+    let mut uploads = Vec::new();
     for (index, attachment) in req.attachments.iter().enumerate() {
+        let media_type = attachment
+            .media_type
+            .clone()
+            .filter(|m| !m.trim().is_empty())
+            .unwrap_or_else(|| guess_media_type(&attachment.name).to_owned());
+        if let Some(upload_id) = &attachment.upload_id {
+            let upload = agent
+                .files
+                .upload(upload_id)
+                .map_err(internal("cannot read an upload"))?
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "attachments[{index}].upload_id: no upload {} at this agent (POST /v1/uploads first)",
+                        lienthong_proto::agency::printable(upload_id)
+                    ))
+                })?;
+            infos.push(pb::AttachmentInfo {
+                name: attachment.name.clone(),
+                media_type,
+                size: upload.size,
+                sha256: upload.sha256.clone(),
+            });
+            uploads.push((upload_id.clone(), upload));
+            continue;
+        }
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(attachment.content_base64.as_bytes())
             .map_err(|e| {
@@ -185,13 +216,29 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
                     "attachments[{index}].content_base64: not valid standard base64 ({e})"
                 ))
             })?;
-        let media_type = attachment
-            .media_type
-            .clone()
-            .filter(|m| !m.trim().is_empty())
-            .unwrap_or_else(|| guess_media_type(&attachment.name).to_owned());
         infos.push(describe_attachment(&attachment.name, &media_type, &bytes));
         attachments.push(Bytes::from(bytes));
+    }
+    let total: u64 = infos.iter().map(|a| a.size).fold(0, u64::saturating_add);
+    if total > agent.max_document_bytes {
+        return Err(too_large(total, agent.max_document_bytes));
+    }
+    let streamed = total > lienthong_proto::document::STREAMED_THRESHOLD;
+    if !uploads.is_empty() && !attachments.is_empty() {
+        return Err(ApiError::BadRequest(
+            "attachments: give every attachment as upload_id or every one as content_base64, not a mix"
+                .into(),
+        ));
+    }
+    if !uploads.is_empty() && !streamed {
+        // Small: kept inline in the store like a JSON upload.
+        for (_, upload) in &uploads {
+            let bytes = std::fs::read(&upload.path).map_err(|e| {
+                error!(error = %e, "cannot read an upload");
+                ApiError::Internal
+            })?;
+            attachments.push(Bytes::from(bytes));
+        }
     }
     let sender = agent.agency.to_string();
     let issue_date = req
@@ -280,15 +327,117 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
         failure_reason: None,
         submitted_at_ms: None,
         bytes,
+        streamed,
     };
+    if streamed {
+        let paths: Vec<std::path::PathBuf> = uploads.iter().map(|(_, u)| u.path.clone()).collect();
+        agent
+            .files
+            .take_into_outbox(&header.message_id, &paths)
+            .map_err(internal("cannot move the uploads into the outbox"))?;
+        attachments.clear();
+    }
     agent
         .store
         .put_outbox(&record, &envelope.encode_to_vec(), &attachments)
         .map_err(internal("cannot store the document in the outbox"))?;
+    if !streamed {
+        for (id, _) in &uploads {
+            agent.files.remove_upload(id);
+        }
+    }
     Ok(Prepared {
         message_id: header.message_id,
         business_id: header.business_id,
     })
+}
+
+fn too_large(size: u64, limit: u64) -> ApiError {
+    ApiError::Rejected(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the document is {size} bytes; this agent accepts at most {limit} (max_document_bytes)"
+        ),
+    )
+}
+
+/// `GET /v1/limits`.
+async fn limits(State(agent): State<Arc<Agent>>) -> Json<Limits> {
+    Json(Limits {
+        max_document_bytes: agent.max_document_bytes,
+    })
+}
+
+/// `POST /v1/uploads`: the raw file as the body, written to disk as it arrives (never
+/// held whole), hashed as it passes, synced before the answer. A body declared or
+/// found larger than `max_document_bytes` is refused before (or as soon as) it
+/// exceeds the limit, and nothing of it is kept.
+async fn upload(
+    State(agent): State<Arc<Agent>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
+    use futures_util::StreamExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let limit = agent.max_document_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared
+        && declared > limit
+    {
+        return Err(too_large(declared, limit));
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    let part = agent.files.uploads().join(format!("{id}.part"));
+    let io_failure = |e: std::io::Error| {
+        error!(error = %e, "cannot write an upload");
+        ApiError::Internal
+    };
+    let mut file = tokio::fs::File::create(&part).await.map_err(io_failure)?;
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut size: u64 = 0;
+    let mut stream = body.into_data_stream();
+    let outcome: Result<(), ApiError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                ApiError::BadRequest(format!("the upload body could not be read: {e}"))
+            })?;
+            size = size.saturating_add(chunk.len() as u64);
+            if size > limit {
+                return Err(too_large(size, limit));
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(io_failure)?;
+        }
+        file.sync_data().await.map_err(io_failure)
+    }
+    .await;
+    drop(file);
+    if let Err(e) = outcome {
+        let _ = tokio::fs::remove_file(&part).await;
+        return Err(e);
+    }
+    let sha256 = hasher.finish().as_ref().to_vec();
+    let finishing = Arc::clone(&agent);
+    let (id_done, sha) = (id.clone(), sha256.clone());
+    tokio::task::spawn_blocking(move || finishing.files.finish_upload(&id_done, size, &sha))
+        .await
+        .map_err(|e| {
+            error!(error = %e, "finishing an upload failed");
+            ApiError::Internal
+        })?
+        .map_err(internal("cannot finish an upload"))?;
+    debug!(agency = %agent.agency, upload = %id, size, "upload stored");
+    Ok((
+        StatusCode::CREATED,
+        Json(UploadResponse {
+            upload_id: id,
+            size,
+            sha256: hex::encode(sha256),
+        }),
+    ))
 }
 
 async fn send_document(

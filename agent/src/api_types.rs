@@ -69,8 +69,30 @@ pub struct AttachmentUpload {
     /// Guessed from the extension when absent.
     #[serde(default)]
     pub media_type: Option<String>,
-    /// The file's bytes, standard base64 with padding.
+    /// The file's bytes, standard base64 with padding (small files). Give either this
+    /// or `upload_id`.
+    #[serde(default)]
     pub content_base64: String,
+    /// An upload made with `POST /v1/uploads` (any size, streamed to disk).
+    #[serde(default)]
+    pub upload_id: Option<String>,
+}
+
+/// `201 Created` answer to `POST /v1/uploads` (the raw file as the body): the bytes are
+/// synced to the agent's disk and can be named in a [`SendRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadResponse {
+    pub upload_id: String,
+    pub size: u64,
+    /// Hex SHA-256 of the bytes.
+    pub sha256: String,
+}
+
+/// `GET /v1/limits`: what this agent accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest document, the sum of its attachments (max_document_bytes).
+    pub max_document_bytes: u64,
 }
 
 /// `202 Accepted` answer to [`SendRequest`]: the document is durable in the outbox.

@@ -37,6 +37,10 @@ pub fn client(config: &AgentConfig) -> Result<ExchangeClient<Channel>, AgentErro
         .http2_keep_alive_interval(config.keepalive_interval)
         .keep_alive_timeout(config.keepalive_timeout)
         .keep_alive_while_idle(true)
+        // Large windows for WAN links (see the broker's), grown from h2's BDP estimate.
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(8 * 1024 * 1024)
+        .http2_adaptive_window(true)
         .connect_timeout(Duration::from_secs(5))
         .connect_lazy();
     Ok(ExchangeClient::new(channel)
@@ -51,6 +55,15 @@ pub fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
     let ceiling = min.saturating_mul(1u32 << exponent).min(max);
     let ceiling_ms = u64::try_from(ceiling.as_millis()).unwrap_or(u64::MAX);
     Duration::from_millis(rand::rng().random_range(0..=ceiling_ms))
+}
+
+/// The broker marks a refusal that no retry can change (e.g. a document over its size
+/// limit, RESOURCE_EXHAUSTED like a full queue, which is temporary) with this metadata.
+pub const PERMANENT_METADATA: &str = "lienthong-permanent";
+
+/// True when resubmitting the same document cannot succeed.
+pub fn is_permanent_status(status: &tonic::Status) -> bool {
+    is_permanent(status.code()) || status.metadata().get(PERMANENT_METADATA).is_some()
 }
 
 /// Codes after which resubmitting the same document cannot succeed.

@@ -58,6 +58,9 @@ pub enum StoreError {
     Record { key: String, detail: String },
     #[error("background task failed: {0}")]
     Task(String),
+    /// A streamed document's attachment files.
+    #[error("attachment files: {0}")]
+    Files(String),
 }
 
 impl From<sled::transaction::TransactionError<StoreError>> for StoreError {

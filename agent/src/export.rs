@@ -101,6 +101,9 @@ pub struct ExportDocument<'a> {
     pub received_at_ms: i64,
     /// In header order.
     pub attachments: &'a [Bytes],
+    /// Instead of `attachments`: a folder holding them as files `<index>` (checked and
+    /// synced), which are moved into the export.
+    pub attachment_files: Option<&'a Path>,
 }
 
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> ExportError + '_ {
@@ -157,8 +160,19 @@ pub fn export(inbox_dir: &Path, doc: &ExportDocument<'_>) -> Result<PathBuf, Exp
         std::fs::remove_dir_all(&partial).map_err(io_at(&partial))?;
     }
     std::fs::create_dir_all(&partial).map_err(io_at(&partial))?;
-    for (info, bytes) in doc.header.attachments.iter().zip(doc.attachments) {
-        write_synced(&partial.join(&info.name), bytes)?;
+    if let Some(files) = doc.attachment_files {
+        for (index, info) in doc.header.attachments.iter().enumerate() {
+            let from = files.join(index.to_string());
+            let to = partial.join(&info.name);
+            lienthong_proto::spool::move_file(&from, &to).map_err(|e| ExportError {
+                path: to.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+    } else {
+        for (info, bytes) in doc.header.attachments.iter().zip(doc.attachments) {
+            write_synced(&partial.join(&info.name), bytes)?;
+        }
     }
     write_synced(&partial.join("envelope.pb"), doc.envelope)?;
     let json = document_json(doc.header, doc.header_sha256, doc.received_at_ms);
@@ -171,6 +185,10 @@ pub fn export(inbox_dir: &Path, doc: &ExportDocument<'_>) -> Result<PathBuf, Exp
     sync_dir(&partial)?;
     std::fs::rename(&partial, &target).map_err(io_at(&target))?;
     sync_dir(inbox_dir)?;
+    if let Some(files) = doc.attachment_files {
+        // Emptied by the moves; removing it keeps it out of the next Hello.
+        let _ = std::fs::remove_dir(files);
+    }
     Ok(target)
 }
 
@@ -242,6 +260,7 @@ mod tests {
             header_sha256: &[7; 32],
             received_at_ms: 1_700_000_000_500,
             attachments: &attachments,
+            attachment_files: None,
         };
         let path = export(dir.path(), &doc).unwrap();
         assert_eq!(path, dir.path().join(&h.message_id));

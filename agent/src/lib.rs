@@ -21,6 +21,7 @@ pub mod api_types;
 mod broker_client;
 pub mod error;
 pub mod export;
+mod files;
 mod metrics;
 mod outbox;
 mod session;
@@ -71,6 +72,9 @@ pub struct AgentConfig {
     /// unreachable broker never makes the agent's disk grow without bound.
     pub max_outbox_documents: u64,
     pub max_outbox_bytes: u64,
+    /// The largest document (sum of its attachments) accepted from the gateway or
+    /// from the broker (default 2 GiB); larger ones are refused before any upload.
+    pub max_document_bytes: u64,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -111,6 +115,7 @@ impl AgentConfig {
             api_max_body_bytes: 512 * 1024 * 1024,
             max_outbox_documents: 10_000,
             max_outbox_bytes: 10 * 1024 * 1024 * 1024,
+            max_document_bytes: 2 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -135,6 +140,8 @@ pub(crate) struct Agent {
     pub metrics: metrics::Metrics,
     pub max_outbox_documents: u64,
     pub max_outbox_bytes: u64,
+    pub max_document_bytes: u64,
+    pub files: files::Files,
 }
 
 impl Agent {
@@ -209,6 +216,12 @@ pub async fn run(
     let data_dir = config.data_dir.clone();
     let (store, outbox_counts) = tokio::task::spawn_blocking(move || {
         let store = store::Store::open(&data_dir)?;
+        files::Files::new(&data_dir)
+            .create()
+            .map_err(|e| AgentError::Corrupt {
+                path: data_dir.clone(),
+                detail: e.to_string(),
+            })?;
         let counts = store.outbox_counts().map_err(|e| AgentError::Corrupt {
             path: data_dir.clone(),
             detail: format!("cannot read the outbox: {e}"),
@@ -251,6 +264,8 @@ pub async fn run(
         metrics: metrics::Metrics::new(outbox_counts, certificates),
         max_outbox_documents: config.max_outbox_documents,
         max_outbox_bytes: config.max_outbox_bytes,
+        max_document_bytes: config.max_document_bytes,
+        files: files::Files::new(&config.data_dir),
     });
 
     session::reexport_pending(&agent).await;

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use lienthong_proto::document::MAX_ATTACHMENTS;
 use lienthong_proto::pb::{self, submit_frame::Frame};
 use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
 use prost::Message;
@@ -22,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::Agent;
-use crate::broker_client::is_permanent;
+use crate::broker_client::is_permanent_status;
 use crate::error::StoreError;
 use crate::metrics::SubmissionOutcome;
 
@@ -144,6 +145,8 @@ struct Frames {
     envelope: Option<pb::Signed>,
     chunks: Box<dyn Iterator<Item = Result<(u32, sled::IVec), StoreError>> + Send>,
     carry: Option<(u32, sled::IVec)>,
+    /// The attachment the next frame belongs to, and its offset there.
+    position: (u32, u64),
     /// Set when reading the store failed mid-stream (the stream then ends early).
     failure: Arc<Mutex<Option<String>>>,
     done: bool,
@@ -203,10 +206,16 @@ impl Iterator for Frames {
                 }
             }
         }
+        if self.position.0 != index {
+            self.position = (index, 0);
+        }
+        let offset = self.position.1;
+        self.position.1 += data.len() as u64;
         Some(pb::SubmitFrame {
             frame: Some(Frame::Chunk(pb::AttachmentChunk {
                 attachment_index: index,
                 data: data.freeze(),
+                offset,
             })),
         })
     }
@@ -247,15 +256,25 @@ async fn submit_one(agent: &Agent, id: &str) -> Outcome {
     };
     let header_sha256 = lienthong_proto::sha256(&envelope.payload);
     let failure = Arc::new(Mutex::new(None));
-    let frames = Frames {
-        envelope: Some(envelope),
-        chunks: Box::new(agent.store.outbox_attachment_chunks(id)),
-        carry: None,
-        failure: Arc::clone(&failure),
-        done: false,
-    };
     let mut client = agent.client.clone();
-    let result = client.submit(tokio_stream::iter(frames)).await;
+    let result = if record.streamed {
+        let offsets = match resume_offsets(agent, id, &header_sha256).await {
+            Ok(offsets) => offsets,
+            Err(status) => return status_outcome(agent, id, status).await,
+        };
+        let frames = streamed_frames(agent, id, envelope, offsets, Arc::clone(&failure));
+        client.submit(frames).await
+    } else {
+        let frames = Frames {
+            envelope: Some(envelope),
+            chunks: Box::new(agent.store.outbox_attachment_chunks(id)),
+            carry: None,
+            position: (0, 0),
+            failure: Arc::clone(&failure),
+            done: false,
+        };
+        client.submit(tokio_stream::iter(frames)).await
+    };
     let store_failure = failure.lock().ok().and_then(|mut slot| slot.take());
     if let Some(detail) = store_failure {
         error!(agency = %agent.agency, message_id = %id, error = %detail, "reading the outbox failed during submission");
@@ -263,23 +282,7 @@ async fn submit_one(agent: &Agent, id: &str) -> Outcome {
     }
     let response = match result {
         Ok(response) => response.into_inner(),
-        Err(status) => {
-            let reason = format!("{:?}: {}", status.code(), status.message());
-            if is_permanent(status.code()) {
-                warn!(agency = %agent.agency, message_id = %id, reason = %reason, "the broker refused the document");
-                if let Err(e) = agent.store.mark_failed(id, &reason) {
-                    return local(e);
-                }
-                if let Err(e) = agent.store.durable().await {
-                    return local(e);
-                }
-                return Outcome::Failed;
-            }
-            return match status.code() {
-                tonic::Code::Unavailable => Outcome::Unreachable(reason),
-                _ => Outcome::Retry(reason),
-            };
-        }
+        Err(status) => return status_outcome(agent, id, status).await,
     };
     let Some(receipt) = response.submission_receipt else {
         return Outcome::Retry("the broker answered without a submission receipt".into());
@@ -314,6 +317,13 @@ async fn submit_one(agent: &Agent, id: &str) -> Outcome {
     if let Err(e) = agent.store.durable().await {
         return local(e);
     }
+    if record.streamed {
+        // The broker holds the attachments now, with a signed receipt for them.
+        let dir = agent.files.outbox_dir(id);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            warn!(agency = %agent.agency, message_id = %id, error = %e, "cannot remove a submitted document's files");
+        }
+    }
     info!(
         agency = %agent.agency,
         message_id = %id,
@@ -322,4 +332,100 @@ async fn submit_one(agent: &Agent, id: &str) -> Outcome {
         "document submitted"
     );
     Outcome::Submitted
+}
+
+/// What a failed submission means: a permanent refusal marks the document failed.
+async fn status_outcome(agent: &Agent, id: &str, status: tonic::Status) -> Outcome {
+    let reason = format!("{:?}: {}", status.code(), status.message());
+    if is_permanent_status(&status) {
+        warn!(agency = %agent.agency, message_id = %id, reason = %reason, "the broker refused the document");
+        let marked = match agent.store.mark_failed(id, &reason) {
+            Ok(()) => agent.store.durable().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = marked {
+            error!(agency = %agent.agency, message_id = %id, error = %e, "outbox store failure");
+            return Outcome::Unreachable(format!("local store: {e}"));
+        }
+        return Outcome::Failed;
+    }
+    match status.code() {
+        tonic::Code::Unavailable => Outcome::Unreachable(reason),
+        _ => Outcome::Retry(reason),
+    }
+}
+
+/// Where a streamed upload resumes: what the broker already holds of each attachment.
+async fn resume_offsets(
+    agent: &Agent,
+    id: &str,
+    header_sha256: &[u8; 32],
+) -> Result<Vec<u64>, tonic::Status> {
+    let mut client = agent.client.clone();
+    let answer = client
+        .upload_status(pb::UploadStatusRequest {
+            message_id: id.to_owned(),
+            header_sha256: header_sha256.to_vec(),
+        })
+        .await?
+        .into_inner();
+    if answer.accepted {
+        // Only the envelope is sent: the broker answers with the original receipt.
+        return Ok(vec![u64::MAX; MAX_ATTACHMENTS]);
+    }
+    if answer.stored_bytes.iter().any(|&n| n > 0) {
+        info!(agency = %agent.agency, message_id = %id, held = ?answer.stored_bytes, "resuming an interrupted upload");
+    }
+    Ok(answer.stored_bytes)
+}
+
+/// The frames of a streamed submission: the envelope, then each attachment's file
+/// from its resume offset, read one frame at a time as the network takes them.
+fn streamed_frames(
+    agent: &Agent,
+    id: &str,
+    envelope: pb::Signed,
+    offsets: Vec<u64>,
+    failure: Arc<Mutex<Option<String>>>,
+) -> tokio_stream::wrappers::ReceiverStream<pb::SubmitFrame> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::SubmitFrame>(2);
+    let dir = agent.files.outbox_dir(id);
+    let count = pb::DocumentHeader::decode(envelope.payload.as_ref())
+        .map(|h| h.attachments.len())
+        .unwrap_or(0);
+    tokio::task::spawn_blocking(move || {
+        let first = pb::SubmitFrame {
+            frame: Some(Frame::Envelope(envelope)),
+        };
+        if tx.blocking_send(first).is_err() {
+            return;
+        }
+        for index in 0..count {
+            let from = offsets.get(index).copied().unwrap_or(0);
+            let path = dir.join(index.to_string());
+            let size = std::fs::metadata(&path).map_or(0, |m| m.len());
+            if from >= size {
+                continue;
+            }
+            let attachment_index = u32::try_from(index).unwrap_or(u32::MAX);
+            let read =
+                lienthong_proto::spool::read_pieces(&path, from, FRAME_BYTES, |at, bytes| {
+                    let frame = pb::SubmitFrame {
+                        frame: Some(Frame::Chunk(pb::AttachmentChunk {
+                            attachment_index,
+                            data: bytes.into(),
+                            offset: at,
+                        })),
+                    };
+                    tx.blocking_send(frame).is_ok()
+                });
+            if let Err(e) = read {
+                if let Ok(mut slot) = failure.lock() {
+                    *slot = Some(e.to_string());
+                }
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

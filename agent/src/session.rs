@@ -12,15 +12,24 @@
 //!   stored receipt. A different document reusing a stored message id is refused.
 //! - A local failure (store, disk, signing) sends neither Ack nor Refuse: the session
 //!   is dropped and the broker redelivers after the reconnect.
-//! - Deliveries are handled one at a time, in the order they arrive.
+//! - Deliveries are handled one at a time, in the order they arrive. A streamed
+//!   delivery's envelope is verified when it arrives, its chunks are written to files
+//!   as they come (hashed as they pass) and it is stored only once every attachment
+//!   matches its digest; what is held is offered in the next Hello, so a broken link
+//!   resumes rather than restarts.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use lienthong_proto::document::{check_attachment, is_valid_message_id, verify_document};
+use lienthong_proto::document::{
+    VerifiedDocument, check_attachment, is_valid_message_id, verify_document,
+};
 use lienthong_proto::pb::{self, agent_message::Msg as Out, broker_message::Msg as In};
 use lienthong_proto::receipt::sign_receipt;
 use lienthong_proto::signing::VerifyTime;
+use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use lienthong_proto::{ProtocolError, now_ms};
 use prost::Message;
 use tokio::time::Instant;
@@ -46,6 +55,8 @@ pub(crate) enum LocalError {
     Stored { id: String, detail: String },
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("streamed delivery: {0}")]
+    Files(String),
 }
 
 enum SessionEnd {
@@ -86,9 +97,11 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
         .unwrap_or(32)
         .saturating_add(8);
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(capacity);
+    let partial = partial_deliveries(agent).await;
     let hello = pb::AgentMessage {
         msg: Some(Out::Hello(pb::Hello {
             window: agent.window,
+            partial,
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -114,15 +127,14 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
     info!(agency = %agent.agency, window = agent.window, "broker session established");
     let _up = agent.metrics.session_up();
     let mut handled: u64 = 0;
+    let mut receiving: HashMap<String, Receiving> = HashMap::new();
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
             () = stop.cancelled() => return SessionEnd::Stopped,
         };
-        let delivery = match message {
-            Ok(Some(pb::BrokerMessage {
-                msg: Some(In::Delivery(delivery)),
-            })) => delivery,
+        let message = match message {
+            Ok(Some(pb::BrokerMessage { msg: Some(message) })) => message,
             Ok(Some(_)) => {
                 debug!(agency = %agent.agency, "ignoring an empty broker message");
                 continue;
@@ -140,8 +152,16 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
                 };
             }
         };
-        let reply = match handle_delivery(agent, delivery).await {
-            Ok(reply) => reply,
+        let handling = match message {
+            In::Delivery(delivery) if delivery.streamed => {
+                start_streamed(agent, delivery, &mut receiving).await
+            }
+            In::Delivery(delivery) => handle_delivery(agent, delivery).await.map(Some),
+            In::Chunk(chunk) => on_chunk(agent, chunk, &mut receiving).await,
+        };
+        let reply = match handling {
+            Ok(Some(reply)) => reply,
+            Ok(None) => continue,
             Err(e) => {
                 error!(agency = %agent.agency, error = %e, "cannot take the delivery; dropping the session so the broker redelivers");
                 return SessionEnd::Ended {
@@ -249,6 +269,31 @@ async fn handle_delivery(
             return Ok(refuse(message_id, reason));
         }
     };
+    accept(
+        agent,
+        envelope,
+        verified,
+        attempt,
+        Body::Inline(attachments),
+    )
+    .await
+}
+
+/// Where a verified delivery's attachment bytes are.
+enum Body {
+    Inline(Vec<Bytes>),
+    /// Files `<dir>/<index>`, complete, checked and synced (a streamed delivery).
+    Files(PathBuf),
+}
+
+/// Stores a verified delivery (once), exports it and answers with the signed receipt.
+async fn accept(
+    agent: &Arc<Agent>,
+    envelope: pb::Signed,
+    verified: VerifiedDocument,
+    attempt: u32,
+    body: Body,
+) -> Result<pb::AgentMessage, LocalError> {
     let id = verified.header.message_id.clone();
     let sha_hex = hex::encode(verified.header_sha256);
     let envelope_bytes = Bytes::from(envelope.encode_to_vec());
@@ -266,6 +311,7 @@ async fn handle_delivery(
             (existing, None)
         }
         None => {
+            let streamed = matches!(body, Body::Files(_));
             let record = InboxRecord {
                 message_id: id.clone(),
                 received_at_ms: now_ms(),
@@ -280,10 +326,15 @@ async fn handle_delivery(
                     .map(|a| a.name.clone())
                     .collect(),
                 exported: false,
+                streamed,
             };
             let storing = Arc::clone(agent);
-            let (r, e, a) = (record.clone(), envelope_bytes.clone(), attachments.clone());
-            tokio::task::spawn_blocking(move || storing.store.put_inbox(&r, &e, &a))
+            let inline = match &body {
+                Body::Inline(attachments) => attachments.clone(),
+                Body::Files(_) => Vec::new(),
+            };
+            let (r, e) = (record.clone(), envelope_bytes.clone());
+            tokio::task::spawn_blocking(move || storing.store.put_inbox(&r, &e, &inline))
                 .await
                 .map_err(|e| LocalError::Task(e.to_string()))??;
             agent.store.durable().await?;
@@ -298,7 +349,7 @@ async fn handle_delivery(
         &envelope_bytes,
         &verified.header,
         &verified.header_sha256,
-        attachments,
+        body,
     )
     .await?;
 
@@ -337,6 +388,240 @@ async fn handle_delivery(
     Ok(ack(id, receipt))
 }
 
+/// A streamed delivery being received.
+struct Receiving {
+    envelope: pb::Signed,
+    verified: VerifiedDocument,
+    attempt: u32,
+    parts: Vec<Option<PartialAttachment>>,
+}
+
+/// What this agent holds of streamed deliveries not yet stored, for the Hello.
+async fn partial_deliveries(agent: &Arc<Agent>) -> Vec<pb::PartialDelivery> {
+    let reading = Arc::clone(agent);
+    tokio::task::spawn_blocking(move || {
+        reading
+            .files
+            .partial_deliveries()
+            .into_iter()
+            .filter(|(id, _)| matches!(reading.store.inbox_record(id), Ok(None)))
+            .map(|(message_id, stored_bytes)| pb::PartialDelivery {
+                message_id,
+                stored_bytes,
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// The checks a streamed delivery's envelope must pass before any chunk is kept.
+fn check_streamed(agent: &Agent, envelope: &pb::Signed) -> Result<VerifiedDocument, String> {
+    let verified = verify_document(envelope, &agent.document_anchors, VerifyTime::Now)
+        .map_err(|e| e.to_string())?;
+    let header = &verified.header;
+    if !header.recipients.iter().any(|r| r == agent.agency.as_str()) {
+        return Err(format!(
+            "this agency ({}) is not a recipient of the document",
+            agent.agency
+        ));
+    }
+    let total = header
+        .attachments
+        .iter()
+        .map(|a| a.size)
+        .fold(0u64, u64::saturating_add);
+    if total > agent.max_document_bytes {
+        return Err(format!(
+            "the document is {total} bytes; this agency accepts at most {} (max_document_bytes)",
+            agent.max_document_bytes
+        ));
+    }
+    Ok(verified)
+}
+
+/// The header of a streamed delivery: verified, then its files opened (continuing
+/// whatever an earlier session left). Answers at once when it needs no bytes.
+async fn start_streamed(
+    agent: &Arc<Agent>,
+    delivery: pb::Delivery,
+    receiving: &mut HashMap<String, Receiving>,
+) -> Result<Option<pb::AgentMessage>, LocalError> {
+    let Some(envelope) = delivery.envelope else {
+        return Ok(Some(refuse(
+            String::new(),
+            "the delivery carries no signed envelope".into(),
+        )));
+    };
+    let checking = Arc::clone(agent);
+    let (envelope, checked) = tokio::task::spawn_blocking(move || {
+        let checked = check_streamed(&checking, &envelope);
+        (envelope, checked)
+    })
+    .await
+    .map_err(|e| LocalError::Task(e.to_string()))?;
+    let verified = match checked {
+        Ok(verified) => verified,
+        Err(reason) => {
+            let message_id = untrusted_message_id(&envelope);
+            warn!(agency = %agent.agency, message_id = %message_id, reason = %reason, "refusing delivery");
+            return Ok(Some(refuse(message_id, reason)));
+        }
+    };
+    let id = verified.header.message_id.clone();
+    let dir = agent.files.incoming_dir(&id);
+    if agent.store.inbox_record(&id)?.is_some() {
+        // Stored before: no bytes needed (the chunks that follow are ignored).
+        receiving.remove(&id);
+        return accept(
+            agent,
+            envelope,
+            verified,
+            delivery.attempt,
+            Body::Files(dir),
+        )
+        .await
+        .map(Some);
+    }
+    let infos = verified.header.attachments.clone();
+    let opening = dir.clone();
+    let parts =
+        tokio::task::spawn_blocking(move || -> Result<Vec<PartialAttachment>, SpoolError> {
+            std::fs::create_dir_all(&opening).map_err(|source| SpoolError::Io {
+                path: opening.clone(),
+                source,
+            })?;
+            infos
+                .iter()
+                .enumerate()
+                .map(|(i, info)| PartialAttachment::open(&opening.join(i.to_string()), i, info))
+                .collect()
+        })
+        .await
+        .map_err(|e| LocalError::Task(e.to_string()))?
+        .map_err(|e| LocalError::Files(e.to_string()))?;
+    debug!(
+        agency = %agent.agency,
+        message_id = %id,
+        held = parts.iter().map(PartialAttachment::stored).sum::<u64>(),
+        "streamed delivery started"
+    );
+    let state = Receiving {
+        envelope,
+        verified,
+        attempt: delivery.attempt,
+        parts: parts.into_iter().map(Some).collect(),
+    };
+    if state
+        .parts
+        .iter()
+        .flatten()
+        .all(PartialAttachment::is_complete)
+    {
+        return complete_streamed(agent, state).await.map(Some);
+    }
+    receiving.insert(id, state);
+    Ok(None)
+}
+
+/// One chunk of a streamed delivery: written to its file as it arrives.
+async fn on_chunk(
+    agent: &Arc<Agent>,
+    chunk: pb::DeliveryChunk,
+    receiving: &mut HashMap<String, Receiving>,
+) -> Result<Option<pb::AgentMessage>, LocalError> {
+    let id = chunk.message_id.clone();
+    let Some(state) = receiving.get_mut(&id) else {
+        // A chunk of a delivery already stored or refused.
+        return Ok(None);
+    };
+    let index = chunk.attachment_index as usize;
+    let Some(mut part) = state.parts.get_mut(index).and_then(Option::take) else {
+        receiving.remove(&id);
+        return Ok(Some(refuse(
+            id,
+            format!("a chunk names attachment {index}, which the header does not list"),
+        )));
+    };
+    let (part, written) = tokio::task::spawn_blocking(move || {
+        let written = part.write_chunk(chunk.offset, &chunk.data);
+        (part, written)
+    })
+    .await
+    .map_err(|e| LocalError::Task(e.to_string()))?;
+    if let Some(slot) = state.parts.get_mut(index) {
+        *slot = Some(part);
+    }
+    match written {
+        Ok(()) => {}
+        Err(SpoolError::Mismatch(e)) => {
+            receiving.remove(&id);
+            discard_incoming(agent, &id).await;
+            return Ok(Some(refuse(id, e.to_string())));
+        }
+        // A gap or a write failure: the next session resumes from what is held.
+        Err(e) => return Err(LocalError::Files(e.to_string())),
+    }
+    if state
+        .parts
+        .iter()
+        .flatten()
+        .all(PartialAttachment::is_complete)
+        && let Some(state) = receiving.remove(&id)
+    {
+        return complete_streamed(agent, state).await.map(Some);
+    }
+    Ok(None)
+}
+
+async fn discard_incoming(agent: &Arc<Agent>, id: &str) {
+    let _ = tokio::fs::remove_dir_all(agent.files.incoming_dir(id)).await;
+}
+
+/// Every byte of a streamed delivery is here: check the digests, sync, then store,
+/// export and acknowledge like any delivery.
+async fn complete_streamed(
+    agent: &Arc<Agent>,
+    state: Receiving,
+) -> Result<pb::AgentMessage, LocalError> {
+    let id = state.verified.header.message_id.clone();
+    let resumed = state.parts.iter().flatten().any(PartialAttachment::resumed);
+    let parts = state.parts;
+    let finished = tokio::task::spawn_blocking(move || -> Result<(), SpoolError> {
+        for part in parts.into_iter().flatten() {
+            part.finish()?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| LocalError::Task(e.to_string()))?;
+    match finished {
+        Ok(()) => {}
+        Err(SpoolError::Mismatch(e)) => {
+            discard_incoming(agent, &id).await;
+            if resumed {
+                // Bytes kept from before may have been damaged here (a crash): start
+                // again from zero rather than blame the sender.
+                return Err(LocalError::Files(format!(
+                    "{e} after resuming; the partial copy was discarded"
+                )));
+            }
+            warn!(agency = %agent.agency, message_id = %id, reason = %e, "refusing delivery");
+            return Ok(refuse(id, e.to_string()));
+        }
+        Err(e) => return Err(LocalError::Files(e.to_string())),
+    }
+    let dir = agent.files.incoming_dir(&id);
+    accept(
+        agent,
+        state.envelope,
+        state.verified,
+        state.attempt,
+        Body::Files(dir),
+    )
+    .await
+}
+
 /// Exports the document unless its complete folder exists and the record says so.
 async fn ensure_exported(
     agent: &Arc<Agent>,
@@ -344,12 +629,16 @@ async fn ensure_exported(
     envelope_bytes: &[u8],
     header: &pb::DocumentHeader,
     header_sha256: &[u8],
-    attachments: Vec<Bytes>,
+    body: Body,
 ) -> Result<(), LocalError> {
     let id = record.message_id.as_str();
     if record.exported && export::is_exported(&agent.inbox_dir, id) {
         return Ok(());
     }
+    let (attachments, files) = match body {
+        Body::Inline(attachments) => (attachments, None),
+        Body::Files(dir) => (Vec::new(), Some(dir)),
+    };
     let inbox_dir = agent.inbox_dir.clone();
     let id_owned = id.to_owned();
     let envelope = envelope_bytes.to_vec();
@@ -366,6 +655,7 @@ async fn ensure_exported(
                 header_sha256: &sha,
                 received_at_ms,
                 attachments: &attachments,
+                attachment_files: files.as_deref(),
             },
         )
     })
@@ -409,8 +699,14 @@ async fn reexport(agent: &Arc<Agent>, record: &InboxRecord) -> Result<(), LocalE
     let header = pb::DocumentHeader::decode(envelope.payload.as_ref())
         .map_err(|e| stored(format!("header: {e}")))?;
     let sha = lienthong_proto::sha256(&envelope.payload);
-    let attachments = agent
-        .store
-        .inbox_attachments(id, header.attachments.len())?;
-    ensure_exported(agent, record, &envelope_bytes, &header, &sha, attachments).await
+    let body = if record.streamed {
+        Body::Files(agent.files.incoming_dir(id))
+    } else {
+        Body::Inline(
+            agent
+                .store
+                .inbox_attachments(id, header.attachments.len())?,
+        )
+    };
+    ensure_exported(agent, record, &envelope_bytes, &header, &sha, body).await
 }

@@ -78,6 +78,9 @@ pub struct OutboxRecord {
     /// Total attachment bytes.
     #[serde(default)]
     pub bytes: u64,
+    /// The attachments are files (see `files`), not chunks in sled.
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 /// A document this agent received.
@@ -93,6 +96,9 @@ pub struct InboxRecord {
     /// Attachment names in header order.
     pub attachments: Vec<String>,
     pub exported: bool,
+    /// The attachments arrived as files (see `files`) and are not kept in sled.
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 /// The agent's sled database and the files synced after each flush.
@@ -642,6 +648,7 @@ mod tests {
             header_sha256: "00".into(),
             attachments: vec!["a.pdf".into(), "empty.txt".into(), "b.bin".into()],
             exported: false,
+            streamed: false,
         }
     }
 
@@ -694,6 +701,7 @@ mod tests {
                 failure_reason: None,
                 submitted_at_ms: None,
                 bytes: 5,
+                streamed: false,
             };
             store
                 .put_outbox(&rec, b"env", &[Bytes::from_static(b"12345")])

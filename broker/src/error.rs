@@ -27,8 +27,19 @@ pub enum BrokerError {
     NotFound(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The caller must first ask where to resume (a streamed upload with a gap):
+    /// ABORTED, which a sender retries.
+    #[error("{0}")]
+    ResumeConflict(String),
+    /// RESOURCE_EXHAUSTED that no retry changes (a document over the size limit),
+    /// marked so with the `lienthong-permanent` metadata.
+    #[error("{0}")]
+    TooLarge(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Writing or reading a streamed document's files failed.
+    #[error("attachment file: {0}")]
+    Spool(String),
     #[error("{path}: {detail}")]
     Config { path: String, detail: String },
     #[error("cannot serve: {0}")]
@@ -49,6 +60,19 @@ impl From<BrokerError> for Status {
             BrokerError::ResourceExhausted(m) => Status::resource_exhausted(m),
             BrokerError::NotFound(m) => Status::not_found(m),
             BrokerError::Unavailable(m) => Status::unavailable(m),
+            BrokerError::ResumeConflict(m) => Status::aborted(m),
+            BrokerError::TooLarge(m) => {
+                let mut status = Status::resource_exhausted(m);
+                status.metadata_mut().insert(
+                    "lienthong-permanent",
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                status
+            }
+            BrokerError::Spool(detail) => {
+                tracing::error!(error = %detail, "attachment file error");
+                Status::unavailable("the broker could not store the attachment; retry later")
+            }
             BrokerError::Store(StoreError::Commit(e)) => {
                 tracing::error!(error = %e, "store cannot make writes durable");
                 Status::new(

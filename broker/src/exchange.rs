@@ -10,12 +10,13 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use lienthong_proto::document::{AttachmentCheck, verify_document};
+use lienthong_proto::document::{AttachmentCheck, is_streamed, verify_document};
 use lienthong_proto::pb::{
     self, ReceiptKind, Signed, exchange_server::Exchange, submit_frame::Frame,
 };
 use lienthong_proto::receipt::sign_receipt;
 use lienthong_proto::signing::VerifyTime;
+use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -111,7 +112,7 @@ impl ExchangeService {
         let declared: u64 = header.attachments.iter().map(|a| a.size).sum();
         let limit = self.shared.config.max_document_bytes;
         if declared > limit {
-            return Err(BrokerError::ResourceExhausted(format!(
+            return Err(BrokerError::TooLarge(format!(
                 "the document's attachments total {declared} bytes; the broker accepts at most {limit} (max_document_bytes)"
             )));
         }
@@ -122,13 +123,33 @@ impl ExchangeService {
 
         let size = declared.saturating_add(envelope.payload.len() as u64);
         let _space = self.reserve_space(size)?;
-        let attachments = receive_attachments(&mut frames, header).await?;
-
         let _guard = self.shared.in_progress.claim(&message_id).ok_or_else(|| {
             BrokerError::Unavailable(
                 "the same message id is being submitted right now; retry".into(),
             )
         })?;
+        // Accepted by a concurrent submission that finished before our claim.
+        if let Some(existing) = self.shared.store.document(&message_id)? {
+            return self
+                .answer_duplicate(existing, &verified.header_sha256)
+                .await;
+        }
+        let streamed = is_streamed(header);
+        let attachments = if streamed {
+            let partial = self
+                .shared
+                .store
+                .partial_dir(caller.as_str(), &verified.header_sha256);
+            receive_streamed(&mut frames, header, partial).await?;
+            self.shared.store.promote_partial(
+                caller.as_str(),
+                &verified.header_sha256,
+                &message_id,
+            )?;
+            Vec::new()
+        } else {
+            receive_attachments(&mut frames, header).await?
+        };
         let accepted_at_ms = lienthong_proto::now_ms();
         let expires_at_ms = deadletter::expiry_for(&self.shared, header, accepted_at_ms);
         let receipt = pb::Receipt {
@@ -153,6 +174,7 @@ impl ExchangeService {
             attachment_bytes: declared,
             attachment_count: u32::try_from(header.attachments.len()).unwrap_or(u32::MAX),
             expires_at_ms,
+            streamed,
         };
         let store = self.shared.store.clone();
         let id = message_id.clone();
@@ -405,6 +427,97 @@ async fn receive_attachments(
     Ok(buffers.into_iter().map(Bytes::from).collect())
 }
 
+/// Receives a streamed document's attachments into files in `dir`, continuing what an
+/// earlier, interrupted submission of the same signed header left there. Every chunk is
+/// written as it arrives and hashed as it passes; returns once every attachment is
+/// complete, matches its digest and is synced.
+async fn receive_streamed(
+    frames: &mut Streaming<pb::SubmitFrame>,
+    header: &pb::DocumentHeader,
+    dir: std::path::PathBuf,
+) -> Result<(), BrokerError> {
+    let infos = header.attachments.clone();
+    let count = infos.len();
+    let opening = dir.clone();
+    let opened =
+        tokio::task::spawn_blocking(move || -> Result<Vec<PartialAttachment>, SpoolError> {
+            std::fs::create_dir_all(&opening).map_err(|source| SpoolError::Io {
+                path: opening.clone(),
+                source,
+            })?;
+            infos
+                .iter()
+                .enumerate()
+                .map(|(i, info)| PartialAttachment::open(&opening.join(i.to_string()), i, info))
+                .collect()
+        })
+        .await
+        .map_err(|e| BrokerError::Serve(e.to_string()))?
+        .map_err(spool_error)?;
+    let mut parts: Vec<Option<PartialAttachment>> = opened.into_iter().map(Some).collect();
+    let mut current = 0usize;
+    while let Some(frame) = frames.next().await {
+        let frame = frame.map_err(|s| {
+            BrokerError::Unavailable(format!("submission stream failed: {}", s.message()))
+        })?;
+        let Some(Frame::Chunk(chunk)) = frame.frame else {
+            return Err(BrokerError::InvalidArgument(
+                "only attachment chunks may follow the envelope".into(),
+            ));
+        };
+        let index = chunk.attachment_index as usize;
+        if index < current || index >= count {
+            return Err(BrokerError::InvalidArgument(format!(
+                "attachment chunk for index {index} out of order or out of range"
+            )));
+        }
+        current = index;
+        let Some(mut part) = parts.get_mut(index).and_then(Option::take) else {
+            return Err(BrokerError::Serve("attachment file missing".into()));
+        };
+        let (part, written) = tokio::task::spawn_blocking(move || {
+            let written = part.write_chunk(chunk.offset, &chunk.data);
+            (part, written)
+        })
+        .await
+        .map_err(|e| BrokerError::Serve(e.to_string()))?;
+        if let Some(slot) = parts.get_mut(index) {
+            *slot = Some(part);
+        }
+        written.map_err(spool_error)?;
+    }
+    tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
+        for part in parts.into_iter().flatten() {
+            let resumed = part.resumed();
+            match part.finish() {
+                Ok(_) => {}
+                // Bytes kept from an earlier attempt may have been damaged by a crash
+                // here: the file was emptied, and the sender retries from zero.
+                Err(SpoolError::Mismatch(e)) if resumed => {
+                    return Err(BrokerError::Unavailable(format!(
+                        "{e} after resuming an earlier upload; retry the submission"
+                    )));
+                }
+                Err(e) => return Err(spool_error(e)),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| BrokerError::Serve(e.to_string()))??;
+    Ok(())
+}
+
+fn spool_error(error: SpoolError) -> BrokerError {
+    match error {
+        SpoolError::Mismatch(e) => BrokerError::Protocol(e),
+        gap @ SpoolError::Gap { .. } => {
+            BrokerError::ResumeConflict(format!("{gap}; ask UploadStatus where to resume"))
+        }
+        io @ SpoolError::Io { .. } => BrokerError::Spool(io.to_string()),
+    }
+}
+
 /// Bytes counted as being written; released when the submission ends.
 struct SpaceGuard<'a> {
     counter: &'a std::sync::atomic::AtomicU64,
@@ -460,5 +573,29 @@ impl Exchange for ExchangeService {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(self.status_inner(request).await?))
+    }
+
+    async fn upload_status(
+        &self,
+        request: Request<pb::UploadStatusRequest>,
+    ) -> Result<Response<pb::UploadStatusResponse>, Status> {
+        let caller = auth::agency(&request)?;
+        let request = request.into_inner();
+        let store = &self.shared.store;
+        let accepted = store
+            .document(&request.message_id)
+            .map_err(BrokerError::from)?
+            .is_some_and(|d| {
+                d.sender == caller.as_str() && d.header_sha256 == request.header_sha256
+            });
+        let stored_bytes = if accepted {
+            Vec::new()
+        } else {
+            store.partial_lengths(caller.as_str(), &request.header_sha256)
+        };
+        Ok(Response::new(pb::UploadStatusResponse {
+            stored_bytes,
+            accepted,
+        }))
     }
 }

@@ -46,6 +46,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::BrokerError;
 
+/// HTTP/2 flow-control windows (bytes) for the Exchange service.
+pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const HTTP2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
+
 /// Everything the broker needs to run.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -102,7 +106,7 @@ impl BrokerConfig {
             data_dir,
             agencies: Vec::new(),
             auto_register: true,
-            max_document_bytes: 200 * 1024 * 1024,
+            max_document_bytes: 2 * 1024 * 1024 * 1024,
             window: 64,
             ack_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(20),
@@ -125,10 +129,13 @@ impl BrokerConfig {
     }
 
     /// Largest gRPC message: a delivery carries the whole document for now.
+    /// One gRPC message carries at most a whole small document (attachments up to the
+    /// streaming threshold, a header, a certificate chain) or one chunk; larger
+    /// documents are streamed, so no message needs to hold one.
     fn max_message_bytes(&self) -> usize {
-        usize::try_from(self.max_document_bytes)
+        usize::try_from(lienthong_proto::document::STREAMED_THRESHOLD)
             .unwrap_or(usize::MAX)
-            .saturating_add(4 * 1024 * 1024)
+            .saturating_add(8 * 1024 * 1024)
     }
 }
 
@@ -293,6 +300,11 @@ pub async fn run_with_admin(
         .map_err(|e| BrokerError::Serve(e.to_string()))?
         .http2_keepalive_interval(Some(shared.config.keepalive_interval))
         .http2_keepalive_timeout(Some(shared.config.keepalive_timeout))
+        // WAN links have large bandwidth-delay products: start with windows that fill
+        // ~100 Mbit/s at 300 ms round trip, and let h2 grow them from its BDP estimate.
+        .initial_stream_window_size(Some(crate::HTTP2_STREAM_WINDOW))
+        .initial_connection_window_size(Some(crate::HTTP2_CONNECTION_WINDOW))
+        .http2_adaptive_window(Some(true))
         .add_service(exchange)
         .add_service(admin)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());

@@ -79,14 +79,16 @@ pub(crate) fn refusal_reason(error: &BrokerError) -> &'static str {
         BrokerError::PermissionDenied(_)
         | BrokerError::Protocol(ProtocolError::SignerNotSender { .. }) => "permission_denied",
         // NotFound cannot come out of a submission; counted with the bad requests.
-        BrokerError::InvalidArgument(_) | BrokerError::Protocol(_) | BrokerError::NotFound(_) => {
-            "invalid_argument"
-        }
+        // A resume from the wrong offset is the caller's mistake, like a bad request.
+        BrokerError::InvalidArgument(_)
+        | BrokerError::Protocol(_)
+        | BrokerError::NotFound(_)
+        | BrokerError::ResumeConflict(_) => "invalid_argument",
         BrokerError::AlreadyExists(_) => "already_exists",
-        BrokerError::ResourceExhausted(_) | BrokerError::Store(StoreError::Commit(_)) => {
-            "resource_exhausted"
-        }
-        BrokerError::Unavailable(_) => "unavailable",
+        BrokerError::ResourceExhausted(_)
+        | BrokerError::TooLarge(_)
+        | BrokerError::Store(StoreError::Commit(_)) => "resource_exhausted",
+        BrokerError::Unavailable(_) | BrokerError::Spool(_) => "unavailable",
         BrokerError::Store(_) | BrokerError::Config { .. } | BrokerError::Serve(_) => "internal",
     }
 }

@@ -28,6 +28,9 @@ pub struct DocumentRecord {
     /// When undelivered copies become dead letters, Unix ms.
     #[prost(int64, tag = "10")]
     pub expires_at_ms: i64,
+    /// The attachments are files under the store's blob folder, not chunks in sled.
+    #[prost(bool, tag = "11")]
+    pub streamed: bool,
 }
 
 /// A queue entry: the value under `recipient ‖ seq` in the queue tree.

@@ -38,7 +38,26 @@ struct InFlight {
     /// When to offer it again if no acknowledgement came.
     deadline: Instant,
     attempt: u32,
+    /// The task sending a streamed delivery's chunks, while it runs.
+    sender: Option<tokio::task::AbortHandle>,
 }
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            sender.abort();
+        }
+    }
+}
+
+/// Bytes per chunk of a streamed delivery. With the session channel's capacity this
+/// bounds the memory a session holds for streamed deliveries.
+const DELIVERY_CHUNK_BYTES: usize = 128 * 1024;
+
+/// A streamed delivery's acknowledgement wait starts only when its last chunk is sent
+/// (a large document over a slow link takes as long as it takes); until then this
+/// far deadline stands, and a broken session ends the attempt anyway.
+const STREAMED_NO_PROGRESS: Duration = Duration::from_secs(24 * 3600);
 
 /// The wait for an acknowledgement of attempt `attempt` (1-based): `base` doubled for
 /// each earlier attempt, at most `max`.
@@ -56,6 +75,7 @@ pub fn start(
     let window = shared.config.window.max(1) as usize;
     let (tx, rx) = mpsc::channel(window + 1);
     let handle = shared.hub.register(agency.as_str(), &shared.shutdown);
+    let (streamed_tx, streamed_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let session_id = handle.id;
         tracing::info!(agency = %agency, session = session_id, "agent session opened");
@@ -66,6 +86,9 @@ pub fn start(
             tx,
             window,
             in_flight: HashMap::new(),
+            partial: HashMap::new(),
+            streamed_tx,
+            streamed_rx,
         };
         if let Err(error) = session.run(inbound).await {
             tracing::warn!(agency = %agency, %error, "agent session ended with an error");
@@ -84,6 +107,11 @@ struct Session {
     tx: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
     window: usize,
     in_flight: HashMap<String, InFlight>,
+    /// Streamed deliveries the agent holds in part (from its Hello): bytes per attachment.
+    partial: HashMap<String, Vec<u64>>,
+    /// Chunk senders report here when a streamed delivery's last chunk is sent.
+    streamed_tx: mpsc::UnboundedSender<(String, u32)>,
+    streamed_rx: mpsc::UnboundedReceiver<(String, u32)>,
 }
 
 enum Step {
@@ -107,6 +135,12 @@ impl Session {
                 if hello.window > 0 {
                     self.window = self.window.min(hello.window as usize);
                 }
+                self.partial = hello
+                    .partial
+                    .into_iter()
+                    .take(1024)
+                    .map(|p| (p.message_id, p.stored_bytes))
+                    .collect();
             }
             Ok(_) => {
                 return Err(BrokerError::InvalidArgument(
@@ -136,6 +170,10 @@ impl Session {
                     }
                 },
                 _ = self.handle.notify.notified() => Step::Continue,
+                Some((message_id, attempt)) = self.streamed_rx.recv() => {
+                    self.streamed_sent(&message_id, attempt);
+                    Step::Continue
+                }
                 _ = sleep_until_or_forever(next_deadline) => {
                     self.redeliver_overdue().await?;
                     Step::Continue
@@ -162,13 +200,22 @@ impl Session {
             if self.in_flight.contains_key(&entry.message_id) {
                 continue;
             }
-            if let Some(attempt) = self.push(&entry.message_id).await? {
-                let deadline = Instant::now() + self.ack_wait(attempt);
-                self.in_flight
-                    .insert(entry.message_id, InFlight { deadline, attempt });
+            if let Some(flight) = self.push(&entry.message_id).await? {
+                self.in_flight.insert(entry.message_id, flight);
             }
         }
         Ok(())
+    }
+
+    /// A streamed delivery's last chunk went out: the acknowledgement wait starts now.
+    fn streamed_sent(&mut self, message_id: &str, attempt: u32) {
+        let wait = self.ack_wait(attempt);
+        if let Some(flight) = self.in_flight.get_mut(message_id)
+            && flight.attempt == attempt
+        {
+            flight.deadline = Instant::now() + wait;
+            flight.sender = None;
+        }
     }
 
     fn ack_wait(&self, attempt: u32) -> Duration {
@@ -190,9 +237,9 @@ impl Session {
         self.in_flight.clear();
     }
 
-    /// Sends one delivery if it is still queued. Returns the attempt number, or None
+    /// Sends one delivery if it is still queued. Returns what is now in flight, or None
     /// when it is not deliverable (settled meanwhile, or missing).
-    async fn push(&mut self, message_id: &str) -> Result<Option<u32>, BrokerError> {
+    async fn push(&mut self, message_id: &str) -> Result<Option<InFlight>, BrokerError> {
         let queued = self
             .shared
             .store
@@ -207,29 +254,57 @@ impl Session {
         };
         let envelope = Signed::decode(record.envelope.as_slice())
             .map_err(|e| BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
-        let attachments = self
-            .shared
-            .store
-            .attachments(message_id, record.attachment_count)?;
+        let attachments = if record.streamed {
+            Vec::new()
+        } else {
+            self.shared
+                .store
+                .attachments(message_id, record.attachment_count)?
+        };
         let attempt = self.shared.store.record_attempt(
             message_id,
             self.agency.as_str(),
             lienthong_proto::now_ms(),
         )?;
+        let start_offsets = if record.streamed {
+            self.partial.remove(message_id).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let delivery = pb::BrokerMessage {
             msg: Some(pb::broker_message::Msg::Delivery(pb::Delivery {
                 envelope: Some(envelope),
                 attachments,
                 attempt,
+                streamed: record.streamed,
+                start_offsets: start_offsets.clone(),
             })),
         };
-        tracing::debug!(agency = %self.agency, message_id, attempt, "delivery pushed");
+        tracing::debug!(agency = %self.agency, message_id, attempt, streamed = record.streamed, "delivery pushed");
         self.tx
             .send(Ok(delivery))
             .await
             .map_err(|_| BrokerError::Unavailable("the agent went away".into()))?;
         self.shared.metrics.delivery_pushed(attempt);
-        Ok(Some(attempt))
+        let mut flight = InFlight {
+            deadline: Instant::now() + self.ack_wait(attempt),
+            attempt,
+            sender: None,
+        };
+        if record.streamed {
+            flight.deadline = Instant::now() + STREAMED_NO_PROGRESS;
+            let task = tokio::spawn(send_chunks(
+                self.shared.store.blob_dir(message_id),
+                message_id.to_owned(),
+                record.attachment_count,
+                start_offsets,
+                attempt,
+                self.tx.clone(),
+                self.streamed_tx.clone(),
+            ));
+            flight.sender = Some(task.abort_handle());
+        }
+        Ok(Some(flight))
     }
 
     async fn redeliver_overdue(&mut self) -> Result<(), BrokerError> {
@@ -247,15 +322,10 @@ impl Session {
                 self.agency.as_str(),
                 "no acknowledgement",
             )?;
-            match self.push(&message_id).await? {
-                Some(attempt) => {
-                    let deadline = Instant::now() + self.ack_wait(attempt);
-                    self.in_flight
-                        .insert(message_id, InFlight { deadline, attempt });
-                }
-                None => {
-                    self.in_flight.remove(&message_id);
-                }
+            // Stops the chunks of the earlier attempt, if any still flow.
+            self.in_flight.remove(&message_id);
+            if let Some(flight) = self.push(&message_id).await? {
+                self.in_flight.insert(message_id, flight);
             }
         }
         Ok(())
@@ -319,6 +389,52 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Sends a streamed delivery's attachments from their files as `DeliveryChunk`s, each
+/// from its start offset, then reports the delivery as sent. Reads one chunk at a time;
+/// the bounded session channel makes it wait for the network.
+async fn send_chunks(
+    dir: std::path::PathBuf,
+    message_id: String,
+    count: u32,
+    start_offsets: Vec<u64>,
+    attempt: u32,
+    tx: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
+    done: mpsc::UnboundedSender<(String, u32)>,
+) {
+    for index in 0..count {
+        let offset = start_offsets.get(index as usize).copied().unwrap_or(0);
+        let path = dir.join(index.to_string());
+        let (chunks_tx, mut chunks_rx) = mpsc::channel::<(u64, Vec<u8>)>(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            lienthong_proto::spool::read_pieces(&path, offset, DELIVERY_CHUNK_BYTES, |at, bytes| {
+                chunks_tx.blocking_send((at, bytes)).is_ok()
+            })
+        });
+        while let Some((at, bytes)) = chunks_rx.recv().await {
+            let chunk = pb::BrokerMessage {
+                msg: Some(pb::broker_message::Msg::Chunk(pb::DeliveryChunk {
+                    message_id: message_id.clone(),
+                    attachment_index: index,
+                    offset: at,
+                    data: bytes.into(),
+                })),
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                return;
+            }
+        }
+        match reader.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(message_id, %error, "cannot read a streamed document's attachment");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = done.send((message_id, attempt));
 }
 
 async fn sleep_until_or_forever(deadline: Option<Instant>) {

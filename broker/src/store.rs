@@ -20,6 +20,12 @@
 //!   an accepted document's, a settled or redriven delivery's entry is written in the
 //!   same transaction as the change; an agency's registration or suspension right after.
 //!
+//! - Streamed documents (attachments over `STREAMED_THRESHOLD`) keep their attachments
+//!   as files: `<dir>/lienthong-blobs/partial/<header sha256 hex>/<index>` while they
+//!   arrive (bound to one signed header, so a resume can only continue the same
+//!   document), then `<dir>/lienthong-blobs/<message id>/<index>`, synced and renamed
+//!   before the document's transaction.
+//!
 //! Invariants: a document, its business id, its queue entries and delivery records are
 //! written in one transaction, after its attachments; nothing is acknowledged before
 //! [`Store::durable`] returns. A queue entry and an expiry entry exist exactly while the
@@ -285,6 +291,67 @@ impl Store {
     pub fn free_bytes(&self) -> std::io::Result<u64> {
         let stat = rustix::fs::statvfs(&self.dir).map_err(std::io::Error::from)?;
         Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// Where the attachments of streamed documents live.
+    pub fn blob_root(&self) -> PathBuf {
+        self.dir.join("lienthong-blobs")
+    }
+
+    /// The folder a streamed upload by `sender` of the header with this SHA-256 is
+    /// received in.
+    pub fn partial_dir(&self, sender: &str, header_sha256: &[u8]) -> PathBuf {
+        self.blob_root()
+            .join("partial")
+            .join(format!("{sender}-{}", hex::encode(header_sha256)))
+    }
+
+    /// The folder of an accepted streamed document's attachments.
+    pub fn blob_dir(&self, message_id: &str) -> PathBuf {
+        self.blob_root().join(message_id)
+    }
+
+    /// Bytes held per attachment of a partial upload, up to the last attachment with a
+    /// file (empty when there is none).
+    pub fn partial_lengths(&self, sender: &str, header_sha256: &[u8]) -> Vec<u64> {
+        let dir = self.partial_dir(sender, header_sha256);
+        let mut lengths = Vec::new();
+        for index in 0..lienthong_proto::document::MAX_ATTACHMENTS {
+            match std::fs::metadata(dir.join(index.to_string())) {
+                Ok(meta) => lengths.push(meta.len()),
+                Err(_) => break,
+            }
+        }
+        lengths
+    }
+
+    /// Makes a complete partial upload the document's blob folder: the files were
+    /// synced by the caller; the rename and both folders are synced here. A folder
+    /// left by a crash between this and the document's transaction is replaced.
+    pub fn promote_partial(
+        &self,
+        sender: &str,
+        header_sha256: &[u8],
+        message_id: &str,
+    ) -> Result<(), StoreError> {
+        let partial = self.partial_dir(sender, header_sha256);
+        let target = self.blob_dir(message_id);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |e: std::io::Error| StoreError::Open {
+                path,
+                detail: e.to_string(),
+            }
+        };
+        if target.exists() {
+            std::fs::remove_dir_all(&target).map_err(io(&target))?;
+        }
+        lienthong_proto::spool::sync_dir(&partial)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        std::fs::rename(&partial, &target).map_err(io(&target))?;
+        lienthong_proto::spool::sync_dir(&self.blob_root())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(())
     }
 
     pub fn document(&self, message_id: &str) -> Result<Option<DocumentRecord>, StoreError> {

@@ -368,6 +368,7 @@ impl Model {
             attachment_bytes: attachments.iter().map(|a| a.len() as u64).sum(),
             attachment_count: attachments.len() as u32,
             expires_at_ms: self.now + ttl_ms,
+            streamed: false,
         }
     }
 

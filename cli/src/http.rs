@@ -1,7 +1,9 @@
 //! Client of an agent's local HTTP API, shared by `send`, `status`, `inbox`, the demo
 //! and the tests. Errors carry the agent's own message (it names the field and rule).
 
-use lienthong_agent::api_types::{ErrorBody, InboxItem, SendRequest, SendResponse, StatusView};
+use lienthong_agent::api_types::{
+    ErrorBody, InboxItem, Limits, SendRequest, SendResponse, StatusView, UploadResponse,
+};
 use serde::de::DeserializeOwned;
 
 use crate::error::CliError;
@@ -35,6 +37,54 @@ impl AgentClient {
             .http
             .post(format!("{}/v1/documents", self.base))
             .json(request)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(response).await
+    }
+
+    /// What the agent accepts.
+    pub async fn limits(&self) -> Result<Limits, CliError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/limits", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(response).await
+    }
+
+    /// Streams a file to `POST /v1/uploads` without reading it whole; `progress` is
+    /// called with the bytes sent so far.
+    pub async fn upload(
+        &self,
+        path: &std::path::Path,
+        progress: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<UploadResponse, CliError> {
+        use futures_util::StreamExt as _;
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?
+            .len();
+        let mut sent = 0u64;
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |chunk| {
+                if let Ok(bytes) = &chunk {
+                    sent += bytes.len() as u64;
+                    progress(sent);
+                }
+                chunk
+            });
+        let response = self
+            .http
+            .post(format!("{}/v1/uploads", self.base))
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(stream))
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;

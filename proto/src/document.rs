@@ -24,6 +24,20 @@ pub const MAX_HEADER_BYTES: usize = 256 * 1024;
 /// At most this many recipients and attachments per document.
 pub const MAX_RECIPIENTS: usize = 1000;
 pub const MAX_ATTACHMENTS: usize = 1000;
+/// A document whose attachments total more than this is streamed: stored in files
+/// chunk by chunk as it arrives, resumable, and delivered in chunks. Smaller ones are
+/// stored inline and travel whole, which is faster for the common small document.
+pub const STREAMED_THRESHOLD: u64 = 1024 * 1024;
+
+/// True when a document with this header travels streamed.
+pub fn is_streamed(header: &DocumentHeader) -> bool {
+    header
+        .attachments
+        .iter()
+        .map(|a| a.size)
+        .fold(0u64, u64::saturating_add)
+        > STREAMED_THRESHOLD
+}
 
 /// A document whose sender signature and header rules were checked.
 #[derive(Debug, Clone)]

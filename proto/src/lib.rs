@@ -7,6 +7,7 @@
 //!   domain-separation prefix.
 //! - [`document`]: the document header rules: encode once, sign, verify, attachments.
 //! - [`receipt`]: submission and delivery receipts.
+//! - [`spool`]: attachment files received chunk by chunk (streamed documents).
 //! - [`tls`]: mutual-TLS configuration for tonic from PEM files.
 //! - [`error`]: the one error type for protocol rule violations.
 //!
@@ -18,6 +19,7 @@ pub mod document;
 pub mod error;
 pub mod receipt;
 pub mod signing;
+pub mod spool;
 pub mod tls;
 
 /// Generated code for `lienthong.v1`.

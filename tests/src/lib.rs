@@ -234,6 +234,7 @@ impl Agent {
                     name: (*name).to_owned(),
                     media_type: None,
                     content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+                    upload_id: None,
                 })
                 .collect(),
             ..SendRequest::default()
@@ -571,6 +572,7 @@ pub async fn submit(
             frame: Some(Frame::Chunk(AttachmentChunk {
                 attachment_index: index as u32,
                 data: bytes.to_vec().into(),
+                offset: 0,
             })),
         });
     }

@@ -203,7 +203,10 @@ async fn suspended_agency_neither_sends_nor_receives_and_resume_delivers_the_que
     // B's session takes the delivery and does not acknowledge it.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(AgentMessage {
-        msg: Some(Msg::Hello(Hello { window: 8 })),
+        msg: Some(Msg::Hello(Hello {
+            window: 8,
+            partial: Vec::new(),
+        })),
     })
     .await
     .unwrap();

@@ -33,6 +33,7 @@ async fn send(client: &AgentClient, to: &[&str], body: &[u8]) -> Option<String> 
             name: "noi-dung.bin".into(),
             media_type: None,
             content_base64: base64::engine::general_purpose::STANDARD.encode(body),
+            upload_id: None,
         }],
         ..SendRequest::default()
     };

@@ -239,6 +239,7 @@ async fn traffic() -> Traffic {
             name: "het-han.txt".into(),
             media_type: None,
             content_base64: base64::engine::general_purpose::STANDARD.encode(b"het han"),
+            upload_id: None,
         }],
         ..SendRequest::default()
     };

@@ -42,6 +42,7 @@ async fn expired_delivery_gets_a_signed_notice_and_redrive_delivers_it_once() {
             name: "a.txt".into(),
             media_type: None,
             content_base64: base64::engine::general_purpose::STANDARD.encode(b"het han"),
+            upload_id: None,
         }],
         ..SendRequest::default()
     };
@@ -187,7 +188,10 @@ async fn unacknowledged_delivery_is_offered_again_and_each_attempt_is_recorded()
         .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(AgentMessage {
-        msg: Some(Msg::Hello(Hello { window: 8 })),
+        msg: Some(Msg::Hello(Hello {
+            window: 8,
+            partial: Vec::new(),
+        })),
     })
     .await
     .unwrap();

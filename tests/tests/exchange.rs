@@ -230,6 +230,7 @@ async fn full_outbox_refuses_new_documents_naming_the_limit() {
                 &base64::engine::general_purpose::STANDARD,
                 vec![0u8; 2000],
             ),
+            upload_id: None,
         }],
         ..Default::default()
     };

@@ -85,6 +85,7 @@ fn upload(name: &str, bytes: &[u8]) -> AttachmentUpload {
         name: name.into(),
         media_type: None,
         content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+        upload_id: None,
     }
 }
 

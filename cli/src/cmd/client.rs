@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use base64::Engine as _;
 use clap::Args;
 use lienthong_agent::api_types::{AttachmentUpload, SendRequest, StatusView};
 use serde::Deserialize;
@@ -51,20 +50,67 @@ pub struct SendArgs {
 }
 
 pub async fn send(args: SendArgs) -> Result<(), CliError> {
+    use std::io::IsTerminal as _;
     let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
-    let mut attachments = Vec::with_capacity(args.files.len());
+    let mut files = Vec::with_capacity(args.files.len());
+    let mut total: u64 = 0;
     for path in &args.files {
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
             .ok_or_else(|| CliError::Usage(format!("{}: not a file name", path.display())))?;
-        let bytes =
-            std::fs::read(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        let meta = std::fs::metadata(path)
+            .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+        if !meta.is_file() {
+            return Err(CliError::Usage(format!(
+                "{}: not a regular file",
+                path.display()
+            )));
+        }
+        total = total.saturating_add(meta.len());
+        files.push((name.to_owned(), path.clone()));
+    }
+    // Refused before any byte is uploaded when the agent would not take it.
+    let limits = client.limits().await?;
+    if total > limits.max_document_bytes {
+        return Err(CliError::Failed(format!(
+            "the files total {total} bytes; the agent accepts at most {} per document (max_document_bytes)",
+            limits.max_document_bytes
+        )));
+    }
+    // A progress bar for large files, only for a person watching a terminal.
+    let bar = (std::io::stdout().is_terminal() && total >= PROGRESS_FROM_BYTES).then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut attachments = Vec::with_capacity(files.len());
+    let mut done_before: u64 = 0;
+    for (name, path) in &files {
+        let watcher = bar.clone();
+        let base = done_before;
+        let uploaded = client
+            .upload(path, move |sent| {
+                if let Some(bar) = &watcher {
+                    bar.set_position(base + sent);
+                }
+            })
+            .await?;
+        done_before = done_before.saturating_add(uploaded.size);
         attachments.push(AttachmentUpload {
-            name: name.to_owned(),
+            name: name.clone(),
             media_type: None,
-            content_base64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            content_base64: String::new(),
+            upload_id: Some(uploaded.upload_id),
         });
+    }
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
     }
     let request = SendRequest {
         to: args.to,
@@ -79,6 +125,9 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
     println!("{}", response.message_id);
     Ok(())
 }
+
+/// Files smaller than this in total upload without a progress bar.
+const PROGRESS_FROM_BYTES: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {

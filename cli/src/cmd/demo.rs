@@ -160,11 +160,13 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
                 name: "cong-van.txt".into(),
                 media_type: Some("text/plain; charset=utf-8".into()),
                 content_base64: b64(letter),
+                upload_id: None,
             },
             AttachmentUpload {
                 name: "phu-luc.csv".into(),
                 media_type: Some("text/csv".into()),
                 content_base64: b64(table),
+                upload_id: None,
             },
         ],
         ..SendRequest::default()

@@ -1,0 +1,125 @@
+//! lienthong-edxml: edXML packages (QCVN 102:2016/BTTTT) for interoperability with
+//! existing document-management systems.
+//!
+//! Layout:
+//! - [`xml`]: safe XML reading (no DTD, no entities beyond the predefined five, size,
+//!   depth and element limits) into a small element tree, and the output writer.
+//! - [`rules`]: the field rules of DESIGN §9 (lengths, dates, agency codes, document ids).
+//! - [`document`]: [`EdxmlDocument`], [`parse_document`], [`validate_document`],
+//!   [`write_document`].
+//! - [`status`]: [`EdxmlStatus`], [`parse_status`], [`write_status`].
+//! - [`header`]: mapping to and from `lienthong_proto::pb::DocumentHeader`.
+//! - [`error`]: [`EdxmlError`], whose variants name the edXML path and the rule broken.
+//!
+//! Invariants: nothing here panics on any input; whatever a parser returns passed every
+//! rule, and whatever a writer produces its parser reads back equal.
+//!
+//! ## The edXML form, and the choices made where sources disagree
+//!
+//! Written form (the one the QCVN 102:2016 SDK examples use): a root `edXML` whose
+//! default namespace is `http://www.mic.gov.vn/TBT/QCVN_102_2016`, holding
+//! `edXML:edXMLEnvelope` (prefix `edXML` bound to the same namespace) with
+//! `edXMLHeader` (`MessageHeader`, `TraceHeaderList/Bussiness`) and `edXMLBody`
+//! (`edXMLManifest/Reference` with `xlink:href="cid:…"`), followed by
+//! `AttachmentEncoded/Attachment` (`ContentType`, `ContentId` without `cid:`,
+//! `Description`, `ContentTransferEncoded` base64, `AttachmentName`) under the root.
+//!
+//! Read leniently where implementations differ:
+//! - the root may be `edXML` or a bare `edXMLEnvelope`; any prefix bound to the edXML
+//!   namespace is accepted, and so are unqualified elements with no namespace at all;
+//!   elements of other namespaces (e.g. XML signatures) are ignored;
+//! - `AttachmentEncoded` may sit under the root or under the envelope; content ids are
+//!   compared without `cid:` and `<>`; a reference's id is its `href` attribute, else its
+//!   `ContentId` child; an attachment without `AttachmentName` takes its reference's;
+//! - base64 may be wrapped over lines (whitespace is ignored);
+//! - `OtherInfo/TyperNotation` (seen in SDKs) is read as `TypistText`; status
+//!   `StaffInfo/EmailAddress` as `Email`.
+//!
+//! Strict where the standard (and DESIGN §9) is clear:
+//! - `SteeringType` is 1..=3; when absent it is 1 (not a directive). Some systems write
+//!   0: it is refused, as the standard has no such value.
+//! - `PromulgationDate`, `DueDate` and `ResponseFor/PromulgationDate` are real dates
+//!   written `yyyy/MM/dd`; the status `Timestamp` is `yyyy/MM/dd HH:mm:ss` (the form the
+//!   SDK writes in `TraceHeader/Timestamp`; one legacy SOAP form writes
+//!   `dd/MM/yyyy HH:mm:ss`, which is refused).
+//! - `DocumentId` is `{OrganId},{yyyy/MM/dd},{CodeNumber}/{CodeNotation}` and, in
+//!   `MessageHeader`, equals what the header fields give.
+//! - One `ResponseFor` per document (a second is a duplicate element).
+//! - Only UTF-8 input.
+#![forbid(unsafe_code)]
+
+pub mod document;
+pub mod error;
+pub mod header;
+pub mod rules;
+pub mod status;
+pub mod xml;
+
+pub use document::{
+    EdxmlAttachment, EdxmlDocument, Signer, parse_document, validate_document, write_document,
+};
+pub use error::EdxmlError;
+pub use header::{AttachmentBytes, ImportedHeader, from_header};
+pub use status::{EdxmlStatus, StaffInfo, parse_status, validate_status, write_status};
+
+/// `ResponseFor`: the document a package or status message answers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseFor {
+    /// The agency that issued the original document.
+    pub organ_id: String,
+    /// Its number and notation, `CodeNumber/CodeNotation`.
+    pub code: String,
+    /// Its promulgation date, `yyyy/MM/dd`.
+    pub promulgation_date: String,
+    /// Its document id `{OrganId},{yyyy/MM/dd},{CodeNumber}/{CodeNotation}`.
+    pub document_id: String,
+}
+
+/// Bounds on what a parser accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// The whole package, in bytes.
+    pub max_package_bytes: usize,
+    /// One decoded attachment, in bytes.
+    pub max_attachment_bytes: usize,
+    /// Attachments per package.
+    pub max_attachments: usize,
+    /// Element nesting depth (edXML needs about 6).
+    pub max_depth: usize,
+    /// Elements in the whole package.
+    pub max_elements: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_package_bytes: 256 * 1024 * 1024,
+            max_attachment_bytes: 128 * 1024 * 1024,
+            max_attachments: lienthong_proto::document::MAX_ATTACHMENTS,
+            max_depth: 32,
+            max_elements: 200_000,
+        }
+    }
+}
+
+/// Either kind of edXML message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdxmlMessage {
+    Document(Box<EdxmlDocument>),
+    Status(Box<EdxmlStatus>),
+}
+
+/// Parses a package that may be a document or a status message: a status message is one
+/// whose `edXMLHeader` holds `Status` rather than `MessageHeader`.
+pub fn parse_message(xml: &[u8], limits: &Limits) -> Result<EdxmlMessage, EdxmlError> {
+    let root = xml::parse_tree(xml, limits)?;
+    let (envelope, _) = document::envelope(&root)?;
+    let header = envelope.required("edXMLHeader", "edXMLHeader")?;
+    if header.one("Status", "Status")?.is_some()
+        && header.one("MessageHeader", "MessageHeader")?.is_none()
+    {
+        parse_status(xml, limits).map(|s| EdxmlMessage::Status(Box::new(s)))
+    } else {
+        parse_document(xml, limits).map(|d| EdxmlMessage::Document(Box::new(d)))
+    }
+}
