@@ -89,6 +89,7 @@ pub(crate) fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
         .route("/v1/limits", get(limits))
         .route("/v1/documents/{id}/status", get(document_status))
         .route("/v1/inbox", get(list_inbox))
+        .route("/v1/inbox/count", get(inbox_count))
         .route("/v1/inbox/{id}", get(inbox_document))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -438,6 +439,26 @@ async fn upload(
             sha256: hex::encode(sha256),
         }),
     ))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct CountQuery {
+    above: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// `GET /v1/inbox/count`, optionally waiting until it exceeds `above`.
+async fn inbox_count(
+    State(agent): State<Arc<Agent>>,
+    axum::extract::Query(query): axum::extract::Query<CountQuery>,
+) -> Json<crate::api_types::InboxCount> {
+    let mut watch = agent.inbox_count.subscribe();
+    if let Some(above) = query.above {
+        let wait = Duration::from_millis(query.wait_ms.unwrap_or(0).min(30_000));
+        let _ = tokio::time::timeout(wait, watch.wait_for(|n| *n > above)).await;
+    }
+    let count = *watch.borrow();
+    Json(crate::api_types::InboxCount { count })
 }
 
 async fn send_document(

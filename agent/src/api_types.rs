@@ -186,3 +186,11 @@ pub struct InboxDetail {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// `GET /v1/inbox/count?above=N&wait_ms=M`: documents received so far. With `above`, the
+/// answer waits (at most `wait_ms`, default 0, at most 30 000) until the count exceeds
+/// it: a gateway's cheap way to learn that something arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxCount {
+    pub count: u64,
+}

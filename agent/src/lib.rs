@@ -142,6 +142,8 @@ pub(crate) struct Agent {
     pub max_outbox_bytes: u64,
     pub max_document_bytes: u64,
     pub files: files::Files,
+    /// Documents in the inbox; bumped when a new one is stored.
+    pub inbox_count: tokio::sync::watch::Sender<u64>,
 }
 
 impl Agent {
@@ -214,7 +216,7 @@ pub async fn run(
     // The store first: an inbox folder inside the data directory must not make a new
     // data directory look foreign.
     let data_dir = config.data_dir.clone();
-    let (store, outbox_counts) = tokio::task::spawn_blocking(move || {
+    let (store, (outbox_counts, inbox_count)) = tokio::task::spawn_blocking(move || {
         let store = store::Store::open(&data_dir)?;
         files::Files::new(&data_dir)
             .create()
@@ -226,7 +228,11 @@ pub async fn run(
             path: data_dir.clone(),
             detail: format!("cannot read the outbox: {e}"),
         })?;
-        Ok::<_, AgentError>((store, counts))
+        let inbox = store.inbox_len().map_err(|e| AgentError::Corrupt {
+            path: data_dir.clone(),
+            detail: format!("cannot read the inbox: {e}"),
+        })?;
+        Ok::<_, AgentError>((store, (counts, inbox)))
     })
     .await
     .map_err(|e| AgentError::Corrupt {
@@ -266,6 +272,7 @@ pub async fn run(
         max_outbox_bytes: config.max_outbox_bytes,
         max_document_bytes: config.max_document_bytes,
         files: files::Files::new(&config.data_dir),
+        inbox_count: tokio::sync::watch::Sender::new(inbox_count),
     });
 
     session::reexport_pending(&agent).await;

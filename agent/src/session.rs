@@ -339,6 +339,7 @@ async fn accept(
                 .map_err(|e| LocalError::Task(e.to_string()))??;
             agent.store.durable().await?;
             agent.metrics.delivery_received();
+            agent.inbox_count.send_modify(|n| *n += 1);
             (record, Some(now_ms()))
         }
     };

@@ -484,6 +484,16 @@ impl Store {
         Ok(self.inbox.get(key(b'e', id))?)
     }
 
+    /// How many documents the inbox holds.
+    pub fn inbox_len(&self) -> Result<u64, StoreError> {
+        let mut n = 0u64;
+        for key in self.inbox.scan_prefix(b"r").keys() {
+            key?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// Every inbox record, in message id order.
     pub fn inbox_records(&self) -> Result<Vec<InboxRecord>, StoreError> {
         let mut records = Vec::new();

@@ -43,6 +43,22 @@ impl AgentClient {
         Self::decode(response).await
     }
 
+    /// Documents in the agent's inbox; with `above`, waits up to `wait_ms` for more.
+    pub async fn inbox_count(&self, above: Option<u64>, wait_ms: u64) -> Result<u64, CliError> {
+        let mut url = format!("{}/v1/inbox/count?wait_ms={wait_ms}", self.base);
+        if let Some(above) = above {
+            url.push_str(&format!("&above={above}"));
+        }
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let count: lienthong_agent::api_types::InboxCount = Self::decode(response).await?;
+        Ok(count.count)
+    }
+
     /// What the agent accepts.
     pub async fn limits(&self) -> Result<Limits, CliError> {
         let response = self
