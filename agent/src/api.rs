@@ -501,7 +501,7 @@ async fn send_document(
         .await
         .map_err(internal("cannot make the outbox durable"))?;
     agent.metrics.outbox_added();
-    agent.outbox_wake.notify_one();
+    let _ = agent.outbox_tx.send(prepared.message_id.clone());
     info!(
         agency = %agent.agency,
         message_id = %prepared.message_id,

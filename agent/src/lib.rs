@@ -55,7 +55,7 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Received documents are exported to `<inbox_dir>/<message-id>/`.
     pub inbox_dir: PathBuf,
-    /// Deliveries the agent accepts unacknowledged (default 32).
+    /// Deliveries the agent accepts unacknowledged (default 128).
     pub window: u32,
     /// Backoff for session reconnects and outbox retries (default 200 ms .. 30 s).
     pub reconnect_min: Duration,
@@ -106,7 +106,7 @@ impl AgentConfig {
             document_anchors: None,
             data_dir: data_dir.into(),
             inbox_dir: inbox_dir.into(),
-            window: 32,
+            window: 128,
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(20),
@@ -132,8 +132,9 @@ pub(crate) struct Agent {
     pub client: ExchangeClient<Channel>,
     /// Absolute.
     pub inbox_dir: PathBuf,
-    /// Woken when a document enters the outbox.
-    pub outbox_wake: tokio::sync::Notify,
+    /// New outbox documents, for the submitter (which takes the receiver at start).
+    pub outbox_tx: tokio::sync::mpsc::UnboundedSender<String>,
+    pub outbox_new: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
     pub window: u32,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -255,6 +256,7 @@ pub async fn run(
         tracing::info!(agency = %config.agency, removed, "removed half-written inbox folders");
     }
 
+    let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         agency: config.agency.clone(),
         store,
@@ -263,7 +265,8 @@ pub async fn run(
         document_anchors,
         client,
         inbox_dir,
-        outbox_wake: tokio::sync::Notify::new(),
+        outbox_tx,
+        outbox_new: std::sync::Mutex::new(Some(outbox_rx)),
         window: config.window.max(1),
         reconnect_min: config.reconnect_min,
         reconnect_max: config.reconnect_max.max(config.reconnect_min),

@@ -6,11 +6,15 @@
 //!   or `failed` (the broker refused it with a permanent gRPC code).
 //! - Retryable failures back off exponentially with full jitter: when the broker is
 //!   unreachable all submissions wait; other retryable errors delay only that entry.
+//! - Up to [`CONCURRENT_SUBMISSIONS`] documents are submitted at once, so they share
+//!   the broker's group commit; a document is never submitted twice at the same time.
+//!   New documents arrive on a channel from the API; the outbox itself is re-read at
+//!   start and every [`RESCAN_EVERY`] as a safety net.
 //! - A submission sends exactly the stored envelope and attachment bytes: the envelope
 //!   frame first, then each attachment's bytes in header order, in frames of at most
 //!   [`FRAME_BYTES`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -18,6 +22,7 @@ use lienthong_proto::document::MAX_ATTACHMENTS;
 use lienthong_proto::pb::{self, submit_frame::Frame};
 use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
 use prost::Message;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -39,104 +44,145 @@ enum Outcome {
     Retry(String),
 }
 
+/// Submissions in flight at once. Each waits for the broker's group commit (and then
+/// our own), so many in flight share those fsyncs instead of queueing behind them.
+pub const CONCURRENT_SUBMISSIONS: usize = 128;
+
+/// Safety net: the whole outbox is re-read this often even without news.
+const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs until `stop` is cancelled.
 pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
-    let mut global_failures: u32 = 0;
-    let mut not_before = Instant::now();
-    let mut entries: HashMap<String, (u32, Instant)> = HashMap::new();
-    loop {
-        if Instant::now() < not_before {
-            tokio::select! {
-                () = tokio::time::sleep_until(not_before) => {}
-                () = stop.cancelled() => return,
-            }
-        }
-        if stop.is_cancelled() {
+    let mut new_ids = match agent
+        .outbox_new
+        .lock()
+        .ok()
+        .and_then(|mut slot| slot.take())
+    {
+        Some(receiver) => receiver,
+        None => {
+            error!(agency = %agent.agency, "the outbox submitter was started twice");
             return;
         }
-        let pending = match agent.store.pending_outbox() {
-            Ok(pending) => pending,
-            Err(e) => {
-                error!(agency = %agent.agency, error = %e, "cannot read the outbox");
-                global_failures = global_failures.saturating_add(1);
-                not_before = Instant::now() + agent.backoff(global_failures);
-                continue;
-            }
-        };
-        entries.retain(|id, _| pending.contains(id));
-        let mut next_due: Option<Instant> = None;
-        let mut halted = false;
-        for id in &pending {
-            let not_due = entries
-                .get(id)
-                .map(|&(_, due)| due)
-                .filter(|due| *due > Instant::now());
-            if let Some(due) = not_due {
-                next_due = Some(next_due.map_or(due, |n| n.min(due)));
-                continue;
-            }
-            let outcome = tokio::select! {
-                outcome = submit_one(&agent, id) => outcome,
-                () = stop.cancelled() => return,
-            };
-            agent.metrics.submission(match outcome {
-                Outcome::Submitted => SubmissionOutcome::Ok,
-                Outcome::Failed => SubmissionOutcome::Refused,
-                Outcome::Unreachable(_) | Outcome::Retry(_) => SubmissionOutcome::Retried,
-            });
-            match outcome {
-                Outcome::Submitted | Outcome::Failed => {
-                    entries.remove(id);
-                    global_failures = 0;
+    };
+    let mut global_failures: u32 = 0;
+    let mut not_before = Instant::now();
+    // Per-entry backoff after retryable failures: (failures, not before).
+    let mut retries: HashMap<String, (u32, Instant)> = HashMap::new();
+    let mut queue: VecDeque<String> = VecDeque::new();
+    // Queued or being submitted: never both, never twice.
+    let mut known: HashSet<String> = HashSet::new();
+    let mut running: JoinSet<(String, Outcome)> = JoinSet::new();
+    let mut rescan_at = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= rescan_at {
+            rescan_at = now + RESCAN_EVERY;
+            match agent.store.pending_outbox() {
+                Ok(ids) => {
+                    for id in ids {
+                        if known.insert(id.clone()) {
+                            queue.push_back(id);
+                        }
+                    }
                 }
-                Outcome::Unreachable(reason) => {
+                Err(e) => {
+                    error!(agency = %agent.agency, error = %e, "cannot read the outbox");
                     global_failures = global_failures.saturating_add(1);
-                    let delay = agent.backoff(global_failures);
-                    not_before = Instant::now() + delay;
-                    warn!(
-                        agency = %agent.agency,
-                        message_id = %id,
-                        reason = %reason,
-                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        "broker unreachable; outbox waits"
-                    );
-                    halted = true;
-                    break;
-                }
-                Outcome::Retry(reason) => {
-                    global_failures = 0;
-                    let entry = entries.entry(id.clone()).or_insert((0, Instant::now()));
-                    entry.0 = entry.0.saturating_add(1);
-                    let delay = agent.backoff(entry.0);
-                    entry.1 = Instant::now() + delay;
-                    next_due = Some(next_due.map_or(entry.1, |n| n.min(entry.1)));
-                    warn!(
-                        agency = %agent.agency,
-                        message_id = %id,
-                        reason = %reason,
-                        attempts = entry.0,
-                        retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                        "submission failed; will retry"
-                    );
+                    not_before = now + agent.backoff(global_failures);
+                    rescan_at = not_before;
                 }
             }
         }
-        if halted {
-            continue;
+        let mut next_due: Option<Instant> = None;
+        if now >= not_before {
+            let mut not_due = Vec::new();
+            while running.len() < CONCURRENT_SUBMISSIONS {
+                let Some(id) = queue.pop_front() else { break };
+                if let Some(&(_, due)) = retries.get(&id)
+                    && due > now
+                {
+                    next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                    not_due.push(id);
+                    continue;
+                }
+                let submitting = Arc::clone(&agent);
+                running.spawn(async move {
+                    let outcome = submit_one(&submitting, &id).await;
+                    (id, outcome)
+                });
+            }
+            queue.extend(not_due);
         }
-        // Wait for a new document, the next entry due for a retry, or shutdown.
-        let wake = agent.outbox_wake.notified();
-        match next_due {
-            Some(due) => tokio::select! {
-                () = wake => {}
-                () = tokio::time::sleep_until(due) => {}
-                () = stop.cancelled() => return,
-            },
-            None => tokio::select! {
-                () = wake => {}
-                () = stop.cancelled() => return,
-            },
+        let wake_at = if now < not_before {
+            Some(not_before)
+        } else {
+            next_due
+        };
+        tokio::select! {
+            Some(joined) = running.join_next(), if !running.is_empty() => {
+                let Ok((id, outcome)) = joined else { continue };
+                agent.metrics.submission(match outcome {
+                    Outcome::Submitted => SubmissionOutcome::Ok,
+                    Outcome::Failed => SubmissionOutcome::Refused,
+                    Outcome::Unreachable(_) | Outcome::Retry(_) => SubmissionOutcome::Retried,
+                });
+                match outcome {
+                    Outcome::Submitted | Outcome::Failed => {
+                        known.remove(&id);
+                        retries.remove(&id);
+                        global_failures = 0;
+                    }
+                    Outcome::Unreachable(reason) => {
+                        // Concurrent submissions fail together: count one failure per
+                        // backoff round, not one per document.
+                        if Instant::now() >= not_before {
+                            global_failures = global_failures.saturating_add(1);
+                            let delay = agent.backoff(global_failures);
+                            not_before = Instant::now() + delay;
+                            warn!(
+                                agency = %agent.agency,
+                                message_id = %id,
+                                reason = %reason,
+                                retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                                "broker unreachable; outbox waits"
+                            );
+                        }
+                        queue.push_front(id);
+                    }
+                    Outcome::Retry(reason) => {
+                        global_failures = 0;
+                        let entry = retries.entry(id.clone()).or_insert((0, Instant::now()));
+                        entry.0 = entry.0.saturating_add(1);
+                        let delay = agent.backoff(entry.0);
+                        entry.1 = Instant::now() + delay;
+                        warn!(
+                            agency = %agent.agency,
+                            message_id = %id,
+                            reason = %reason,
+                            attempts = entry.0,
+                            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                            "submission failed; will retry"
+                        );
+                        queue.push_back(id);
+                    }
+                }
+            }
+            Some(id) = new_ids.recv() => {
+                if known.insert(id.clone()) {
+                    queue.push_back(id);
+                }
+            }
+            () = sleep_until_or_forever(wake_at) => {}
+            () = stop.cancelled() => return,
         }
+    }
+}
+
+async fn sleep_until_or_forever(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -12,13 +12,14 @@
 //!   stored receipt. A different document reusing a stored message id is refused.
 //! - A local failure (store, disk, signing) sends neither Ack nor Refuse: the session
 //!   is dropped and the broker redelivers after the reconnect.
-//! - Deliveries are handled one at a time, in the order they arrive. A streamed
+//! - Small deliveries are handled concurrently (at most the broker's window), a
+//!   message id at most once at a time. A streamed
 //!   delivery's envelope is verified when it arrives, its chunks are written to files
 //!   as they come (hashed as they pass) and it is stored only once every attachment
 //!   matches its digest; what is held is offered in the next Hello, so a broken link
 //!   resumes rather than restarts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use lienthong_proto::{ProtocolError, now_ms};
 use prost::Message;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -128,9 +130,24 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
     let _up = agent.metrics.session_up();
     let mut handled: u64 = 0;
     let mut receiving: HashMap<String, Receiving> = HashMap::new();
+    // Small deliveries are handled concurrently (the broker's window bounds how many),
+    // so that their fsyncs are shared by the store's group commit.
+    let mut handlers: JoinSet<(String, Result<pb::AgentMessage, LocalError>)> = JoinSet::new();
+    let mut in_progress: HashSet<String> = HashSet::new();
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
+            Some(joined) = handlers.join_next(), if !handlers.is_empty() => {
+                let (id, handled_result) = match joined {
+                    Ok(done) => done,
+                    Err(e) => (String::new(), Err(LocalError::Task(e.to_string()))),
+                };
+                in_progress.remove(&id);
+                match reply_or_end(agent, &tx, handled_result, &mut handled).await {
+                    Some(end) => return end,
+                    None => continue,
+                }
+            }
             () = stop.cancelled() => return SessionEnd::Stopped,
         };
         let message = match message {
@@ -156,31 +173,64 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
             In::Delivery(delivery) if delivery.streamed => {
                 start_streamed(agent, delivery, &mut receiving).await
             }
-            In::Delivery(delivery) => handle_delivery(agent, delivery).await.map(Some),
+            In::Delivery(delivery) => {
+                let id = delivery
+                    .envelope
+                    .as_ref()
+                    .map(untrusted_message_id)
+                    .unwrap_or_default();
+                // Offered again while still being handled: the first answer serves both.
+                if !id.is_empty() && !in_progress.insert(id.clone()) {
+                    continue;
+                }
+                let handling_agent = Arc::clone(agent);
+                handlers.spawn(async move {
+                    let result = handle_delivery(&handling_agent, delivery).await;
+                    (id, result)
+                });
+                continue;
+            }
             In::Chunk(chunk) => on_chunk(agent, chunk, &mut receiving).await,
         };
-        let reply = match handling {
-            Ok(Some(reply)) => reply,
+        let handling = match handling {
+            Ok(Some(reply)) => Ok(reply),
             Ok(None) => continue,
-            Err(e) => {
-                error!(agency = %agent.agency, error = %e, "cannot take the delivery; dropping the session so the broker redelivers");
-                return SessionEnd::Ended {
-                    reason: format!("local failure: {e}"),
-                    handled,
-                };
-            }
+            Err(e) => Err(e),
         };
-        if matches!(reply.msg, Some(Out::Refuse(_))) {
-            agent.metrics.delivery_refused();
+        if let Some(end) = reply_or_end(agent, &tx, handling, &mut handled).await {
+            return end;
         }
-        if tx.send(reply).await.is_err() {
-            return SessionEnd::Ended {
-                reason: "the outgoing stream closed".into(),
-                handled,
-            };
-        }
-        handled += 1;
     }
+}
+
+/// Sends the answer to a delivery; a local failure or a closed stream ends the session.
+async fn reply_or_end(
+    agent: &Arc<Agent>,
+    tx: &tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    handling: Result<pb::AgentMessage, LocalError>,
+    handled: &mut u64,
+) -> Option<SessionEnd> {
+    let reply = match handling {
+        Ok(reply) => reply,
+        Err(e) => {
+            error!(agency = %agent.agency, error = %e, "cannot take the delivery; dropping the session so the broker redelivers");
+            return Some(SessionEnd::Ended {
+                reason: format!("local failure: {e}"),
+                handled: *handled,
+            });
+        }
+    };
+    if matches!(reply.msg, Some(Out::Refuse(_))) {
+        agent.metrics.delivery_refused();
+    }
+    if tx.send(reply).await.is_err() {
+        return Some(SessionEnd::Ended {
+            reason: "the outgoing stream closed".into(),
+            handled: *handled,
+        });
+    }
+    *handled += 1;
+    None
 }
 
 fn refuse(message_id: String, reason: String) -> pb::AgentMessage {
