@@ -181,6 +181,43 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
             AgencyCode::parse(code.trim()).map_err(|e| ApiError::BadRequest(format!("to: {e}")))?;
         recipients.push(code.to_string());
     }
+    let business_type = req.business_type.unwrap_or(0);
+    let mut removed_recipients = Vec::new();
+    for code in req.removed_recipients.iter().flatten() {
+        let code = AgencyCode::parse(code.trim())
+            .map_err(|e| ApiError::BadRequest(format!("removed_recipients: {e}")))?;
+        removed_recipients.push(code.to_string());
+    }
+    // A recall, update or replace refers to a document this agent sent.
+    let refers_to = req.refers_to.clone().unwrap_or_default();
+    let mut refers_to_business_id = String::new();
+    if business_type != 0 || !refers_to.is_empty() {
+        let original = agent
+            .store
+            .outbox_record(&refers_to)
+            .map_err(internal("cannot read the outbox"))?
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "refers_to: {} is not a document this agency sent",
+                    lienthong_proto::agency::printable(&refers_to)
+                ))
+            })?;
+        refers_to_business_id = original.business_id.clone();
+        if business_type == pb::BusinessType::Recall as u32 && recipients.is_empty() {
+            recipients = original.recipients.clone();
+        }
+        // Removed recipients must hear of the new version: they are addressed too.
+        for removed in &removed_recipients {
+            if !original.recipients.contains(removed) {
+                return Err(ApiError::BadRequest(format!(
+                    "removed_recipients: {removed} was not a recipient of {refers_to}"
+                )));
+            }
+            if !recipients.contains(removed) {
+                recipients.push(removed.clone());
+            }
+        }
+    }
     let mut attachments = Vec::with_capacity(req.attachments.len());
     let mut infos = Vec::with_capacity(req.attachments.len());
     let mut uploads = Vec::new();
@@ -270,13 +307,18 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
         priority: req.priority.unwrap_or(0),
         steering_type: req.steering_type.unwrap_or(0),
         due_date: req.due_date.unwrap_or_default(),
-        business_type: pb::BusinessType::New as i32,
-        refers_to: String::new(),
+        business_type: i32::try_from(business_type).unwrap_or(i32::MAX),
+        refers_to,
         created_at_ms: now_ms(),
         expires_at_ms: req.expires_at_ms.unwrap_or(0),
         attachments: infos,
         to_places: req.to_places.unwrap_or_default(),
-        sender_name: String::new(),
+        sender_name: req.sender_name.unwrap_or_default(),
+        kind: pb::DocumentKind::Document as i32,
+        status: None,
+        business_reason: req.business_reason.unwrap_or_default(),
+        removed_recipients,
+        refers_to_business_id,
     };
     let set_business_id = |h: &mut pb::DocumentHeader| {
         h.business_id = business_id(&h.sender, &h.issue_date, &h.number, &h.notation);

@@ -48,6 +48,22 @@ pub struct SendRequest {
     pub expires_at_ms: Option<i64>,
     #[serde(default)]
     pub attachments: Vec<AttachmentUpload>,
+    /// 0 new (default), 1 recall, 2 update, 3 replace.
+    #[serde(default)]
+    pub business_type: Option<u32>,
+    /// Recall, update, replace: the message id (sent by this agent) it refers to.
+    #[serde(default)]
+    pub refers_to: Option<String>,
+    /// Recall, update, replace: why. Required for a recall.
+    #[serde(default)]
+    pub business_reason: Option<String>,
+    /// Update, replace: recipients of the earlier version that this one removes (they
+    /// are told). `to` holds the recipients of the new version.
+    #[serde(default)]
+    pub removed_recipients: Option<Vec<String>>,
+    /// From/OrganName, e.g. "Ủy ban nhân dân tỉnh Hưng Yên".
+    #[serde(default)]
+    pub sender_name: Option<String>,
 }
 
 /// Who signed the document on paper.

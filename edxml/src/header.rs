@@ -71,6 +71,11 @@ impl EdxmlDocument {
                 .collect(),
             to_places: self.to_places.clone(),
             sender_name: self.sender_name.clone(),
+            kind: lienthong_proto::pb::DocumentKind::Document as i32,
+            status: None,
+            business_reason: self.business_reason.clone().unwrap_or_default(),
+            removed_recipients: Vec::new(),
+            refers_to_business_id: self.refers_to_business_id().unwrap_or_default(),
         };
         ImportedHeader {
             header,

@@ -115,6 +115,7 @@ pub fn valid_header() -> DocumentHeader {
         ],
         to_places: vec!["Như trên".to_owned(), "Lưu: VT".to_owned()],
         sender_name: "Văn phòng UBND".to_owned(),
+        ..DocumentHeader::default()
     }
 }
 

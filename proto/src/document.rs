@@ -48,6 +48,112 @@ pub struct VerifiedDocument {
     pub sender: AgencyCode,
 }
 
+/// Business status codes a recipient may report, in the order a document moves
+/// through them; 02 and 16 need a reason. 15 and 16 answer a recall or update.
+pub const STATUS_CODES: [&str; 7] = ["02", "03", "04", "05", "06", "15", "16"];
+
+/// The rank of a processing status: statuses only go forward (01 arrived < 02 refused
+/// or 03 accepted < 04 assigned < 05 in progress < 06 completed). None for the recall
+/// answers 15/16, which are not part of the sequence.
+pub fn status_rank(code: &str) -> Option<u8> {
+    match code {
+        "01" => Some(1),
+        "02" | "03" => Some(2),
+        "04" => Some(3),
+        "05" => Some(4),
+        "06" => Some(5),
+        _ => None,
+    }
+}
+
+/// True when `code` may follow `last` (the latest status this reporter sent).
+pub fn status_may_follow(last: Option<&str>, code: &str) -> bool {
+    match (last.and_then(status_rank), status_rank(code)) {
+        // Nothing follows a refusal.
+        _ if last == Some("02") => false,
+        (Some(before), Some(now)) => now > before,
+        _ => true,
+    }
+}
+
+/// The rules of business types and status reports.
+fn validate_business(header: &DocumentHeader) -> Result<(), ProtocolError> {
+    use crate::pb::{BusinessType, DocumentKind};
+    let kind = DocumentKind::try_from(header.kind).map_err(|_| ProtocolError::InvalidField {
+        field: "kind",
+        rule: "0 document, 1 status report".into(),
+    })?;
+    max_chars("business_reason", &header.business_reason, 500)?;
+    let business = header.business_type;
+    if business == BusinessType::Recall as i32 && header.business_reason.trim().is_empty() {
+        return Err(ProtocolError::MissingField {
+            field: "business_reason",
+        });
+    }
+    if !header.removed_recipients.is_empty()
+        && business != BusinessType::Update as i32
+        && business != BusinessType::Replace as i32
+    {
+        return Err(ProtocolError::InvalidField {
+            field: "removed_recipients",
+            rule: "only an update or a replace removes recipients".into(),
+        });
+    }
+    for removed in &header.removed_recipients {
+        if !header.recipients.contains(removed) {
+            return Err(ProtocolError::InvalidField {
+                field: "removed_recipients",
+                rule: format!("{removed} must also be a recipient, so that it is told"),
+            });
+        }
+    }
+    if header.removed_recipients.len() >= header.recipients.len()
+        && !header.removed_recipients.is_empty()
+    {
+        return Err(ProtocolError::InvalidField {
+            field: "removed_recipients",
+            rule: "an update or replace keeps at least one recipient".into(),
+        });
+    }
+    match (kind, &header.status) {
+        (DocumentKind::Document, None) => Ok(()),
+        (DocumentKind::Document, Some(_)) => Err(ProtocolError::InvalidField {
+            field: "status",
+            rule: "only a status report carries a status".into(),
+        }),
+        (DocumentKind::Status, None) => Err(ProtocolError::MissingField { field: "status" }),
+        (DocumentKind::Status, Some(status)) => {
+            if !STATUS_CODES.contains(&status.code.as_str()) {
+                return Err(ProtocolError::InvalidField {
+                    field: "status.code",
+                    rule: "one of 02, 03, 04, 05, 06, 15, 16".into(),
+                });
+            }
+            max_chars("status.reason", &status.reason, 500)?;
+            max_chars("status.staff", &status.staff, 100)?;
+            max_chars("status.department", &status.department, 200)?;
+            if (status.code == "02" || status.code == "16") && status.reason.trim().is_empty() {
+                return Err(ProtocolError::MissingField {
+                    field: "status.reason",
+                });
+            }
+            if header.recipients.len() != 1 {
+                return Err(ProtocolError::InvalidField {
+                    field: "recipients",
+                    rule: "a status report goes to the document's sender only".into(),
+                });
+            }
+            if business != BusinessType::New as i32 || !header.attachments.is_empty() {
+                return Err(ProtocolError::InvalidField {
+                    field: "kind",
+                    rule: "a status report has no attachments and business type 0".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+}
+
 /// A fresh message id: UUIDv7 (time-ordered), lowercase hyphenated text.
 pub fn new_message_id() -> String {
     uuid::Uuid::now_v7().to_string()
@@ -248,7 +354,9 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
             rule: "0 new, 1 recall, 2 update, 3 replace".into(),
         });
     }
-    let refers = header.business_type != crate::pb::BusinessType::New as i32;
+    validate_business(header)?;
+    let refers = header.business_type != crate::pb::BusinessType::New as i32
+        || header.kind == crate::pb::DocumentKind::Status as i32;
     if refers && !is_valid_message_id(&header.refers_to) {
         return Err(ProtocolError::InvalidField {
             field: "refers_to",
@@ -258,7 +366,8 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
     if !refers && !header.refers_to.is_empty() {
         return Err(ProtocolError::InvalidField {
             field: "refers_to",
-            rule: "only a recall, update or replace refers to another document".into(),
+            rule: "only a recall, update, replace or status report refers to another document"
+                .into(),
         });
     }
     if header.created_at_ms <= 0 {
