@@ -48,7 +48,7 @@ const OPENAPI: &str = include_str!("openapi.json");
 
 /// An API failure and its HTTP answer.
 #[derive(Debug)]
-enum ApiError {
+pub(crate) enum ApiError {
     BadRequest(String),
     NotFound(String),
     /// Already logged with details.
@@ -71,7 +71,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn internal(context: &'static str) -> impl Fn(StoreError) -> ApiError {
+pub(crate) fn internal(context: &'static str) -> impl Fn(StoreError) -> ApiError {
     move |e| {
         error!(error = %e, "{context}");
         ApiError::Internal
@@ -90,6 +90,9 @@ pub(crate) fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
         .route("/v1/documents/{id}/status", get(document_status))
         .route("/v1/inbox", get(list_inbox))
         .route("/v1/inbox/count", get(inbox_count))
+        .route("/v1/inbox/{id}/status", post(report_status))
+        .route("/v1/documents/{id}/recall", post(recall_document))
+        .route("/v1/directory", get(directory))
         .route("/v1/inbox/{id}", get(inbox_document))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -98,6 +101,7 @@ pub(crate) fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
         )
+        .merge(crate::edxml_api::routes())
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(agent)
 }
@@ -157,7 +161,7 @@ pub fn guess_media_type(name: &str) -> &'static str {
     }
 }
 
-fn protocol_error(e: ProtocolError) -> ApiError {
+pub(crate) fn protocol_error(e: ProtocolError) -> ApiError {
     match e {
         ProtocolError::Key { .. } | ProtocolError::UnsupportedAlgorithm => {
             error!(error = %e, "cannot sign with the agency key");
@@ -384,6 +388,12 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
         .store
         .put_outbox(&record, &envelope.encode_to_vec(), &attachments)
         .map_err(internal("cannot store the document in the outbox"))?;
+    if !header.refers_to.is_empty() {
+        agent
+            .store
+            .link(&header.refers_to, &header.message_id)
+            .map_err(internal("cannot link the document to the one it refers to"))?;
+    }
     if !streamed {
         for (id, _) in &uploads {
             agent.files.remove_upload(id);
@@ -483,6 +493,106 @@ async fn upload(
     ))
 }
 
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(v)| v).map_err(|rejection| {
+        let status = rejection.status();
+        let text = rejection.body_text();
+        ApiError::Rejected(
+            if status == StatusCode::PAYLOAD_TOO_LARGE
+                || status == StatusCode::UNSUPPORTED_MEDIA_TYPE
+            {
+                status
+            } else {
+                StatusCode::BAD_REQUEST
+            },
+            text,
+        )
+    })
+}
+
+/// `POST /v1/inbox/{id}/status`: a business status for a received document.
+async fn report_status(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    body: Result<Json<crate::api_types::ReportRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
+    let req = json_body(body)?;
+    let sent =
+        crate::business::report(&agent, &id, req.status.trim(), req.reason, req.staff).await?;
+    Ok((StatusCode::ACCEPTED, Json(sent)))
+}
+
+/// `POST /v1/documents/{id}/recall`: recall a document this agency sent (status 13,
+/// business type 1), addressed to all its recipients.
+async fn recall_document(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    body: Result<Json<crate::api_types::RecallRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
+    let req = json_body(body)?;
+    check_id(&id)?;
+    if req.reason.trim().is_empty() {
+        return Err(ApiError::BadRequest(
+            "reason: a recall needs a reason".into(),
+        ));
+    }
+    let original = agent
+        .store
+        .outbox_record(&id)
+        .map_err(internal("cannot read the outbox"))?
+        .ok_or_else(|| ApiError::NotFound(format!("document {id} was not sent by this agency")))?;
+    let request = SendRequest {
+        to: Vec::new(),
+        subject: format!("Thu hồi văn bản {}", original.business_id)
+            .chars()
+            .take(500)
+            .collect(),
+        business_type: Some(pb::BusinessType::Recall as u32),
+        refers_to: Some(id),
+        business_reason: Some(req.reason),
+        ..SendRequest::default()
+    };
+    let sent = accept_send_request(&agent, request).await?;
+    Ok((StatusCode::ACCEPTED, Json(sent)))
+}
+
+/// `GET /v1/directory`: the agencies registered at the broker, for picking recipients.
+async fn directory(
+    State(agent): State<Arc<Agent>>,
+) -> Result<Json<Vec<crate::api_types::DirectoryEntry>>, ApiError> {
+    let mut client = agent.client.clone();
+    let answer = tokio::time::timeout(STATUS_TIMEOUT, client.directory(pb::DirectoryRequest {}))
+        .await
+        .map_err(|_| {
+            ApiError::Rejected(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the broker did not answer in time; try again".into(),
+            )
+        })?
+        .map_err(|status| {
+            ApiError::Rejected(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the broker cannot give the directory now: {}",
+                    status.message()
+                ),
+            )
+        })?;
+    Ok(Json(
+        answer
+            .into_inner()
+            .agencies
+            .into_iter()
+            .map(|a| crate::api_types::DirectoryEntry {
+                code: a.code,
+                name: a.name,
+                parent: a.parent,
+                suspended: a.suspended,
+            })
+            .collect(),
+    ))
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct CountQuery {
     above: Option<u64>,
@@ -521,7 +631,20 @@ async fn send_document(
             text,
         )
     })?;
-    let preparing = Arc::clone(&agent);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(accept_send_request(&agent, req).await?),
+    ))
+}
+
+/// Prepares a document (header, seal, outbox), makes it durable and hands it to the
+/// submitter: what `POST /v1/documents` does after reading its body, shared with the
+/// edXML import and the drop folder.
+pub(crate) async fn accept_send_request(
+    agent: &Arc<Agent>,
+    req: SendRequest,
+) -> Result<SendResponse, ApiError> {
+    let preparing = Arc::clone(agent);
     let prepared = tokio::task::spawn_blocking(move || prepare(&preparing, req))
         .await
         .map_err(|e| {
@@ -550,16 +673,13 @@ async fn send_document(
         business_id = %prepared.business_id,
         "document accepted into the outbox"
     );
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(SendResponse {
-            message_id: prepared.message_id,
-            business_id: prepared.business_id,
-        }),
-    ))
+    Ok(SendResponse {
+        message_id: prepared.message_id,
+        business_id: prepared.business_id,
+    })
 }
 
-fn check_id(id: &str) -> Result<(), ApiError> {
+pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
     if is_valid_message_id(id) {
         Ok(())
     } else {
@@ -604,6 +724,7 @@ async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Li
                 Ok(pb::DeliveryState::Delivered) => "delivered",
                 Ok(pb::DeliveryState::Refused) => "refused",
                 Ok(pb::DeliveryState::Expired) => "expired",
+                Ok(pb::DeliveryState::Recalled) => "recalled",
                 _ => "unknown",
             };
             let (receipt_verified, receipt_at) = match &r.delivery_receipt {
@@ -666,6 +787,7 @@ async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Li
                         outcome: a.outcome.clone(),
                     })
                     .collect(),
+                ..RecipientView::default()
             }
         })
         .collect();
@@ -689,6 +811,7 @@ fn recipients_in_state(recipients: &[String], state: &str) -> Vec<RecipientView>
             notice_verified: None,
             expires_at: None,
             attempt_log: Vec::new(),
+            ..RecipientView::default()
         })
         .collect()
 }
@@ -752,6 +875,18 @@ async fn document_status(
             OutboxState::Outbox => recipients_in_state(&record.recipients, "queued"),
             OutboxState::Failed => recipients_in_state(&record.recipients, "unknown"),
         };
+        let mut recipients = recipients;
+        let reading = Arc::clone(&agent);
+        let about = id.clone();
+        let recipients = tokio::task::spawn_blocking(move || {
+            crate::business::fill_history(&reading, &about, &mut recipients);
+            recipients
+        })
+        .await
+        .map_err(|e| {
+            error!(error = %e, "reading the business history failed");
+            ApiError::Internal
+        })?;
         return Ok(Json(StatusView {
             message_id: record.message_id,
             business_id: record.business_id,
@@ -805,12 +940,21 @@ fn inbox_item(agent: &Agent, record: &crate::store::InboxRecord) -> InboxItem {
         subject: record.subject.clone(),
         business_id: record.business_id.clone(),
         received_at: rfc3339_ms(record.received_at_ms).unwrap_or_default(),
-        path: agent
-            .inbox_dir
-            .join(&record.message_id)
+        path: crate::business::folder_of(agent, record)
             .display()
             .to_string(),
         attachments: record.attachments.clone(),
+        business_type: match pb::BusinessType::try_from(record.business_type) {
+            Ok(pb::BusinessType::Recall) => "recall",
+            Ok(pb::BusinessType::Update) => "update",
+            Ok(pb::BusinessType::Replace) => "replace",
+            _ => "new",
+        }
+        .to_owned(),
+        refers_to: record.refers_to.clone(),
+        recalled_by: record.recalled_by.clone(),
+        superseded_by: record.superseded_by.clone(),
+        removed_by: record.removed_by.clone(),
     }
 }
 
@@ -825,7 +969,11 @@ async fn list_inbox(State(agent): State<Arc<Agent>>) -> Result<Json<Vec<InboxIte
             .then_with(|| b.message_id.cmp(&a.message_id))
     });
     Ok(Json(
-        records.iter().map(|r| inbox_item(&agent, r)).collect(),
+        records
+            .iter()
+            .filter(|r| r.kind == pb::DocumentKind::Document as i32)
+            .map(|r| inbox_item(&agent, r))
+            .collect(),
     ))
 }
 

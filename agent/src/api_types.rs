@@ -138,7 +138,7 @@ pub struct StatusView {
 }
 
 /// One recipient's delivery state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RecipientView {
     pub agency: String,
     /// `queued`, `delivered`, `refused`, `expired` or `unknown` (broker not reachable).
@@ -165,6 +165,65 @@ pub struct RecipientView {
     /// Each push attempt with its time and outcome, oldest first.
     #[serde(default)]
     pub attempt_log: Vec<AttemptView>,
+    /// The business history with this recipient, oldest first: 01 (arrived: its signed
+    /// delivery receipt), 13 (our recall), and the statuses it reported (02–06, 15, 16).
+    #[serde(default)]
+    pub business: Vec<BusinessEntry>,
+    /// When we recalled the document: `pending` (no answer yet), `agreed` (15),
+    /// `refused` (16), or `stopped before delivery` (the broker stopped it).
+    #[serde(default)]
+    pub recall: Option<String>,
+}
+
+/// One business status in a document's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BusinessEntry {
+    /// 01 arrived, 02 refused, 03 accepted, 04 assigned, 05 in progress, 06 completed,
+    /// 13 recall requested, 15 recall agreed, 16 recall refused.
+    pub code: String,
+    /// When it was signed (RFC 3339).
+    pub at: String,
+    /// The agency that signed it.
+    pub by: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub staff: Option<String>,
+    /// The message id of the signed status report or recall (its evidence); none for
+    /// 01, whose evidence is the delivery receipt.
+    #[serde(default)]
+    pub report_id: Option<String>,
+    /// The signature of its evidence checks out.
+    pub verified: bool,
+}
+
+/// `POST /v1/inbox/{id}/status`: report a business status to the document's sender.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ReportRequest {
+    /// 02, 03, 04, 05, 06, 15 or 16.
+    pub status: String,
+    /// Required for 02 and 16.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Who (the clerk's name).
+    #[serde(default)]
+    pub staff: Option<String>,
+}
+
+/// `POST /v1/documents/{id}/recall`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RecallRequest {
+    pub reason: String,
+}
+
+/// `GET /v1/directory` entries: the agencies registered at the broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DirectoryEntry {
+    pub code: String,
+    pub name: String,
+    /// The parent agency's code; empty at the top.
+    pub parent: String,
+    pub suspended: bool,
 }
 
 /// One push attempt of the broker to a recipient.
@@ -187,6 +246,22 @@ pub struct InboxItem {
     pub path: String,
     /// Attachment file names, in header order.
     pub attachments: Vec<String>,
+    /// `new`, `recall`, `update` or `replace`.
+    #[serde(default)]
+    pub business_type: String,
+    /// Recall, update, replace: the message id it is about.
+    #[serde(default)]
+    pub refers_to: Option<String>,
+    /// The sender recalled this document (message id of the recall); its folder is
+    /// under `recalled/`.
+    #[serde(default)]
+    pub recalled_by: Option<String>,
+    /// A later version (update or replace) of this document.
+    #[serde(default)]
+    pub superseded_by: Option<String>,
+    /// The later version removed this agency from the recipients.
+    #[serde(default)]
+    pub removed_by: Option<String>,
 }
 
 /// `GET /v1/inbox/{id}`: the item plus the `document.json` value.

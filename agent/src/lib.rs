@@ -9,7 +9,9 @@
 //! Modules: [`store`] (sled, durability), `outbox` (submitter), `session` (broker
 //! session, delivery handling), [`export`] (inbox folders), `api` and [`api_types`]
 //! (local HTTP API), `broker_client` (gRPC channel, retry policy), `metrics`
-//! (Prometheus, served by the API at `/metrics`), [`error`].
+//! (Prometheus, served by the API at `/metrics`), `edxml_api` (edXML import and
+//! export over the API), `dropfolder` (sends `.edxml` files dropped in a folder),
+//! [`error`].
 //!
 //! Invariants: nothing is acknowledged (HTTP 202, delivery Ack) before it is durable;
 //! nothing received is trusted before `verify_document` passed; document bodies and
@@ -19,6 +21,9 @@
 mod api;
 pub mod api_types;
 mod broker_client;
+mod business;
+mod dropfolder;
+mod edxml_api;
 pub mod error;
 pub mod export;
 mod files;
@@ -75,6 +80,9 @@ pub struct AgentConfig {
     /// The largest document (sum of its attachments) accepted from the gateway or
     /// from the broker (default 2 GiB); larger ones are refused before any upload.
     pub max_document_bytes: u64,
+    /// Drop folder: `.edxml` packages written here are sent as if posted to
+    /// `POST /v1/edxml`, then moved to `sent/` or `failed/` (default: none).
+    pub drop_dir: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -116,6 +124,7 @@ impl AgentConfig {
             max_outbox_documents: 10_000,
             max_outbox_bytes: 10 * 1024 * 1024 * 1024,
             max_document_bytes: 2 * 1024 * 1024 * 1024,
+            drop_dir: None,
         }
     }
 }
@@ -284,6 +293,9 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(outbox::run(Arc::clone(&agent), stop.clone()));
     tasks.spawn(session::run(Arc::clone(&agent), stop.clone()));
+    if let Some(drop_dir) = config.drop_dir.clone() {
+        tasks.spawn(dropfolder::run(Arc::clone(&agent), drop_dir, stop.clone()));
+    }
 
     let api_addr = api_listener.local_addr().ok();
     tracing::info!(

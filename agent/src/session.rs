@@ -362,6 +362,13 @@ async fn accept(
         }
         None => {
             let streamed = matches!(body, Body::Files(_));
+            let is_status = verified.header.kind == pb::DocumentKind::Status as i32;
+            if is_status
+                && let Err(reason) = crate::business::check_received_report(agent, &verified.header)
+            {
+                warn!(agency = %agent.agency, message_id = %id, reason = %reason, "refusing a status report");
+                return Ok(refuse(id, reason));
+            }
             let record = InboxRecord {
                 message_id: id.clone(),
                 received_at_ms: now_ms(),
@@ -375,8 +382,13 @@ async fn accept(
                     .iter()
                     .map(|a| a.name.clone())
                     .collect(),
-                exported: false,
+                // A status report is evidence, not a document for the gateway.
+                exported: is_status,
                 streamed,
+                kind: verified.header.kind,
+                business_type: verified.header.business_type,
+                refers_to: Some(verified.header.refers_to.clone()).filter(|r| !r.is_empty()),
+                ..InboxRecord::default()
             };
             let storing = Arc::clone(agent);
             let inline = match &body {
@@ -394,15 +406,19 @@ async fn accept(
         }
     };
 
-    ensure_exported(
-        agent,
-        &record,
-        &envelope_bytes,
-        &verified.header,
-        &verified.header_sha256,
-        body,
-    )
-    .await?;
+    if record.kind == pb::DocumentKind::Document as i32 {
+        ensure_exported(
+            agent,
+            &record,
+            &envelope_bytes,
+            &verified.header,
+            &verified.header_sha256,
+            body,
+        )
+        .await?;
+    }
+    // Links and recall/update effects; idempotent, so a redelivery repeats them safely.
+    crate::business::on_received(agent, &verified.header).await?;
 
     let receipt = match agent.store.delivery_receipt(&id)? {
         Some(stored) => pb::Signed::decode(stored.as_ref()).map_err(|e| LocalError::Stored {

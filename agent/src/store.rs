@@ -84,7 +84,7 @@ pub struct OutboxRecord {
 }
 
 /// A document this agent received.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InboxRecord {
     pub message_id: String,
     pub received_at_ms: i64,
@@ -99,6 +99,26 @@ pub struct InboxRecord {
     /// The attachments arrived as files (see `files`) and are not kept in sled.
     #[serde(default)]
     pub streamed: bool,
+    /// `DocumentKind`: 0 a document (exported, listed), 1 a status report about a
+    /// document we sent (kept as evidence, shown in that document's status).
+    #[serde(default)]
+    pub kind: i32,
+    /// `BusinessType` of the document: 0 new, 1 recall, 2 update, 3 replace.
+    #[serde(default)]
+    pub business_type: i32,
+    /// Recall, update, replace, status report: the message id it is about.
+    #[serde(default)]
+    pub refers_to: Option<String>,
+    /// The sender recalled this document with that recall's message id; its folder
+    /// moved to `<inbox>/recalled/<id>/`.
+    #[serde(default)]
+    pub recalled_by: Option<String>,
+    /// A later version (update or replace) of this document.
+    #[serde(default)]
+    pub superseded_by: Option<String>,
+    /// The later version removed this agency from the recipients.
+    #[serde(default)]
+    pub removed_by: Option<String>,
 }
 
 /// The agent's sled database and the files synced after each flush.
@@ -111,6 +131,9 @@ pub struct Store {
     inbox: sled::Tree,
     inbox_attachments: sled::Tree,
     receipts: sled::Tree,
+    /// `<about id> \0 <other id>` → (): status reports, recalls, updates and replaces
+    /// about a document, sent or received.
+    links: sled::Tree,
     data_file: Arc<File>,
     /// Group commit: tickets handed out to callers of `durable` after their writes.
     requested: AtomicU64,
@@ -249,6 +272,7 @@ impl Store {
             inbox: db.open_tree("inbox").map_err(sled_err)?,
             inbox_attachments: db.open_tree("inbox_attachments").map_err(sled_err)?,
             receipts: db.open_tree("receipts").map_err(sled_err)?,
+            links: db.open_tree("links").map_err(sled_err)?,
             meta,
             db,
             data_file: Arc::new(data_file),
@@ -452,6 +476,16 @@ impl Store {
         Ok(self.receipts.get(key(b's', id))?)
     }
 
+    /// Every outbox record (documents this agent sent), in message id order.
+    pub fn outbox_records(&self) -> Result<Vec<OutboxRecord>, StoreError> {
+        let mut records = Vec::new();
+        for entry in self.outbox.scan_prefix(b"r") {
+            let (k, v) = entry?;
+            records.push(decode_json(&k, &v)?);
+        }
+        Ok(records)
+    }
+
     // ---- inbox ----
 
     /// Stores a received document, in one transaction. Call [`Store::durable`] before
@@ -524,18 +558,53 @@ impl Store {
 
     /// Records that the document's export folder is complete.
     pub fn mark_exported(&self, id: &str) -> Result<(), StoreError> {
+        self.update_inbox(id, |record| record.exported = true)
+    }
+
+    /// Changes a received document's record (if there is one).
+    pub fn update_inbox(
+        &self,
+        id: &str,
+        change: impl Fn(&mut InboxRecord),
+    ) -> Result<(), StoreError> {
         let k = key(b'r', id);
         self.inbox.fetch_and_update(&k, |old| {
             let old = old?;
             let Ok(mut record) = serde_json::from_slice::<InboxRecord>(old) else {
                 return Some(old.to_vec());
             };
-            record.exported = true;
+            change(&mut record);
             serde_json::to_vec(&record)
                 .ok()
                 .or_else(|| Some(old.to_vec()))
         })?;
         Ok(())
+    }
+
+    // ---- links between documents ----
+
+    /// Records that `other` (a status report, recall, update or replace, sent or
+    /// received) is about document `about`. Idempotent.
+    pub fn link(&self, about: &str, other: &str) -> Result<(), StoreError> {
+        let mut k = about.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(other.as_bytes());
+        self.links.insert(k, IVec::default())?;
+        Ok(())
+    }
+
+    /// The message ids linked to document `about`, in id (= time) order.
+    pub fn links(&self, about: &str) -> Result<Vec<String>, StoreError> {
+        let mut prefix = about.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for k in self.links.scan_prefix(&prefix).keys() {
+            let k = k?;
+            if let Some(rest) = k.get(prefix.len()..) {
+                out.push(String::from_utf8_lossy(rest).into_owned());
+            }
+        }
+        Ok(out)
     }
 
     pub fn put_delivery_receipt(&self, id: &str, receipt: &[u8]) -> Result<(), StoreError> {
@@ -659,6 +728,7 @@ mod tests {
             attachments: vec!["a.pdf".into(), "empty.txt".into(), "b.bin".into()],
             exported: false,
             streamed: false,
+            ..InboxRecord::default()
         }
     }
 

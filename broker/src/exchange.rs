@@ -109,6 +109,7 @@ impl ExchangeService {
                 Some(_) => {}
             }
         }
+        self.check_business(header)?;
         let declared: u64 = header.attachments.iter().map(|a| a.size).sum();
         let limit = self.shared.config.max_document_bytes;
         if declared > limit {
@@ -168,7 +169,12 @@ impl ExchangeService {
             submission_receipt: signed_receipt.encode_to_vec(),
             header_sha256: verified.header_sha256.to_vec(),
             accepted_at_ms,
-            business_id: header.business_id.clone(),
+            // A status report's business id is not a document's: it names nothing.
+            business_id: if header.kind == pb::DocumentKind::Status as i32 {
+                String::new()
+            } else {
+                header.business_id.clone()
+            },
             sender: header.sender.clone(),
             recipients: header.recipients.clone(),
             attachment_bytes: declared,
@@ -203,6 +209,9 @@ impl ExchangeService {
             bytes = declared,
             "document accepted"
         );
+        if header.business_type == pb::BusinessType::Recall as i32 {
+            crate::recall::stop_undelivered(&self.shared, header)?;
+        }
         for recipient in &header.recipients {
             self.shared.hub.wake(recipient);
         }
@@ -210,6 +219,47 @@ impl ExchangeService {
             submission_receipt: Some(signed_receipt),
             duplicate: false,
         })
+    }
+
+    /// A status report must come from a recipient of the document it is about and go
+    /// to that document's sender; a recall, update or replace must refer to a document
+    /// of the same sender. Checked against what this broker holds.
+    fn check_business(&self, header: &pb::DocumentHeader) -> Result<(), BrokerError> {
+        let is_status = header.kind == pb::DocumentKind::Status as i32;
+        if !is_status && header.business_type == pb::BusinessType::New as i32 {
+            return Ok(());
+        }
+        let referred = self.shared.store.document(&header.refers_to)?;
+        let printable_id = lienthong_proto::agency::printable(&header.refers_to);
+        if is_status {
+            let received = referred
+                .as_ref()
+                .is_some_and(|d| d.recipients.contains(&header.sender));
+            if !received {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "a status report about {printable_id}, which {} did not receive through this broker, is refused",
+                    header.sender
+                )));
+            }
+            let to_sender = referred
+                .as_ref()
+                .is_some_and(|d| header.recipients.first() == Some(&d.sender));
+            if !to_sender {
+                return Err(BrokerError::InvalidArgument(
+                    "a status report goes to the sender of the document it is about, only".into(),
+                ));
+            }
+            return Ok(());
+        }
+        match referred {
+            Some(d) if d.sender == header.sender => Ok(()),
+            Some(_) => Err(BrokerError::PermissionDenied(format!(
+                "{printable_id} was sent by another agency; only its sender can recall, update or replace it"
+            ))),
+            None => Err(BrokerError::InvalidArgument(format!(
+                "refers_to: {printable_id} is not a document this broker holds"
+            ))),
+        }
     }
 
     /// Refuses a document the disk cannot take while keeping the configured reserve, and
@@ -573,6 +623,31 @@ impl Exchange for ExchangeService {
         request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(self.status_inner(request).await?))
+    }
+
+    async fn directory(
+        &self,
+        request: Request<pb::DirectoryRequest>,
+    ) -> Result<Response<pb::DirectoryResponse>, Status> {
+        auth::agency(&request)?;
+        let agencies = self
+            .shared
+            .store
+            .agencies()
+            .map_err(BrokerError::from)?
+            .into_iter()
+            .map(|(code, record)| pb::DirectoryEntry {
+                parent: lienthong_proto::AgencyCode::parse(&code)
+                    .ok()
+                    .and_then(|c| c.parent())
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                code,
+                name: record.name,
+                suspended: record.suspended,
+            })
+            .collect();
+        Ok(Response::new(pb::DirectoryResponse { agencies }))
     }
 
     async fn upload_status(

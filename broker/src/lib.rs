@@ -27,6 +27,7 @@ mod exchange;
 mod http;
 mod hub;
 mod metrics;
+mod recall;
 mod recent;
 pub mod records;
 mod session;

@@ -192,6 +192,11 @@ pub fn delivery_timeline(
             "expired",
             delivery.reason.clone(),
         )),
+        Ok(DeliveryState::Recalled) => events.push(event(
+            delivery.dead_at_ms,
+            "recalled",
+            delivery.reason.clone(),
+        )),
         _ => {}
     }
     events

@@ -112,6 +112,9 @@ pub enum Settlement {
         reason: String,
         notice: Vec<u8>,
     },
+    /// Recalled by the sender before delivery: never delivered, not a dead letter (it
+    /// must not be redriven), with the broker's signed notice.
+    Recalled { reason: String, notice: Vec<u8> },
 }
 
 /// A dead letter as listed for operators.
@@ -432,7 +435,8 @@ impl Store {
                     if let Some(existing) = documents.get(message_id)? {
                         return abort(AcceptAbort::Duplicate(existing.to_vec()));
                     }
-                    if let Some(other) = business_ids.get(record.business_id.as_bytes())?
+                    if !record.business_id.is_empty()
+                        && let Some(other) = business_ids.get(record.business_id.as_bytes())?
                         && other.as_ref() != message_id.as_bytes()
                     {
                         return abort(AcceptAbort::BusinessIdTaken(
@@ -440,7 +444,10 @@ impl Store {
                         ));
                     }
                     documents.insert(message_id.as_bytes(), encoded.as_slice())?;
-                    business_ids.insert(record.business_id.as_bytes(), message_id.as_bytes())?;
+                    if !record.business_id.is_empty() {
+                        business_ids
+                            .insert(record.business_id.as_bytes(), message_id.as_bytes())?;
+                    }
                     for (recipient, seq) in record.recipients.iter().zip(&sequences) {
                         let key = queue_key(recipient, *seq);
                         let entry = QueueEntry {
@@ -636,6 +643,11 @@ impl Store {
                 detail: "signed delivery receipt".into(),
                 ..Event::default()
             },
+            Settlement::Recalled { reason, .. } => Event {
+                kind: "recalled",
+                detail: reason.clone(),
+                ..Event::default()
+            },
             Settlement::Dead { state, reason, .. } => Event {
                 kind: "dead_letter",
                 detail: format!(
@@ -674,7 +686,8 @@ impl Store {
                     .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
                 let queued = record.state == DeliveryState::Queued as i32;
                 let dead = record.state == DeliveryState::Expired as i32
-                    || record.state == DeliveryState::Refused as i32;
+                    || record.state == DeliveryState::Refused as i32
+                    || record.state == DeliveryState::Recalled as i32;
                 let mut freed = None;
                 match &settlement {
                     Settlement::Delivered { receipt } if queued || dead => {
@@ -701,6 +714,13 @@ impl Store {
                             },
                         );
                         dead_letters.insert(dead_key.as_slice(), &[] as &[u8])?;
+                    }
+                    Settlement::Recalled { reason, notice } if queued => {
+                        record.state = DeliveryState::Recalled as i32;
+                        record.reason = reason.clone();
+                        record.notice = notice.clone();
+                        record.dead_at_ms = at_ms;
+                        resolve_last(&mut record, "recalled");
                     }
                     _ => return Ok(None),
                 }
@@ -729,11 +749,17 @@ impl Store {
                 if let Some(bytes) = freed {
                     self.adjust_pending(recipient, bytes, false);
                 }
-                let outcome = match settlement {
-                    Settlement::Delivered { .. } => crate::recent::Outcome::Delivered,
-                    Settlement::Dead { .. } => crate::recent::Outcome::DeadLettered,
-                };
-                self.recent.record(recipient, outcome, at_ms);
+                match settlement {
+                    Settlement::Delivered { .. } => {
+                        self.recent
+                            .record(recipient, crate::recent::Outcome::Delivered, at_ms);
+                    }
+                    Settlement::Dead { .. } => {
+                        self.recent
+                            .record(recipient, crate::recent::Outcome::DeadLettered, at_ms);
+                    }
+                    Settlement::Recalled { .. } => {}
+                }
                 Ok(true)
             }
             Ok(None) => Ok(false),

@@ -59,6 +59,53 @@ impl AgentClient {
         Ok(count.count)
     }
 
+    /// Reports a business status for a received document.
+    pub async fn report(
+        &self,
+        message_id: &str,
+        request: &lienthong_agent::api_types::ReportRequest,
+    ) -> Result<SendResponse, CliError> {
+        self.post_json(&format!("/v1/inbox/{message_id}/status"), request)
+            .await
+    }
+
+    /// Recalls a document this agency sent.
+    pub async fn recall(&self, message_id: &str, reason: &str) -> Result<SendResponse, CliError> {
+        let request = lienthong_agent::api_types::RecallRequest {
+            reason: reason.to_owned(),
+        };
+        self.post_json(&format!("/v1/documents/{message_id}/recall"), &request)
+            .await
+    }
+
+    /// The agencies registered at the broker.
+    pub async fn directory(
+        &self,
+    ) -> Result<Vec<lienthong_agent::api_types::DirectoryEntry>, CliError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/directory", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(response).await
+    }
+
+    async fn post_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(response).await
+    }
+
     /// What the agent accepts.
     pub async fn limits(&self) -> Result<Limits, CliError> {
         let response = self
@@ -125,6 +172,39 @@ impl AgentClient {
             .await
             .map_err(|e| self.unreachable(e))?;
         Self::decode(response).await
+    }
+
+    /// `POST /v1/edxml`: sends an edXML package (document or status message).
+    pub async fn send_edxml(&self, package: Vec<u8>) -> Result<SendResponse, CliError> {
+        let response = self
+            .http
+            .post(format!("{}/v1/edxml", self.base))
+            .header(reqwest::header::CONTENT_TYPE, "application/xml")
+            .body(package)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Self::decode(response).await
+    }
+
+    /// `GET /v1/inbox/{id}/edxml`: a received document as an edXML package.
+    pub async fn inbox_edxml(&self, message_id: &str) -> Result<Vec<u8>, CliError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/inbox/{message_id}/edxml", self.base))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !response.status().is_success() {
+            return Self::decode::<serde_json::Value>(response)
+                .await
+                .and(Err(CliError::Failed("the agent refused the export".into())));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| CliError::Failed(format!("reading the agent's answer: {e}")))?;
+        Ok(body.to_vec())
     }
 
     fn unreachable(&self, error: reqwest::Error) -> CliError {

@@ -41,10 +41,22 @@ enum Command {
     Status(cmd::client::StatusArgs),
     /// List the documents this agency received.
     Inbox(cmd::client::InboxArgs),
+    /// Report a business status (02–06, 15, 16) for a received document to its sender.
+    Report(cmd::business::ReportArgs),
+    /// Recall a document this agency sent (status 13); recipients answer 15 or 16.
+    Recall(cmd::business::RecallArgs),
+    /// The agencies registered at the broker, to pick recipients by name.
+    Directory(cmd::business::DirectoryArgs),
+    /// edXML packages (QCVN 102:2016): check one offline, export a received document.
+    #[command(subcommand)]
+    Edxml(cmd::edxml::EdxmlCommand),
     /// Check an exported document offline: signature, certificate chain, attachments.
     Verify(cmd::verify::VerifyArgs),
     /// Operator commands against the broker's admin service.
     Admin(cmd::admin::AdminArgs),
+    /// Measure this machine: throughput, latency, large documents, idle connections and
+    /// restart time against a real broker and agents in child processes.
+    Bench(cmd::bench::BenchArgs),
 }
 
 /// Parses the command line, runs the command, and maps the outcome to an exit code.
@@ -87,8 +99,13 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Send(args) => cmd::client::send(args).await,
         Command::Status(args) => cmd::client::status(args).await,
         Command::Inbox(args) => cmd::client::inbox(args).await,
+        Command::Report(args) => cmd::business::report(args).await,
+        Command::Recall(args) => cmd::business::recall(args).await,
+        Command::Directory(args) => cmd::business::directory(args).await,
+        Command::Edxml(command) => cmd::edxml::run(command).await,
         Command::Verify(args) => cmd::verify::run(args),
         Command::Admin(args) => cmd::admin::run(args).await,
+        Command::Bench(args) => cmd::bench::run(args).await,
     }
 }
 

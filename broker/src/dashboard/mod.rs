@@ -162,6 +162,7 @@ fn state_name(state: i32) -> &'static str {
         Ok(DeliveryState::Delivered) => "delivered",
         Ok(DeliveryState::Expired) => "expired",
         Ok(DeliveryState::Refused) => "refused",
+        Ok(DeliveryState::Recalled) => "recalled",
         _ => "unknown",
     }
 }

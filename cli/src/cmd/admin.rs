@@ -414,6 +414,7 @@ fn state_name(state: i32) -> &'static str {
         Ok(DeliveryState::Delivered) => "delivered",
         Ok(DeliveryState::Refused) => "refused",
         Ok(DeliveryState::Expired) => "expired",
+        Ok(DeliveryState::Recalled) => "recalled",
         _ => "unknown",
     }
 }

@@ -58,6 +58,10 @@ pub struct AgentArgs {
     /// Most attachment bytes waiting in the outbox before new documents are refused.
     #[arg(long)]
     max_outbox_bytes: Option<u64>,
+    /// Drop folder: `.edxml` packages written here are sent, then moved to `sent/`
+    /// (with the message id) or `failed/` (with the reason).
+    #[arg(long)]
+    drop_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +80,7 @@ struct AgentFile {
     inbox_dir: Option<PathBuf>,
     max_outbox_documents: Option<u64>,
     max_outbox_bytes: Option<u64>,
+    drop_dir: Option<PathBuf>,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
@@ -123,6 +128,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     if let Some(max) = args.max_outbox_bytes.or(file.max_outbox_bytes) {
         config.max_outbox_bytes = max;
     }
+    config.drop_dir = optional_path(args.drop_dir, file.drop_dir);
     match (
         optional_path(args.signing_cert, file.signing_cert),
         optional_path(args.signing_key, file.signing_key),

@@ -18,7 +18,10 @@ struct ClientFile {
     api: Option<String>,
 }
 
-fn api_url(flag: Option<String>, config: Option<&std::path::Path>) -> Result<String, CliError> {
+pub(crate) fn api_url(
+    flag: Option<String>,
+    config: Option<&std::path::Path>,
+) -> Result<String, CliError> {
     let file: ClientFile = config::load(config)?;
     Ok(flag.or(file.api).unwrap_or_else(|| DEFAULT_API.to_owned()))
 }
@@ -31,11 +34,18 @@ pub struct SendArgs {
     #[arg(long)]
     api: Option<String>,
     /// Recipient agency codes, comma separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "edxml")]
     to: Vec<String>,
     /// Subject (trích yếu).
-    #[arg(long)]
-    subject: String,
+    #[arg(long, required_unless_present = "edxml")]
+    subject: Option<String>,
+    /// Send an edXML package (QCVN 102:2016) instead: recipients, fields and
+    /// attachments come from the package; the agent signs it as usual.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "to", "subject", "number", "notation", "priority", "files",
+        "updates", "replaces", "remove", "reason",
+    ])]
+    edxml: Option<PathBuf>,
     /// Document number (số); the agent numbers it when absent.
     #[arg(long)]
     number: Option<String>,
@@ -45,6 +55,20 @@ pub struct SendArgs {
     /// 0 normal, 1 urgent, 2 very urgent, 3 express, 4 express at a set time.
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=4))]
     priority: Option<u32>,
+    /// This document updates (business type 2) the one with this message id, sent by
+    /// this agency.
+    #[arg(long, conflicts_with = "replaces")]
+    updates: Option<String>,
+    /// This document replaces (business type 3) the one with this message id.
+    #[arg(long)]
+    replaces: Option<String>,
+    /// With --updates/--replaces: recipients of the earlier version that this one
+    /// removes (they are told), comma separated.
+    #[arg(long, value_delimiter = ',')]
+    remove: Vec<String>,
+    /// Why it is updated or replaced.
+    #[arg(long)]
+    reason: Option<String>,
     /// Files to attach.
     files: Vec<PathBuf>,
 }
@@ -52,6 +76,9 @@ pub struct SendArgs {
 pub async fn send(args: SendArgs) -> Result<(), CliError> {
     use std::io::IsTerminal as _;
     let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    if let Some(package) = &args.edxml {
+        return super::edxml::send_package(&client, package).await;
+    }
     let mut files = Vec::with_capacity(args.files.len());
     let mut total: u64 = 0;
     for path in &args.files {
@@ -114,11 +141,21 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
     }
     let request = SendRequest {
         to: args.to,
-        subject: args.subject,
+        subject: args.subject.unwrap_or_default(),
         number: args.number,
         notation: args.notation,
         priority: args.priority,
         attachments,
+        business_type: if args.updates.is_some() {
+            Some(2)
+        } else if args.replaces.is_some() {
+            Some(3)
+        } else {
+            None
+        },
+        refers_to: args.updates.or(args.replaces),
+        business_reason: args.reason,
+        removed_recipients: (!args.remove.is_empty()).then_some(args.remove),
         ..SendRequest::default()
     };
     let response = client.send(&request).await?;
@@ -188,6 +225,28 @@ fn print_status(view: &StatusView) {
             "{:<15} {:<10} {:>8}  {detail}",
             r.agency, r.state, r.attempts
         );
+        if let Some(recall) = &r.recall {
+            println!("{:<15} recall {recall}", "");
+        }
+        for entry in &r.business {
+            println!(
+                "{:<15} {} {} by {}{}{}",
+                "",
+                entry.code,
+                entry.at,
+                entry.by,
+                entry
+                    .reason
+                    .as_ref()
+                    .map(|reason| format!(": {reason}"))
+                    .unwrap_or_default(),
+                if entry.verified {
+                    ""
+                } else {
+                    " (NOT verified)"
+                }
+            );
+        }
     }
 }
 

@@ -1,0 +1,389 @@
+//! The agencies' own workflow on top of delivery: business status reports (02–06,
+//! 15, 16), recalls, updates and replaces, and the business history a sender sees.
+//!
+//! Invariants:
+//! - A status report is a small document signed by the reporting agency, addressed to
+//!   the original sender only, sent through the same durable outbox. It is refused here
+//!   (before anything is signed) unless this agency received the document, and the
+//!   broker and the sender's agent check the same again.
+//! - Processing statuses only go forward (`status_may_follow`); 15/16 answer a recall
+//!   or update that arrived; 02 and 16 carry a reason.
+//! - Received reports are kept as inbox records of kind STATUS (their signed envelope
+//!   is the evidence) and linked to the document they are about; they are neither
+//!   exported nor listed in the inbox.
+//! - A recall never destroys anything: the recalled document's folder moves to
+//!   `<inbox>/recalled/<id>/`, and back if the clerk refuses the recall (16).
+
+use std::sync::Arc;
+
+use lienthong_proto::document::{STATUS_CODES, seal, status_may_follow, vietnam_date_today};
+use lienthong_proto::pb::{self, BusinessType, DocumentKind};
+use lienthong_proto::signing::VerifyTime;
+use lienthong_proto::{now_ms, rfc3339_ms};
+use prost::Message;
+use tracing::{info, warn};
+
+use crate::Agent;
+use crate::api::{ApiError, internal, protocol_error};
+use crate::api_types::{BusinessEntry, RecipientView, SendResponse};
+use crate::error::StoreError;
+use crate::store::{InboxRecord, OutboxRecord, OutboxState};
+
+/// Where a recalled document's folder goes, under the inbox folder.
+pub const RECALLED_DIR: &str = "recalled";
+
+/// Reports `code` for the received document `message_id` to its sender.
+pub(crate) async fn report(
+    agent: &Arc<Agent>,
+    message_id: &str,
+    code: &str,
+    reason: Option<String>,
+    staff: Option<String>,
+) -> Result<SendResponse, ApiError> {
+    crate::api::check_id(message_id)?;
+    let reason = reason
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty());
+    if !STATUS_CODES.contains(&code) {
+        return Err(ApiError::BadRequest(format!(
+            "status: {code:?} is not one of 02 (refused), 03 (accepted), 04 (assigned), \
+             05 (in progress), 06 (completed), 15 (recall agreed), 16 (recall refused)"
+        )));
+    }
+    if (code == "02" || code == "16") && reason.is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "reason: status {code} needs a reason"
+        )));
+    }
+    let record = agent
+        .store
+        .inbox_record(message_id)
+        .map_err(internal("cannot read the inbox"))?
+        .filter(|r| r.kind == DocumentKind::Document as i32)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "this agency never received document {message_id}: a status can only be reported for a received document"
+            ))
+        })?;
+    let sent = sent_reports(agent, message_id).map_err(internal("cannot read the links"))?;
+    if code == "15" || code == "16" {
+        if record.recalled_by.is_none() && record.superseded_by.is_none() {
+            return Err(ApiError::BadRequest(format!(
+                "status: {code} answers a recall or an update, and document {message_id} has none"
+            )));
+        }
+        if sent.iter().any(|h| {
+            h.status
+                .as_ref()
+                .is_some_and(|s| s.code == "15" || s.code == "16")
+        }) {
+            return Err(ApiError::Rejected(
+                axum::http::StatusCode::CONFLICT,
+                "status: the recall was already answered".into(),
+            ));
+        }
+    } else {
+        let last = sent
+            .iter()
+            .filter_map(|h| h.status.as_ref())
+            .map(|s| s.code.as_str())
+            .filter(|c| lienthong_proto::document::status_rank(c).is_some())
+            .max_by_key(|c| lienthong_proto::document::status_rank(c));
+        if !status_may_follow(last, code) {
+            return Err(ApiError::Rejected(
+                axum::http::StatusCode::CONFLICT,
+                format!(
+                    "status: {code} cannot follow {} (statuses only go forward; nothing follows 02)",
+                    last.unwrap_or("")
+                ),
+            ));
+        }
+    }
+    let subject: String = format!("Trạng thái {code}: {}", record.subject)
+        .chars()
+        .take(500)
+        .collect();
+    let issue_date = vietnam_date_today();
+    let mut header = pb::DocumentHeader {
+        message_id: lienthong_proto::document::new_message_id(),
+        sender: agent.agency.to_string(),
+        recipients: vec![record.sender.clone()],
+        number: code.to_owned(),
+        notation: "TT".into(),
+        subject,
+        issue_date,
+        created_at_ms: now_ms(),
+        kind: DocumentKind::Status as i32,
+        status: Some(pb::StatusReport {
+            code: code.to_owned(),
+            reason: reason.clone().unwrap_or_default(),
+            staff: staff.unwrap_or_default(),
+            department: String::new(),
+        }),
+        refers_to: message_id.to_owned(),
+        refers_to_business_id: record.business_id.clone(),
+        ..pb::DocumentHeader::default()
+    };
+    header.business_id = lienthong_proto::document::business_id(
+        &header.sender,
+        &header.issue_date,
+        &header.number,
+        &header.notation,
+    );
+    lienthong_proto::document::validate_header(&header).map_err(protocol_error)?;
+    let envelope = seal(&header, &agent.signing_key).map_err(protocol_error)?;
+    let outbox = OutboxRecord {
+        message_id: header.message_id.clone(),
+        business_id: header.business_id.clone(),
+        recipients: header.recipients.clone(),
+        created_at_ms: header.created_at_ms,
+        header_sha256: hex::encode(lienthong_proto::sha256(&envelope.payload)),
+        state: OutboxState::Outbox,
+        failure_reason: None,
+        submitted_at_ms: None,
+        bytes: 0,
+        streamed: false,
+    };
+    let store = &agent.store;
+    store
+        .put_outbox(&outbox, &envelope.encode_to_vec(), &[])
+        .map_err(internal("cannot store the status report"))?;
+    store
+        .link(message_id, &header.message_id)
+        .map_err(internal("cannot link the status report"))?;
+    if code == "16" && record.recalled_by.is_some() {
+        restore_recalled(agent, message_id).await;
+        store
+            .update_inbox(message_id, |r| r.recalled_by = None)
+            .map_err(internal("cannot update the inbox"))?;
+    }
+    store
+        .durable()
+        .await
+        .map_err(internal("cannot make the status report durable"))?;
+    agent.metrics.outbox_added();
+    let _ = agent.outbox_tx.send(header.message_id.clone());
+    info!(agency = %agent.agency, about = %message_id, code, report = %header.message_id, "status reported");
+    Ok(SendResponse {
+        message_id: header.message_id,
+        business_id: header.business_id,
+    })
+}
+
+/// The status reports this agency sent about `about`, decoded from its outbox.
+fn sent_reports(agent: &Agent, about: &str) -> Result<Vec<pb::DocumentHeader>, StoreError> {
+    let mut out = Vec::new();
+    for id in agent.store.links(about)? {
+        if let Some(bytes) = agent.store.outbox_envelope(&id)?
+            && let Ok(envelope) = pb::Signed::decode(bytes.as_ref())
+            && let Ok(header) = pb::DocumentHeader::decode(envelope.payload.as_ref())
+            && header.kind == DocumentKind::Status as i32
+        {
+            out.push(header);
+        }
+    }
+    Ok(out)
+}
+
+/// Before a received status report is stored: it must be about a document this agency
+/// sent to the reporter. The reason is the refusal's.
+pub(crate) fn check_received_report(
+    agent: &Agent,
+    header: &pb::DocumentHeader,
+) -> Result<(), String> {
+    let sent = agent
+        .store
+        .outbox_record(&header.refers_to)
+        .map_err(|e| format!("cannot read the outbox: {e}"))?;
+    match sent {
+        Some(record) if record.recipients.contains(&header.sender) => Ok(()),
+        _ => Err(format!(
+            "a status report about {}, which this agency did not send to {}, is refused",
+            lienthong_proto::agency::printable(&header.refers_to),
+            header.sender
+        )),
+    }
+}
+
+/// After a new received document is durable: links it to the document it is about and
+/// applies a recall, update or replace to that document's record and folder.
+pub(crate) async fn on_received(
+    agent: &Arc<Agent>,
+    header: &pb::DocumentHeader,
+) -> Result<(), StoreError> {
+    let about = header.refers_to.as_str();
+    if about.is_empty() {
+        return Ok(());
+    }
+    let store = &agent.store;
+    store.link(about, &header.message_id)?;
+    if header.kind == DocumentKind::Status as i32 {
+        return Ok(());
+    }
+    let Some(original) = store.inbox_record(about)? else {
+        info!(agency = %agent.agency, about, "a recall or update of a document this agency never received");
+        return Ok(());
+    };
+    if original.sender != header.sender {
+        warn!(agency = %agent.agency, about, "a recall or update from another sender than the document's; ignored");
+        return Ok(());
+    }
+    let id = header.message_id.clone();
+    if header.business_type == BusinessType::Recall as i32 {
+        if original.recalled_by.is_none() {
+            move_recalled(agent, about).await;
+            store.update_inbox(about, |r| r.recalled_by = Some(id.clone()))?;
+            info!(agency = %agent.agency, about, recall = %id, "document recalled by its sender; its folder moved to recalled/");
+        }
+    } else {
+        let removed = header
+            .removed_recipients
+            .iter()
+            .any(|r| r == agent.agency.as_str());
+        store.update_inbox(about, |r| {
+            r.superseded_by = Some(id.clone());
+            if removed {
+                r.removed_by = Some(id.clone());
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// `<inbox>/<id>` → `<inbox>/recalled/<id>`; logged, never fatal.
+async fn move_recalled(agent: &Arc<Agent>, id: &str) {
+    let from = agent.inbox_dir.join(id);
+    let dir = agent.inbox_dir.join(RECALLED_DIR);
+    let to = dir.join(id);
+    let moved = async {
+        tokio::fs::create_dir_all(&dir).await?;
+        if tokio::fs::try_exists(&from).await? && !tokio::fs::try_exists(&to).await? {
+            tokio::fs::rename(&from, &to).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    }
+    .await;
+    if let Err(e) = moved {
+        warn!(agency = %agent.agency, message_id = %id, error = %e, "cannot move a recalled document's folder");
+    }
+}
+
+/// `<inbox>/recalled/<id>` → `<inbox>/<id>` when the clerk keeps the document (16).
+async fn restore_recalled(agent: &Arc<Agent>, id: &str) {
+    let from = agent.inbox_dir.join(RECALLED_DIR).join(id);
+    let to = agent.inbox_dir.join(id);
+    let moved = async {
+        if tokio::fs::try_exists(&from).await? && !tokio::fs::try_exists(&to).await? {
+            tokio::fs::rename(&from, &to).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    }
+    .await;
+    if let Err(e) = moved {
+        warn!(agency = %agent.agency, message_id = %id, error = %e, "cannot move a document back from recalled/");
+    }
+}
+
+/// The folder a received document is in now.
+pub(crate) fn folder_of(agent: &Agent, record: &InboxRecord) -> std::path::PathBuf {
+    if record.recalled_by.is_some() {
+        agent.inbox_dir.join(RECALLED_DIR).join(&record.message_id)
+    } else {
+        agent.inbox_dir.join(&record.message_id)
+    }
+}
+
+/// Fills each recipient's business history of a document this agency sent: 01 from
+/// the verified delivery receipt, 13 for our recall, and every status report received
+/// from that recipient (its signature checked again here), oldest first.
+pub(crate) fn fill_history(agent: &Agent, about: &str, recipients: &mut [RecipientView]) {
+    let mut ours: Vec<BusinessEntry> = Vec::new();
+    let mut theirs: Vec<BusinessEntry> = Vec::new();
+    let links = agent.store.links(about).unwrap_or_default();
+    for id in links {
+        // A recall we sent.
+        if let Ok(Some(bytes)) = agent.store.outbox_envelope(&id)
+            && let Ok(envelope) = pb::Signed::decode(bytes.as_ref())
+            && let Ok(header) = pb::DocumentHeader::decode(envelope.payload.as_ref())
+        {
+            if header.business_type == BusinessType::Recall as i32 {
+                ours.push(BusinessEntry {
+                    code: "13".into(),
+                    at: rfc3339_ms(header.created_at_ms).unwrap_or_default(),
+                    by: header.sender.clone(),
+                    reason: Some(header.business_reason.clone()).filter(|r| !r.is_empty()),
+                    staff: None,
+                    report_id: Some(id.clone()),
+                    verified: true,
+                });
+            }
+            continue;
+        }
+        // A status report received.
+        let Ok(Some(record)) = agent.store.inbox_record(&id) else {
+            continue;
+        };
+        if record.kind != DocumentKind::Status as i32 {
+            continue;
+        }
+        let Ok(Some(bytes)) = agent.store.inbox_envelope(&id) else {
+            continue;
+        };
+        let Ok(envelope) = pb::Signed::decode(bytes.as_ref()) else {
+            continue;
+        };
+        let Ok(header) = pb::DocumentHeader::decode(envelope.payload.as_ref()) else {
+            continue;
+        };
+        let verified = lienthong_proto::document::verify_document(
+            &envelope,
+            &agent.document_anchors,
+            VerifyTime::AtMs(header.created_at_ms),
+        )
+        .is_ok_and(|v| v.header.refers_to == about);
+        let Some(status) = header.status else {
+            continue;
+        };
+        theirs.push(BusinessEntry {
+            code: status.code,
+            at: rfc3339_ms(header.created_at_ms).unwrap_or_default(),
+            by: header.sender,
+            reason: Some(status.reason).filter(|r| !r.is_empty()),
+            staff: Some(status.staff).filter(|s| !s.is_empty()),
+            report_id: Some(id),
+            verified,
+        });
+    }
+    for recipient in recipients.iter_mut() {
+        let mut entries = Vec::new();
+        if recipient.receipt_verified == Some(true)
+            && let Some(at) = &recipient.receipt_at
+        {
+            entries.push(BusinessEntry {
+                code: "01".into(),
+                at: at.clone(),
+                by: recipient.agency.clone(),
+                reason: None,
+                staff: None,
+                report_id: None,
+                verified: true,
+            });
+        }
+        entries.extend(ours.iter().cloned());
+        entries.extend(theirs.iter().filter(|e| e.by == recipient.agency).cloned());
+        entries.sort_by(|a, b| a.at.cmp(&b.at));
+        let recalled = entries.iter().any(|e| e.code == "13");
+        recipient.recall = if !recalled {
+            None
+        } else if recipient.state == "recalled" {
+            Some("stopped before delivery".into())
+        } else if entries.iter().any(|e| e.code == "15") {
+            Some("agreed".into())
+        } else if entries.iter().any(|e| e.code == "16") {
+            Some("refused".into())
+        } else {
+            Some("pending".into())
+        };
+        recipient.business = entries;
+    }
+}

@@ -1,0 +1,366 @@
+//! The drop folder, for software that can only write files: every `*.edxml` package
+//! written into it is imported exactly like `POST /v1/edxml`
+//! ([`crate::edxml_api::import_package`]).
+//!
+//! Layout: `<drop>/NAME.edxml` waiting; once accepted it moves to `<drop>/sent/NAME.edxml`
+//! next to `sent/NAME.edxml.json` (the `SendResponse`: message and business id); once
+//! refused it moves to `<drop>/failed/NAME.edxml` next to `failed/NAME.edxml.error.txt`
+//! (the reason, naming the edXML field and rule). A name already taken there gets a
+//! `-1`, `-2`… suffix.
+//!
+//! Invariants:
+//! - A file is taken only once it is complete: its size and modification time did not
+//!   change between two polls (one second apart), or it was last modified long enough
+//!   ago (a writer that wrote elsewhere and renamed it into place). Names starting with
+//!   `.` are ignored, so writers can use them for files in progress.
+//! - No file is lost or deleted: it moves (a rename in the same folder tree) only after
+//!   the agent's answer; a temporary failure (store, full outbox) leaves it in place to
+//!   be retried later.
+//! - A crash after a document was accepted but before its file moved sends it again
+//!   at the next start (at least once, as for a gateway retrying a request).
+//! - Logs name files and outcomes, never package contents.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::Agent;
+use crate::api::ApiError;
+use crate::api_types::SendResponse;
+
+/// How often the folder is listed.
+pub const POLL: Duration = Duration::from_secs(1);
+/// A file last modified this long ago is taken at first sight.
+pub const SETTLED: Duration = Duration::from_secs(3);
+/// How long a file waits after a temporary failure before it is tried again.
+pub const RETRY: Duration = Duration::from_secs(10);
+/// Accepted packages move here.
+pub const SENT_DIR: &str = "sent";
+/// Refused packages move here.
+pub const FAILED_DIR: &str = "failed";
+/// The extension of packages (compared without case).
+pub const EXTENSION: &str = ".edxml";
+
+/// What was seen of a file at the last poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    len: u64,
+    modified: Option<SystemTime>,
+    /// After a temporary failure: not before then.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+/// Watches `dir` until `stop` is cancelled.
+pub(crate) async fn run(agent: Arc<Agent>, dir: PathBuf, stop: CancellationToken) {
+    info!(agency = %agent.agency, drop_dir = %dir.display(), "drop folder watched");
+    let mut seen: HashMap<OsString, Seen> = HashMap::new();
+    let mut ticks = tokio::time::interval(POLL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut folder_ok = true;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        match poll(&agent, &dir, &mut seen, &stop).await {
+            Ok(()) => folder_ok = true,
+            Err(e) => {
+                // Logged once until it works again, not every second.
+                if folder_ok {
+                    error!(agency = %agent.agency, drop_dir = %dir.display(), error = %e, "cannot read the drop folder; retrying");
+                }
+                folder_ok = false;
+            }
+        }
+    }
+}
+
+fn is_package(name: &str) -> bool {
+    !name.starts_with('.')
+        && name.len() > EXTENSION.len()
+        && name
+            .get(name.len() - EXTENSION.len()..)
+            .is_some_and(|ext| ext.eq_ignore_ascii_case(EXTENSION))
+}
+
+/// One pass over the folder: takes every complete package, one after the other.
+async fn poll(
+    agent: &Arc<Agent>,
+    dir: &Path,
+    seen: &mut HashMap<OsString, Seen>,
+    stop: &CancellationToken,
+) -> std::io::Result<()> {
+    tokio::fs::create_dir_all(dir.join(SENT_DIR)).await?;
+    tokio::fs::create_dir_all(dir.join(FAILED_DIR)).await?;
+    let mut listing = tokio::fs::read_dir(dir).await?;
+    let mut ready = Vec::new();
+    let mut present = Vec::new();
+    while let Some(entry) = listing.next_entry().await? {
+        let file_name = entry.file_name();
+        let Some(name) = file_name.to_str().filter(|n| is_package(n)) else {
+            continue;
+        };
+        let Ok(meta) = tokio::fs::metadata(entry.path()).await else {
+            continue; // gone since the listing
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        present.push(file_name.clone());
+        let now = Seen {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+            retry_at: None,
+        };
+        let previous = seen.get(&file_name);
+        let stable = previous.is_some_and(|p| p.len == now.len && p.modified == now.modified);
+        let settled = previous.is_none()
+            && now
+                .modified
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age >= SETTLED);
+        let waiting = previous
+            .and_then(|p| p.retry_at)
+            .is_some_and(|at| tokio::time::Instant::now() < at);
+        let retry_at = previous.and_then(|p| p.retry_at);
+        if (stable || settled) && !waiting {
+            ready.push(name.to_owned());
+        }
+        seen.insert(file_name, Seen { retry_at, ..now });
+    }
+    seen.retain(|name, _| present.contains(name));
+    ready.sort();
+    for name in ready {
+        if stop.is_cancelled() {
+            break;
+        }
+        let key = OsString::from(&name);
+        let pause = match take(agent, dir, &name).await {
+            Outcome::Done => {
+                seen.remove(&key);
+                continue;
+            }
+            Outcome::Retry => RETRY,
+            Outcome::Stuck => STUCK,
+        };
+        if let Some(entry) = seen.get_mut(&key) {
+            entry.retry_at = Some(tokio::time::Instant::now() + pause);
+        }
+    }
+    Ok(())
+}
+
+enum Outcome {
+    /// Filed under `sent/` or `failed/` (or gone).
+    Done,
+    /// Not sent yet for a passing reason: try again after [`RETRY`].
+    Retry,
+    /// Sent but not filed: not again while this agent runs (it would send it twice).
+    Stuck,
+}
+
+/// How long a file sent but not filed is left alone.
+const STUCK: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Whether a refusal is for good (the package itself is wrong) rather than a passing
+/// condition of the agent; with the reason.
+fn classify(e: &ApiError) -> (bool, String) {
+    match e {
+        ApiError::BadRequest(reason) | ApiError::NotFound(reason) => (true, reason.clone()),
+        ApiError::Rejected(status, reason) => (
+            *status != StatusCode::TOO_MANY_REQUESTS && !status.is_server_error(),
+            reason.clone(),
+        ),
+        ApiError::Internal => (
+            false,
+            "internal error of the agent's store; see the agent's log".to_owned(),
+        ),
+    }
+}
+
+/// Imports `<dir>/<name>` and files it under `sent/` or `failed/`.
+async fn take(agent: &Arc<Agent>, dir: &Path, name: &str) -> Outcome {
+    let path = dir.join(name);
+    let limit = crate::edxml_api::package_limits().max_package_bytes;
+    let outcome = match tokio::fs::metadata(&path).await {
+        Ok(meta) if meta.len() > limit as u64 => Err((
+            true,
+            format!(
+                "the package is {} bytes, over the limit of {limit} bytes",
+                meta.len()
+            ),
+        )),
+        Ok(_) => match tokio::fs::read(&path).await {
+            Ok(bytes) => crate::edxml_api::import_package(agent, Bytes::from(bytes))
+                .await
+                .map_err(|e| classify(&e)),
+            Err(e) => {
+                debug!(file = %path.display(), error = %e, "a dropped file could not be read");
+                return Outcome::Retry;
+            }
+        },
+        Err(e) => {
+            debug!(file = %path.display(), error = %e, "a dropped file is gone");
+            return Outcome::Done;
+        }
+    };
+    let (folder, suffix, note) = match &outcome {
+        Ok(response) => (SENT_DIR, ".json", sent_note(response)),
+        Err((true, reason)) => (FAILED_DIR, ".error.txt", format!("{reason}\n").into_bytes()),
+        Err((false, reason)) => {
+            warn!(agency = %agent.agency, file = %name, reason = %reason, "dropped package not sent yet; will retry");
+            return Outcome::Retry;
+        }
+    };
+    let (from, to_dir, file) = (path.clone(), dir.join(folder), name.to_owned());
+    let filed =
+        tokio::task::spawn_blocking(move || file_away(&from, &to_dir, &file, suffix, &note))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+    match (&outcome, filed) {
+        (Ok(response), Ok(target)) => info!(
+            agency = %agent.agency,
+            file = %name,
+            moved_to = %target.display(),
+            message_id = %response.message_id,
+            business_id = %response.business_id,
+            "dropped package sent"
+        ),
+        (Err((_, reason)), Ok(target)) => warn!(
+            agency = %agent.agency,
+            file = %name,
+            moved_to = %target.display(),
+            reason = %reason,
+            "dropped package refused"
+        ),
+        (Ok(response), Err(e)) => {
+            error!(
+                agency = %agent.agency,
+                file = %name,
+                message_id = %response.message_id,
+                error = %e,
+                "dropped package sent but could not be moved to sent/; move it by hand, or \
+                 it is sent again when the agent restarts"
+            );
+            return Outcome::Stuck;
+        }
+        (Err(_), Err(e)) => {
+            error!(agency = %agent.agency, file = %name, error = %e, "dropped package refused but could not be moved to failed/");
+            return Outcome::Retry;
+        }
+    }
+    Outcome::Done
+}
+
+fn sent_note(response: &SendResponse) -> Vec<u8> {
+    let mut json = serde_json::to_vec_pretty(response).unwrap_or_default();
+    json.push(b'\n');
+    json
+}
+
+/// A free path for `name` in `dir`: the name itself, else `stem-1.ext`, `stem-2.ext`…
+fn free_path(dir: &Path, name: &str, suffix: &str) -> PathBuf {
+    let taken = |candidate: &str| {
+        dir.join(candidate).exists() || dir.join(format!("{candidate}{suffix}")).exists()
+    };
+    if !taken(name) {
+        return dir.join(name);
+    }
+    let (stem, ext) = name.rsplit_once('.').unwrap_or((name, ""));
+    for n in 1u32.. {
+        let candidate = format!("{stem}-{n}.{ext}");
+        if !taken(&candidate) {
+            return dir.join(candidate);
+        }
+    }
+    dir.join(format!("{stem}-{}.{ext}", uuid::Uuid::now_v7()))
+}
+
+/// Moves `from` into `to_dir` (under a free name) and writes `<moved name><suffix>`
+/// holding `note`; both durable on return. Blocking.
+fn file_away(
+    from: &Path,
+    to_dir: &Path,
+    name: &str,
+    suffix: &str,
+    note: &[u8],
+) -> std::io::Result<PathBuf> {
+    use std::io::Write as _;
+    let target = free_path(to_dir, name, suffix);
+    std::fs::rename(from, &target)?;
+    let target_name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| name.to_owned());
+    let note_path = to_dir.join(format!("{target_name}{suffix}"));
+    let partial = to_dir.join(format!(".{target_name}{suffix}.partial"));
+    let mut file = std::fs::File::create(&partial)?;
+    file.write_all(note)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&partial, &note_path)?;
+    std::fs::File::open(to_dir)?.sync_all()?;
+    if let Some(parent) = from.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packages_are_edxml_files_not_hidden() {
+        assert!(is_package("cong-van.edxml"));
+        assert!(is_package("CONG-VAN.EDXML"));
+        assert!(!is_package(".cong-van.edxml"));
+        assert!(!is_package("cong-van.edxml.tmp"));
+        assert!(!is_package(".edxml"));
+        assert!(!is_package("cong-van.xml"));
+    }
+
+    #[test]
+    fn taken_names_get_a_suffix() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            free_path(dir.path(), "a.edxml", ".json"),
+            dir.path().join("a.edxml")
+        );
+        std::fs::write(dir.path().join("a.edxml"), b"x").unwrap();
+        assert_eq!(
+            free_path(dir.path(), "a.edxml", ".json"),
+            dir.path().join("a-1.edxml")
+        );
+        std::fs::write(dir.path().join("a-1.edxml.json"), b"x").unwrap();
+        assert_eq!(
+            free_path(dir.path(), "a.edxml", ".json"),
+            dir.path().join("a-2.edxml")
+        );
+    }
+
+    #[test]
+    fn filing_moves_the_file_and_writes_the_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("x.edxml");
+        std::fs::write(&from, b"package").unwrap();
+        let failed = dir.path().join(FAILED_DIR);
+        std::fs::create_dir_all(&failed).unwrap();
+        let target = file_away(&from, &failed, "x.edxml", ".error.txt", b"why\n").unwrap();
+        assert_eq!(target, failed.join("x.edxml"));
+        assert!(!from.exists());
+        assert_eq!(std::fs::read(&target).unwrap(), b"package");
+        assert_eq!(
+            std::fs::read(failed.join("x.edxml.error.txt")).unwrap(),
+            b"why\n"
+        );
+    }
+}

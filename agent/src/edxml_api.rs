@@ -1,0 +1,545 @@
+//! edXML (QCVN 102:2016) over the local API, for document-management systems that speak
+//! it: `POST /v1/edxml` imports a package (a document to send, or a status message
+//! about a received document), `GET /v1/inbox/{id}/edxml` exports a received document
+//! or status report as a package.
+//!
+//! Invariants:
+//! - An imported document takes exactly the path of `POST /v1/documents`
+//!   ([`crate::api::accept_send_request`]): same rules, same signing, `202` only once it
+//!   is durable in the outbox. A status message takes the path of a business status
+//!   report ([`crate::business::report`]).
+//! - A package is refused (`400`) when it breaks an edXML rule, naming the edXML path
+//!   and the rule ([`lienthong_edxml::EdxmlError`]); when it is not from this agency
+//!   (`MessageHeader/From/OrganId`, `Status/From/OrganId`); or when what it refers to
+//!   is not known here. Nothing of a refused package is stored.
+//! - An export reproduces the signed header's fields and the attachments byte for byte:
+//!   attachments read from the inbox folder are checked against the header's digests.
+//! - Package contents are never logged; refusals log the reason (a path and a rule,
+//!   with values shortened by the edXML crate).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use lienthong_edxml::{
+    AttachmentBytes, EdxmlDocument, EdxmlMessage, EdxmlStatus, ResponseFor, StaffInfo,
+};
+use lienthong_proto::agency::printable;
+use lienthong_proto::document::is_valid_message_id;
+use lienthong_proto::pb;
+use prost::Message as _;
+use tracing::{error, info};
+
+use crate::Agent;
+use crate::api::ApiError;
+use crate::api_types::{AttachmentUpload, SendRequest, SendResponse, SignerJson};
+use crate::error::StoreError;
+
+/// Media type of an edXML package.
+pub(crate) const EDXML_MEDIA_TYPE: &str = "application/xml";
+
+/// The bounds a package must respect (the edXML crate's defaults).
+pub(crate) fn package_limits() -> lienthong_edxml::Limits {
+    lienthong_edxml::Limits::default()
+}
+
+/// The edXML routes, merged into the API's router.
+pub(crate) fn routes() -> Router<Arc<Agent>> {
+    Router::new()
+        .route(
+            "/v1/edxml",
+            post(import).layer(DefaultBodyLimit::max(package_limits().max_package_bytes)),
+        )
+        .route("/v1/inbox/{id}/edxml", get(export))
+}
+
+fn internal(context: &'static str) -> impl Fn(StoreError) -> ApiError {
+    move |e| {
+        error!(error = %e, "{context}");
+        ApiError::Internal
+    }
+}
+
+fn join_failed(e: tokio::task::JoinError) -> ApiError {
+    error!(error = %e, "an edXML task failed");
+    ApiError::Internal
+}
+
+/// `POST /v1/edxml`: the package is the body.
+async fn import(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
+    let package = body.map_err(|rejection| {
+        let status = rejection.status();
+        let text = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!(
+                "the package exceeds the limit of {} bytes",
+                package_limits().max_package_bytes
+            )
+        } else {
+            rejection.body_text()
+        };
+        ApiError::Rejected(status, text)
+    })?;
+    let response = import_package(&agent, package).await?;
+    Ok((StatusCode::ACCEPTED, Json(response)))
+}
+
+/// What a package asks for, once parsed and resolved.
+enum Planned {
+    Document(Box<SendRequest>),
+    Status {
+        message_id: String,
+        code: String,
+        reason: Option<String>,
+        staff: Option<String>,
+    },
+}
+
+/// Imports a package exactly like `POST /v1/edxml` (shared with the drop folder): a
+/// document is signed and queued for its `To` agencies, a status message is reported to
+/// the sender of the document it answers.
+pub(crate) async fn import_package(
+    agent: &Arc<Agent>,
+    package: Bytes,
+) -> Result<SendResponse, ApiError> {
+    let planning = Arc::clone(agent);
+    let planned = tokio::task::spawn_blocking(move || plan(&planning, &package))
+        .await
+        .map_err(join_failed)?;
+    let planned = match planned {
+        Ok(planned) => planned,
+        Err(e) => {
+            if let ApiError::BadRequest(reason) = &e {
+                info!(agency = %agent.agency, reason = %reason, "edXML package refused");
+            }
+            return Err(e);
+        }
+    };
+    match planned {
+        Planned::Document(request) => crate::api::accept_send_request(agent, *request).await,
+        Planned::Status {
+            message_id,
+            code,
+            reason,
+            staff,
+        } => crate::business::report(agent, &message_id, &code, reason, staff).await,
+    }
+}
+
+/// Parses the package and resolves what it refers to. Blocking (parsing, store scans).
+fn plan(agent: &Agent, package: &[u8]) -> Result<Planned, ApiError> {
+    let message = lienthong_edxml::parse_message(package, &package_limits())
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let own = agent.agency.to_string();
+    match message {
+        EdxmlMessage::Document(doc) => {
+            if doc.sender != own {
+                return Err(ApiError::BadRequest(format!(
+                    "MessageHeader/From/OrganId: \"{}\" is not this agent's agency {own}; an \
+                     agent sends only its own agency's documents",
+                    printable(&doc.sender)
+                )));
+            }
+            let refers_to = match doc.refers_to_business_id() {
+                Some(business_id) => Some(sent_message_id(agent, &doc, &business_id)?),
+                None => None,
+            };
+            Ok(Planned::Document(Box::new(send_request(*doc, refers_to))))
+        }
+        EdxmlMessage::Status(status) => {
+            if status.from != own {
+                return Err(ApiError::BadRequest(format!(
+                    "Status/From/OrganId: \"{}\" is not this agent's agency {own}; an agent \
+                     reports only its own agency's statuses",
+                    printable(&status.from)
+                )));
+            }
+            let message_id = received_message_id(agent, &status.response_for)?;
+            Ok(Planned::Status {
+                message_id,
+                code: status.status_code,
+                reason: status.description,
+                staff: status
+                    .staff
+                    .map(|s| s.staff)
+                    .filter(|s| !s.trim().is_empty()),
+            })
+        }
+    }
+}
+
+/// The request `POST /v1/documents` would get for this package.
+fn send_request(doc: EdxmlDocument, refers_to: Option<String>) -> SendRequest {
+    let signer = (!doc.signer.competence.is_empty()
+        || !doc.signer.position.is_empty()
+        || !doc.signer.full_name.is_empty())
+    .then(|| SignerJson {
+        competence: doc.signer.competence,
+        position: doc.signer.position,
+        full_name: doc.signer.full_name,
+    });
+    let optional = |s: String| (!s.is_empty()).then_some(s);
+    SendRequest {
+        to: doc.recipients,
+        subject: doc.subject,
+        number: Some(doc.number),
+        notation: Some(doc.notation),
+        priority: Some(doc.priority),
+        document_type: optional(doc.document_type),
+        document_type_name: optional(doc.document_type_name),
+        content: optional(doc.content),
+        issue_place: optional(doc.issue_place),
+        issue_date: Some(doc.issue_date),
+        signer,
+        steering_type: Some(doc.steering_type),
+        due_date: doc.due_date,
+        to_places: Some(doc.to_places),
+        expires_at_ms: None,
+        attachments: doc
+            .attachments
+            .into_iter()
+            .map(|a| AttachmentUpload {
+                content_base64: base64::engine::general_purpose::STANDARD.encode(&a.bytes),
+                name: a.name,
+                media_type: Some(a.media_type),
+                upload_id: None,
+            })
+            .collect(),
+        business_type: Some(doc.business_type),
+        refers_to,
+        business_reason: doc.business_reason,
+        removed_recipients: None,
+        sender_name: optional(doc.sender_name),
+    }
+}
+
+/// The edXML path a recall, update or replacement took its referred document id from
+/// (see [`EdxmlDocument::refers_to_business_id`]).
+fn refers_to_path(doc: &EdxmlDocument) -> &'static str {
+    if doc.business_document_id.is_some() {
+        "TraceHeaderList/Bussiness/DocumentId"
+    } else if doc
+        .response_for
+        .as_ref()
+        .is_some_and(|r| !r.document_id.is_empty())
+    {
+        "MessageHeader/ResponseFor/DocumentId"
+    } else {
+        "MessageHeader/DocumentId"
+    }
+}
+
+/// The message id of the document this agent sent under `business_id`: the original
+/// (a new document) when there is one, else the earliest; documents the broker refused
+/// for good do not count.
+fn sent_message_id(
+    agent: &Agent,
+    doc: &EdxmlDocument,
+    business_id: &str,
+) -> Result<String, ApiError> {
+    let mut candidates: Vec<_> = agent
+        .store
+        .outbox_records()
+        .map_err(internal("cannot read the outbox"))?
+        .into_iter()
+        .filter(|r| r.business_id == business_id && r.state != crate::store::OutboxState::Failed)
+        .collect();
+    candidates.sort_by(|a, b| {
+        a.created_at_ms
+            .cmp(&b.created_at_ms)
+            .then_with(|| a.message_id.cmp(&b.message_id))
+    });
+    for record in &candidates {
+        let envelope = agent
+            .store
+            .outbox_envelope(&record.message_id)
+            .map_err(internal("cannot read the outbox"))?;
+        let header = envelope
+            .and_then(|bytes| pb::Signed::decode(bytes.as_ref()).ok())
+            .and_then(|signed| pb::DocumentHeader::decode(signed.payload.as_ref()).ok());
+        if header.is_some_and(|h| {
+            h.kind == pb::DocumentKind::Document as i32
+                && h.business_type == pb::BusinessType::New as i32
+        }) {
+            return Ok(record.message_id.clone());
+        }
+    }
+    candidates
+        .first()
+        .map(|r| r.message_id.clone())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{}: \"{}\" is not a document this agency sent; a recall, update or \
+                 replacement concerns one of its own documents",
+                refers_to_path(doc),
+                printable(business_id)
+            ))
+        })
+}
+
+/// The message id of the received document a status message answers: the document
+/// received from `ResponseFor/OrganId` under `ResponseFor/DocumentId`, the original
+/// (a new document, which a recall or update also names) when there is one, else the
+/// latest.
+fn received_message_id(agent: &Agent, response_for: &ResponseFor) -> Result<String, ApiError> {
+    agent
+        .store
+        .inbox_records()
+        .map_err(internal("cannot read the inbox"))?
+        .into_iter()
+        .filter(|r| {
+            r.business_id == response_for.document_id
+                && r.sender == response_for.organ_id
+                && r.kind == pb::DocumentKind::Document as i32
+        })
+        .max_by(|a, b| {
+            let original =
+                |r: &crate::store::InboxRecord| r.business_type == pb::BusinessType::New as i32;
+            original(a)
+                .cmp(&original(b))
+                .then_with(|| a.received_at_ms.cmp(&b.received_at_ms))
+                .then_with(|| a.message_id.cmp(&b.message_id))
+        })
+        .map(|r| r.message_id)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "Status/ResponseFor/DocumentId: \"{}\" is not a document this agency received \
+                 from {}",
+                printable(&response_for.document_id),
+                printable(&response_for.organ_id)
+            ))
+        })
+}
+
+/// `GET /v1/inbox/{id}/edxml`.
+async fn export(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if !is_valid_message_id(&id) {
+        return Err(ApiError::BadRequest(
+            "message id: must be a lowercase hyphenated UUID".into(),
+        ));
+    }
+    let exporting = Arc::clone(&agent);
+    let package = tokio::task::spawn_blocking(move || export_package(&exporting, &id))
+        .await
+        .map_err(join_failed)??;
+    Ok(([(header::CONTENT_TYPE, EDXML_MEDIA_TYPE)], package).into_response())
+}
+
+/// A received document (or status report) as an edXML package. Blocking.
+pub(crate) fn export_package(agent: &Agent, id: &str) -> Result<Vec<u8>, ApiError> {
+    let not_found = || ApiError::NotFound(format!("message {id} is not in this agent's inbox"));
+    agent
+        .store
+        .inbox_record(id)
+        .map_err(internal("cannot read the inbox"))?
+        .ok_or_else(not_found)?;
+    let envelope = agent
+        .store
+        .inbox_envelope(id)
+        .map_err(internal("cannot read the inbox"))?
+        .ok_or_else(not_found)?;
+    let header = pb::Signed::decode(envelope.as_ref())
+        .and_then(|signed| pb::DocumentHeader::decode(signed.payload.as_ref()))
+        .map_err(|e| {
+            error!(message_id = %id, error = %e, "stored envelope is unreadable");
+            ApiError::Internal
+        })?;
+    if header.kind == pb::DocumentKind::Status as i32 {
+        status_package(&header)
+    } else {
+        document_package(agent, id, &header)
+    }
+}
+
+fn unexportable(e: lienthong_edxml::EdxmlError) -> ApiError {
+    ApiError::Rejected(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        format!("this document cannot be written as edXML: {e}"),
+    )
+}
+
+fn document_package(
+    agent: &Agent,
+    id: &str,
+    header: &pb::DocumentHeader,
+) -> Result<Vec<u8>, ApiError> {
+    let limits = package_limits();
+    let total: u64 = header
+        .attachments
+        .iter()
+        .map(|a| a.size)
+        .fold(0, u64::saturating_add);
+    // Base64 takes 4 bytes for 3.
+    if total.saturating_mul(4) / 3 >= limits.max_package_bytes as u64 {
+        return Err(ApiError::Rejected(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the attachments total {total} bytes: too large for an edXML package of at \
+                 most {} bytes; take them from the inbox folder",
+                limits.max_package_bytes
+            ),
+        ));
+    }
+    let attachments = attachment_bytes(agent, id, header)?;
+    let mut doc = lienthong_edxml::from_header(header, attachments);
+    if header.business_type != pb::BusinessType::New as i32
+        && !header.refers_to_business_id.is_empty()
+    {
+        doc.business_document_id = Some(header.refers_to_business_id.clone());
+    }
+    if !header.business_reason.is_empty() {
+        doc.business_reason = Some(header.business_reason.clone());
+    }
+    lienthong_edxml::write_document(&doc).map_err(unexportable)
+}
+
+/// The attachments of received document `id`, from its inbox folder (or the
+/// `recalled/` one), else from the store; each checked against the signed header.
+fn attachment_bytes(
+    agent: &Agent,
+    id: &str,
+    header: &pb::DocumentHeader,
+) -> Result<Vec<AttachmentBytes>, ApiError> {
+    let folders = [
+        agent.inbox_dir.join(id),
+        agent.inbox_dir.join("recalled").join(id),
+    ];
+    let mut stored: Option<Vec<bytes::Bytes>> = None;
+    let mut out = Vec::with_capacity(header.attachments.len());
+    for (index, info) in header.attachments.iter().enumerate() {
+        let from_folder = folders
+            .iter()
+            .map(|folder| folder.join(&info.name))
+            .find(|path| path.is_file())
+            .map(|path| {
+                std::fs::read(&path).map_err(|e| {
+                    error!(message_id = %id, path = %path.display(), error = %e, "cannot read an exported attachment");
+                    ApiError::Internal
+                })
+            })
+            .transpose()?;
+        let bytes = match from_folder {
+            Some(bytes) => bytes,
+            None => {
+                if stored.is_none() {
+                    stored = Some(
+                        agent
+                            .store
+                            .inbox_attachments(id, header.attachments.len())
+                            .map_err(internal("cannot read the inbox"))?,
+                    );
+                }
+                stored
+                    .as_ref()
+                    .and_then(|all| all.get(index))
+                    .map(|b| b.to_vec())
+                    .unwrap_or_default()
+            }
+        };
+        let sha = lienthong_proto::sha256(&bytes);
+        if bytes.len() as u64 != info.size || sha.as_slice() != info.sha256.as_slice() {
+            error!(
+                message_id = %id,
+                attachment = %printable(&info.name),
+                "an attachment in the inbox folder no longer matches the signed header"
+            );
+            return Err(ApiError::Rejected(
+                StatusCode::CONFLICT,
+                format!(
+                    "attachment {}: the copy in the inbox folder differs from what was signed \
+                     (changed or removed since it was received)",
+                    printable(&info.name)
+                ),
+            ));
+        }
+        out.push(AttachmentBytes {
+            name: info.name.clone(),
+            media_type: info.media_type.clone(),
+            bytes,
+        });
+    }
+    Ok(out)
+}
+
+/// A status report as an edXML status message.
+pub(crate) fn status_package(header: &pb::DocumentHeader) -> Result<Vec<u8>, ApiError> {
+    let report = header.status.clone().unwrap_or_default();
+    let document_id = header.refers_to_business_id.as_str();
+    let parts = lienthong_edxml::rules::split_document_id(document_id).ok_or_else(|| {
+        ApiError::Rejected(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "this status report cannot be written as edXML: the document it is about has \
+                 no business id of the form OrganId,yyyy/MM/dd,Number/Notation (got \"{}\")",
+                printable(document_id)
+            ),
+        )
+    })?;
+    let code = document_id
+        .splitn(3, ',')
+        .nth(2)
+        .unwrap_or_default()
+        .to_owned();
+    let staff = (!report.staff.is_empty() || !report.department.is_empty()).then(|| StaffInfo {
+        department: report.department.clone(),
+        staff: report.staff.clone(),
+        mobile: String::new(),
+        email: String::new(),
+    });
+    let status = EdxmlStatus {
+        from: header.sender.clone(),
+        from_name: header.sender_name.clone(),
+        response_for: ResponseFor {
+            organ_id: parts.organ_id.to_owned(),
+            code,
+            promulgation_date: parts.date.to_owned(),
+            document_id: document_id.to_owned(),
+        },
+        status_code: report.code.clone(),
+        description: Some(report.reason.clone()).filter(|r| !r.is_empty()),
+        timestamp: vietnam_timestamp(header.created_at_ms),
+        staff,
+    };
+    lienthong_edxml::write_status(&status).map_err(unexportable)
+}
+
+/// `yyyy/MM/dd HH:mm:ss` in Vietnam time (UTC+7) for Unix milliseconds.
+fn vietnam_timestamp(ms: i64) -> String {
+    let offset = time::UtcOffset::from_hms(7, 0, 0).unwrap_or(time::UtcOffset::UTC);
+    let at = time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .to_offset(offset);
+    format!(
+        "{:04}/{:02}/{:02} {:02}:{:02}:{:02}",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_vietnam_time() {
+        // 2026-05-04T17:30:05Z is 2026/05/05 00:30:05 in Vietnam.
+        assert_eq!(vietnam_timestamp(1_777_915_805_000), "2026/05/05 00:30:05");
+        assert_eq!(vietnam_timestamp(0), "1970/01/01 07:00:00");
+    }
+}

@@ -1,0 +1,118 @@
+//! `report`, `recall` and `directory`: a clerk's business workflow against the local
+//! agent — statuses for received documents, recalling a sent one, and finding
+//! recipients by name.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use lienthong_agent::api_types::ReportRequest;
+
+use crate::cmd::client::api_url;
+use crate::error::CliError;
+use crate::http::AgentClient;
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    api: Option<String>,
+    /// The received document's message id.
+    message_id: String,
+    /// 02 refused, 03 accepted, 04 assigned, 05 in progress, 06 completed; 15 / 16 agree
+    /// to or refuse a recall or update.
+    #[arg(long, value_parser = ["02", "03", "04", "05", "06", "15", "16"])]
+    status: String,
+    /// Why (required for 02 and 16).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Who reports it (the clerk's name).
+    #[arg(long)]
+    staff: Option<String>,
+}
+
+/// Prints the status report's message id.
+pub async fn report(args: ReportArgs) -> Result<(), CliError> {
+    if (args.status == "02" || args.status == "16")
+        && args.reason.as_deref().is_none_or(|r| r.trim().is_empty())
+    {
+        return Err(CliError::Usage(format!(
+            "--reason is required for status {}",
+            args.status
+        )));
+    }
+    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let request = ReportRequest {
+        status: args.status,
+        reason: args.reason,
+        staff: args.staff,
+    };
+    let sent = client.report(&args.message_id, &request).await?;
+    println!("{}", sent.message_id);
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct RecallArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    api: Option<String>,
+    /// The message id of a document this agency sent.
+    message_id: String,
+    /// Why it is recalled.
+    #[arg(long)]
+    reason: String,
+}
+
+/// Prints the recall's message id.
+pub async fn recall(args: RecallArgs) -> Result<(), CliError> {
+    if args.reason.trim().is_empty() {
+        return Err(CliError::Usage("--reason must not be empty".into()));
+    }
+    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let sent = client.recall(&args.message_id, &args.reason).await?;
+    println!("{}", sent.message_id);
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct DirectoryArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    api: Option<String>,
+    /// Only agencies whose name or code contains this (case-insensitive).
+    search: Option<String>,
+    /// Print a JSON array.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn directory(args: DirectoryArgs) -> Result<(), CliError> {
+    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let mut agencies = client.directory().await?;
+    if let Some(search) = &args.search {
+        let needle = search.to_lowercase();
+        agencies.retain(|a| {
+            a.name.to_lowercase().contains(&needle) || a.code.to_lowercase().contains(&needle)
+        });
+    }
+    if args.json {
+        let text = serde_json::to_string(&agencies)
+            .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!("{:<15} {:<15} NAME", "CODE", "PARENT");
+    for a in &agencies {
+        println!(
+            "{:<15} {:<15} {}{}",
+            a.code,
+            a.parent,
+            a.name,
+            if a.suspended { " (suspended)" } else { "" }
+        );
+    }
+    Ok(())
+}
