@@ -354,7 +354,6 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
             rule: "0 new, 1 recall, 2 update, 3 replace".into(),
         });
     }
-    validate_business(header)?;
     let refers = header.business_type != crate::pb::BusinessType::New as i32
         || header.kind == crate::pb::DocumentKind::Status as i32;
     if refers && !is_valid_message_id(&header.refers_to) {
@@ -370,6 +369,7 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
                 .into(),
         });
     }
+    validate_business(header)?;
     if header.created_at_ms <= 0 {
         return Err(ProtocolError::MissingField {
             field: "created_at_ms",

@@ -219,7 +219,15 @@ pub fn certs_from_pem(
 #[derive(Clone)]
 pub struct TrustAnchors {
     anchors: Vec<TrustAnchor<'static>>,
+    /// Chains already verified against these anchors for a verification "now": SHA-256
+    /// over the role and the DER chain → the earliest notAfter in the chain (Unix
+    /// seconds). A hit skips building the path again (one signature check per chain
+    /// link) until that time; the signature over the payload is always checked.
+    verified_chains: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>>,
 }
+
+/// Verified chains remembered at most; the cache is emptied when it is full.
+const VERIFIED_CHAINS_MAX: usize = 4096;
 
 impl std::fmt::Debug for TrustAnchors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -242,7 +250,46 @@ impl TrustAnchors {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { anchors })
+        Ok(Self {
+            anchors,
+            verified_chains: std::sync::Arc::default(),
+        })
+    }
+
+    fn chain_key(role: SignerRole, chain: &[Vec<u8>]) -> [u8; 32] {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        context.update(&[role as u8]);
+        for cert in chain {
+            context.update(&(cert.len() as u64).to_be_bytes());
+            context.update(cert);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(context.finish().as_ref());
+        key
+    }
+
+    fn chain_known_valid(&self, key: &[u8; 32], now_secs: u64) -> bool {
+        self.verified_chains
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(key).copied())
+            .is_some_and(|not_after| now_secs < not_after)
+    }
+
+    fn remember_chain(&self, key: [u8; 32], chain: &[Vec<u8>]) {
+        let not_after = chain
+            .iter()
+            .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
+            .map(|(_, cert)| cert.validity().not_after.timestamp())
+            .min()
+            .and_then(|t| u64::try_from(t).ok());
+        let (Some(not_after), Ok(mut cache)) = (not_after, self.verified_chains.lock()) else {
+            return;
+        };
+        if cache.len() >= VERIFIED_CHAINS_MAX {
+            cache.clear();
+        }
+        cache.insert(key, not_after);
     }
 }
 
@@ -338,16 +385,29 @@ pub fn verify_signed<'a>(
         SignerRole::Agency => KeyUsage::client_auth(),
         SignerRole::Broker => KeyUsage::server_auth(),
     };
-    cert.verify_for_usage(
-        CHAIN_ALGORITHMS,
-        &anchors.anchors,
-        &intermediates,
-        time.unix_time(),
-        usage,
-        None,
-        None,
-    )
-    .map_err(map_chain_error)?;
+    // Only a verification "now" uses the cache: evidence checked at a past time is rare
+    // and checked in full.
+    let now_secs = time.unix_time().as_secs();
+    let cache_key =
+        (time == VerifyTime::Now).then(|| TrustAnchors::chain_key(role, &signed.cert_chain));
+    let known = cache_key
+        .as_ref()
+        .is_some_and(|key| anchors.chain_known_valid(key, now_secs));
+    if !known {
+        cert.verify_for_usage(
+            CHAIN_ALGORITHMS,
+            &anchors.anchors,
+            &intermediates,
+            time.unix_time(),
+            usage,
+            None,
+            None,
+        )
+        .map_err(map_chain_error)?;
+        if let Some(key) = cache_key {
+            anchors.remember_chain(key, &signed.cert_chain);
+        }
+    }
 
     let mut message = Vec::with_capacity(domain.prefix().len() + signed.payload.len());
     message.extend_from_slice(domain.prefix());

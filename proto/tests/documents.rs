@@ -274,3 +274,33 @@ fn oversized_header_is_refused_before_verification() {
         "{err:?}"
     );
 }
+
+#[test]
+fn a_remembered_chain_still_gets_every_signature_checked() {
+    let pki = Pki::new("lienthong test CA");
+    let key = pki.agency_key(SENDER, KeyAlgorithm::EcdsaP256);
+    let envelope = seal(&header(), &key).expect("seal");
+    // The first verification checks the chain and remembers it; the second uses that.
+    verify_document(&envelope, &pki.anchors, VerifyTime::Now).expect("first");
+    verify_document(&envelope, &pki.anchors, VerifyTime::Now).expect("second");
+    // With the chain remembered, a tampered payload or signature is still refused.
+    let mut payload = envelope.payload.to_vec();
+    let middle = payload.len() / 2;
+    flip_bit(&mut payload, middle);
+    let mut tampered = envelope.clone();
+    tampered.payload = payload.into();
+    assert_eq!(
+        verify_document(&tampered, &pki.anchors, VerifyTime::Now).map(|_| ()),
+        Err(ProtocolError::BadSignature)
+    );
+    let mut tampered = envelope.clone();
+    let last = tampered.signature.len() - 1;
+    flip_bit(&mut tampered.signature, last);
+    assert_eq!(
+        verify_document(&tampered, &pki.anchors, VerifyTime::Now).map(|_| ()),
+        Err(ProtocolError::BadSignature)
+    );
+    // Anchors of another CA never benefit from what these anchors remembered.
+    let other = Pki::new("lienthong other CA");
+    assert!(verify_document(&envelope, &other.anchors, VerifyTime::Now).is_err());
+}

@@ -374,11 +374,94 @@ fn recall_update_and_replace_refer_to_a_message() {
         let mut h = header();
         h.business_type = kind as i32;
         h.refers_to = new_message_id();
+        h.business_reason = "Sai số liệu".into();
         assert_eq!(validate_header(&h), Ok(()), "{kind:?}");
     }
     // A new document refers to nothing.
     let err = refused(|h| h.refers_to = new_message_id());
     assert_invalid_field(&err, "refers_to");
+    // A recall says why.
+    let err = refused(|h| {
+        h.business_type = BusinessType::Recall as i32;
+        h.refers_to = new_message_id();
+    });
+    assert_eq!(
+        err,
+        ProtocolError::MissingField {
+            field: "business_reason"
+        }
+    );
+}
+
+#[test]
+fn status_reports_carry_a_known_code_go_to_one_agency_and_give_reasons() {
+    use lienthong_proto::pb::{DocumentKind, StatusReport};
+    let status = |code: &str, reason: &str| {
+        move |h: &mut lienthong_proto::pb::DocumentHeader| {
+            h.kind = DocumentKind::Status as i32;
+            h.refers_to = new_message_id();
+            h.recipients.truncate(1);
+            h.attachments.clear();
+            h.status = Some(StatusReport {
+                code: code.into(),
+                reason: reason.into(),
+                ..Default::default()
+            });
+        }
+    };
+    for code in ["03", "04", "05", "06", "15"] {
+        let mut h = header();
+        status(code, "")(&mut h);
+        assert_eq!(validate_header(&h), Ok(()), "{code}");
+    }
+    assert_invalid_field(&refused(status("07", "")), "status.code");
+    assert_invalid_field(&refused(status("01", "")), "status.code");
+    for code in ["02", "16"] {
+        assert_eq!(
+            refused(status(code, " ")),
+            ProtocolError::MissingField {
+                field: "status.reason"
+            }
+        );
+        let mut h = header();
+        status(code, "Không thuộc thẩm quyền")(&mut h);
+        assert_eq!(validate_header(&h), Ok(()), "{code}");
+    }
+    let err = refused(|h| {
+        status("03", "")(h);
+        h.recipients.push("000.00.15.H31".into());
+    });
+    assert_invalid_field(&err, "recipients");
+    let err = refused(|h| {
+        h.status = Some(StatusReport {
+            code: "03".into(),
+            ..Default::default()
+        })
+    });
+    assert_invalid_field(&err, "status");
+    let err = refused(|h| {
+        status("03", "")(h);
+        h.refers_to.clear();
+    });
+    assert_invalid_field(&err, "refers_to");
+}
+
+#[test]
+fn statuses_only_go_forward() {
+    use lienthong_proto::document::status_may_follow;
+    assert!(status_may_follow(None, "03"));
+    assert!(status_may_follow(Some("03"), "04"));
+    assert!(status_may_follow(Some("04"), "06"));
+    assert!(!status_may_follow(Some("06"), "03"));
+    assert!(!status_may_follow(Some("05"), "05"));
+    assert!(
+        !status_may_follow(Some("02"), "06"),
+        "nothing follows a refusal"
+    );
+    assert!(
+        !status_may_follow(Some("03"), "02"),
+        "refused after accepted"
+    );
 }
 
 #[test]

@@ -106,6 +106,15 @@ async fn statuses_go_forward_from_arrived_to_completed_and_are_signed() {
 
     // Status reports are evidence at the sender, not documents in its inbox.
     assert!(a.client.inbox().await.unwrap().is_empty());
+
+    // A clerk picks recipients from the broker's directory, with the hierarchy.
+    let directory = c.client.directory().await.unwrap();
+    let codes_listed: Vec<&str> = directory.iter().map(|d| d.code.as_str()).collect();
+    for code in [A, B, C] {
+        assert!(codes_listed.contains(&code), "{code} in {codes_listed:?}");
+    }
+    let b_entry = directory.iter().find(|d| d.code == B).unwrap();
+    assert_eq!(b_entry.parent, A, "000.00.12.H31 sits under 000.00.00.H31");
     for agent in [a, b, c] {
         agent.stop().await;
     }
