@@ -182,7 +182,7 @@ fn send_request(doc: EdxmlDocument, refers_to: Option<String>) -> SendRequest {
     let signer = (!doc.signer.competence.is_empty()
         || !doc.signer.position.is_empty()
         || !doc.signer.full_name.is_empty())
-    .then(|| SignerJson {
+    .then_some(SignerJson {
         competence: doc.signer.competence,
         position: doc.signer.position,
         full_name: doc.signer.full_name,

@@ -132,25 +132,95 @@ pub fn is_exported(inbox_dir: &Path, id: &str) -> bool {
     folder(inbox_dir, id).is_dir()
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+/// Creates and writes a file; the caller makes it durable (see [`GroupSync`]).
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(io_at(path))?;
-    file.write_all(bytes).map_err(io_at(path))?;
-    file.sync_all().map_err(io_at(path))
+    file.write_all(bytes).map_err(io_at(path))
 }
 
-fn sync_dir(path: &Path) -> Result<(), ExportError> {
-    std::fs::File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_at(path))
+/// Group sync of the inbox's filesystem: concurrent exports write their files, then
+/// share one `syncfs` instead of one `fsync` per file and folder. A caller returns once
+/// a sync that started after its call has completed, so everything it wrote before
+/// calling is on disk.
+#[derive(Debug)]
+pub struct GroupSync {
+    dir: PathBuf,
+    handle: std::fs::File,
+    state: std::sync::Mutex<SyncTickets>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncTickets {
+    next: u64,
+    /// Every ticket below this is covered by a completed sync.
+    covered: u64,
+    syncing: bool,
+}
+
+impl GroupSync {
+    /// For the filesystem holding `dir`.
+    pub fn new(dir: &Path) -> Result<Self, ExportError> {
+        Ok(Self {
+            dir: dir.to_owned(),
+            handle: std::fs::File::open(dir).map_err(io_at(dir))?,
+            state: std::sync::Mutex::default(),
+            done: std::sync::Condvar::new(),
+        })
+    }
+
+    /// Blocks until what the caller wrote before calling is durable.
+    pub fn sync(&self) -> Result<(), ExportError> {
+        let lock = || {
+            self.state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let mut state = lock();
+        let ticket = state.next;
+        state.next += 1;
+        loop {
+            if state.covered > ticket {
+                return Ok(());
+            }
+            if state.syncing {
+                state = self
+                    .done
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            state.syncing = true;
+            let covers = state.next;
+            drop(state);
+            let synced = rustix::fs::syncfs(&self.handle).map_err(|e| ExportError {
+                path: self.dir.clone(),
+                source: std::io::Error::from(e),
+            });
+            state = lock();
+            state.syncing = false;
+            if synced.is_ok() {
+                state.covered = state.covered.max(covers);
+            }
+            self.done.notify_all();
+            synced?;
+        }
+    }
 }
 
 /// Writes the document's folder atomically. Does nothing when the complete folder
-/// already exists. Blocking: call from `spawn_blocking`.
-pub fn export(inbox_dir: &Path, doc: &ExportDocument<'_>) -> Result<PathBuf, ExportError> {
+/// already exists. Blocking: call from `spawn_blocking`. The files are made durable by
+/// `sync` (shared with concurrent exports) before the folder is renamed into place,
+/// and the rename before this returns.
+pub fn export(
+    inbox_dir: &Path,
+    doc: &ExportDocument<'_>,
+    sync: &GroupSync,
+) -> Result<PathBuf, ExportError> {
     let target = folder(inbox_dir, doc.message_id);
     if target.is_dir() {
         return Ok(target);
@@ -171,20 +241,20 @@ pub fn export(inbox_dir: &Path, doc: &ExportDocument<'_>) -> Result<PathBuf, Exp
         }
     } else {
         for (info, bytes) in doc.header.attachments.iter().zip(doc.attachments) {
-            write_synced(&partial.join(&info.name), bytes)?;
+            write_new(&partial.join(&info.name), bytes)?;
         }
     }
-    write_synced(&partial.join("envelope.pb"), doc.envelope)?;
+    write_new(&partial.join("envelope.pb"), doc.envelope)?;
     let json = document_json(doc.header, doc.header_sha256, doc.received_at_ms);
     let mut text = serde_json::to_vec_pretty(&json).map_err(|e| ExportError {
         path: partial.join("document.json"),
         source: std::io::Error::other(e),
     })?;
     text.push(b'\n');
-    write_synced(&partial.join("document.json"), &text)?;
-    sync_dir(&partial)?;
+    write_new(&partial.join("document.json"), &text)?;
+    sync.sync()?;
     std::fs::rename(&partial, &target).map_err(io_at(&target))?;
-    sync_dir(inbox_dir)?;
+    sync.sync()?;
     if let Some(files) = doc.attachment_files {
         // Emptied by the moves; removing it keeps it out of the next Hello.
         let _ = std::fs::remove_dir(files);
@@ -262,7 +332,8 @@ mod tests {
             attachments: &attachments,
             attachment_files: None,
         };
-        let path = export(dir.path(), &doc).unwrap();
+        let sync = GroupSync::new(dir.path()).unwrap();
+        let path = export(dir.path(), &doc, &sync).unwrap();
         assert_eq!(path, dir.path().join(&h.message_id));
         assert_eq!(std::fs::read(path.join("a.pdf")).unwrap(), b"pdf");
         assert_eq!(std::fs::read(path.join("empty.txt")).unwrap(), b"");
@@ -277,7 +348,7 @@ mod tests {
 
         // A second export leaves the complete folder as it is.
         std::fs::write(path.join("marker"), b"x").unwrap();
-        export(dir.path(), &doc).unwrap();
+        export(dir.path(), &doc, &sync).unwrap();
         assert!(path.join("marker").exists());
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -152,6 +152,8 @@ pub(crate) struct Agent {
     pub max_outbox_bytes: u64,
     pub max_document_bytes: u64,
     pub files: files::Files,
+    /// Shared syncs of the inbox folder's filesystem for concurrent exports.
+    pub export_sync: export::GroupSync,
     /// Documents in the inbox; bumped when a new one is stored.
     pub inbox_count: tokio::sync::watch::Sender<u64>,
 }
@@ -266,6 +268,10 @@ pub async fn run(
     }
 
     let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+    let export_sync = export::GroupSync::new(&inbox_dir).map_err(|e| AgentError::Io {
+        path: e.path,
+        source: e.source,
+    })?;
     let agent = Arc::new(Agent {
         agency: config.agency.clone(),
         store,
@@ -284,6 +290,7 @@ pub async fn run(
         max_outbox_bytes: config.max_outbox_bytes,
         max_document_bytes: config.max_document_bytes,
         files: files::Files::new(&config.data_dir),
+        export_sync,
         inbox_count: tokio::sync::watch::Sender::new(inbox_count),
     });
 

@@ -712,6 +712,7 @@ async fn ensure_exported(
     let header = header.clone();
     let sha = header_sha256.to_vec();
     let received_at_ms = record.received_at_ms;
+    let exporting = Arc::clone(agent);
     let path = tokio::task::spawn_blocking(move || {
         export::export(
             &inbox_dir,
@@ -724,6 +725,7 @@ async fn ensure_exported(
                 attachments: &attachments,
                 attachment_files: files.as_deref(),
             },
+            &exporting.export_sync,
         )
     })
     .await

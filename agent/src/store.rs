@@ -134,6 +134,8 @@ pub struct Store {
     /// `<about id> \0 <other id>` → (): status reports, recalls, updates and replaces
     /// about a document, sent or received.
     links: sled::Tree,
+    /// Documents and bytes in the outbox state, mirrored from the records.
+    outbox_pending: std::sync::Mutex<(u64, u64)>,
     data_file: Arc<File>,
     /// Group commit: tickets handed out to callers of `durable` after their writes.
     requested: AtomicU64,
@@ -265,9 +267,12 @@ impl Store {
             path: data_path,
             source,
         })?;
+        let outbox = db.open_tree("outbox").map_err(sled_err)?;
+        let pending = Self::count_outbox_pending(&outbox).map_err(|e| corrupt(e.to_string()))?;
         Ok(Self {
             path: dir.to_owned(),
-            outbox: db.open_tree("outbox").map_err(sled_err)?,
+            outbox,
+            outbox_pending: std::sync::Mutex::new(pending),
             outbox_attachments: db.open_tree("outbox_attachments").map_err(sled_err)?,
             inbox: db.open_tree("inbox").map_err(sled_err)?,
             inbox_attachments: db.open_tree("inbox_attachments").map_err(sled_err)?,
@@ -341,6 +346,7 @@ impl Store {
         attachments: &[Bytes],
     ) -> Result<(), StoreError> {
         let id = record.message_id.as_str();
+        let bytes = record.bytes;
         let record = encode_json(record)?;
         // The `p` key marks it pending submission.
         put_document(
@@ -351,7 +357,14 @@ impl Store {
             envelope,
             attachments,
             Some(b'p'),
-        )
+        )?;
+        let mut pending = self
+            .outbox_pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.0 += 1;
+        pending.1 = pending.1.saturating_add(bytes);
+        Ok(())
     }
 
     /// Message ids waiting for submission, oldest first.
@@ -380,10 +393,18 @@ impl Store {
         Ok(counts)
     }
 
-    /// Documents and attachment bytes waiting in the outbox (not yet accepted).
+    /// Documents and attachment bytes waiting in the outbox (not yet accepted), from
+    /// counters kept with every change (the outbox is read once, at open).
     pub fn outbox_pending(&self) -> Result<(u64, u64), StoreError> {
+        Ok(*self
+            .outbox_pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn count_outbox_pending(outbox: &sled::Tree) -> Result<(u64, u64), StoreError> {
         let mut pending = (0, 0);
-        for entry in self.outbox.scan_prefix(b"r") {
+        for entry in outbox.scan_prefix(b"r") {
             let (k, v) = entry?;
             let record: OutboxRecord = decode_json(&k, &v)?;
             if record.state == OutboxState::Outbox {
@@ -434,6 +455,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let rkey = key(b'r', id);
         let receipt = receipt.map(IVec::from);
+        // (was waiting, is waiting, bytes) of the attempt that committed.
+        let transition = std::cell::Cell::new(None);
         (&self.outbox, &self.receipts).transaction(
             |(outbox, receipts)| -> ConflictableTransactionResult<(), StoreError> {
                 let Some(current) = outbox.get(&rkey)? else {
@@ -441,7 +464,13 @@ impl Store {
                 };
                 let mut record: OutboxRecord = decode_json(&rkey, &current)
                     .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                let was = record.state == OutboxState::Outbox;
                 change(&mut record);
+                transition.set(Some((
+                    was,
+                    record.state == OutboxState::Outbox,
+                    record.bytes,
+                )));
                 let value = encode_json(&record)
                     .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
                 outbox.insert(rkey.clone(), value)?;
@@ -452,6 +481,14 @@ impl Store {
                 Ok(())
             },
         )?;
+        if let Some((true, false, bytes)) = transition.get() {
+            let mut pending = self
+                .outbox_pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            pending.0 = pending.0.saturating_sub(1);
+            pending.1 = pending.1.saturating_sub(bytes);
+        }
         Ok(())
     }
 

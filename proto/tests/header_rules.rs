@@ -396,19 +396,20 @@ fn recall_update_and_replace_refer_to_a_message() {
 #[test]
 fn status_reports_carry_a_known_code_go_to_one_agency_and_give_reasons() {
     use lienthong_proto::pb::{DocumentKind, StatusReport};
-    let status = |code: &str, reason: &str| {
+    fn status(code: &str, reason: &str) -> impl Fn(&mut lienthong_proto::pb::DocumentHeader) {
+        let (code, reason) = (code.to_owned(), reason.to_owned());
         move |h: &mut lienthong_proto::pb::DocumentHeader| {
             h.kind = DocumentKind::Status as i32;
             h.refers_to = new_message_id();
             h.recipients.truncate(1);
             h.attachments.clear();
             h.status = Some(StatusReport {
-                code: code.into(),
-                reason: reason.into(),
+                code: code.clone(),
+                reason: reason.clone(),
                 ..Default::default()
             });
         }
-    };
+    }
     for code in ["03", "04", "05", "06", "15"] {
         let mut h = header();
         status(code, "")(&mut h);

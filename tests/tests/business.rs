@@ -223,7 +223,7 @@ async fn a_recall_that_reaches_the_broker_first_stops_the_delivery() {
     let inbox = b.client.inbox().await.unwrap();
     let ids: Vec<&str> = inbox.iter().map(|i| i.message_id.as_str()).collect();
     assert_eq!(ids, [later.as_str()]);
-    assert_eq!(inbox_entries(&world.inbox_dir(B)), [later.clone()]);
+    assert_eq!(inbox_entries(&world.inbox_dir(B)), vec![later.clone()]);
     a.stop().await;
     b.stop().await;
     broker.stop().await;
