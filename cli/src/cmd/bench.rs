@@ -763,9 +763,10 @@ async fn streamed(
     })
 }
 
-/// Sends `count` documents of `size` random bytes with `in_flight` concurrent POSTs
-/// (with one, each waits until the recipient stored the previous one), then reads the
-/// recipient's inbox: latency is `received_at` minus the start of the document's POST.
+/// Sends `count` documents of `size` random bytes keeping at most `in_flight` of them
+/// sent but not yet stored by the recipient (the peers' definition of in flight: from
+/// publish to consumer receipt), then reads the recipient's inbox: latency is
+/// `received_at` minus the start of the document's POST.
 async fn measure(
     cluster: &mut Cluster,
     size: usize,
@@ -773,13 +774,28 @@ async fn measure(
     count: u64,
 ) -> Result<Measured, CliError> {
     let next = Arc::new(AtomicU64::new(0));
-    let sequential = in_flight == 1;
+    let baseline = cluster.baseline;
+    // One long-poll follows the recipient's count for every sender.
+    let (received_tx, received_rx) = tokio::sync::watch::channel(baseline);
+    let watching = cluster.recv_api.clone();
+    let poller = tokio::spawn(async move {
+        let mut seen = baseline;
+        while seen < baseline + count {
+            match watching.inbox_count(Some(seen), 2_000).await {
+                Ok(now) if now > seen => {
+                    seen = now;
+                    let _ = received_tx.send(now);
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    });
     let mut workers = Vec::with_capacity(in_flight);
     for _ in 0..in_flight {
         let next = next.clone();
         let client = cluster.send_api.clone();
-        let recv = cluster.recv_api.clone();
-        let baseline = cluster.baseline;
+        let mut received = received_rx.clone();
         workers.push(tokio::spawn(async move {
             let mut started: Vec<(String, i64)> = Vec::new();
             let mut bytes = vec![0u8; size];
@@ -788,24 +804,23 @@ async fn measure(
                 if n >= count {
                     return Ok::<_, CliError>(started);
                 }
+                // Document n may go once all but `in_flight - 1` earlier ones arrived.
+                let needed = (baseline + n + 1).saturating_sub(in_flight as u64);
+                let progressed = matches!(
+                    tokio::time::timeout(STALL, received.wait_for(|c| *c >= needed)).await,
+                    Ok(Ok(_))
+                );
+                if !progressed {
+                    return Err(CliError::Failed(format!(
+                        "the recipient stopped storing documents ({} s without progress)",
+                        STALL.as_secs()
+                    )));
+                }
                 rand::rng().fill_bytes(&mut bytes);
                 let request = small_request(n + 1, &bytes);
                 let at = now_ms();
                 let sent = client.send(&request).await?;
                 started.push((sent.message_id, at));
-                if sequential {
-                    let target = baseline + n + 1;
-                    let deadline = Instant::now() + STALL;
-                    while recv.inbox_count(Some(target - 1), 2_000).await? < target {
-                        if Instant::now() > deadline {
-                            return Err(CliError::Failed(format!(
-                                "document {} did not reach the recipient within {} s",
-                                n + 1,
-                                STALL.as_secs()
-                            )));
-                        }
-                    }
-                }
             }
         }));
     }
@@ -823,11 +838,13 @@ async fn measure(
         }
     }
     if let Some(error) = first_error {
+        poller.abort();
         return Err(error);
     }
     progress(&format!(
         "  all {count} accepted by the sender agent; waiting for the recipient"
     ));
+    poller.abort();
     wait_count(cluster, cluster.baseline + count).await?;
     let inbox = cluster.recv_api.inbox().await?;
     let mut latencies = Vec::with_capacity(count as usize);
