@@ -286,8 +286,9 @@ run_ours() { # rep
       return
     fi
   else
-    log "rep $1: lienthong bench --json --scenarios 1,2,3 --count $COUNT"
+    log "rep $1: lienthong bench --json --scenarios 1,2,3 --count $COUNT --large-count $LARGE_COUNT --latency-count $LAT_COUNT"
     out=$(timeout "$OUR_TIMEOUT" "$LIENTHONG" bench --json --scenarios 1,2,3 --count "$COUNT" \
+          --large-count "$LARGE_COUNT" --latency-count "$LAT_COUNT" \
           2>>"$PB/logs/lienthong-bench.err") || rc=$?
     if [ "$rc" = 0 ] && echo "$out" | emit side=lienthong cfg=lienthong "rep=$1" fake=false 2>>"$PB/logs/lienthong-bench.err"; then
       return

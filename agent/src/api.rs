@@ -1,8 +1,11 @@
 //! The local HTTP JSON API for gateways and clerks (loopback by default).
 //!
-//! Routes: `POST /v1/documents`, `GET /v1/documents/{id}/status`, `GET /v1/inbox`,
-//! `GET /v1/inbox/{id}`, `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus),
-//! `GET /openapi.json`.
+//! Routes: `POST /v1/uploads` (a file streamed to disk), `POST /v1/documents`,
+//! `GET /v1/documents/{id}/status` (with the business history),
+//! `POST /v1/documents/{id}/recall`, `GET /v1/inbox`, `GET /v1/inbox/count`,
+//! `GET /v1/inbox/{id}`, `POST /v1/inbox/{id}/status`, `GET /v1/directory`,
+//! `GET /v1/limits`, the edXML routes of `edxml_api`, `GET /healthz`, `GET /readyz`,
+//! `GET /metrics` (Prometheus), `GET /openapi.json`.
 //!
 //! Invariants:
 //! - `202 Accepted` is answered only after the sealed document is durable in the

@@ -314,6 +314,10 @@ pub async fn run(
         "agent running"
     );
     let app = api::router(Arc::clone(&agent), config.api_max_body_bytes);
+    // Answers are small and latency matters: no Nagle delay on the API's sockets.
+    let api_listener = axum::serve::ListenerExt::tap_io(api_listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let served = axum::serve(api_listener, app)
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;

@@ -42,7 +42,6 @@ use lienthong_proto::pb::{admin_server::AdminServer, exchange_server::ExchangeSe
 use lienthong_proto::tls::{TlsFiles, install_crypto_provider};
 use lienthong_proto::{AgencyCode, SigningKey, TrustAnchors};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 pub use error::BrokerError;
@@ -308,7 +307,12 @@ pub async fn run_with_admin(
         .http2_adaptive_window(Some(true))
         .add_service(exchange)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled());
+        .serve_with_incoming_shutdown(
+            // Small messages (receipts, acknowledgements) must not wait for Nagle; tonic
+            // sets this only on listeners it binds itself.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled(),
+        );
     let admin = admin_listener.map(|admin_listener| {
         tracing::info!(addr = ?admin_listener.local_addr().ok(), "admin HTTP listening");
         let app = http::router(shared.clone());

@@ -58,6 +58,10 @@ pub struct AgentArgs {
     /// Most attachment bytes waiting in the outbox before new documents are refused.
     #[arg(long)]
     max_outbox_bytes: Option<u64>,
+    /// Largest document (sum of its attachments) taken from the gateway or the broker,
+    /// default 2 GiB; a larger upload is refused before any byte is stored.
+    #[arg(long)]
+    max_document_bytes: Option<u64>,
     /// Drop folder: `.edxml` packages written here are sent, then moved to `sent/`
     /// (with the message id) or `failed/` (with the reason).
     #[arg(long)]
@@ -80,6 +84,7 @@ struct AgentFile {
     inbox_dir: Option<PathBuf>,
     max_outbox_documents: Option<u64>,
     max_outbox_bytes: Option<u64>,
+    max_document_bytes: Option<u64>,
     drop_dir: Option<PathBuf>,
 }
 
@@ -127,6 +132,9 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     if let Some(max) = args.max_outbox_bytes.or(file.max_outbox_bytes) {
         config.max_outbox_bytes = max;
+    }
+    if let Some(max) = args.max_document_bytes.or(file.max_document_bytes) {
+        config.max_document_bytes = max;
     }
     config.drop_dir = optional_path(args.drop_dir, file.drop_dir);
     match (
