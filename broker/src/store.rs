@@ -51,6 +51,9 @@ use crate::records::{
 /// Written into the default tree when a store is created.
 pub const FORMAT: &[u8] = b"lienthong-broker/1";
 const FORMAT_KEY: &[u8] = b"lienthong-format";
+/// Default tree: how many documents the store holds (u64 BE), kept in the accept
+/// transaction so that reading it costs nothing (counting the tree walks every page).
+const DOCUMENT_COUNT_KEY: &[u8] = b"lienthong-documents";
 /// Attachments are stored in chunks of this size.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Attempts kept per delivery record.
@@ -253,6 +256,11 @@ impl Store {
                 ));
             }
         }
+        if db.get(DOCUMENT_COUNT_KEY)?.is_none() {
+            // A store from before the counter: count once.
+            let documents = db.open_tree("documents")?.len() as u64;
+            db.insert(DOCUMENT_COUNT_KEY, &documents.to_be_bytes())?;
+        }
         let commit = GroupCommit::start(db.clone(), dir)
             .map_err(|e| open_error(format!("cannot open the data file for syncing: {e}")))?;
         let queue = db.open_tree("queue")?;
@@ -429,9 +437,10 @@ impl Store {
             &self.deliveries,
             &self.expiry,
             &self.audit,
+            &*self.db,
         )
             .transaction(
-                |(documents, business_ids, queue, deliveries, expiry, audit)| {
+                |(documents, business_ids, queue, deliveries, expiry, audit, counters)| {
                     if let Some(existing) = documents.get(message_id)? {
                         return abort(AcceptAbort::Duplicate(existing.to_vec()));
                     }
@@ -444,6 +453,11 @@ impl Store {
                         ));
                     }
                     documents.insert(message_id.as_bytes(), encoded.as_slice())?;
+                    let held = counters
+                        .get(DOCUMENT_COUNT_KEY)?
+                        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                        .map_or(0, u64::from_be_bytes);
+                    counters.insert(DOCUMENT_COUNT_KEY, &held.saturating_add(1).to_be_bytes())?;
                     if !record.business_id.is_empty() {
                         business_ids
                             .insert(record.business_id.as_bytes(), message_id.as_bytes())?;
@@ -1038,7 +1052,14 @@ impl Store {
 
     /// Number of stored documents.
     pub fn document_count(&self) -> usize {
-        self.documents.len()
+        self.db
+            .get(DOCUMENT_COUNT_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, |b| {
+                usize::try_from(u64::from_be_bytes(b)).unwrap_or(usize::MAX)
+            })
     }
 
     /// Flushes sled; used at shutdown.
