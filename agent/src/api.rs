@@ -730,6 +730,7 @@ async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Li
                 Ok(pb::DeliveryState::Recalled) => "recalled",
                 _ => "unknown",
             };
+            let mut receipt_at_ms = None;
             let (receipt_verified, receipt_at) = match &r.delivery_receipt {
                 None => (None, None),
                 Some(receipt) => {
@@ -741,7 +742,10 @@ async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Li
                         live: false,
                     };
                     match verify_receipt(receipt, &agent.document_anchors, &expected) {
-                        Ok(verified) => (Some(true), rfc3339_ms(verified.at_ms)),
+                        Ok(verified) => {
+                            receipt_at_ms = Some(verified.at_ms);
+                            (Some(true), rfc3339_ms(verified.at_ms))
+                        }
                         Err(e) => {
                             warn!(
                                 agency = %agent.agency,
@@ -790,6 +794,7 @@ async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Li
                         outcome: a.outcome.clone(),
                     })
                     .collect(),
+                receipt_at_ms,
                 ..RecipientView::default()
             }
         })

@@ -173,6 +173,9 @@ pub struct RecipientView {
     /// `refused` (16), or `stopped before delivery` (the broker stopped it).
     #[serde(default)]
     pub recall: Option<String>,
+    /// `receipt_at` in Unix milliseconds, for ordering the history (not serialized).
+    #[serde(skip)]
+    pub receipt_at_ms: Option<i64>,
 }
 
 /// One business status in a document's history.
@@ -183,6 +186,9 @@ pub struct BusinessEntry {
     pub code: String,
     /// When it was signed (RFC 3339).
     pub at: String,
+    /// The same instant in Unix milliseconds (the history is ordered by it).
+    #[serde(default)]
+    pub at_ms: i64,
     /// The agency that signed it.
     pub by: String,
     #[serde(default)]

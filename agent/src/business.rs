@@ -310,6 +310,7 @@ pub(crate) fn fill_history(agent: &Agent, about: &str, recipients: &mut [Recipie
                 ours.push(BusinessEntry {
                     code: "13".into(),
                     at: rfc3339_ms(header.created_at_ms).unwrap_or_default(),
+                    at_ms: header.created_at_ms,
                     by: header.sender.clone(),
                     reason: Some(header.business_reason.clone()).filter(|r| !r.is_empty()),
                     staff: None,
@@ -347,6 +348,7 @@ pub(crate) fn fill_history(agent: &Agent, about: &str, recipients: &mut [Recipie
         theirs.push(BusinessEntry {
             code: status.code,
             at: rfc3339_ms(header.created_at_ms).unwrap_or_default(),
+            at_ms: header.created_at_ms,
             by: header.sender,
             reason: Some(status.reason).filter(|r| !r.is_empty()),
             staff: Some(status.staff).filter(|s| !s.is_empty()),
@@ -357,11 +359,12 @@ pub(crate) fn fill_history(agent: &Agent, about: &str, recipients: &mut [Recipie
     for recipient in recipients.iter_mut() {
         let mut entries = Vec::new();
         if recipient.receipt_verified == Some(true)
-            && let Some(at) = &recipient.receipt_at
+            && let (Some(at), Some(at_ms)) = (&recipient.receipt_at, recipient.receipt_at_ms)
         {
             entries.push(BusinessEntry {
                 code: "01".into(),
                 at: at.clone(),
+                at_ms,
                 by: recipient.agency.clone(),
                 reason: None,
                 staff: None,
@@ -371,7 +374,13 @@ pub(crate) fn fill_history(agent: &Agent, about: &str, recipients: &mut [Recipie
         }
         entries.extend(ours.iter().cloned());
         entries.extend(theirs.iter().filter(|e| e.by == recipient.agency).cloned());
-        entries.sort_by(|a, b| a.at.cmp(&b.at));
+        // By time, then by rank for statuses signed in the same millisecond.
+        entries.sort_by_key(|e| {
+            (
+                e.at_ms,
+                lienthong_proto::document::status_rank(&e.code).unwrap_or(u8::MAX),
+            )
+        });
         let recalled = entries.iter().any(|e| e.code == "13");
         recipient.recall = if !recalled {
             None
