@@ -35,12 +35,9 @@ fn business_type_name(value: i32) -> &'static str {
     }
 }
 
-/// The `document.json` value: the decoded header, for people and scripts.
-pub fn document_json(
-    header: &DocumentHeader,
-    header_sha256: &[u8],
-    received_at_ms: i64,
-) -> serde_json::Value {
+/// A header's fields as people and scripts read them: `document.json` and
+/// `lienthong edxml check` both print this. Empty optional texts are `null`.
+pub fn header_json(header: &DocumentHeader) -> serde_json::Map<String, serde_json::Value> {
     let signer = header.signer.as_ref().map(|s| {
         serde_json::json!({
             "competence": s.competence,
@@ -61,8 +58,7 @@ pub fn document_json(
         })
         .collect();
     let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    serde_json::json!({
-        "message_id": header.message_id,
+    let value = serde_json::json!({
         "business_id": header.business_id,
         "sender": header.sender,
         "sender_name": optional(&header.sender_name),
@@ -80,14 +76,37 @@ pub fn document_json(
         "steering_type": header.steering_type,
         "due_date": optional(&header.due_date),
         "business_type": business_type_name(header.business_type),
+        "business_reason": optional(&header.business_reason),
+        "refers_to_business_id": optional(&header.refers_to_business_id),
+        "to_places": header.to_places,
+        "attachments": attachments,
+    });
+    match value {
+        serde_json::Value::Object(map) => map,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// The `document.json` value: the decoded header, for people and scripts.
+pub fn document_json(
+    header: &DocumentHeader,
+    header_sha256: &[u8],
+    received_at_ms: i64,
+) -> serde_json::Value {
+    let mut map = header_json(header);
+    let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+    let extra = serde_json::json!({
+        "message_id": header.message_id,
         "refers_to": optional(&header.refers_to),
         "created_at": rfc3339_ms(header.created_at_ms),
         "expires_at": if header.expires_at_ms == 0 { None } else { rfc3339_ms(header.expires_at_ms) },
-        "to_places": header.to_places,
-        "attachments": attachments,
         "header_sha256": hex::encode(header_sha256),
         "received_at": rfc3339_ms(received_at_ms),
-    })
+    });
+    if let serde_json::Value::Object(extra) = extra {
+        map.extend(extra);
+    }
+    serde_json::Value::Object(map)
 }
 
 /// Everything written into one export folder.

@@ -553,20 +553,10 @@ async fn start_streamed(
     let infos = verified.header.attachments.clone();
     let opening = dir.clone();
     let parts =
-        tokio::task::spawn_blocking(move || -> Result<Vec<PartialAttachment>, SpoolError> {
-            std::fs::create_dir_all(&opening).map_err(|source| SpoolError::Io {
-                path: opening.clone(),
-                source,
-            })?;
-            infos
-                .iter()
-                .enumerate()
-                .map(|(i, info)| PartialAttachment::open(&opening.join(i.to_string()), i, info))
-                .collect()
-        })
-        .await
-        .map_err(|e| LocalError::Task(e.to_string()))?
-        .map_err(|e| LocalError::Files(e.to_string()))?;
+        tokio::task::spawn_blocking(move || lienthong_proto::spool::open_all(&opening, &infos))
+            .await
+            .map_err(|e| LocalError::Task(e.to_string()))?
+            .map_err(|e| LocalError::Files(e.to_string()))?;
     debug!(
         agency = %agent.agency,
         message_id = %id,

@@ -488,22 +488,11 @@ async fn receive_streamed(
 ) -> Result<(), BrokerError> {
     let infos = header.attachments.clone();
     let count = infos.len();
-    let opening = dir.clone();
     let opened =
-        tokio::task::spawn_blocking(move || -> Result<Vec<PartialAttachment>, SpoolError> {
-            std::fs::create_dir_all(&opening).map_err(|source| SpoolError::Io {
-                path: opening.clone(),
-                source,
-            })?;
-            infos
-                .iter()
-                .enumerate()
-                .map(|(i, info)| PartialAttachment::open(&opening.join(i.to_string()), i, info))
-                .collect()
-        })
-        .await
-        .map_err(|e| BrokerError::Serve(e.to_string()))?
-        .map_err(spool_error)?;
+        tokio::task::spawn_blocking(move || lienthong_proto::spool::open_all(&dir, &infos))
+            .await
+            .map_err(|e| BrokerError::Serve(e.to_string()))?
+            .map_err(spool_error)?;
     let mut parts: Vec<Option<PartialAttachment>> = opened.into_iter().map(Some).collect();
     let mut current = 0usize;
     while let Some(frame) = frames.next().await {

@@ -190,6 +190,20 @@ impl PartialAttachment {
     }
 }
 
+/// Opens (creating `dir` if needed) the files `dir/<index>` of every attachment in
+/// `infos`, continuing whatever an earlier transfer left there.
+pub fn open_all(
+    dir: &Path,
+    infos: &[AttachmentInfo],
+) -> Result<Vec<PartialAttachment>, SpoolError> {
+    std::fs::create_dir_all(dir).map_err(io_at(dir))?;
+    infos
+        .iter()
+        .enumerate()
+        .map(|(index, info)| PartialAttachment::open(&dir.join(index.to_string()), index, info))
+        .collect()
+}
+
 /// Reads `path` from `offset` in pieces of at most `piece` bytes, calling `each` with
 /// the offset and bytes of every piece until the end of the file or until `each`
 /// returns false.

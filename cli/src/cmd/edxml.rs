@@ -68,60 +68,12 @@ fn check(path: &Path) -> Result<(), CliError> {
 }
 
 /// The header the agent would sign for this package (its message id, time and
-/// signature are the agent's), as JSON.
+/// signature are the agent's), as JSON: the fields `document.json` shows.
 fn document_value(doc: &EdxmlDocument) -> Value {
     let header = doc.to_header("", 0).header;
-    let optional = |s: &str| (!s.is_empty()).then(|| s.to_owned());
-    let signer = header.signer.as_ref().map(|s| {
-        json!({
-            "competence": s.competence,
-            "position": s.position,
-            "full_name": s.full_name,
-        })
-    });
-    let business_type = match header.business_type {
-        0 => "new",
-        1 => "recall",
-        2 => "update",
-        3 => "replace",
-        _ => "unknown",
-    };
-    let attachments: Vec<Value> = header
-        .attachments
-        .iter()
-        .map(|a| {
-            json!({
-                "name": a.name,
-                "media_type": a.media_type,
-                "size": a.size,
-                "sha256": hex::encode(&a.sha256),
-            })
-        })
-        .collect();
-    json!({
-        "kind": "document",
-        "business_id": header.business_id,
-        "sender": header.sender,
-        "sender_name": optional(&header.sender_name),
-        "recipients": header.recipients,
-        "number": header.number,
-        "notation": header.notation,
-        "document_type": optional(&header.document_type),
-        "document_type_name": optional(&header.document_type_name),
-        "subject": header.subject,
-        "content": optional(&header.content),
-        "issue_place": optional(&header.issue_place),
-        "issue_date": header.issue_date,
-        "signer": signer,
-        "priority": header.priority,
-        "steering_type": header.steering_type,
-        "due_date": optional(&header.due_date),
-        "to_places": header.to_places,
-        "business_type": business_type,
-        "business_reason": optional(&header.business_reason),
-        "refers_to_business_id": optional(&header.refers_to_business_id),
-        "attachments": attachments,
-    })
+    let mut map = lienthong_agent::export::header_json(&header);
+    map.insert("kind".into(), json!("document"));
+    Value::Object(map)
 }
 
 /// The status report the agent would send for this status message, as JSON.
