@@ -367,18 +367,7 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
             ),
         ));
     }
-    let record = OutboxRecord {
-        message_id: header.message_id.clone(),
-        business_id: header.business_id.clone(),
-        recipients: header.recipients.clone(),
-        created_at_ms: header.created_at_ms,
-        header_sha256: hex::encode(lienthong_proto::sha256(&envelope.payload)),
-        state: OutboxState::Outbox,
-        failure_reason: None,
-        submitted_at_ms: None,
-        bytes,
-        streamed,
-    };
+    let record = OutboxRecord::waiting(&header, &envelope, bytes, streamed);
     if streamed {
         let paths: Vec<std::path::PathBuf> = uploads.iter().map(|(_, u)| u.path.clone()).collect();
         agent

@@ -27,7 +27,7 @@ use crate::Agent;
 use crate::api::{ApiError, internal, protocol_error};
 use crate::api_types::{BusinessEntry, RecipientView, SendResponse};
 use crate::error::StoreError;
-use crate::store::{InboxRecord, OutboxRecord, OutboxState};
+use crate::store::{InboxRecord, OutboxRecord};
 
 /// Where a recalled document's folder goes, under the inbox folder.
 pub const RECALLED_DIR: &str = "recalled";
@@ -132,18 +132,7 @@ pub(crate) async fn report(
     );
     lienthong_proto::document::validate_header(&header).map_err(protocol_error)?;
     let envelope = seal(&header, &agent.signing_key).map_err(protocol_error)?;
-    let outbox = OutboxRecord {
-        message_id: header.message_id.clone(),
-        business_id: header.business_id.clone(),
-        recipients: header.recipients.clone(),
-        created_at_ms: header.created_at_ms,
-        header_sha256: hex::encode(lienthong_proto::sha256(&envelope.payload)),
-        state: OutboxState::Outbox,
-        failure_reason: None,
-        submitted_at_ms: None,
-        bytes: 0,
-        streamed: false,
-    };
+    let outbox = OutboxRecord::waiting(&header, &envelope, 0, false);
     let store = &agent.store;
     store
         .put_outbox(&outbox, &envelope.encode_to_vec(), &[])

@@ -257,21 +257,36 @@ fn untrusted_message_id(envelope: &pb::Signed) -> String {
         .unwrap_or_default()
 }
 
+/// The sender's signature and chain, and this agency among the recipients: what every
+/// delivery, whole or streamed, passes first.
+fn verify_addressed_to_us(
+    agent: &Agent,
+    envelope: &pb::Signed,
+) -> Result<VerifiedDocument, String> {
+    let verified = verify_document(envelope, &agent.document_anchors, VerifyTime::Now)
+        .map_err(|e| e.to_string())?;
+    if !verified
+        .header
+        .recipients
+        .iter()
+        .any(|r| r == agent.agency.as_str())
+    {
+        return Err(format!(
+            "this agency ({}) is not a recipient of the document",
+            agent.agency
+        ));
+    }
+    Ok(verified)
+}
+
 /// Every check a delivery must pass before it is stored.
 fn check_delivery(
     agent: &Agent,
     envelope: &pb::Signed,
     attachments: &[Bytes],
 ) -> Result<lienthong_proto::document::VerifiedDocument, String> {
-    let verified = verify_document(envelope, &agent.document_anchors, VerifyTime::Now)
-        .map_err(|e| e.to_string())?;
+    let verified = verify_addressed_to_us(agent, envelope)?;
     let header = &verified.header;
-    if !header.recipients.iter().any(|r| r == agent.agency.as_str()) {
-        return Err(format!(
-            "this agency ({}) is not a recipient of the document",
-            agent.agency
-        ));
-    }
     if attachments.len() != header.attachments.len() {
         return Err(format!(
             "the delivery carries {} attachments, the header lists {}",
@@ -484,15 +499,8 @@ async fn partial_deliveries(agent: &Arc<Agent>) -> Vec<pb::PartialDelivery> {
 
 /// The checks a streamed delivery's envelope must pass before any chunk is kept.
 fn check_streamed(agent: &Agent, envelope: &pb::Signed) -> Result<VerifiedDocument, String> {
-    let verified = verify_document(envelope, &agent.document_anchors, VerifyTime::Now)
-        .map_err(|e| e.to_string())?;
+    let verified = verify_addressed_to_us(agent, envelope)?;
     let header = &verified.header;
-    if !header.recipients.iter().any(|r| r == agent.agency.as_str()) {
-        return Err(format!(
-            "this agency ({}) is not a recipient of the document",
-            agent.agency
-        ));
-    }
     let total = header
         .attachments
         .iter()

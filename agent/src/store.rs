@@ -83,6 +83,29 @@ pub struct OutboxRecord {
     pub streamed: bool,
 }
 
+impl OutboxRecord {
+    /// The record of a document just sealed, waiting for submission.
+    pub fn waiting(
+        header: &lienthong_proto::pb::DocumentHeader,
+        envelope: &lienthong_proto::pb::Signed,
+        bytes: u64,
+        streamed: bool,
+    ) -> Self {
+        Self {
+            message_id: header.message_id.clone(),
+            business_id: header.business_id.clone(),
+            recipients: header.recipients.clone(),
+            created_at_ms: header.created_at_ms,
+            header_sha256: hex::encode(lienthong_proto::sha256(&envelope.payload)),
+            state: OutboxState::Outbox,
+            failure_reason: None,
+            submitted_at_ms: None,
+            bytes,
+            streamed,
+        }
+    }
+}
+
 /// A document this agent received.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InboxRecord {

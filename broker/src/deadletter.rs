@@ -29,38 +29,62 @@ pub(crate) fn make_dead(
         return Ok(false);
     };
     let now = lienthong_proto::now_ms();
-    let notice = pb::Receipt {
-        kind: ReceiptKind::DeadLetter as i32,
-        message_id: message_id.to_owned(),
-        header_sha256: document.header_sha256.clone(),
-        at_ms: now,
-        issuer: format!("broker:{}", shared.config.name),
-        business_id: document.business_id.clone(),
-        sender: document.sender.clone(),
-        recipient: recipient.to_owned(),
-        outcome: if state == DeliveryState::Refused {
-            "refused".into()
-        } else {
-            "expired".into()
-        },
-        reason: reason.to_owned(),
+    let outcome = if state == DeliveryState::Refused {
+        "refused"
+    } else {
+        "expired"
     };
-    let signed = sign_receipt(&notice, &shared.signing_key)?;
+    let signed = signed_notice(
+        shared, message_id, &document, recipient, outcome, reason, now,
+    )?;
     let settled = shared.store.settle(
         message_id,
         recipient,
         Settlement::Dead {
             state,
             reason: reason.to_owned(),
-            notice: signed.encode_to_vec(),
+            notice: signed,
         },
         now,
     )?;
     if settled {
         shared.metrics.dead_letter(state);
-        tracing::warn!(message_id, recipient, outcome = %notice.outcome, reason, "delivery dead-lettered");
+        tracing::warn!(
+            message_id,
+            recipient,
+            outcome,
+            reason,
+            "delivery dead-lettered"
+        );
     }
     Ok(settled)
+}
+
+/// The broker's signed notice (a dead-letter receipt, encoded `Signed`) saying why a
+/// delivery ended without a delivery receipt: `outcome` is "expired", "refused" or
+/// "recalled".
+pub(crate) fn signed_notice(
+    shared: &Shared,
+    message_id: &str,
+    document: &crate::records::DocumentRecord,
+    recipient: &str,
+    outcome: &str,
+    reason: &str,
+    at_ms: i64,
+) -> Result<Vec<u8>, BrokerError> {
+    let notice = pb::Receipt {
+        kind: ReceiptKind::DeadLetter as i32,
+        message_id: message_id.to_owned(),
+        header_sha256: document.header_sha256.clone(),
+        at_ms,
+        issuer: format!("broker:{}", shared.config.name),
+        business_id: document.business_id.clone(),
+        sender: document.sender.clone(),
+        recipient: recipient.to_owned(),
+        outcome: outcome.to_owned(),
+        reason: reason.to_owned(),
+    };
+    Ok(sign_receipt(&notice, &shared.signing_key)?.encode_to_vec())
 }
 
 /// The expiry of a document: the sender's, or the default for its priority.

@@ -6,9 +6,7 @@
 //! Invariant: only a delivery still queued and not pushed (no unanswered attempt) is
 //! stopped; one already on its way is left to arrive, and the recall follows it.
 
-use lienthong_proto::pb::{self, DeliveryState, ReceiptKind};
-use lienthong_proto::receipt::sign_receipt;
-use prost::Message;
+use lienthong_proto::pb::{self, DeliveryState};
 
 use crate::Shared;
 use crate::error::BrokerError;
@@ -66,25 +64,15 @@ fn settle_recalled(
         return Ok(false);
     };
     let now = lienthong_proto::now_ms();
-    let notice = pb::Receipt {
-        kind: ReceiptKind::DeadLetter as i32,
-        message_id: message_id.to_owned(),
-        header_sha256: document.header_sha256.clone(),
-        at_ms: now,
-        issuer: format!("broker:{}", shared.config.name),
-        business_id: document.business_id.clone(),
-        sender: document.sender.clone(),
-        recipient: recipient.to_owned(),
-        outcome: "recalled".into(),
-        reason: reason.to_owned(),
-    };
-    let signed = sign_receipt(&notice, &shared.signing_key)?;
+    let notice = crate::deadletter::signed_notice(
+        shared, message_id, &document, recipient, "recalled", reason, now,
+    )?;
     Ok(shared.store.settle(
         message_id,
         recipient,
         Settlement::Recalled {
             reason: reason.to_owned(),
-            notice: signed.encode_to_vec(),
+            notice,
         },
         now,
     )?)
