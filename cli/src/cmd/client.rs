@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::config;
 use crate::error::CliError;
 use crate::http::AgentClient;
+use crate::output::outln;
 
 const DEFAULT_API: &str = "http://127.0.0.1:7180";
 
@@ -159,7 +160,7 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
         ..SendRequest::default()
     };
     let response = client.send(&request).await?;
-    println!("{}", response.message_id);
+    outln!("{}", response.message_id);
     Ok(())
 }
 
@@ -185,7 +186,7 @@ pub async fn status(args: StatusArgs) -> Result<(), CliError> {
     if args.json {
         let text = serde_json::to_string(&view)
             .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
-        println!("{text}");
+        outln!("{text}");
     } else {
         print_status(&view);
     }
@@ -193,15 +194,15 @@ pub async fn status(args: StatusArgs) -> Result<(), CliError> {
 }
 
 fn print_status(view: &StatusView) {
-    println!("message id   {}", view.message_id);
-    println!("business id  {}", view.business_id);
-    println!("sender       {}", view.sender);
-    println!("outbox       {}", view.outbox_state);
+    outln!("message id   {}", view.message_id);
+    outln!("business id  {}", view.business_id);
+    outln!("sender       {}", view.sender);
+    outln!("outbox       {}", view.outbox_state);
     if let Some(reason) = &view.failure_reason {
-        println!("failure      {reason}");
+        outln!("failure      {reason}");
     }
     if let Some(at) = &view.submitted_at {
-        println!(
+        outln!(
             "accepted     {at} (broker receipt {})",
             if view.submission_receipt_verified {
                 "verified"
@@ -210,9 +211,11 @@ fn print_status(view: &StatusView) {
             }
         );
     }
-    println!(
+    outln!(
         "{:<15} {:<10} {:>8}  RECEIPT / REASON",
-        "RECIPIENT", "STATE", "ATTEMPTS"
+        "RECIPIENT",
+        "STATE",
+        "ATTEMPTS"
     );
     for r in &view.recipients {
         let detail = match (&r.receipt_verified, &r.delivered_at, &r.reason) {
@@ -221,15 +224,17 @@ fn print_status(view: &StatusView) {
             (_, _, Some(reason)) => reason.clone(),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "{:<15} {:<10} {:>8}  {detail}",
-            r.agency, r.state, r.attempts
+            r.agency,
+            r.state,
+            r.attempts
         );
         if let Some(recall) = &r.recall {
-            println!("{:<15} recall {recall}", "");
+            outln!("{:<15} recall {recall}", "");
         }
         for entry in &r.business {
-            println!(
+            outln!(
                 "{:<15} {} {} by {}{}{}",
                 "",
                 entry.code,
@@ -267,18 +272,23 @@ pub async fn inbox(args: InboxArgs) -> Result<(), CliError> {
     if args.json {
         let text = serde_json::to_string(&items)
             .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
-        println!("{text}");
+        outln!("{text}");
     } else {
-        println!(
+        outln!(
             "{:<36}  {:<13}  {:<25}  SUBJECT",
-            "MESSAGE ID", "SENDER", "RECEIVED"
+            "MESSAGE ID",
+            "SENDER",
+            "RECEIVED"
         );
         for item in &items {
-            println!(
+            outln!(
                 "{:<36}  {:<13}  {:<25}  {}",
-                item.message_id, item.sender, item.received_at, item.subject
+                item.message_id,
+                item.sender,
+                item.received_at,
+                item.subject
             );
-            println!("{:<36}  {}", "", item.path);
+            outln!("{:<36}  {}", "", item.path);
         }
     }
     Ok(())

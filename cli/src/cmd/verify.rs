@@ -17,6 +17,7 @@ use lienthong_proto::{ProtocolError, TrustAnchors};
 use prost::Message;
 
 use crate::error::CliError;
+use crate::output::outln;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -76,20 +77,21 @@ pub fn run(args: VerifyArgs) -> Result<(), CliError> {
             "certificate_checked_at": checked_at,
             "attachments": header.attachments.iter().map(|a| a.name.clone()).collect::<Vec<_>>(),
         });
-        println!("{report}");
+        outln!("{report}");
     } else {
-        println!("VALID: {}", args.dir.display());
-        println!("  message id   {}", header.message_id);
-        println!("  business id  {}", header.business_id);
-        println!(
+        outln!("VALID: {}", args.dir.display());
+        outln!("  message id   {}", header.message_id);
+        outln!("  business id  {}", header.business_id);
+        outln!(
             "  signed by    {} (signature and certificate chain verified, {checked_at})",
             header.sender
         );
-        println!("  subject      {}", header.subject);
+        outln!("  subject      {}", header.subject);
         for info in &header.attachments {
-            println!(
+            outln!(
                 "  attachment   {} ({} bytes, SHA-256 matches)",
-                info.name, info.size
+                info.name,
+                info.size
             );
         }
     }
