@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::config::{self, relative_to, required};
 use crate::error::CliError;
-use crate::output::outln;
+use crate::output::{escape, outln};
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
@@ -171,7 +171,7 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                     health.free_bytes
                 );
             } else {
-                outln!("NOT READY: {}", health.reason);
+                outln!("NOT READY: {}", escape(&health.reason));
             }
             if !health.ready {
                 return Err(CliError::Failed("the broker is not ready".into()));
@@ -290,11 +290,11 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                             "{:>6}  {:<29} {:<17} {:<13} {:<36} {}  {}",
                             e.seq,
                             time(e.at_ms),
-                            e.kind,
-                            e.agency,
-                            e.message_id,
+                            escape(&e.kind),
+                            escape(&e.agency),
+                            escape(&e.message_id),
                             hash.get(..16).unwrap_or(&hash),
-                            e.detail
+                            escape(&e.detail)
                         );
                     }
                 }
@@ -326,7 +326,7 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                     outln!(
                         "AUDIT CHAIN BROKEN at entry {}: {} ({} entries intact before it)",
                         v.first_break_seq,
-                        v.detail,
+                        escape(&v.detail),
                         v.entries
                     );
                 }
@@ -344,7 +344,7 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                 .queues;
             if watch {
                 // Clear the screen and home the cursor: the table refreshes in place.
-                print!("\x1b[2J\x1b[H");
+                crate::output::write_stdout(format_args!("\x1b[2J\x1b[H"));
                 outln!(
                     "lienthong queues at {} (Ctrl-C to stop)",
                     lienthong_proto::rfc3339_ms(lienthong_proto::now_ms()).unwrap_or_default()
@@ -398,7 +398,7 @@ fn print_queues(queues: &[lienthong_proto::pb::QueueInfo], json: bool) {
         for q in queues {
             outln!(
                 "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
-                q.agency,
+                escape(&q.agency),
                 if q.connected { "yes" } else { "no" },
                 q.pending,
                 q.pending_bytes,
@@ -453,11 +453,11 @@ fn print_dead_letters(list: &[DeadLetter], json: bool) {
     for d in list {
         outln!(
             "{:<36}  {:<13}  {:<8}  {:>8}  {}",
-            d.message_id,
-            d.agency,
+            escape(&d.message_id),
+            escape(&d.agency),
             state_name(d.state),
             d.attempts,
-            d.reason
+            escape(&d.reason)
         );
     }
 }
@@ -524,12 +524,12 @@ fn print_message(m: &MessageResponse, json: bool) {
         return;
     }
     let present = |s: Option<&Signed>| if s.is_some() { "present" } else { "missing" };
-    outln!("message     {}", m.message_id);
-    outln!("business id {}", m.business_id);
-    outln!("sender      {}", m.sender);
-    outln!("recipients  {}", m.recipients.join(", "));
-    outln!("subject     {}", m.subject);
-    outln!("number      {}/{}", m.number, m.notation);
+    outln!("message     {}", escape(&m.message_id));
+    outln!("business id {}", escape(&m.business_id));
+    outln!("sender      {}", escape(&m.sender));
+    outln!("recipients  {}", escape(&m.recipients.join(", ")));
+    outln!("subject     {}", escape(&m.subject));
+    outln!("number      {}/{}", escape(&m.number), escape(&m.notation));
     outln!("priority    {}", m.priority);
     outln!("created     {}", time(m.created_at_ms));
     outln!("accepted    {}", time(m.accepted_at_ms));
@@ -543,15 +543,20 @@ fn print_message(m: &MessageResponse, json: bool) {
         outln!();
         outln!(
             "{}  {} ({} attempts)",
-            t.agency,
+            escape(&t.agency),
             state_name(t.state),
             t.attempts
         );
         for e in &t.events {
             if e.detail.is_empty() {
-                outln!("  {:<29} {}", time(e.at_ms), e.event);
+                outln!("  {:<29} {}", time(e.at_ms), escape(&e.event));
             } else {
-                outln!("  {:<29} {:<12} {}", time(e.at_ms), e.event, e.detail);
+                outln!(
+                    "  {:<29} {:<12} {}",
+                    time(e.at_ms),
+                    escape(&e.event),
+                    escape(&e.detail)
+                );
             }
         }
         if t.delivery_receipt.is_some() {
@@ -577,15 +582,15 @@ fn agency_json(a: &AgencyInfo) -> serde_json::Value {
 }
 
 fn agency_line(a: &AgencyInfo) -> String {
-    let mut line = a.code.clone();
+    let mut line = escape(&a.code).into_owned();
     if !a.name.is_empty() {
-        line.push_str(&format!("  {}", a.name));
+        line.push_str(&format!("  {}", escape(&a.name)));
     }
     if a.suspended {
         line.push_str(&format!(
             "  [SUSPENDED since {}: {}]",
             time(a.suspended_at_ms),
-            a.suspended_reason
+            escape(&a.suspended_reason)
         ));
     } else {
         line.push_str("  [active]");

@@ -10,7 +10,7 @@ use lienthong_agent::api_types::ReportRequest;
 use crate::cmd::client::api_url;
 use crate::error::CliError;
 use crate::http::AgentClient;
-use crate::output::outln;
+use crate::output::{escape, outln};
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -109,9 +109,9 @@ pub async fn directory(args: DirectoryArgs) -> Result<(), CliError> {
     for a in &agencies {
         outln!(
             "{:<15} {:<15} {}{}",
-            a.code,
-            a.parent,
-            a.name,
+            escape(&a.code),
+            escape(&a.parent),
+            escape(&a.name),
             if a.suspended { " (suspended)" } else { "" }
         );
     }

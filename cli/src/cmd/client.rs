@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::config;
 use crate::error::CliError;
 use crate::http::AgentClient;
-use crate::output::outln;
+use crate::output::{escape, outln};
 
 const DEFAULT_API: &str = "http://127.0.0.1:7180";
 
@@ -193,17 +193,20 @@ pub async fn status(args: StatusArgs) -> Result<(), CliError> {
     Ok(())
 }
 
+/// Every text shown comes from the agent, which has much of it from other agencies
+/// and the broker: all of it goes through `escape`.
 fn print_status(view: &StatusView) {
-    outln!("message id   {}", view.message_id);
-    outln!("business id  {}", view.business_id);
-    outln!("sender       {}", view.sender);
-    outln!("outbox       {}", view.outbox_state);
+    outln!("message id   {}", escape(&view.message_id));
+    outln!("business id  {}", escape(&view.business_id));
+    outln!("sender       {}", escape(&view.sender));
+    outln!("outbox       {}", escape(&view.outbox_state));
     if let Some(reason) = &view.failure_reason {
-        outln!("failure      {reason}");
+        outln!("failure      {}", escape(reason));
     }
     if let Some(at) = &view.submitted_at {
         outln!(
-            "accepted     {at} (broker receipt {})",
+            "accepted     {} (broker receipt {})",
+            escape(at),
             if view.submission_receipt_verified {
                 "verified"
             } else {
@@ -219,31 +222,31 @@ fn print_status(view: &StatusView) {
     );
     for r in &view.recipients {
         let detail = match (&r.receipt_verified, &r.delivered_at, &r.reason) {
-            (Some(true), Some(at), _) => format!("delivered {at}, receipt verified"),
+            (Some(true), Some(at), _) => format!("delivered {}, receipt verified", escape(at)),
             (Some(false), _, _) => "receipt present but NOT verified".to_owned(),
-            (_, _, Some(reason)) => reason.clone(),
+            (_, _, Some(reason)) => escape(reason).into_owned(),
             _ => String::new(),
         };
         outln!(
             "{:<15} {:<10} {:>8}  {detail}",
-            r.agency,
-            r.state,
+            escape(&r.agency),
+            escape(&r.state),
             r.attempts
         );
         if let Some(recall) = &r.recall {
-            outln!("{:<15} recall {recall}", "");
+            outln!("{:<15} recall {}", "", escape(recall));
         }
         for entry in &r.business {
             outln!(
                 "{:<15} {} {} by {}{}{}",
                 "",
-                entry.code,
-                entry.at,
-                entry.by,
+                escape(&entry.code),
+                escape(&entry.at),
+                escape(&entry.by),
                 entry
                     .reason
                     .as_ref()
-                    .map(|reason| format!(": {reason}"))
+                    .map(|reason| format!(": {}", escape(reason)))
                     .unwrap_or_default(),
                 if entry.verified {
                     ""
@@ -281,14 +284,16 @@ pub async fn inbox(args: InboxArgs) -> Result<(), CliError> {
             "RECEIVED"
         );
         for item in &items {
+            // Subject and sender come from another agency: escaped, so that a CR/LF or
+            // a bidi override cannot forge a line of this listing.
             outln!(
                 "{:<36}  {:<13}  {:<25}  {}",
-                item.message_id,
-                item.sender,
-                item.received_at,
-                item.subject
+                escape(&item.message_id),
+                escape(&item.sender),
+                escape(&item.received_at),
+                escape(&item.subject)
             );
-            outln!("{:<36}  {}", "", item.path);
+            outln!("{:<36}  {}", "", escape(&item.path));
         }
     }
     Ok(())
