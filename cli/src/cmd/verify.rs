@@ -168,12 +168,7 @@ fn check_evidence(
         .flatten()
         .map(|r| r.recipient)
         .unwrap_or_default();
-    if !verified
-        .header
-        .recipients
-        .iter()
-        .any(|r| *r == claimed_recipient)
-    {
+    if !verified.header.recipients.contains(&claimed_recipient) {
         return Err(CliError::Invalid(format!(
             "delivery receipt ({DELIVERY_RECEIPT_FILE}): it names {}, which is not a recipient of the document",
             escape(&claimed_recipient)
