@@ -295,6 +295,11 @@ pub fn is_safe_file_name(name: &str) -> bool {
     // Compatibility forms fold onto the names they imitate: `COM¹` → `COM1`,
     // `ＣＯＮ` → `CON`. The folded name must pass the same character rules.
     let folded: String = name.nfkc().collect();
+    // Windows also drops trailing dots and spaces, and an ideographic space folds to
+    // a plain one.
+    if folded.starts_with('.') || folded.ends_with('.') || folded.ends_with(' ') {
+        return false;
+    }
     if folded.chars().any(|c| {
         is_hidden_control(c) || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')
     }) {

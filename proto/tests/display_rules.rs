@@ -127,6 +127,9 @@ fn windows_device_names_are_caught_in_compatibility_forms() {
         "CONIN$",
         "conout$.log",
         "aux ",
+        "report.pdf\u{3000}", // trailing ideographic space
+        "report.pdf\u{FF0E}", // trailing full-width full stop
+        "a\u{FF0F}b.pdf",     // full-width solidus folds to '/'
     ] {
         assert!(!is_safe_file_name(name), "{name:?} must be refused");
         assert_name_refused(name, "plain file name");
