@@ -522,3 +522,169 @@ async fn the_exported_folder_verifies_with_three_signatures_and_tampered_receipt
     c.stop().await;
     broker.stop().await;
 }
+
+/// A broker that pushes prepared deliveries on the first session and records what the
+/// agent answers: to see the agent refuse deliveries whose submission receipt is
+/// missing or does not verify, which the real broker never sends.
+struct FakeBroker {
+    deliveries: std::sync::Mutex<Option<Vec<pb::Delivery>>>,
+    answers: tokio::sync::mpsc::UnboundedSender<pb::AgentMessage>,
+}
+
+type BrokerStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::BrokerMessage, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl pb::exchange_server::Exchange for FakeBroker {
+    async fn submit(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::SubmitFrame>>,
+    ) -> Result<tonic::Response<pb::SubmitResponse>, tonic::Status> {
+        Err(tonic::Status::unavailable("fake broker"))
+    }
+
+    type SessionStream = BrokerStream;
+
+    async fn session(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
+    ) -> Result<tonic::Response<BrokerStream>, tonic::Status> {
+        use tokio_stream::StreamExt as _;
+        let mut inbound = request.into_inner();
+        let answers = self.answers.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = inbound.next().await {
+                let _ = answers.send(message);
+            }
+        });
+        let deliveries = self.deliveries.lock().unwrap().take().unwrap_or_default();
+        let pushed = tokio_stream::iter(deliveries.into_iter().map(|d| {
+            Ok(pb::BrokerMessage {
+                msg: Some(pb::broker_message::Msg::Delivery(d)),
+            })
+        }))
+        .chain(tokio_stream::pending());
+        Ok(tonic::Response::new(Box::pin(pushed)))
+    }
+
+    async fn status(
+        &self,
+        _: tonic::Request<pb::StatusRequest>,
+    ) -> Result<tonic::Response<pb::StatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake broker"))
+    }
+
+    async fn upload_status(
+        &self,
+        _: tonic::Request<pb::UploadStatusRequest>,
+    ) -> Result<tonic::Response<pb::UploadStatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("fake broker"))
+    }
+
+    async fn directory(
+        &self,
+        _: tonic::Request<pb::DirectoryRequest>,
+    ) -> Result<tonic::Response<pb::DirectoryResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::DirectoryResponse::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_refuses_deliveries_without_a_valid_submission_receipt() {
+    let world = World::new();
+    let a_key = world.agency_tls(A).signing_key().unwrap();
+    let broker_key = world.broker_tls().signing_key().unwrap();
+    let seal = |subject: &str| {
+        let mut h = header(A, &[B], &[]);
+        h.subject = subject.into();
+        let envelope = lienthong_proto::document::seal(&h, &a_key).unwrap();
+        (h, envelope)
+    };
+    let submission_for = |h: &pb::DocumentHeader, envelope: &Signed, key: &SigningKey| {
+        sign_receipt(
+            &receipt(ReceiptKind::Submission, h, envelope, now_ms(), ""),
+            key,
+        )
+        .unwrap()
+    };
+    let (missing_h, missing) = seal("no receipt");
+    let (other_h, other) = seal("receipt of another document");
+    let (agency_h, agency) = seal("receipt signed by an agency");
+    let (good_h, good) = seal("genuine");
+    let good_receipt = submission_for(&good_h, &good, &broker_key);
+    let delivery = |envelope: &Signed, receipt: Option<Signed>| pb::Delivery {
+        envelope: Some(envelope.clone()),
+        attempt: 1,
+        submission_receipt: receipt,
+        ..Default::default()
+    };
+    let deliveries = vec![
+        delivery(&missing, None),
+        delivery(&other, Some(submission_for(&good_h, &good, &broker_key))),
+        delivery(&agency, Some(submission_for(&agency_h, &agency, &a_key))),
+        delivery(&good, Some(good_receipt.clone())),
+    ];
+    let (answers_tx, mut answers) = tokio::sync::mpsc::unbounded_channel();
+    let fake = FakeBroker {
+        deliveries: std::sync::Mutex::new(Some(deliveries)),
+        answers: answers_tx,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(world.broker_tls().server_config())
+            .unwrap()
+            .add_service(pb::exchange_server::ExchangeServer::new(fake))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let b = Agent::start(world.agent_config(B, &format!("https://localhost:{port}"))).await;
+
+    // Hello, then one answer per delivery.
+    let mut refused = std::collections::HashMap::new();
+    let mut acked = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while refused.len() + acked.len() < 4 {
+        let message = tokio::time::timeout_at(deadline, answers.recv())
+            .await
+            .expect("the agent answers every delivery within 30 s")
+            .expect("answers channel open");
+        match message.msg {
+            Some(pb::agent_message::Msg::Refuse(r)) => {
+                refused.insert(r.message_id, r.reason);
+            }
+            Some(pb::agent_message::Msg::Ack(a)) => acked.push(a.message_id),
+            _ => {}
+        }
+    }
+    assert_eq!(acked, vec![good_h.message_id.clone()]);
+    let reason = |h: &pb::DocumentHeader| refused.get(&h.message_id).cloned().unwrap_or_default();
+    assert!(
+        reason(&missing_h).contains("carries no submission receipt"),
+        "{refused:?}"
+    );
+    assert!(
+        reason(&other_h).contains("submission receipt does not verify")
+            && reason(&other_h).contains("differs"),
+        "{refused:?}"
+    );
+    assert!(
+        reason(&agency_h).contains("submission receipt does not verify"),
+        "{refused:?}"
+    );
+    // Only the genuine one was stored and exported, with the broker's receipt as sent.
+    assert_eq!(
+        inbox_entries(&world.inbox_dir(B)),
+        vec![good_h.message_id.clone()]
+    );
+    assert_eq!(b.client.inbox().await.unwrap().len(), 1);
+    let exported = world.inbox_dir(B).join(&good_h.message_id);
+    assert_eq!(
+        std::fs::read(exported.join("submission-receipt.pb")).unwrap(),
+        good_receipt.encode_to_vec()
+    );
+    assert!(exported.join("delivery-receipt.pb").is_file());
+    b.stop().await;
+    server.abort();
+}
