@@ -244,8 +244,13 @@ async fn move_recalled(agent: &Arc<Agent>, id: &str) {
     let from = agent.inbox_dir.join(id);
     let dir = agent.inbox_dir.join(RECALLED_DIR);
     let to = dir.join(id);
+    let access = agent.inbox_access;
     let moved = async {
-        tokio::fs::create_dir_all(&dir).await?;
+        let creating = dir.clone();
+        tokio::task::spawn_blocking(move || access.create_dir(&creating))
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         if tokio::fs::try_exists(&from).await? && !tokio::fs::try_exists(&to).await? {
             tokio::fs::rename(&from, &to).await?;
         }
@@ -280,6 +285,31 @@ pub(crate) fn folder_of(agent: &Agent, record: &InboxRecord) -> std::path::PathB
     } else {
         agent.inbox_dir.join(&record.message_id)
     }
+}
+
+/// The trusted time of a received document or report: the time in the broker's
+/// submission receipt kept with it (checked again here against the broker's anchors
+/// and the exact header bytes), or else when this agent stored it. Never the
+/// `created_at` its signer claims.
+fn trusted_time_ms(agent: &Agent, id: &str, record: &InboxRecord, envelope: &pb::Signed) -> i64 {
+    let header_sha256 = lienthong_proto::sha256(&envelope.payload);
+    let expected = lienthong_proto::receipt::ExpectedReceipt {
+        kind: pb::ReceiptKind::Submission,
+        message_id: id,
+        header_sha256: &header_sha256,
+        recipient: None,
+        live: false,
+    };
+    agent
+        .store
+        .received_submission_receipt(id)
+        .ok()
+        .flatten()
+        .and_then(|bytes| pb::Signed::decode(bytes.as_ref()).ok())
+        .and_then(|receipt| {
+            lienthong_proto::receipt::verify_receipt(&receipt, &agent.tls_anchors, &expected).ok()
+        })
+        .map_or(record.received_at_ms, |receipt| receipt.at_ms)
 }
 
 /// Fills each recipient's business history of a document this agency sent: 01 from
@@ -325,10 +355,14 @@ pub(crate) fn fill_history(agent: &Agent, about: &str, recipients: &mut [Recipie
         let Ok(header) = pb::DocumentHeader::decode(envelope.payload.as_ref()) else {
             continue;
         };
+        // The signer's certificate is checked at a time this agent trusts, never at the
+        // `created_at` the signer wrote itself: a report forged with an expired key and
+        // backdated would otherwise verify.
+        let trusted_at = trusted_time_ms(agent, &id, &record, &envelope);
         let verified = lienthong_proto::document::verify_document(
             &envelope,
             &agent.document_anchors,
-            VerifyTime::AtMs(header.created_at_ms),
+            VerifyTime::AtMs(trusted_at),
         )
         .is_ok_and(|v| v.header.refers_to == about);
         let Some(status) = header.status else {

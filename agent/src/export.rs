@@ -1,8 +1,16 @@
 //! The inbox folder: one complete folder per received document.
 //!
-//! Layout (DESIGN.md section 7): `<inbox_dir>/<message-id>/` holds every attachment
-//! under its own name, `envelope.pb` (the signed envelope exactly as received) and
-//! `document.json` (the decoded header, for people and scripts).
+//! Layout (DESIGN.md sections 5 and 7): `<inbox_dir>/<message-id>/` holds every
+//! attachment under its own name, `envelope.pb` (the signed envelope exactly as
+//! received), `submission-receipt.pb` (the broker's signed proof of submission, whose
+//! time is the document's trusted time), `delivery-receipt.pb` (this agency's signed
+//! proof of delivery) and `document.json` (the decoded header, for people and
+//! scripts). `lienthong verify` checks the three signatures offline.
+//!
+//! Access: folders are 0700 and files 0600, owned by the agent's user; with a gateway
+//! group configured ([`InboxAccess`]) folders are 0750 and files 0640 with that group.
+//! Modes are set explicitly, not left to the umask, so that another local user never
+//! reads a document whatever the process was started with.
 //!
 //! Invariants:
 //! - A folder named after a message id is always complete: it is written as
@@ -11,9 +19,10 @@
 //! - Each document appears exactly once: an existing complete folder is never
 //!   rewritten.
 //! - Attachment names were checked by `verify_document` (plain, safe file names that
-//!   cannot collide with the two fixed names).
+//!   cannot collide with the fixed names, `RESERVED_FILE_NAMES`).
 
 use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -21,6 +30,53 @@ use lienthong_proto::pb::{BusinessType, DocumentHeader};
 
 /// Prefix of folders still being written.
 pub const PARTIAL_PREFIX: &str = ".partial-";
+
+/// File names of the two receipts in an export folder.
+pub const SUBMISSION_RECEIPT_FILE: &str = "submission-receipt.pb";
+pub const DELIVERY_RECEIPT_FILE: &str = "delivery-receipt.pb";
+
+/// Who may read the inbox folder besides the agent's own user: nobody, or the members
+/// of one gateway group (a numeric group id, resolved from its name by the caller).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxAccess {
+    pub group: Option<u32>,
+}
+
+impl InboxAccess {
+    pub fn dir_mode(self) -> u32 {
+        if self.group.is_some() { 0o750 } else { 0o700 }
+    }
+
+    pub fn file_mode(self) -> u32 {
+        if self.group.is_some() { 0o640 } else { 0o600 }
+    }
+
+    /// Gives `path` (a folder or file this agent created) its mode and group. The
+    /// mode is set after creation because the umask may have removed the group bits
+    /// the gateway group needs.
+    pub fn apply(self, path: &Path, is_dir: bool) -> Result<(), ExportError> {
+        if let Some(gid) = self.group {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_at(path))?;
+        }
+        let mode = if is_dir {
+            self.dir_mode()
+        } else {
+            self.file_mode()
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_at(path))
+    }
+
+    /// Creates `path` (and missing parents) and gives the last folder its mode and
+    /// group; an existing folder gets them too.
+    pub fn create_dir(self, path: &Path) -> Result<(), ExportError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(self.dir_mode())
+            .create(path)
+            .map_err(io_at(path))?;
+        self.apply(path, true)
+    }
+}
 
 /// RFC 3339 text for Unix milliseconds (UTC).
 pub use lienthong_proto::rfc3339_ms;
@@ -123,6 +179,10 @@ pub struct ExportDocument<'a> {
     /// Instead of `attachments`: a folder holding them as files `<index>` (checked and
     /// synced), which are moved into the export.
     pub attachment_files: Option<&'a Path>,
+    /// The broker's signed submission receipt and this agency's signed delivery
+    /// receipt (prost-encoded `Signed`), written next to the envelope when present.
+    pub submission_receipt: Option<&'a [u8]>,
+    pub delivery_receipt: Option<&'a [u8]>,
 }
 
 fn io_at(path: &Path) -> impl Fn(std::io::Error) -> ExportError + '_ {
@@ -151,14 +211,18 @@ pub fn is_exported(inbox_dir: &Path, id: &str) -> bool {
     folder(inbox_dir, id).is_dir()
 }
 
-/// Creates and writes a file; the caller makes it durable (see [`GroupSync`]).
-fn write_new(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
+/// Creates and writes a file private to the agent (and the gateway group, if any);
+/// the caller makes it durable (see [`GroupSync`]).
+fn write_new(path: &Path, bytes: &[u8], access: InboxAccess) -> Result<(), ExportError> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(access.file_mode())
         .open(path)
         .map_err(io_at(path))?;
-    file.write_all(bytes).map_err(io_at(path))
+    file.write_all(bytes).map_err(io_at(path))?;
+    drop(file);
+    access.apply(path, false)
 }
 
 /// Group sync of the inbox's filesystem: concurrent exports write their files, then
@@ -238,8 +302,10 @@ impl GroupSync {
 pub fn export(
     inbox_dir: &Path,
     doc: &ExportDocument<'_>,
+    access: &InboxAccess,
     sync: &GroupSync,
 ) -> Result<PathBuf, ExportError> {
+    let access = *access;
     let target = folder(inbox_dir, doc.message_id);
     if target.is_dir() {
         return Ok(target);
@@ -248,7 +314,7 @@ pub fn export(
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io_at(&partial))?;
     }
-    std::fs::create_dir_all(&partial).map_err(io_at(&partial))?;
+    access.create_dir(&partial)?;
     if let Some(files) = doc.attachment_files {
         for (index, info) in doc.header.attachments.iter().enumerate() {
             let from = files.join(index.to_string());
@@ -257,20 +323,28 @@ pub fn export(
                 path: to.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?;
+            // A spool file keeps the mode it was made with; the inbox sets its own.
+            access.apply(&to, false)?;
         }
     } else {
         for (info, bytes) in doc.header.attachments.iter().zip(doc.attachments) {
-            write_new(&partial.join(&info.name), bytes)?;
+            write_new(&partial.join(&info.name), bytes, access)?;
         }
     }
-    write_new(&partial.join("envelope.pb"), doc.envelope)?;
+    write_new(&partial.join("envelope.pb"), doc.envelope, access)?;
+    if let Some(receipt) = doc.submission_receipt {
+        write_new(&partial.join(SUBMISSION_RECEIPT_FILE), receipt, access)?;
+    }
+    if let Some(receipt) = doc.delivery_receipt {
+        write_new(&partial.join(DELIVERY_RECEIPT_FILE), receipt, access)?;
+    }
     let json = document_json(doc.header, doc.header_sha256, doc.received_at_ms);
     let mut text = serde_json::to_vec_pretty(&json).map_err(|e| ExportError {
         path: partial.join("document.json"),
         source: std::io::Error::other(e),
     })?;
     text.push(b'\n');
-    write_new(&partial.join("document.json"), &text)?;
+    write_new(&partial.join("document.json"), &text, access)?;
     sync.sync()?;
     std::fs::rename(&partial, &target).map_err(io_at(&target))?;
     sync.sync()?;
@@ -350,13 +424,30 @@ mod tests {
             received_at_ms: 1_700_000_000_500,
             attachments: &attachments,
             attachment_files: None,
+            submission_receipt: Some(b"sub"),
+            delivery_receipt: Some(b"del"),
         };
         let sync = GroupSync::new(dir.path()).unwrap();
-        let path = export(dir.path(), &doc, &sync).unwrap();
+        let access = InboxAccess::default();
+        let path = export(dir.path(), &doc, &access, &sync).unwrap();
         assert_eq!(path, dir.path().join(&h.message_id));
         assert_eq!(std::fs::read(path.join("a.pdf")).unwrap(), b"pdf");
         assert_eq!(std::fs::read(path.join("empty.txt")).unwrap(), b"");
         assert_eq!(std::fs::read(path.join("envelope.pb")).unwrap(), b"env");
+        assert_eq!(
+            std::fs::read(path.join(SUBMISSION_RECEIPT_FILE)).unwrap(),
+            b"sub"
+        );
+        assert_eq!(
+            std::fs::read(path.join(DELIVERY_RECEIPT_FILE)).unwrap(),
+            b"del"
+        );
+        // Private whatever the umask: the folder 0700, every file 0600.
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o700);
+        for entry in std::fs::read_dir(&path).unwrap() {
+            assert_eq!(mode(&entry.unwrap().path()), 0o600);
+        }
         let json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(path.join("document.json")).unwrap()).unwrap();
         assert_eq!(json["message_id"], h.message_id.as_str());
@@ -367,7 +458,7 @@ mod tests {
 
         // A second export leaves the complete folder as it is.
         std::fs::write(path.join("marker"), b"x").unwrap();
-        export(dir.path(), &doc, &sync).unwrap();
+        export(dir.path(), &doc, &access, &sync).unwrap();
         assert!(path.join("marker").exists());
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

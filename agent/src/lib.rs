@@ -83,6 +83,9 @@ pub struct AgentConfig {
     /// Drop folder: `.edxml` packages written here are sent as if posted to
     /// `POST /v1/edxml`, then moved to `sent/` or `failed/` (default: none).
     pub drop_dir: Option<PathBuf>,
+    /// A gateway group (numeric id) that may read the inbox folder: folders 0750 and
+    /// files 0640 with that group. `None` (default): 0700 and 0600, the agent's user only.
+    pub inbox_group: Option<u32>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -125,6 +128,7 @@ impl AgentConfig {
             max_outbox_bytes: 10 * 1024 * 1024 * 1024,
             max_document_bytes: 2 * 1024 * 1024 * 1024,
             drop_dir: None,
+            inbox_group: None,
         }
     }
 }
@@ -154,6 +158,8 @@ pub(crate) struct Agent {
     pub files: files::Files,
     /// Shared syncs of the inbox folder's filesystem for concurrent exports.
     pub export_sync: export::GroupSync,
+    /// Modes and group of what is written to the inbox folder.
+    pub inbox_access: export::InboxAccess,
     /// Documents in the inbox; bumped when a new one is stored.
     pub inbox_count: tokio::sync::watch::Sender<u64>,
 }
@@ -257,7 +263,15 @@ pub async fn run(
         path: config.inbox_dir.clone(),
         source,
     };
-    std::fs::create_dir_all(&config.inbox_dir).map_err(inbox_io)?;
+    let inbox_access = export::InboxAccess {
+        group: config.inbox_group,
+    };
+    inbox_access
+        .create_dir(&config.inbox_dir)
+        .map_err(|e| AgentError::Io {
+            path: e.path,
+            source: e.source,
+        })?;
     let inbox_dir = std::fs::canonicalize(&config.inbox_dir).map_err(inbox_io)?;
     let removed = export::remove_partials(&inbox_dir).map_err(|e| AgentError::Io {
         path: e.path,
@@ -291,6 +305,7 @@ pub async fn run(
         max_document_bytes: config.max_document_bytes,
         files: files::Files::new(&config.data_dir),
         export_sync,
+        inbox_access,
         inbox_count: tokio::sync::watch::Sender::new(inbox_count),
     });
 

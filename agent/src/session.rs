@@ -4,10 +4,13 @@
 //! Invariants:
 //! - Nothing from the broker is trusted: every delivery is verified end to end
 //!   (sender signature and chain, this agency among the recipients, every attachment's
-//!   size and digest) before anything is stored. A delivery that fails is refused with
-//!   the reason and nothing is exported.
-//! - `Ack` is sent only after the document is durable in the store, exported to the
-//!   inbox folder, and the signed delivery receipt is durable.
+//!   size and digest, the broker's submission receipt bound to the header digest)
+//!   before anything is stored. A delivery that fails is refused with the reason and
+//!   nothing is exported.
+//! - `Ack` is sent only after the document and its submission receipt are durable in
+//!   the store, the signed delivery receipt is durable, and the document is exported
+//!   to the inbox folder with all three signatures (envelope, submission receipt,
+//!   delivery receipt).
 //! - A message id is stored and exported once; a redelivery is answered with the
 //!   stored receipt. A different document reusing a stored message id is refused.
 //! - A local failure (store, disk, signing) sends neither Ack nor Refuse: the session
@@ -28,7 +31,7 @@ use lienthong_proto::document::{
     VerifiedDocument, check_attachment, is_valid_message_id, verify_document,
 };
 use lienthong_proto::pb::{self, agent_message::Msg as Out, broker_message::Msg as In};
-use lienthong_proto::receipt::sign_receipt;
+use lienthong_proto::receipt::{ExpectedReceipt, sign_receipt, verify_receipt};
 use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use lienthong_proto::{ProtocolError, now_ms};
@@ -257,11 +260,13 @@ fn untrusted_message_id(envelope: &pb::Signed) -> String {
         .unwrap_or_default()
 }
 
-/// The sender's signature and chain, and this agency among the recipients: what every
-/// delivery, whole or streamed, passes first.
+/// The sender's signature and chain, this agency among the recipients, and the
+/// broker's submission receipt for exactly this header: what every delivery, whole or
+/// streamed, passes first.
 fn verify_addressed_to_us(
     agent: &Agent,
     envelope: &pb::Signed,
+    submission_receipt: Option<&pb::Signed>,
 ) -> Result<VerifiedDocument, String> {
     let verified = verify_document(envelope, &agent.document_anchors, VerifyTime::Now)
         .map_err(|e| e.to_string())?;
@@ -276,16 +281,41 @@ fn verify_addressed_to_us(
             agent.agency
         ));
     }
+    check_submission_receipt(agent, submission_receipt, &verified)?;
     Ok(verified)
+}
+
+/// The broker's submission receipt that came with a delivery: signed by a broker the
+/// TLS anchors trust (chain checked at the time it states), for this message id and
+/// these exact header bytes. Its time is the document's trusted time (DESIGN.md
+/// section 5), so a delivery without a valid one is refused: the evidence would be
+/// incomplete.
+fn check_submission_receipt(
+    agent: &Agent,
+    receipt: Option<&pb::Signed>,
+    verified: &VerifiedDocument,
+) -> Result<pb::Receipt, String> {
+    let receipt = receipt
+        .ok_or_else(|| "the delivery carries no submission receipt from the broker".to_owned())?;
+    let expected = ExpectedReceipt {
+        kind: pb::ReceiptKind::Submission,
+        message_id: &verified.header.message_id,
+        header_sha256: &verified.header_sha256,
+        recipient: None,
+        live: false,
+    };
+    verify_receipt(receipt, &agent.tls_anchors, &expected)
+        .map_err(|e| format!("the broker's submission receipt does not verify: {e}"))
 }
 
 /// Every check a delivery must pass before it is stored.
 fn check_delivery(
     agent: &Agent,
     envelope: &pb::Signed,
+    submission_receipt: Option<&pb::Signed>,
     attachments: &[Bytes],
 ) -> Result<lienthong_proto::document::VerifiedDocument, String> {
-    let verified = verify_addressed_to_us(agent, envelope)?;
+    let verified = verify_addressed_to_us(agent, envelope, submission_receipt)?;
     let header = &verified.header;
     if attachments.len() != header.attachments.len() {
         return Err(format!(
@@ -313,13 +343,20 @@ async fn handle_delivery(
     };
     let attachments = delivery.attachments;
     let attempt = delivery.attempt;
+    let submission_receipt = delivery.submission_receipt;
     let checking = Arc::clone(agent);
-    let (envelope, attachments, checked) = tokio::task::spawn_blocking(move || {
-        let checked = check_delivery(&checking, &envelope, &attachments);
-        (envelope, attachments, checked)
-    })
-    .await
-    .map_err(|e| LocalError::Task(e.to_string()))?;
+    let (envelope, submission_receipt, attachments, checked) =
+        tokio::task::spawn_blocking(move || {
+            let checked = check_delivery(
+                &checking,
+                &envelope,
+                submission_receipt.as_ref(),
+                &attachments,
+            );
+            (envelope, submission_receipt, attachments, checked)
+        })
+        .await
+        .map_err(|e| LocalError::Task(e.to_string()))?;
     let verified = match checked {
         Ok(verified) => verified,
         Err(reason) => {
@@ -336,12 +373,22 @@ async fn handle_delivery(
     };
     accept(
         agent,
-        envelope,
+        Evidence {
+            envelope,
+            submission_receipt: submission_receipt.unwrap_or_default(),
+        },
         verified,
         attempt,
         Body::Inline(attachments),
     )
     .await
+}
+
+/// What a verified delivery brings besides its attachments: the sender's envelope and
+/// the broker's checked submission receipt.
+struct Evidence {
+    envelope: pb::Signed,
+    submission_receipt: pb::Signed,
 }
 
 /// Where a verified delivery's attachment bytes are.
@@ -354,14 +401,14 @@ enum Body {
 /// Stores a verified delivery (once), exports it and answers with the signed receipt.
 async fn accept(
     agent: &Arc<Agent>,
-    envelope: pb::Signed,
+    evidence: Evidence,
     verified: VerifiedDocument,
     attempt: u32,
     body: Body,
 ) -> Result<pb::AgentMessage, LocalError> {
     let id = verified.header.message_id.clone();
     let sha_hex = hex::encode(verified.header_sha256);
-    let envelope_bytes = Bytes::from(envelope.encode_to_vec());
+    let envelope_bytes = Bytes::from(evidence.envelope.encode_to_vec());
 
     let (record, durable_at) = match agent.store.inbox_record(&id)? {
         Some(existing) if existing.header_sha256 != sha_hex => {
@@ -414,6 +461,10 @@ async fn accept(
             tokio::task::spawn_blocking(move || storing.store.put_inbox(&r, &e, &inline))
                 .await
                 .map_err(|e| LocalError::Task(e.to_string()))??;
+            agent.store.put_received_submission_receipt(
+                &id,
+                &evidence.submission_receipt.encode_to_vec(),
+            )?;
             agent.store.durable().await?;
             agent.metrics.delivery_received();
             agent.inbox_count.send_modify(|n| *n += 1);
@@ -421,19 +472,14 @@ async fn accept(
         }
     };
 
-    if record.kind == pb::DocumentKind::Document as i32 {
-        ensure_exported(
-            agent,
-            &record,
-            &envelope_bytes,
-            &verified.header,
-            &verified.header_sha256,
-            body,
-        )
-        .await?;
+    // A record stored before this agent kept submission receipts (or a crash between
+    // the two writes) gets the one that came with this delivery, checked above.
+    if agent.store.received_submission_receipt(&id)?.is_none() {
+        agent
+            .store
+            .put_received_submission_receipt(&id, &evidence.submission_receipt.encode_to_vec())?;
+        agent.store.durable().await?;
     }
-    // Links and recall/update effects; idempotent, so a redelivery repeats them safely.
-    crate::business::on_received(agent, &verified.header).await?;
 
     let receipt = match agent.store.delivery_receipt(&id)? {
         Some(stored) => pb::Signed::decode(stored.as_ref()).map_err(|e| LocalError::Stored {
@@ -467,12 +513,26 @@ async fn accept(
             signed
         }
     };
+    // Exported after the delivery receipt, so the folder holds all three signatures.
+    if record.kind == pb::DocumentKind::Document as i32 {
+        ensure_exported(
+            agent,
+            &record,
+            &envelope_bytes,
+            &verified.header,
+            &verified.header_sha256,
+            body,
+        )
+        .await?;
+    }
+    // Links and recall/update effects; idempotent, so a redelivery repeats them safely.
+    crate::business::on_received(agent, &verified.header).await?;
     Ok(ack(id, receipt))
 }
 
 /// A streamed delivery being received.
 struct Receiving {
-    envelope: pb::Signed,
+    evidence: Evidence,
     verified: VerifiedDocument,
     attempt: u32,
     parts: Vec<Option<PartialAttachment>>,
@@ -498,8 +558,12 @@ async fn partial_deliveries(agent: &Arc<Agent>) -> Vec<pb::PartialDelivery> {
 }
 
 /// The checks a streamed delivery's envelope must pass before any chunk is kept.
-fn check_streamed(agent: &Agent, envelope: &pb::Signed) -> Result<VerifiedDocument, String> {
-    let verified = verify_addressed_to_us(agent, envelope)?;
+fn check_streamed(
+    agent: &Agent,
+    envelope: &pb::Signed,
+    submission_receipt: Option<&pb::Signed>,
+) -> Result<VerifiedDocument, String> {
+    let verified = verify_addressed_to_us(agent, envelope, submission_receipt)?;
     let header = &verified.header;
     let total = header
         .attachments
@@ -529,9 +593,10 @@ async fn start_streamed(
         )));
     };
     let checking = Arc::clone(agent);
-    let (envelope, checked) = tokio::task::spawn_blocking(move || {
-        let checked = check_streamed(&checking, &envelope);
-        (envelope, checked)
+    let submission_receipt = delivery.submission_receipt;
+    let (envelope, submission_receipt, checked) = tokio::task::spawn_blocking(move || {
+        let checked = check_streamed(&checking, &envelope, submission_receipt.as_ref());
+        (envelope, submission_receipt, checked)
     })
     .await
     .map_err(|e| LocalError::Task(e.to_string()))?;
@@ -545,12 +610,16 @@ async fn start_streamed(
     };
     let id = verified.header.message_id.clone();
     let dir = agent.files.incoming_dir(&id);
+    let evidence = Evidence {
+        envelope,
+        submission_receipt: submission_receipt.unwrap_or_default(),
+    };
     if agent.store.inbox_record(&id)?.is_some() {
         // Stored before: no bytes needed (the chunks that follow are ignored).
         receiving.remove(&id);
         return accept(
             agent,
-            envelope,
+            evidence,
             verified,
             delivery.attempt,
             Body::Files(dir),
@@ -572,7 +641,7 @@ async fn start_streamed(
         "streamed delivery started"
     );
     let state = Receiving {
-        envelope,
+        evidence,
         verified,
         attempt: delivery.attempt,
         parts: parts.into_iter().map(Some).collect(),
@@ -679,7 +748,7 @@ async fn complete_streamed(
     let dir = agent.files.incoming_dir(&id);
     accept(
         agent,
-        state.envelope,
+        state.evidence,
         state.verified,
         state.attempt,
         Body::Files(dir),
@@ -710,6 +779,8 @@ async fn ensure_exported(
     let header = header.clone();
     let sha = header_sha256.to_vec();
     let received_at_ms = record.received_at_ms;
+    let submission_receipt = agent.store.received_submission_receipt(id)?;
+    let delivery_receipt = agent.store.delivery_receipt(id)?;
     let exporting = Arc::clone(agent);
     let path = tokio::task::spawn_blocking(move || {
         export::export(
@@ -722,7 +793,10 @@ async fn ensure_exported(
                 received_at_ms,
                 attachments: &attachments,
                 attachment_files: files.as_deref(),
+                submission_receipt: submission_receipt.as_deref(),
+                delivery_receipt: delivery_receipt.as_deref(),
             },
+            &exporting.inbox_access,
             &exporting.export_sync,
         )
     })
@@ -756,6 +830,12 @@ async fn reexport(agent: &Arc<Agent>, record: &InboxRecord) -> Result<(), LocalE
         id: id.to_owned(),
         detail,
     };
+    if agent.store.delivery_receipt(id)?.is_none() {
+        // Stopped before the delivery receipt was signed: the broker redelivers, and
+        // that delivery signs it and exports the folder with all three signatures.
+        debug!(agency = %agent.agency, message_id = %id, "export waits for the redelivery");
+        return Ok(());
+    }
     let envelope_bytes = agent
         .store
         .inbox_envelope(id)?

@@ -675,6 +675,22 @@ impl Store {
     pub fn delivery_receipt(&self, id: &str) -> Result<Option<IVec>, StoreError> {
         Ok(self.receipts.get(key(b'd', id))?)
     }
+
+    /// The broker's submission receipt of a document this agent received (checked on
+    /// arrival): its time is the trusted time of the document. Kept apart from the
+    /// submission receipts of documents this agent sent (`s`).
+    pub fn put_received_submission_receipt(
+        &self,
+        id: &str,
+        receipt: &[u8],
+    ) -> Result<(), StoreError> {
+        self.receipts.insert(key(b'i', id), receipt)?;
+        Ok(())
+    }
+
+    pub fn received_submission_receipt(&self, id: &str) -> Result<Option<IVec>, StoreError> {
+        Ok(self.receipts.get(key(b'i', id))?)
+    }
 }
 
 /// `fdatasync`s blob files in `dir` not in `known` (sled writes large values there

@@ -278,6 +278,9 @@ impl Session {
                 attempt,
                 streamed: record.streamed,
                 start_offsets: start_offsets.clone(),
+                // Stored with the document when it was accepted; the recipient exports
+                // it as the trusted time of the document.
+                submission_receipt: Signed::decode(record.submission_receipt.as_slice()).ok(),
             })),
         };
         tracing::debug!(agency = %self.agency, message_id, attempt, streamed = record.streamed, "delivery pushed");

@@ -2,13 +2,17 @@
 //! sets up tracing, and calls the libraries.
 //!
 //! Layout: `cmd::<subcommand>` per subcommand, [`config`] for `--config` files,
-//! `http` for the agent's local API client, [`error`] for exit codes.
+//! `http` for the agent's local API client, [`error`] for exit codes, [`output`] for
+//! printing (escaped untrusted text, a closed stdout or stderr), [`private`] for the
+//! umask and key-file checks.
 #![forbid(unsafe_code)]
 
 mod cmd;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod output;
+pub mod private;
 
 use std::process::ExitCode;
 
@@ -61,6 +65,8 @@ enum Command {
 
 /// Parses the command line, runs the command, and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
+    // Before anything can create a file: sled, spool files, exports, the dev PKI.
+    private::restrict_umask();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {
@@ -76,14 +82,14 @@ pub fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("lienthong: cannot start the async runtime: {error}");
+            output::errln!("lienthong: cannot start the async runtime: {error}");
             return ExitCode::from(1);
         }
     };
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("lienthong: {error}");
+            output::errln!("lienthong: {error}");
             ExitCode::from(error.exit_code())
         }
     }
@@ -119,9 +125,14 @@ fn init_tracing(command: &Command) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // A dead stderr (a log shipper that died, `2>&1 | head`) must not stop the
+    // program: the default writer's errors make tracing-subscriber `eprintln!`, which
+    // panics on a broken pipe in whatever task logged (the broker session, the signal
+    // handler...). Lines that cannot be written are dropped instead.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(output::QuietStderr)
+        .log_internal_errors(false)
         .try_init();
 }
 

@@ -74,17 +74,53 @@ pub fn is_valid_agency_code(code: &str) -> bool {
 }
 
 /// Untrusted text shortened and stripped of control characters, fit for an error
-/// message or a log line.
+/// message or a log line. Format characters (bidi overrides, zero-width...) and line
+/// separators are stripped too: they would let the text rearrange or hide the words
+/// around it.
 pub fn printable(text: &str) -> String {
     let mut out: String = text
         .chars()
         .take(64)
-        .map(|c| if c.is_control() { '?' } else { c })
+        .map(|c| if is_hidden_control(c) { '?' } else { c })
         .collect();
     if text.chars().count() > 64 {
         out.push('…');
     }
     out
+}
+
+/// True for characters that are not shown as themselves but change what a line shows:
+/// controls (general category Cc, CR and LF among them), format characters (Cf: the
+/// bidi embeddings, overrides and isolates U+202A–202E and U+2066–2069, zero-width
+/// characters U+200B–200F, the byte order mark U+FEFF...) and the line and paragraph
+/// separators U+2028/U+2029.
+pub fn is_hidden_control(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    c.is_control()
+        || matches!(
+            c.general_category(),
+            GeneralCategory::Format
+                | GeneralCategory::LineSeparator
+                | GeneralCategory::ParagraphSeparator
+        )
+}
+
+/// Untrusted text for a terminal, whole: every [`is_hidden_control`] character is
+/// written as `\u{XXXX}` so that nobody can forge a second line or reorder what is
+/// shown. Text without one is returned as it is.
+pub fn escape_for_display(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(is_hidden_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len().saturating_add(16));
+    for c in text.chars() {
+        if is_hidden_control(c) {
+            out.push_str(&format!("\\u{{{:04X}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Who a certificate says its holder is.

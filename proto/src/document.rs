@@ -5,19 +5,32 @@
 //!   signed, stored and transmitted. Verification never re-encodes.
 //! - [`verify_document`] checks the signature and chain before it decodes anything, then
 //!   checks the header's rules and that the signer's agency is the header's sender.
-//! - Attachment names are safe file names (they become files in inbox folders).
+//! - Attachment names are safe file names (they become files in inbox folders) that
+//!   show what they are: no control or format characters (a right-to-left override
+//!   turns `evil\u{202E}gnp.exe` into "evilexe.png" on screen), no two names that are
+//!   the same after NFC normalisation and case folding, no Windows device name even
+//!   in compatibility form (`COM¹`).
+//! - One-line fields (subject, number, notation, names, places...) hold no control
+//!   characters at all, so a header cannot forge a second line in a listing; the few
+//!   free-text fields (content, reasons) may hold line breaks and tabs.
 
 use std::collections::HashSet;
 
 use prost::Message;
+use unicode_normalization::UnicodeNormalization;
 
-use crate::agency::{AgencyCode, PeerIdentity, is_valid_agency_code, printable};
+use crate::agency::{AgencyCode, PeerIdentity, is_hidden_control, is_valid_agency_code, printable};
 use crate::pb::{AttachmentInfo, DocumentHeader, Signed};
 use crate::signing::{Domain, SignerRole, SigningKey, TrustAnchors, VerifyTime, verify_signed};
 use crate::{ProtocolError, sha256};
 
 /// Names an exported document folder already uses, so attachments may not.
-pub const RESERVED_FILE_NAMES: [&str; 2] = ["envelope.pb", "document.json"];
+pub const RESERVED_FILE_NAMES: [&str; 4] = [
+    "envelope.pb",
+    "document.json",
+    "submission-receipt.pb",
+    "delivery-receipt.pb",
+];
 
 /// The largest header accepted, encoded; real headers are a few KiB.
 pub const MAX_HEADER_BYTES: usize = 256 * 1024;
@@ -130,8 +143,8 @@ fn validate_business(header: &DocumentHeader) -> Result<(), ProtocolError> {
                 });
             }
             max_chars("status.reason", &status.reason, 500)?;
-            max_chars("status.staff", &status.staff, 100)?;
-            max_chars("status.department", &status.department, 200)?;
+            one_line("status.staff", &status.staff, 100)?;
+            one_line("status.department", &status.department, 200)?;
             if (status.code == "02" || status.code == "16") && status.reason.trim().is_empty() {
                 return Err(ProtocolError::MissingField {
                     field: "status.reason",
@@ -227,6 +240,22 @@ fn max_chars(field: &'static str, value: &str, max: usize) -> Result<(), Protoco
     Ok(())
 }
 
+/// A field shown on one line: [`max_chars`], and no control character at all (CR, LF
+/// and tab included) nor a line or paragraph separator.
+fn one_line(field: &'static str, value: &str, max: usize) -> Result<(), ProtocolError> {
+    max_chars(field, value, max)?;
+    if value
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        return Err(ProtocolError::InvalidField {
+            field,
+            rule: "one line: no line breaks, tabs or other control characters".into(),
+        });
+    }
+    Ok(())
+}
+
 fn required(field: &'static str, value: &str) -> Result<(), ProtocolError> {
     if value.trim().is_empty() {
         Err(ProtocolError::MissingField { field })
@@ -239,26 +268,56 @@ fn required(field: &'static str, value: &str) -> Result<(), ProtocolError> {
 /// one plain path component, no characters or names Windows refuses (recipients may
 /// export to a Windows share), not ending in a dot or space, not one of the names the
 /// export folder uses itself (compared without case, as case-insensitive filesystems do).
+///
+/// No control or format character (general categories Cc and Cf: bidi overrides,
+/// zero-width characters, the BOM) nor line separator may appear: they make a name
+/// show as something it is not. The reserved names are compared after NFKC
+/// normalisation, so that `COM¹` (Windows treats superscript digits as digits) and
+/// full-width look-alikes are caught.
 pub fn is_safe_file_name(name: &str) -> bool {
-    const WINDOWS_RESERVED: [&str; 22] = [
-        "CON", "PRN", "AUX", "NUL", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7", "COM8",
-        "COM9", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8", "LPT9",
+    const WINDOWS_RESERVED: [&str; 26] = [
+        "CON", "PRN", "AUX", "NUL", "COM0", "COM1", "COM2", "COM3", "COM4", "COM5", "COM6", "COM7",
+        "COM8", "COM9", "LPT0", "LPT1", "LPT2", "LPT3", "LPT4", "LPT5", "LPT6", "LPT7", "LPT8",
+        "LPT9", "CONIN$", "CONOUT$",
     ];
-    let stem = name.split('.').next().unwrap_or(name).trim_end();
-    !name.is_empty()
+    let plain = !name.is_empty()
         && name.len() <= 255
         && !name.starts_with('.')
         && !name.ends_with('.')
         && !name.ends_with(' ')
         && !name.chars().any(|c| {
-            c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')
-        })
-        && !RESERVED_FILE_NAMES
-            .iter()
-            .any(|reserved| reserved.eq_ignore_ascii_case(name))
-        && !WINDOWS_RESERVED
-            .iter()
-            .any(|reserved| reserved.eq_ignore_ascii_case(stem))
+            is_hidden_control(c)
+                || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')
+        });
+    if !plain {
+        return false;
+    }
+    // Compatibility forms fold onto the names they imitate: `COM¹` → `COM1`,
+    // `ＣＯＮ` → `CON`. The folded name must pass the same character rules.
+    let folded: String = name.nfkc().collect();
+    // Windows also drops trailing dots and spaces, and an ideographic space folds to
+    // a plain one.
+    if folded.starts_with('.') || folded.ends_with('.') || folded.ends_with(' ') {
+        return false;
+    }
+    if folded.chars().any(|c| {
+        is_hidden_control(c) || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|')
+    }) {
+        return false;
+    }
+    let stem = folded.split('.').next().unwrap_or(&folded).trim_end();
+    !RESERVED_FILE_NAMES.iter().any(|reserved| {
+        reserved.eq_ignore_ascii_case(name) || reserved.eq_ignore_ascii_case(&folded)
+    }) && !WINDOWS_RESERVED
+        .iter()
+        .any(|reserved| reserved.eq_ignore_ascii_case(stem))
+}
+
+/// The key under which two attachment names count as the same: NFC (a precomposed
+/// "ệ" and "e" + combining marks are one name on screen, and on macOS one file) and
+/// lower case (case-insensitive filesystems).
+fn name_key(name: &str) -> String {
+    name.nfc().collect::<String>().to_lowercase()
 }
 
 /// Checks every header rule (DESIGN.md sections 4 and 9).
@@ -298,15 +357,15 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
         }
     }
     required("number", &header.number)?;
-    max_chars("number", &header.number, 11)?;
-    max_chars("notation", &header.notation, 30)?;
-    max_chars("document_type", &header.document_type, 100)?;
-    max_chars("document_type_name", &header.document_type_name, 100)?;
+    one_line("number", &header.number, 11)?;
+    one_line("notation", &header.notation, 30)?;
+    one_line("document_type", &header.document_type, 100)?;
+    one_line("document_type_name", &header.document_type_name, 100)?;
     required("subject", &header.subject)?;
-    max_chars("subject", &header.subject, 500)?;
+    one_line("subject", &header.subject, 500)?;
     max_chars("content", &header.content, 500)?;
-    max_chars("issue_place", &header.issue_place, 50)?;
-    max_chars("sender_name", &header.sender_name, 200)?;
+    one_line("issue_place", &header.issue_place, 50)?;
+    one_line("sender_name", &header.sender_name, 200)?;
     if !is_valid_date(&header.issue_date) {
         return Err(ProtocolError::InvalidField {
             field: "issue_date",
@@ -332,9 +391,9 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
         });
     }
     if let Some(signer) = &header.signer {
-        max_chars("signer.competence", &signer.competence, 100)?;
-        max_chars("signer.position", &signer.position, 100)?;
-        max_chars("signer.full_name", &signer.full_name, 100)?;
+        one_line("signer.competence", &signer.competence, 100)?;
+        one_line("signer.position", &signer.position, 100)?;
+        one_line("signer.full_name", &signer.full_name, 100)?;
     }
     if header.priority > 4 {
         return Err(ProtocolError::InvalidField {
@@ -382,7 +441,7 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
         });
     }
     for place in &header.to_places {
-        max_chars("to_places", place, 150)?;
+        one_line("to_places", place, 150)?;
     }
     if header.attachments.len() > MAX_ATTACHMENTS {
         return Err(ProtocolError::InvalidField {
@@ -399,20 +458,22 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
         };
         if !is_safe_file_name(&attachment.name) {
             return Err(bad(
-                "the name must be a plain file name (no path, no control or reserved characters)"
+                "the name must be a plain file name (no path, no control, format or reserved \
+                 characters, no reserved name)"
                     .into(),
             ));
         }
-        // Case-insensitive: on such filesystems two names differing only in case collide.
-        if !names.insert(attachment.name.to_lowercase()) {
+        if !names.insert(name_key(&attachment.name)) {
             return Err(bad(
-                "two attachments have this name (names are compared without case)".into(),
+                "two attachments have this name (names are compared after NFC normalisation \
+                 and without case)"
+                    .into(),
             ));
         }
         if attachment.sha256.len() != 32 {
             return Err(bad("sha256 must be 32 bytes".into()));
         }
-        max_chars("attachments.media_type", &attachment.media_type, 127)?;
+        one_line("attachments.media_type", &attachment.media_type, 127)?;
     }
     Ok(())
 }

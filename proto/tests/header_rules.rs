@@ -169,9 +169,16 @@ fn subject_counts_characters_not_bytes() {
             rule: "no control characters".into(),
         }
     );
-    // Line breaks and tabs are not control characters for this rule.
+    // The subject is shown on one line: a line break would let the sender forge a
+    // second line in a listing, so it is refused (display_rules.rs has every variant).
     h.subject = "Về việc\r\n\ttriển khai".into();
-    assert_eq!(validate_header(&h), Ok(()));
+    assert_eq!(
+        validate_header(&h),
+        Err(ProtocolError::InvalidField {
+            field: "subject",
+            rule: "one line: no line breaks, tabs or other control characters".into(),
+        })
+    );
 }
 
 #[test]

@@ -355,15 +355,21 @@ impl Process {
 
     /// Starts the child and waits until it accepts TCP connections.
     pub async fn spawn(&mut self) {
+        self.spawn_with(Stdio::inherit(), None).await;
+    }
+
+    /// [`Process::spawn`] with the child's stderr given (e.g. a pipe whose reader is
+    /// gone) and, when given, its `RUST_LOG`.
+    pub async fn spawn_with(&mut self, stderr: Stdio, rust_log: Option<&str>) {
+        let rust_log = rust_log
+            .map(str::to_owned)
+            .unwrap_or_else(|| std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()));
         let child = Command::new(&self.bin)
             .args(&self.args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -378,6 +384,11 @@ impl Process {
         )
         .await;
         assert!(up.is_some(), "{} did not listen on {addr}", self.args[0]);
+    }
+
+    /// The child's stderr, when it was spawned with `Stdio::piped()`.
+    pub fn take_stderr(&mut self) -> Option<std::process::ChildStderr> {
+        self.child.as_mut().and_then(|c| c.stderr.take())
     }
 
     /// SIGKILL: no chance to flush or say goodbye.
@@ -396,6 +407,30 @@ impl Process {
             .status()
             .unwrap();
         child.wait().unwrap()
+    }
+}
+
+impl Process {
+    /// SIGTERM, then waits up to `limit` for the exit. None when the process did not
+    /// exit in time (it is then killed with SIGKILL).
+    pub async fn terminate_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 }
 
@@ -464,6 +499,14 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     pub async fn start(bin: &Path, world: &World, code: &str, broker_url: &str) -> Self {
+        let mut agent = Self::prepare(bin, world, code, broker_url);
+        agent.process.spawn().await;
+        agent
+    }
+
+    /// The agent's command line, not started yet: a test may change its arguments or
+    /// start it with [`Process::spawn_with`].
+    pub fn prepare(bin: &Path, world: &World, code: &str, broker_url: &str) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let (cert, key) = world.pki.agency(code).unwrap();
@@ -489,8 +532,7 @@ impl AgentProcess {
             "--inbox-dir".into(),
             world.inbox_dir(code).display().to_string(),
         ];
-        let mut process = Process::new(bin, args, addr);
-        process.spawn().await;
+        let process = Process::new(bin, args, addr);
         let api = format!("http://{addr}");
         Self {
             client: AgentClient::new(&api).unwrap(),

@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::config::{self, relative_to, required};
 use crate::error::CliError;
+use crate::output::{escape, outln};
 
 #[derive(Debug, Args)]
 pub struct AdminArgs {
@@ -152,7 +153,7 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                 .map_err(refused)?
                 .into_inner();
             if args.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({
                         "ready": health.ready,
@@ -164,12 +165,13 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                     })
                 );
             } else if health.ready {
-                println!(
+                outln!(
                     "ready ({} documents stored, {} bytes free)",
-                    health.documents, health.free_bytes
+                    health.documents,
+                    health.free_bytes
                 );
             } else {
-                println!("NOT READY: {}", health.reason);
+                outln!("NOT READY: {}", escape(&health.reason));
             }
             if !health.ready {
                 return Err(CliError::Failed("the broker is not ready".into()));
@@ -248,10 +250,10 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
             };
             if args.json {
                 let rows: Vec<serde_json::Value> = list.iter().map(agency_json).collect();
-                println!("{}", serde_json::Value::Array(rows));
+                outln!("{}", serde_json::Value::Array(rows));
             } else {
                 for a in &list {
-                    println!("{}", agency_line(a));
+                    outln!("{}", agency_line(a));
                 }
             }
         }
@@ -280,19 +282,19 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                             })
                         })
                         .collect();
-                    println!("{}", serde_json::Value::Array(rows));
+                    outln!("{}", serde_json::Value::Array(rows));
                 } else {
                     for e in &entries {
                         let hash = hex::encode(&e.hash);
-                        println!(
+                        outln!(
                             "{:>6}  {:<29} {:<17} {:<13} {:<36} {}  {}",
                             e.seq,
                             time(e.at_ms),
-                            e.kind,
-                            e.agency,
-                            e.message_id,
+                            escape(&e.kind),
+                            escape(&e.agency),
+                            escape(&e.message_id),
                             hash.get(..16).unwrap_or(&hash),
-                            e.detail
+                            escape(&e.detail)
                         );
                     }
                 }
@@ -304,7 +306,7 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                     .map_err(refused)?
                     .into_inner();
                 if args.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({
                             "intact": v.intact,
@@ -315,15 +317,17 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                         })
                     );
                 } else if v.intact {
-                    println!(
+                    outln!(
                         "audit chain intact: {} entries, head {}",
                         v.entries,
                         hex::encode(&v.head_hash)
                     );
                 } else {
-                    println!(
+                    outln!(
                         "AUDIT CHAIN BROKEN at entry {}: {} ({} entries intact before it)",
-                        v.first_break_seq, v.detail, v.entries
+                        v.first_break_seq,
+                        escape(&v.detail),
+                        v.entries
                     );
                 }
                 if !v.intact {
@@ -340,8 +344,8 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                 .queues;
             if watch {
                 // Clear the screen and home the cursor: the table refreshes in place.
-                print!("\x1b[2J\x1b[H");
-                println!(
+                crate::output::write_stdout(format_args!("\x1b[2J\x1b[H"));
+                outln!(
                     "lienthong queues at {} (Ctrl-C to stop)",
                     lienthong_proto::rfc3339_ms(lienthong_proto::now_ms()).unwrap_or_default()
                 );
@@ -378,9 +382,9 @@ fn print_queues(queues: &[lienthong_proto::pb::QueueInfo], json: bool) {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        outln!("{}", serde_json::Value::Array(rows));
     } else {
-        println!(
+        outln!(
             "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
             "AGENCY",
             "CONNECTED",
@@ -392,9 +396,9 @@ fn print_queues(queues: &[lienthong_proto::pb::QueueInfo], json: bool) {
             "DEAD 1h/24h"
         );
         for q in queues {
-            println!(
+            outln!(
                 "{:<15} {:<10} {:>8} {:>12} {:>10} {:>9} {:>13} {:>13}",
-                q.agency,
+                escape(&q.agency),
                 if q.connected { "yes" } else { "no" },
                 q.pending,
                 q.pending_bytes,
@@ -404,7 +408,7 @@ fn print_queues(queues: &[lienthong_proto::pb::QueueInfo], json: bool) {
                 format!("{}/{}", q.dead_lettered_last_hour, q.dead_lettered_last_day)
             );
         }
-        println!("(delivered and dead-lettered counts since the broker started)");
+        outln!("(delivered and dead-lettered counts since the broker started)");
     }
 }
 
@@ -436,21 +440,24 @@ fn print_dead_letters(list: &[DeadLetter], json: bool) {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        outln!("{}", serde_json::Value::Array(rows));
         return;
     }
-    println!(
+    outln!(
         "{:<36}  {:<13}  {:<8}  {:>8}  REASON",
-        "MESSAGE ID", "RECIPIENT", "STATE", "ATTEMPTS"
+        "MESSAGE ID",
+        "RECIPIENT",
+        "STATE",
+        "ATTEMPTS"
     );
     for d in list {
-        println!(
+        outln!(
             "{:<36}  {:<13}  {:<8}  {:>8}  {}",
-            d.message_id,
-            d.agency,
+            escape(&d.message_id),
+            escape(&d.agency),
             state_name(d.state),
             d.attempts,
-            d.reason
+            escape(&d.reason)
         );
     }
 }
@@ -495,7 +502,7 @@ fn print_message(m: &MessageResponse, json: bool) {
                 })
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "message_id": m.message_id,
@@ -517,41 +524,46 @@ fn print_message(m: &MessageResponse, json: bool) {
         return;
     }
     let present = |s: Option<&Signed>| if s.is_some() { "present" } else { "missing" };
-    println!("message     {}", m.message_id);
-    println!("business id {}", m.business_id);
-    println!("sender      {}", m.sender);
-    println!("recipients  {}", m.recipients.join(", "));
-    println!("subject     {}", m.subject);
-    println!("number      {}/{}", m.number, m.notation);
-    println!("priority    {}", m.priority);
-    println!("created     {}", time(m.created_at_ms));
-    println!("accepted    {}", time(m.accepted_at_ms));
-    println!("expires     {}", time(m.expires_at_ms));
-    println!(
+    outln!("message     {}", escape(&m.message_id));
+    outln!("business id {}", escape(&m.business_id));
+    outln!("sender      {}", escape(&m.sender));
+    outln!("recipients  {}", escape(&m.recipients.join(", ")));
+    outln!("subject     {}", escape(&m.subject));
+    outln!("number      {}/{}", escape(&m.number), escape(&m.notation));
+    outln!("priority    {}", m.priority);
+    outln!("created     {}", time(m.created_at_ms));
+    outln!("accepted    {}", time(m.accepted_at_ms));
+    outln!("expires     {}", time(m.expires_at_ms));
+    outln!(
         "evidence    sender's signed envelope: {}; broker's submission receipt: {}",
         present(m.envelope.as_ref()),
         present(m.submission_receipt.as_ref())
     );
     for t in &m.timelines {
-        println!();
-        println!(
+        outln!();
+        outln!(
             "{}  {} ({} attempts)",
-            t.agency,
+            escape(&t.agency),
             state_name(t.state),
             t.attempts
         );
         for e in &t.events {
             if e.detail.is_empty() {
-                println!("  {:<29} {}", time(e.at_ms), e.event);
+                outln!("  {:<29} {}", time(e.at_ms), escape(&e.event));
             } else {
-                println!("  {:<29} {:<12} {}", time(e.at_ms), e.event, e.detail);
+                outln!(
+                    "  {:<29} {:<12} {}",
+                    time(e.at_ms),
+                    escape(&e.event),
+                    escape(&e.detail)
+                );
             }
         }
         if t.delivery_receipt.is_some() {
-            println!("  evidence: the recipient's signed delivery receipt");
+            outln!("  evidence: the recipient's signed delivery receipt");
         }
         if t.notice.is_some() {
-            println!("  evidence: the broker's signed dead-letter notice");
+            outln!("  evidence: the broker's signed dead-letter notice");
         }
     }
 }
@@ -570,15 +582,15 @@ fn agency_json(a: &AgencyInfo) -> serde_json::Value {
 }
 
 fn agency_line(a: &AgencyInfo) -> String {
-    let mut line = a.code.clone();
+    let mut line = escape(&a.code).into_owned();
     if !a.name.is_empty() {
-        line.push_str(&format!("  {}", a.name));
+        line.push_str(&format!("  {}", escape(&a.name)));
     }
     if a.suspended {
         line.push_str(&format!(
             "  [SUSPENDED since {}: {}]",
             time(a.suspended_at_ms),
-            a.suspended_reason
+            escape(&a.suspended_reason)
         ));
     } else {
         line.push_str("  [active]");
@@ -614,12 +626,12 @@ fn print_agency_tree(list: &[AgencyInfo]) {
         depth: usize,
     ) {
         for a in children.get(&parent).map(Vec::as_slice).unwrap_or_default() {
-            println!("{}{}", "  ".repeat(depth), agency_line(a));
+            outln!("{}{}", "  ".repeat(depth), agency_line(a));
             walk(children, Some(a.code.clone()), depth + 1);
         }
     }
     if list.is_empty() {
-        println!("no agencies registered");
+        outln!("no agencies registered");
     }
     walk(&children, None, 0);
 }

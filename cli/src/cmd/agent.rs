@@ -66,6 +66,10 @@ pub struct AgentArgs {
     /// (with the message id) or `failed/` (with the reason).
     #[arg(long)]
     drop_dir: Option<PathBuf>,
+    /// A gateway group (name or numeric id) that may read the inbox folder: folders
+    /// 0750 and files 0640 with that group. Default: 0700 and 0600, this user only.
+    #[arg(long)]
+    inbox_group: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +90,7 @@ struct AgentFile {
     max_outbox_bytes: Option<u64>,
     max_document_bytes: Option<u64>,
     drop_dir: Option<PathBuf>,
+    inbox_group: Option<String>,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
@@ -115,6 +120,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         .api
         .or(file.api)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7180)));
+    crate::private::warn_if_key_readable(&key, "agent TLS key");
     let tls = TlsFiles::load(&ca, &cert, &key)?;
     let tls_identity = tls
         .signing_key()
@@ -137,11 +143,18 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         config.max_document_bytes = max;
     }
     config.drop_dir = optional_path(args.drop_dir, file.drop_dir);
+    if let Some(group) = args.inbox_group.or(file.inbox_group) {
+        config.inbox_group = Some(
+            crate::private::group_id(&group)
+                .map_err(|e| CliError::Usage(format!("--inbox-group: {e}")))?,
+        );
+    }
     match (
         optional_path(args.signing_cert, file.signing_cert),
         optional_path(args.signing_key, file.signing_key),
     ) {
         (Some(cert), Some(key)) => {
+            crate::private::warn_if_key_readable(&key, "agent signing key");
             let cert_pem = std::fs::read(&cert).map_err(|e| CliError::config(&cert, e))?;
             let key_pem = std::fs::read(&key).map_err(|e| CliError::config(&key, e))?;
             let signing =

@@ -30,6 +30,7 @@ use serde_json::{Value, json};
 
 use crate::error::CliError;
 use crate::http::AgentClient;
+use crate::output::{errln, outln};
 
 const MIB: f64 = 1024.0 * 1024.0;
 const SENDER: &str = "000.00.00.H31";
@@ -88,7 +89,7 @@ fn failed(what: &str) -> impl Fn(String) -> CliError + '_ {
 }
 
 fn progress(line: &str) {
-    eprintln!("bench: {line}");
+    errln!("bench: {line}");
 }
 
 fn now_ms() -> i64 {
@@ -142,7 +143,7 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
     if args.json {
         let scenarios: Vec<Value> = rows.iter().map(Row::json).collect();
         let object = json!({ "conditions": conditions, "scenarios": scenarios });
-        println!("{object}");
+        outln!("{object}");
     } else {
         print_table(&conditions, &rows);
     }
@@ -302,16 +303,24 @@ fn print_table(conditions: &Value, rows: &[Row]) {
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    println!("Machine: {} cores, {}", field("cores"), field("os"));
-    println!(
+    outln!("Machine: {} cores, {}", field("cores"), field("os"));
+    outln!(
         "Durability: {}; signatures: {}; transport: {}",
         field("fsync"),
         field("signature"),
         field("tls")
     );
-    println!(
+    outln!(
         "{:<2} {:<40} {:>9} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9}  other",
-        "#", "scenario", "doc size", "in flight", "count", "docs/s", "MiB/s", "p50 ms", "p99 ms"
+        "#",
+        "scenario",
+        "doc size",
+        "in flight",
+        "count",
+        "docs/s",
+        "MiB/s",
+        "p50 ms",
+        "p99 ms"
     );
     for row in rows {
         let name = row.name();
@@ -321,7 +330,7 @@ fn print_table(conditions: &Value, rows: &[Row]) {
                 size,
                 in_flight,
                 m,
-            } => println!(
+            } => outln!(
                 "{scenario:<2} {name:<40} {:>9} {in_flight:>9} {:>8} {:>10.1} {:>9.2} {:>9.1} {:>9.1}",
                 size_text(*size),
                 m.documents,
@@ -337,7 +346,7 @@ fn print_table(conditions: &Value, rows: &[Row]) {
                 rss_broker,
                 rss_sender,
                 rss_recipient,
-            } => println!(
+            } => outln!(
                 "{:<2} {name:<40} {:>9} {:>9} {:>8} {:>10} {mb_per_sec:>9.2} {:>9} {:>9}  disk sequential write {disk_mb_per_sec:.1} MiB/s \
                  (ratio {:.2}); peak RSS broker {rss_broker:.1} MiB, sender {rss_sender:.1} MiB, recipient {rss_recipient:.1} MiB",
                 4,
@@ -352,16 +361,22 @@ fn print_table(conditions: &Value, rows: &[Row]) {
             Row::Idle {
                 connections,
                 kib_per_connection,
-            } => println!(
+            } => outln!(
                 "{:<2} {name:<40} {:>9} {:>9} {connections:>8} {:>10} {:>9} {:>9} {:>9}  broker RSS {kib_per_connection:.1} KiB per connection",
-                5, "-", "-", "-", "-", "-", "-"
+                5,
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-"
             ),
             Row::Pending {
                 pending,
                 ready_seconds,
                 m,
                 empty_rate,
-            } => println!(
+            } => outln!(
                 "{:<2} {name:<40} {:>9} {:>9} {:>8} {:>10.1} {:>9.2} {:>9.1} {:>9.1}  ready {ready_seconds:.2} s after restart over {pending}; \
                  {:.2} x the empty broker's {empty_rate:.1} docs/s",
                 6,
@@ -376,7 +391,7 @@ fn print_table(conditions: &Value, rows: &[Row]) {
             ),
         }
     }
-    println!("MiB/s = 2^20 bytes of attachment per second.");
+    outln!("MiB/s = 2^20 bytes of attachment per second.");
 }
 
 fn size_text(bytes: u64) -> String {

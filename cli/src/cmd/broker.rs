@@ -120,6 +120,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
         .listen
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
+    crate::private::warn_if_key_readable(&key, "broker TLS key");
     let tls = TlsFiles::load(&ca, &cert, &key)?;
     let mut broker = BrokerConfig::new(tls, data);
     if let Some(document_ca) = args

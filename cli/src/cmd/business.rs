@@ -10,6 +10,7 @@ use lienthong_agent::api_types::ReportRequest;
 use crate::cmd::client::api_url;
 use crate::error::CliError;
 use crate::http::AgentClient;
+use crate::output::{escape, outln};
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
@@ -48,7 +49,7 @@ pub async fn report(args: ReportArgs) -> Result<(), CliError> {
         staff: args.staff,
     };
     let sent = client.report(&args.message_id, &request).await?;
-    println!("{}", sent.message_id);
+    outln!("{}", sent.message_id);
     Ok(())
 }
 
@@ -72,7 +73,7 @@ pub async fn recall(args: RecallArgs) -> Result<(), CliError> {
     }
     let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
     let sent = client.recall(&args.message_id, &args.reason).await?;
-    println!("{}", sent.message_id);
+    outln!("{}", sent.message_id);
     Ok(())
 }
 
@@ -101,16 +102,16 @@ pub async fn directory(args: DirectoryArgs) -> Result<(), CliError> {
     if args.json {
         let text = serde_json::to_string(&agencies)
             .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
-        println!("{text}");
+        outln!("{text}");
         return Ok(());
     }
-    println!("{:<15} {:<15} NAME", "CODE", "PARENT");
+    outln!("{:<15} {:<15} NAME", "CODE", "PARENT");
     for a in &agencies {
-        println!(
+        outln!(
             "{:<15} {:<15} {}{}",
-            a.code,
-            a.parent,
-            a.name,
+            escape(&a.code),
+            escape(&a.parent),
+            escape(&a.name),
             if a.suspended { " (suspended)" } else { "" }
         );
     }

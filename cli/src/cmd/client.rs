@@ -9,6 +9,7 @@ use serde::Deserialize;
 use crate::config;
 use crate::error::CliError;
 use crate::http::AgentClient;
+use crate::output::{escape, outln};
 
 const DEFAULT_API: &str = "http://127.0.0.1:7180";
 
@@ -159,7 +160,7 @@ pub async fn send(args: SendArgs) -> Result<(), CliError> {
         ..SendRequest::default()
     };
     let response = client.send(&request).await?;
-    println!("{}", response.message_id);
+    outln!("{}", response.message_id);
     Ok(())
 }
 
@@ -185,24 +186,27 @@ pub async fn status(args: StatusArgs) -> Result<(), CliError> {
     if args.json {
         let text = serde_json::to_string(&view)
             .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
-        println!("{text}");
+        outln!("{text}");
     } else {
         print_status(&view);
     }
     Ok(())
 }
 
+/// Every text shown comes from the agent, which has much of it from other agencies
+/// and the broker: all of it goes through `escape`.
 fn print_status(view: &StatusView) {
-    println!("message id   {}", view.message_id);
-    println!("business id  {}", view.business_id);
-    println!("sender       {}", view.sender);
-    println!("outbox       {}", view.outbox_state);
+    outln!("message id   {}", escape(&view.message_id));
+    outln!("business id  {}", escape(&view.business_id));
+    outln!("sender       {}", escape(&view.sender));
+    outln!("outbox       {}", escape(&view.outbox_state));
     if let Some(reason) = &view.failure_reason {
-        println!("failure      {reason}");
+        outln!("failure      {}", escape(reason));
     }
     if let Some(at) = &view.submitted_at {
-        println!(
-            "accepted     {at} (broker receipt {})",
+        outln!(
+            "accepted     {} (broker receipt {})",
+            escape(at),
             if view.submission_receipt_verified {
                 "verified"
             } else {
@@ -210,35 +214,39 @@ fn print_status(view: &StatusView) {
             }
         );
     }
-    println!(
+    outln!(
         "{:<15} {:<10} {:>8}  RECEIPT / REASON",
-        "RECIPIENT", "STATE", "ATTEMPTS"
+        "RECIPIENT",
+        "STATE",
+        "ATTEMPTS"
     );
     for r in &view.recipients {
         let detail = match (&r.receipt_verified, &r.delivered_at, &r.reason) {
-            (Some(true), Some(at), _) => format!("delivered {at}, receipt verified"),
+            (Some(true), Some(at), _) => format!("delivered {}, receipt verified", escape(at)),
             (Some(false), _, _) => "receipt present but NOT verified".to_owned(),
-            (_, _, Some(reason)) => reason.clone(),
+            (_, _, Some(reason)) => escape(reason).into_owned(),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "{:<15} {:<10} {:>8}  {detail}",
-            r.agency, r.state, r.attempts
+            escape(&r.agency),
+            escape(&r.state),
+            r.attempts
         );
         if let Some(recall) = &r.recall {
-            println!("{:<15} recall {recall}", "");
+            outln!("{:<15} recall {}", "", escape(recall));
         }
         for entry in &r.business {
-            println!(
+            outln!(
                 "{:<15} {} {} by {}{}{}",
                 "",
-                entry.code,
-                entry.at,
-                entry.by,
+                escape(&entry.code),
+                escape(&entry.at),
+                escape(&entry.by),
                 entry
                     .reason
                     .as_ref()
-                    .map(|reason| format!(": {reason}"))
+                    .map(|reason| format!(": {}", escape(reason)))
                     .unwrap_or_default(),
                 if entry.verified {
                     ""
@@ -267,18 +275,25 @@ pub async fn inbox(args: InboxArgs) -> Result<(), CliError> {
     if args.json {
         let text = serde_json::to_string(&items)
             .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
-        println!("{text}");
+        outln!("{text}");
     } else {
-        println!(
+        outln!(
             "{:<36}  {:<13}  {:<25}  SUBJECT",
-            "MESSAGE ID", "SENDER", "RECEIVED"
+            "MESSAGE ID",
+            "SENDER",
+            "RECEIVED"
         );
         for item in &items {
-            println!(
+            // Subject and sender come from another agency: escaped, so that a CR/LF or
+            // a bidi override cannot forge a line of this listing.
+            outln!(
                 "{:<36}  {:<13}  {:<25}  {}",
-                item.message_id, item.sender, item.received_at, item.subject
+                escape(&item.message_id),
+                escape(&item.sender),
+                escape(&item.received_at),
+                escape(&item.subject)
             );
-            println!("{:<36}  {}", "", item.path);
+            outln!("{:<36}  {}", "", escape(&item.path));
         }
     }
     Ok(())

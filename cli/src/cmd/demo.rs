@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::CliError;
 use crate::http::AgentClient;
+use crate::output::{errln, outln};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -59,7 +60,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     let codes: Vec<String> = DEFAULT_AGENCIES.iter().map(|c| (*c).to_owned()).collect();
     let pki =
         write_dev_pki(&root.join("pki"), &codes).map_err(|e| failed("dev PKI")(e.to_string()))?;
-    println!("1. Development PKI written to {}", pki.dir.display());
+    outln!("1. Development PKI written to {}", pki.dir.display());
 
     let shutdown = CancellationToken::new();
     let broker_listener = bind().await?;
@@ -88,11 +89,11 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         Some(admin_listener),
         shutdown.clone(),
     ));
-    println!(
+    outln!(
         "2. Broker listening on {broker_url} (mutual TLS), data in {}",
         root.join("broker").display()
     );
-    println!("   Operator dashboard: {dashboard} (metrics at {dashboard}metrics)");
+    outln!("   Operator dashboard: {dashboard} (metrics at {dashboard}metrics)");
 
     let mut apis = Vec::new();
     let mut agent_tasks = Vec::new();
@@ -112,7 +113,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
         );
         let listener = bind().await?;
         let api = format!("http://127.0.0.1:{}", port(&listener));
-        println!(
+        outln!(
             "3. Agent {code} ({name}): API {api}, inbox {}",
             dir.join("inbox").display()
         );
@@ -128,16 +129,16 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     if outcome.is_ok() && !args.once {
         print_try_it(&apis, &codes, &broker_url, &pki.dir, &dashboard);
         crate::shutdown_signal().await;
-        println!("Stopping…");
+        outln!("Stopping…");
     }
     shutdown.cancel();
     for task in agent_tasks {
         if let Ok(Err(error)) = task.await {
-            eprintln!("agent stopped with an error: {error}");
+            errln!("agent stopped with an error: {error}");
         }
     }
     if let Ok(Err(error)) = broker_task.await {
-        eprintln!("broker stopped with an error: {error}");
+        errln!("broker stopped with an error: {error}");
     }
     outcome
 }
@@ -172,7 +173,7 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
         ..SendRequest::default()
     };
     let sent = client.send(&request).await?;
-    println!(
+    outln!(
         "4. {} signed document {} (business id {}) and stored it in its outbox",
         codes.first().map(String::as_str).unwrap_or(""),
         sent.message_id,
@@ -185,7 +186,7 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
             view.failure_reason.unwrap_or_default()
         )));
     }
-    println!(
+    outln!(
         "5. Broker accepted it at {} with a signed submission receipt ({})",
         view.submitted_at.as_deref().unwrap_or("?"),
         if view.submission_receipt_verified {
@@ -201,7 +202,7 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
     })
     .await?;
     for r in &view.recipients {
-        println!(
+        outln!(
             "6. {}: {} at {}, delivery receipt {}",
             r.agency,
             r.state,
@@ -219,7 +220,7 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
             .join(code)
             .join("inbox")
             .join(&sent.message_id);
-        println!("7. {code} exported it to {}", folder.display());
+        outln!("7. {code} exported it to {}", folder.display());
     }
     if view.recipients.iter().any(|r| r.state != "delivered") {
         return Err(CliError::Failed(
@@ -234,7 +235,7 @@ async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), 
     };
     let stuck = client.send(&stuck).await?;
     wait_for(&client, &stuck.message_id, |v| v.outbox_state != "outbox").await?;
-    println!(
+    outln!(
         "8. A document to {OFFLINE_AGENCY}, which runs no agent here, stays queued at the broker: {}",
         stuck.message_id
     );
@@ -267,24 +268,24 @@ fn print_try_it(apis: &[String], codes: &[String], broker_url: &str, pki: &Path,
         return;
     };
     let to = codes.get(1..).map(|c| c.join(",")).unwrap_or_default();
-    println!();
-    println!("The exchange keeps running. In another terminal, try:");
-    println!("  echo 'Kính gửi các sở' > /tmp/thu.txt");
-    println!(
+    outln!();
+    outln!("The exchange keeps running. In another terminal, try:");
+    outln!("  echo 'Kính gửi các sở' > /tmp/thu.txt");
+    outln!(
         "  id=$(cargo run --release -q -- send --api {a} --to {to} --subject 'Thử nghiệm' /tmp/thu.txt)"
     );
-    println!("  cargo run --release -q -- status --api {a} \"$id\"");
-    println!("  cargo run --release -q -- inbox --api {b}");
-    println!(
+    outln!("  cargo run --release -q -- status --api {a} \"$id\"");
+    outln!("  cargo run --release -q -- inbox --api {b}");
+    outln!(
         "  cargo run --release -q -- verify --ca {} <folder printed by inbox>",
         pki.join("ca.crt").display()
     );
-    println!(
+    outln!(
         "  cargo run --release -q -- admin --broker {broker_url} --ca {0}/ca.crt --cert {0}/operator.crt --key {0}/operator.key queues",
         pki.display()
     );
-    println!(
+    outln!(
         "Open the operator dashboard at {dashboard} to find the document stuck for {OFFLINE_AGENCY}."
     );
-    println!("Press Ctrl-C to stop (the temporary folder is removed).");
+    outln!("Press Ctrl-C to stop (the temporary folder is removed).");
 }

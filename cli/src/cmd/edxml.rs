@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use crate::error::CliError;
 use crate::http::AgentClient;
+use crate::output::outln;
 
 #[derive(Debug, Subcommand)]
 pub enum EdxmlCommand {
@@ -63,7 +64,7 @@ fn check(path: &Path) -> Result<(), CliError> {
     };
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
-    println!("{text}");
+    outln!("{text}");
     Ok(())
 }
 
@@ -129,6 +130,6 @@ pub async fn send_package(client: &AgentClient, path: &Path) -> Result<(), CliEr
         CliError::Failed(message) => CliError::Failed(format!("{}: {message}", path.display())),
         other => other,
     })?;
-    println!("{}", response.message_id);
+    outln!("{}", response.message_id);
     Ok(())
 }

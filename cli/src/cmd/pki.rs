@@ -6,6 +6,7 @@ use clap::Subcommand;
 use lienthong_certs_dev::{DEFAULT_AGENCIES, write_dev_pki};
 
 use crate::error::CliError;
+use crate::output::errln;
 
 #[derive(Debug, Subcommand)]
 pub enum PkiCommand {
@@ -62,15 +63,15 @@ pub fn run(command: PkiCommand) -> Result<(), CliError> {
             };
             let paths = write_dev_pki(&out, &agencies)
                 .map_err(|e| CliError::Failed(format!("cannot write the dev PKI: {e}")))?;
-            eprintln!(
+            errln!(
                 "development PKI in {} (not for production):",
                 paths.dir.display()
             );
-            eprintln!("  CA        {}", paths.ca_cert.display());
-            eprintln!("  broker    {}", paths.broker_cert.display());
-            eprintln!("  operator  {}", paths.operator_cert.display());
+            errln!("  CA        {}", paths.ca_cert.display());
+            errln!("  broker    {}", paths.broker_cert.display());
+            errln!("  operator  {}", paths.operator_cert.display());
             for (code, cert, _) in &paths.agencies {
-                eprintln!("  {code}  {}", cert.display());
+                errln!("  {code}  {}", cert.display());
             }
             Ok(())
         }
