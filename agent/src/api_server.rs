@@ -8,7 +8,8 @@
 //!   `header_read_timeout`, which also runs while a kept-alive connection waits for its
 //!   next request, so it bounds idle keep-alive too);
 //! - a connection on which no byte moved in either direction for `idle_timeout` (a
-//!   stalled upload, a client that stopped reading) is closed;
+//!   stalled upload, a client that stopped reading) is closed: its socket fails, so
+//!   a handler reading the body sees an error and removes what it wrote;
 //! - with TLS, the handshake must finish within `tls_handshake_timeout`.
 //!
 //! On shutdown every connection is asked to finish its current request and close;
@@ -20,10 +21,11 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -210,19 +212,29 @@ async fn http<I>(
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = clock.idle_for(options.idle_timeout) => {
+            _ = clock.idle_for(options.idle_timeout), if !clock.is_expired() => {
+                // Fail the socket rather than drop the connection: a handler reading a
+                // stalled body gets an error and cleans up (a dropped one could not).
                 debug!("closing an API connection idle past the limit");
+                clock.expire();
+            }
+            _ = tokio::time::sleep(options.idle_timeout), if clock.is_expired() => {
+                // The handler did not finish after its socket failed: drop it.
                 return;
             }
         }
     }
 }
 
-/// When a connection last moved a byte, in milliseconds since it opened.
+/// When a connection last moved a byte, in milliseconds since it opened; and whether
+/// it was declared idle past the limit (then its socket fails every read and write).
 #[derive(Clone)]
 struct Activity {
     opened: Instant,
     last_ms: Arc<AtomicU64>,
+    expired: Arc<AtomicBool>,
+    /// The connection task, woken when the socket is failed.
+    waker: Arc<AtomicWaker>,
 }
 
 impl Activity {
@@ -230,7 +242,30 @@ impl Activity {
         Self {
             opened: Instant::now(),
             last_ms: Arc::new(AtomicU64::new(0)),
+            expired: Arc::new(AtomicBool::new(false)),
+            waker: Arc::new(AtomicWaker::new()),
         }
+    }
+
+    fn expire(&self) {
+        self.expired.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_expired(&self) -> bool {
+        self.expired.load(Ordering::Acquire)
+    }
+
+    /// Registers the polling task; an error once the connection was declared idle.
+    fn check(&self, cx: &Context<'_>) -> Result<(), std::io::Error> {
+        self.waker.register(cx.waker());
+        if self.is_expired() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no byte moved on the connection within the idle timeout",
+            ));
+        }
+        Ok(())
     }
 
     fn touch(&self) {
@@ -269,6 +304,9 @@ impl AsyncRead for Watched {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Err(e) = self.clock.check(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -284,6 +322,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if let Err(e) = self.clock.check(cx) {
+            return Poll::Ready(Err(e));
+        }
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.clock.touch();
@@ -296,6 +337,9 @@ impl AsyncWrite for Watched {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if let Err(e) = self.clock.check(cx) {
+            return Poll::Ready(Err(e));
+        }
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
             self.clock.touch();

@@ -204,12 +204,18 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(config: AgentConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(config, listener).await
+    }
+
+    /// Starts the agent with its API on `listener`; the client talks to it over
+    /// loopback (127.0.0.1 and the listener's port, also when bound to 0.0.0.0).
+    pub async fn start_on(config: AgentConfig, listener: TcpListener) -> Self {
         let code = config.agency.to_string();
         // The token file the agent will read, made (or read) before it starts.
         let token_file = config.api_token_path();
         let token = api_token(&token_file);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = format!("http://{}", listener.local_addr().unwrap());
+        let api = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(lienthong_agent::run(config, listener, shutdown.clone()));
         Self {
