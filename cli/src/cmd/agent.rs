@@ -111,6 +111,7 @@ struct AgentFile {
     api_tls_cert: Option<PathBuf>,
     api_tls_key: Option<PathBuf>,
     api_insecure_bind: Option<bool>,
+    #[serde(alias = "api_host")]
     api_hosts: Option<Vec<String>>,
     api_max_connections: Option<usize>,
 }
