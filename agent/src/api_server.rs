@@ -77,7 +77,7 @@ pub fn check_bind(addr: SocketAddr, tls: bool, insecure: bool) -> Result<(), Bin
 
 /// A rustls server configuration for the API from a PEM chain and PKCS#8/SEC1/PKCS#1
 /// key; HTTP/1.1 only.
-pub(crate) fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig, String> {
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<rustls::ServerConfig, String> {
     use rustls_pki_types::pem::PemObject as _;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_slice_iter(cert_pem)

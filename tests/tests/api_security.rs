@@ -531,6 +531,17 @@ async fn off_loopback_needs_tls_and_with_tls_the_api_speaks_only_https() {
         "{stderr}"
     );
     assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
+    // A TLS key file that holds no key is a configuration error, before listening.
+    let ca = world.pki.ca_cert.display().to_string();
+    let out = agent_command(
+        &world,
+        &format!("0.0.0.0:{port}"),
+        &["--api-tls-cert", &ca, "--api-tls-key", &ca],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("API TLS key"), "{stderr}");
+    assert!(TcpStream::connect(("127.0.0.1", port)).await.is_err());
     // So does the library.
     let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
     let refused = lienthong_agent::run(

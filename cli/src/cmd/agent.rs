@@ -210,6 +210,9 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         (Some(cert), Some(key)) => {
             let cert_pem = std::fs::read(&cert).map_err(|e| CliError::config(&cert, e))?;
             let key_pem = std::fs::read(&key).map_err(|e| CliError::config(&key, e))?;
+            // A certificate and key that do not load are a configuration error (exit 2).
+            lienthong_agent::api_server::tls_config(&cert_pem, &key_pem)
+                .map_err(|e| CliError::config(&cert, e))?;
             config.api_tls = Some(lienthong_agent::ApiTls { cert_pem, key_pem });
         }
         (None, None) => {}
