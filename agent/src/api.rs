@@ -8,6 +8,8 @@
 //! `GET /metrics` (Prometheus), `GET /openapi.json`.
 //!
 //! Invariants:
+//! - Every route is behind `api_guard` (token, Host/Origin/Sec-Fetch-Site, Content-Type)
+//!   and listed in `api_guard::ROUTES`; a route missing there is refused, not served.
 //! - `202 Accepted` is answered only after the sealed document is durable in the
 //!   outbox.
 //! - Bad input is a `400` whose message names the field and the rule; storage failures
