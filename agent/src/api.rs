@@ -8,6 +8,8 @@
 //! `GET /metrics` (Prometheus), `GET /openapi.json`.
 //!
 //! Invariants:
+//! - Every route is behind `api_guard` (token, Host/Origin/Sec-Fetch-Site, Content-Type)
+//!   and listed in `api_guard::ROUTES`; a route missing there is refused, not served.
 //! - `202 Accepted` is answered only after the sealed document is durable in the
 //!   outbox.
 //! - Bad input is a `400` whose message names the field and the rule; storage failures
@@ -81,8 +83,13 @@ pub(crate) fn internal(context: &'static str) -> impl Fn(StoreError) -> ApiError
     }
 }
 
-/// The API's routes over the shared agent state.
-pub(crate) fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
+/// The API's routes over the shared agent state, every one behind `guard` (token,
+/// Host/Origin rules, Content-Type; see `api_guard::ROUTES`).
+pub(crate) fn router(
+    agent: Arc<Agent>,
+    max_body_bytes: usize,
+    guard: crate::api_guard::Guard,
+) -> Router {
     Router::new()
         .route("/v1/documents", post(send_document))
         .route(
@@ -106,6 +113,10 @@ pub(crate) fn router(agent: Arc<Agent>, max_body_bytes: usize) -> Router {
         )
         .merge(crate::edxml_api::routes())
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            crate::api_guard::guard,
+        ))
         .with_state(agent)
 }
 

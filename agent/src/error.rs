@@ -34,6 +34,9 @@ pub enum AgentError {
         #[source]
         source: lienthong_proto::ProtocolError,
     },
+    /// The API token file cannot be used (unreadable, too open, not a file, malformed).
+    #[error("API token: {0}")]
+    ApiToken(#[source] crate::api_guard::TokenError),
     /// The local HTTP API stopped with an error.
     #[error("local HTTP API: {0}")]
     Api(#[source] std::io::Error),

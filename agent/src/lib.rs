@@ -8,7 +8,8 @@
 //!
 //! Modules: [`store`] (sled, durability), `outbox` (submitter), `session` (broker
 //! session, delivery handling), [`export`] (inbox folders), `api` and [`api_types`]
-//! (local HTTP API), `broker_client` (gRPC channel, retry policy), `metrics`
+//! (local HTTP API), [`api_guard`] (its token, Host/Origin and Content-Type rules and
+//! route table), [`api_server`] (its listener: timeouts, connection cap, TLS), `broker_client` (gRPC channel, retry policy), `metrics`
 //! (Prometheus, served by the API at `/metrics`), `edxml_api` (edXML import and
 //! export over the API), `dropfolder` (sends `.edxml` files dropped in a folder),
 //! [`error`].
@@ -19,6 +20,8 @@
 #![forbid(unsafe_code)]
 
 mod api;
+pub mod api_guard;
+pub mod api_server;
 pub mod api_types;
 mod broker_client;
 mod business;
@@ -86,6 +89,39 @@ pub struct AgentConfig {
     /// A gateway group (numeric id) that may read the inbox folder: folders 0750 and
     /// files 0640 with that group. `None` (default): 0700 and 0600, the agent's user only.
     pub inbox_group: Option<u32>,
+    /// The API's bearer token file; `None` = `<data_dir>/api-token`, created (0600,
+    /// 32 random bytes in hex) when missing. Refused when others may read it.
+    pub api_token_file: Option<PathBuf>,
+    /// Serve the API over HTTPS with this certificate chain and key (PEM).
+    pub api_tls: Option<ApiTls>,
+    /// Allow a non-loopback API address without TLS (logged as a warning at start).
+    pub api_insecure_bind: bool,
+    /// Host names the API answers to besides `localhost` and its bound address (for
+    /// an API bound off loopback: the name clients use).
+    pub api_hosts: Vec<String>,
+    /// A request's headers must arrive within this (also bounds a kept-alive
+    /// connection waiting for its next request; default 10 s).
+    pub api_header_timeout: Duration,
+    /// A connection on which no byte moved for this long is closed (default 60 s).
+    pub api_idle_timeout: Duration,
+    /// A TLS handshake must finish within this (default 10 s).
+    pub api_tls_handshake_timeout: Duration,
+    /// Most API connections open at once (default 256); more wait to be accepted.
+    pub api_max_connections: usize,
+}
+
+/// The API's HTTPS certificate chain and private key, PEM.
+#[derive(Clone)]
+pub struct ApiTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl AgentConfig {
+    /// The API token file this configuration uses.
+    pub fn api_token_path(&self) -> PathBuf {
+        api_guard::token_path(self.api_token_file.as_deref(), &self.data_dir)
+    }
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -129,6 +165,14 @@ impl AgentConfig {
             max_document_bytes: 2 * 1024 * 1024 * 1024,
             drop_dir: None,
             inbox_group: None,
+            api_token_file: None,
+            api_tls: None,
+            api_insecure_bind: false,
+            api_hosts: Vec::new(),
+            api_header_timeout: Duration::from_secs(10),
+            api_idle_timeout: Duration::from_secs(60),
+            api_tls_handshake_timeout: Duration::from_secs(10),
+            api_max_connections: 256,
         }
     }
 }
@@ -196,6 +240,22 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
     lienthong_proto::tls::install_crypto_provider();
+    // The API's rules first: nothing starts when it could not be served safely.
+    let api_addr = api_listener.local_addr().map_err(AgentError::Api)?;
+    api_server::check_bind(api_addr, config.api_tls.is_some(), config.api_insecure_bind)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
+    let api_tls = match &config.api_tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            api_server::tls_config(&files.cert_pem, &files.key_pem).map_err(AgentError::Config)?,
+        ))),
+        None => None,
+    };
+    let token_path = config.api_token_path();
+    let api_token =
+        tokio::task::spawn_blocking(move || api_guard::ApiToken::load_or_create(&token_path))
+            .await
+            .map_err(|e| AgentError::Config(format!("reading the API token failed: {e}")))?
+            .map_err(AgentError::ApiToken)?;
     let signing_key = match &config.signing_key {
         Some(key) => Arc::clone(key),
         None => Arc::new(config.tls.signing_key().map_err(|source| AgentError::Key {
@@ -319,23 +379,26 @@ pub async fn run(
         tasks.spawn(dropfolder::run(Arc::clone(&agent), drop_dir, stop.clone()));
     }
 
-    let api_addr = api_listener.local_addr().ok();
     tracing::info!(
         agency = %agent.agency,
-        api = ?api_addr,
+        api = %api_addr,
+        api_tls = api_tls.is_some(),
+        api_token_file = %config.api_token_path().display(),
         broker = %config.broker_url,
         data = %config.data_dir.display(),
         inbox = %agent.inbox_dir.display(),
         "agent running"
     );
-    let app = api::router(Arc::clone(&agent), config.api_max_body_bytes);
-    // Answers are small and latency matters: no Nagle delay on the API's sockets.
-    let api_listener = axum::serve::ListenerExt::tap_io(api_listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let served = axum::serve(api_listener, app)
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await;
+    let guard = api_guard::Guard::new(&api_token, api_addr, &config.api_hosts, api_tls.is_some());
+    let app = api::router(Arc::clone(&agent), config.api_max_body_bytes, guard);
+    let options = api_server::ServeOptions {
+        header_timeout: config.api_header_timeout,
+        idle_timeout: config.api_idle_timeout,
+        tls_handshake_timeout: config.api_tls_handshake_timeout,
+        max_connections: config.api_max_connections,
+        tls: api_tls,
+    };
+    let served = api_server::serve(api_listener, app, options, stop.clone()).await;
     if let Err(e) = &served {
         tracing::error!(agency = %agent.agency, error = %e, "local HTTP API failed; stopping");
     }

@@ -244,7 +244,11 @@ impl Store {
             detail,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let has_entries = std::fs::read_dir(dir).map_err(io)?.next().is_some();
+        // The API token file may be created before the store (the agent writes it
+        // before it listens); it alone does not make the directory foreign.
+        let has_entries = std::fs::read_dir(dir)
+            .map_err(io)?
+            .any(|e| e.is_ok_and(|e| e.file_name() != crate::api_guard::TOKEN_FILE_NAME));
         if has_entries && !dir.join("conf").exists() {
             return Err(not_ours(
                 "the directory is not empty and holds no agent store".into(),

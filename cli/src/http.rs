@@ -1,5 +1,7 @@
 //! Client of an agent's local HTTP API, shared by `send`, `status`, `inbox`, the demo
 //! and the tests. Errors carry the agent's own message (it names the field and rule).
+//! Every request carries the agent's API token (`Authorization: Bearer`); the token is
+//! never printed.
 
 use lienthong_agent::api_types::{
     ErrorBody, InboxItem, Limits, SendRequest, SendResponse, StatusView, UploadResponse,
@@ -14,16 +16,53 @@ pub struct AgentClient {
     http: reqwest::Client,
 }
 
+/// Where a client finds the agent's token when no flag is given.
+pub const TOKEN_FILE_ENV: &str = "LIENTHONG_API_TOKEN_FILE";
+
+/// Reads the agent's API token from `path` (given by `--api-token-file` or
+/// `LIENTHONG_API_TOKEN_FILE`). A missing file is a usage error naming both.
+pub fn read_token_file(path: Option<&std::path::Path>) -> Result<String, CliError> {
+    let Some(path) = path else {
+        return Err(CliError::Usage(format!(
+            "the agent's API needs its token: give --api-token-file FILE or set \
+             {TOKEN_FILE_ENV}=FILE (the agent writes it to <data>/api-token)"
+        )));
+    };
+    match lienthong_agent::api_guard::ApiToken::load(path) {
+        Ok(token) => Ok(token.expose().to_owned()),
+        Err(lienthong_agent::api_guard::TokenError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            Err(CliError::Usage(format!(
+                "{}: no such API token file (check --api-token-file or {TOKEN_FILE_ENV})",
+                path.display()
+            )))
+        }
+        Err(e) => Err(CliError::Usage(format!(
+            "{e} (check --api-token-file or {TOKEN_FILE_ENV})"
+        ))),
+    }
+}
+
 impl AgentClient {
-    /// `api` is the agent's base URL, e.g. `http://127.0.0.1:7180`.
-    pub fn new(api: &str) -> Result<Self, CliError> {
+    /// `api` is the agent's base URL, e.g. `http://127.0.0.1:7180`; `token` the
+    /// agent's API token, sent on every request.
+    pub fn new(api: &str, token: &str) -> Result<Self, CliError> {
         if !api.starts_with("http://") && !api.starts_with("https://") {
             return Err(CliError::Usage(format!(
                 "--api must be a URL such as http://127.0.0.1:7180, not {api}"
             )));
         }
+        let mut authorization =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .map_err(|_| CliError::Usage("the API token is not valid header text".into()))?;
+        // Kept out of debug output.
+        authorization.set_sensitive(true);
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(reqwest::header::AUTHORIZATION, authorization);
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))
+            .default_headers(headers)
             .build()
             .map_err(|e| CliError::Failed(format!("HTTP client: {e}")))?;
         Ok(Self {
@@ -227,7 +266,11 @@ impl AgentClient {
             let message = serde_json::from_slice::<ErrorBody>(&body)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-            if status.is_client_error() && status != reqwest::StatusCode::NOT_FOUND {
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                Err(CliError::Failed(format!(
+                    "the agent refused the API token: check --api-token-file or {TOKEN_FILE_ENV} ({message})"
+                )))
+            } else if status.is_client_error() && status != reqwest::StatusCode::NOT_FOUND {
                 Err(CliError::Failed(format!("refused by the agent: {message}")))
             } else {
                 Err(CliError::Failed(format!(

@@ -193,6 +193,10 @@ impl Broker {
 pub struct Agent {
     pub code: String,
     pub api: String,
+    /// The agent's API token (`Authorization: Bearer`), for raw HTTP calls.
+    pub token: String,
+    /// The file it is in, for `--api-token-file`.
+    pub token_file: PathBuf,
     pub client: AgentClient,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), lienthong_agent::AgentError>>,
@@ -200,14 +204,25 @@ pub struct Agent {
 
 impl Agent {
     pub async fn start(config: AgentConfig) -> Self {
-        let code = config.agency.to_string();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = format!("http://{}", listener.local_addr().unwrap());
+        Self::start_on(config, listener).await
+    }
+
+    /// Starts the agent with its API on `listener`; the client talks to it over
+    /// loopback (127.0.0.1 and the listener's port, also when bound to 0.0.0.0).
+    pub async fn start_on(config: AgentConfig, listener: TcpListener) -> Self {
+        let code = config.agency.to_string();
+        // The token file the agent will read, made (or read) before it starts.
+        let token_file = config.api_token_path();
+        let token = api_token(&token_file);
+        let api = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(lienthong_agent::run(config, listener, shutdown.clone()));
         Self {
             code,
-            client: AgentClient::new(&api).unwrap(),
+            client: AgentClient::new(&api, &token).unwrap(),
+            token,
+            token_file,
             api,
             shutdown,
             task,
@@ -264,6 +279,19 @@ impl Agent {
         .await;
         found.unwrap_or_else(|| panic!("timed out waiting for {what}; last status: {last:?}"))
     }
+}
+
+/// The API token in `path`, creating the file as the agent would when missing.
+pub fn api_token(path: &Path) -> String {
+    lienthong_agent::api_guard::ApiToken::load_or_create(path)
+        .unwrap()
+        .expose()
+        .to_owned()
+}
+
+/// `Authorization: Bearer <token>` for raw reqwest calls to an agent's API.
+pub fn bearer(token: &str) -> (reqwest::header::HeaderName, String) {
+    (reqwest::header::AUTHORIZATION, format!("Bearer {token}"))
 }
 
 /// Polls `probe` every 25 ms until `accept` holds or `limit` passes. Returns the
@@ -493,6 +521,8 @@ impl BrokerProcess {
 /// The real binary running `agent` for `code`, with its API on a fixed loopback port.
 pub struct AgentProcess {
     pub api: String,
+    /// The agent's API token (it reads `<data>/api-token`, made before it starts).
+    pub token: String,
     pub client: AgentClient,
     pub process: Process,
 }
@@ -532,10 +562,16 @@ impl AgentProcess {
             "--inbox-dir".into(),
             world.inbox_dir(code).display().to_string(),
         ];
+        let token = api_token(
+            &world
+                .path(&format!("agent-{code}/data"))
+                .join(lienthong_agent::api_guard::TOKEN_FILE_NAME),
+        );
         let process = Process::new(bin, args, addr);
         let api = format!("http://{addr}");
         Self {
-            client: AgentClient::new(&api).unwrap(),
+            client: AgentClient::new(&api, &token).unwrap(),
+            token,
             api,
             process,
         }

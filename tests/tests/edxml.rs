@@ -85,10 +85,11 @@ fn package(number: &str, subject: &str) -> EdxmlDocument {
     parse_document(&write_document(&doc).unwrap(), &Limits::default()).unwrap()
 }
 
-/// Posts raw bytes to `POST /v1/edxml`; returns the status and the body.
-async fn post_edxml(api: &str, body: Vec<u8>) -> (u16, String) {
+/// Posts raw bytes to `POST /v1/edxml` of `agent`; returns the status and the body.
+async fn post_edxml(agent: &Agent, body: Vec<u8>) -> (u16, String) {
     let response = reqwest::Client::new()
-        .post(format!("{api}/v1/edxml"))
+        .post(format!("{}/v1/edxml", agent.api))
+        .bearer_auth(&agent.token)
         .header("content-type", "application/xml")
         .body(body)
         .send()
@@ -226,7 +227,7 @@ async fn package_posted_to_the_api_arrives_whole_and_exports_back_as_edxml() {
     let mut unknown = status.clone();
     unknown.response_for.document_id = "000.00.00.H31,2026/05/04,99/UBND-VP".into();
     unknown.response_for.code = "99/UBND-VP".into();
-    let (code, body) = post_edxml(&b.api, write_status(&unknown).unwrap()).await;
+    let (code, body) = post_edxml(&b, write_status(&unknown).unwrap()).await;
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("Status/ResponseFor/DocumentId"), "{body}");
 
@@ -269,7 +270,7 @@ async fn recall_package_refers_to_the_document_sent_under_its_id() {
 
     // A recall of a document this agency never sent is refused, naming the field.
     recall.business_document_id = Some("000.00.00.H31,2026/05/04,77/UBND-VP".into());
-    let (code, body) = post_edxml(&a.api, write_document(&recall).unwrap()).await;
+    let (code, body) = post_edxml(&a, write_document(&recall).unwrap()).await;
     assert_eq!(code, 400, "{body}");
     assert!(
         body.contains("TraceHeaderList/Bussiness/DocumentId"),
@@ -295,7 +296,7 @@ async fn invalid_packages_are_refused_naming_the_field_and_rule() {
     for path in files {
         let bytes = std::fs::read(&path).unwrap();
         let expected = parse_message(&bytes, &Limits::default()).unwrap_err();
-        let (code, body) = post_edxml(&a.api, bytes).await;
+        let (code, body) = post_edxml(&a, bytes).await;
         assert_eq!(code, 400, "{}: {body}", path.display());
         let error: serde_json::Value = serde_json::from_str(&body).unwrap();
         let message = error["error"].as_str().unwrap();
@@ -308,12 +309,15 @@ async fn invalid_packages_are_refused_naming_the_field_and_rule() {
     // A valid package from another agency: this agent signs only its own.
     let mut other = package("3", "Văn bản của cơ quan khác");
     other.sender = C.into();
-    let (code, body) = post_edxml(&a.api, write_document(&other).unwrap()).await;
+    let (code, body) = post_edxml(&a, write_document(&other).unwrap()).await;
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("MessageHeader/From/OrganId"), "{body}");
 
     // Nothing refused was stored.
-    let metrics = reqwest::get(format!("{}/metrics", a.api))
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", a.api))
+        .bearer_auth(&a.token)
+        .send()
         .await
         .unwrap()
         .text()
@@ -442,9 +446,20 @@ async fn cli_sends_a_package_and_exports_the_received_document() {
 
     let valid = corpus_file("valid", "attachments-vietnamese-names.edxml");
     let (api_a, api_b) = (a.api.clone(), b.api.clone());
+    let token_a = a.token_file.display().to_string();
+    let token_b = b.token_file.display().to_string();
     let path = valid.clone();
+    let token = token_a.clone();
     let output = tokio::task::spawn_blocking(move || {
-        run_cli(&["send", "--api", &api_a, "--edxml", path.to_str().unwrap()])
+        run_cli(&[
+            "send",
+            "--api",
+            &api_a,
+            "--api-token-file",
+            &token,
+            "--edxml",
+            path.to_str().unwrap(),
+        ])
     })
     .await
     .unwrap();
@@ -457,7 +472,15 @@ async fn cli_sends_a_package_and_exports_the_received_document() {
     let (out_arg, id_arg) = (out.to_str().unwrap().to_owned(), id.clone());
     let output = tokio::task::spawn_blocking(move || {
         run_cli(&[
-            "edxml", "export", "--api", &api_b, &id_arg, "--out", &out_arg,
+            "edxml",
+            "export",
+            "--api",
+            &api_b,
+            "--api-token-file",
+            &token_b,
+            &id_arg,
+            "--out",
+            &out_arg,
         ])
     })
     .await
@@ -480,6 +503,8 @@ async fn cli_sends_a_package_and_exports_the_received_document() {
             "send",
             "--api",
             &api_a,
+            "--api-token-file",
+            &token_a,
             "--edxml",
             invalid.to_str().unwrap(),
         ])

@@ -47,7 +47,16 @@ impl Scrape {
 }
 
 async fn scrape(base: &str) -> Option<Scrape> {
-    let response = reqwest::get(format!("{base}/metrics")).await.ok()?;
+    scrape_with(base, None).await
+}
+
+/// A scrape of an agent's `/metrics`, which needs its API token.
+async fn scrape_with(base: &str, token: Option<&str>) -> Option<Scrape> {
+    let mut request = reqwest::Client::new().get(format!("{base}/metrics"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.ok()?;
     assert_eq!(response.status(), 200);
     let content_type = response.headers()["content-type"]
         .to_str()
@@ -72,6 +81,32 @@ async fn scrape_until(base: &str, what: &str, accept: impl Fn(&Scrape) -> bool) 
     )
     .await;
     found.unwrap_or_else(|| panic!("timed out waiting for {what}; last scrape: {last:?}"))
+}
+
+/// Scrapes an agent (with its token) until `accept` holds.
+async fn scrape_agent_until(agent: &Agent, what: &str, accept: impl Fn(&Scrape) -> bool) -> Scrape {
+    let mut last = None;
+    let found = wait_until(
+        what,
+        Duration::from_secs(30),
+        || scrape_with(&agent.api, Some(&agent.token)),
+        accept,
+        &mut last,
+    )
+    .await;
+    found.unwrap_or_else(|| panic!("timed out waiting for {what}; last scrape: {last:?}"))
+}
+
+/// A GET to an agent's API with its token.
+async fn get_agent(agent: &Agent, path: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .get(format!("{}{path}", agent.api))
+        .bearer_auth(&agent.token)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
 }
 
 async fn get(url: &str) -> (u16, String) {
@@ -196,7 +231,7 @@ async fn broker_and_agents_expose_metrics_health_and_readiness() {
     assert!(m.get("lienthong_broker_store_flush_duration_seconds_count") >= 1.0);
 
     // The sender's agent: one document submitted, one refused for good.
-    let am = scrape_until(&a.api, "A's refusal counted", |m| {
+    let am = scrape_agent_until(&a, "A's refusal counted", |m| {
         m.get("lienthong_agent_submissions_total{outcome=\"refused\"}") >= 1.0
     })
     .await;
@@ -224,7 +259,7 @@ async fn broker_and_agents_expose_metrics_health_and_readiness() {
     assert!(am.get("lienthong_certificate_expiry_seconds{certificate=\"signing\"}") > 0.0);
 
     // The recipient's agent: one document received, nothing duplicated or refused.
-    let bm = scrape_until(&b.api, "B's delivery counted", |m| {
+    let bm = scrape_agent_until(&b, "B's delivery counted", |m| {
         m.get("lienthong_agent_deliveries_received_total") >= 1.0
     })
     .await;
@@ -234,10 +269,7 @@ async fn broker_and_agents_expose_metrics_health_and_readiness() {
     assert_eq!(bm.get("lienthong_agent_session_connected"), 1.0);
     assert!(bm.get("lienthong_certificate_expiry_seconds{certificate=\"tls\"}") > 0.0);
     assert_eq!(get(&format!("{}/healthz", b.api)).await, (200, "ok".into()));
-    assert_eq!(
-        get(&format!("{}/readyz", b.api)).await,
-        (200, "ready".into())
-    );
+    assert_eq!(get_agent(&b, "/readyz").await, (200, "ready".into()));
 
     // The queue gauge follows the store: C comes online and takes its document.
     let c = Agent::start(world.agent_config(C, &broker.url)).await;

@@ -70,6 +70,27 @@ pub struct AgentArgs {
     /// 0750 and files 0640 with that group. Default: 0700 and 0600, this user only.
     #[arg(long)]
     inbox_group: Option<String>,
+    /// The API's bearer token file, default <data>/api-token (created 0600 with a
+    /// random token when missing; refused when others may read it).
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
+    /// Serve the API over HTTPS with this certificate chain (PEM); with --api-tls-key.
+    #[arg(long)]
+    api_tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --api-tls-cert.
+    #[arg(long)]
+    api_tls_key: Option<PathBuf>,
+    /// Allow a non-loopback --api address without TLS (a warning is logged at every
+    /// start). Without it, or TLS, the agent refuses to start off loopback.
+    #[arg(long)]
+    api_insecure_bind: bool,
+    /// A host name clients use to reach an API bound off loopback (repeatable):
+    /// requests naming other hosts are refused.
+    #[arg(long = "api-host", value_name = "NAME")]
+    api_hosts: Vec<String>,
+    /// Most API connections open at once (default 256).
+    #[arg(long)]
+    api_max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -91,6 +112,13 @@ struct AgentFile {
     max_document_bytes: Option<u64>,
     drop_dir: Option<PathBuf>,
     inbox_group: Option<String>,
+    api_token_file: Option<PathBuf>,
+    api_tls_cert: Option<PathBuf>,
+    api_tls_key: Option<PathBuf>,
+    api_insecure_bind: Option<bool>,
+    #[serde(alias = "api_host")]
+    api_hosts: Option<Vec<String>>,
+    api_max_connections: Option<usize>,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
@@ -173,6 +201,52 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         config.document_anchors =
             Some(TrustAnchors::from_pem(&pem).map_err(|e| CliError::config(&document_ca, e))?);
     }
+    config.api_token_file = optional_path(args.api_token_file, file.api_token_file);
+    config.api_insecure_bind = args.api_insecure_bind || file.api_insecure_bind.unwrap_or(false);
+    config.api_hosts = if args.api_hosts.is_empty() {
+        file.api_hosts.unwrap_or_default()
+    } else {
+        args.api_hosts
+    };
+    if let Some(max) = args.api_max_connections.or(file.api_max_connections) {
+        if max == 0 {
+            return Err(CliError::Usage(
+                "--api-max-connections must be at least 1".into(),
+            ));
+        }
+        config.api_max_connections = max;
+    }
+    match (
+        optional_path(args.api_tls_cert, file.api_tls_cert),
+        optional_path(args.api_tls_key, file.api_tls_key),
+    ) {
+        (Some(cert), Some(key)) => {
+            let cert_pem = std::fs::read(&cert).map_err(|e| CliError::config(&cert, e))?;
+            let key_pem = std::fs::read(&key).map_err(|e| CliError::config(&key, e))?;
+            // A certificate and key that do not load are a configuration error (exit 2).
+            lienthong_agent::api_server::tls_config(&cert_pem, &key_pem)
+                .map_err(|e| CliError::config(&cert, e))?;
+            config.api_tls = Some(lienthong_agent::ApiTls { cert_pem, key_pem });
+        }
+        (None, None) => {}
+        _ => {
+            return Err(CliError::Usage(
+                "--api-tls-cert and --api-tls-key go together".into(),
+            ));
+        }
+    }
+    // Refused before anything listens: an API off loopback without TLS, an unusable
+    // token file. The token file exists before the port opens, so a client that
+    // waits for the port finds it.
+    lienthong_agent::api_server::check_bind(
+        api,
+        config.api_tls.is_some(),
+        config.api_insecure_bind,
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    let token_path = config.api_token_path();
+    lienthong_agent::api_guard::ApiToken::load_or_create(&token_path)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let listener = tokio::net::TcpListener::bind(api)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {api}: {e}")))?;

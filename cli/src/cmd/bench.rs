@@ -623,8 +623,15 @@ async fn start_agent(
         "--max-outbox-documents".into(),
         "100000000".into(),
     ];
+    // The agent reads the token this creates (<data>/api-token), so the client has
+    // it before the agent listens.
+    let token_path = home
+        .join("data")
+        .join(lienthong_agent::api_guard::TOKEN_FILE_NAME);
+    let token = lienthong_agent::api_guard::ApiToken::load_or_create(&token_path)
+        .map_err(|e| CliError::Failed(e.to_string()))?;
     let mut agent = Proc::spawn(ctx, code, &args, dir.join(format!("agent-{code}.log")))?;
-    let client = AgentClient::new(&format!("http://127.0.0.1:{port}"))?;
+    let client = AgentClient::new(&format!("http://127.0.0.1:{port}"), token.expose())?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         agent.check_alive()?;

@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use clap::Args;
 use lienthong_agent::api_types::ReportRequest;
 
-use crate::cmd::client::api_url;
+use crate::cmd::client::agent_client;
 use crate::error::CliError;
-use crate::http::AgentClient;
 use crate::output::{escape, outln};
 
 #[derive(Debug, Args)]
@@ -18,6 +17,9 @@ pub struct ReportArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     api: Option<String>,
+    /// The agent's API token file (the agent writes it to <data>/api-token).
+    #[arg(long, env = "LIENTHONG_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// The received document's message id.
     message_id: String,
     /// 02 refused, 03 accepted, 04 assigned, 05 in progress, 06 completed; 15 / 16 agree
@@ -42,7 +44,7 @@ pub async fn report(args: ReportArgs) -> Result<(), CliError> {
             args.status
         )));
     }
-    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let client = agent_client(args.api, args.api_token_file, args.config.as_deref())?;
     let request = ReportRequest {
         status: args.status,
         reason: args.reason,
@@ -59,6 +61,9 @@ pub struct RecallArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     api: Option<String>,
+    /// The agent's API token file (the agent writes it to <data>/api-token).
+    #[arg(long, env = "LIENTHONG_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// The message id of a document this agency sent.
     message_id: String,
     /// Why it is recalled.
@@ -71,7 +76,7 @@ pub async fn recall(args: RecallArgs) -> Result<(), CliError> {
     if args.reason.trim().is_empty() {
         return Err(CliError::Usage("--reason must not be empty".into()));
     }
-    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let client = agent_client(args.api, args.api_token_file, args.config.as_deref())?;
     let sent = client.recall(&args.message_id, &args.reason).await?;
     outln!("{}", sent.message_id);
     Ok(())
@@ -83,6 +88,9 @@ pub struct DirectoryArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     api: Option<String>,
+    /// The agent's API token file (the agent writes it to <data>/api-token).
+    #[arg(long, env = "LIENTHONG_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Only agencies whose name or code contains this (case-insensitive).
     search: Option<String>,
     /// Print a JSON array.
@@ -91,7 +99,7 @@ pub struct DirectoryArgs {
 }
 
 pub async fn directory(args: DirectoryArgs) -> Result<(), CliError> {
-    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let client = agent_client(args.api, args.api_token_file, args.config.as_deref())?;
     let mut agencies = client.directory().await?;
     if let Some(search) = &args.search {
         let needle = search.to_lowercase();

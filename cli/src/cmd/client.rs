@@ -17,14 +17,21 @@ const DEFAULT_API: &str = "http://127.0.0.1:7180";
 #[serde(deny_unknown_fields)]
 struct ClientFile {
     api: Option<String>,
+    api_token_file: Option<PathBuf>,
 }
 
-pub(crate) fn api_url(
-    flag: Option<String>,
+/// The agent's API and its token for a client subcommand: flags (or the environment
+/// variable) first, then the `--config` file, then the default address.
+pub(crate) fn agent_client(
+    api: Option<String>,
+    token_file: Option<PathBuf>,
     config: Option<&std::path::Path>,
-) -> Result<String, CliError> {
+) -> Result<AgentClient, CliError> {
     let file: ClientFile = config::load(config)?;
-    Ok(flag.or(file.api).unwrap_or_else(|| DEFAULT_API.to_owned()))
+    let url = api.or(file.api).unwrap_or_else(|| DEFAULT_API.to_owned());
+    let token_file = token_file.or(file.api_token_file.map(|p| config::relative_to(config, p)));
+    let token = crate::http::read_token_file(token_file.as_deref())?;
+    AgentClient::new(&url, &token)
 }
 
 #[derive(Debug, Args)]
@@ -34,6 +41,9 @@ pub struct SendArgs {
     /// The local agent's API, default http://127.0.0.1:7180.
     #[arg(long)]
     api: Option<String>,
+    /// The agent's API token file (the agent writes it to <data>/api-token).
+    #[arg(long, env = "LIENTHONG_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Recipient agency codes, comma separated.
     #[arg(long, value_delimiter = ',', required_unless_present = "edxml")]
     to: Vec<String>,
@@ -76,7 +86,7 @@ pub struct SendArgs {
 
 pub async fn send(args: SendArgs) -> Result<(), CliError> {
     use std::io::IsTerminal as _;
-    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let client = agent_client(args.api, args.api_token_file, args.config.as_deref())?;
     if let Some(package) = &args.edxml {
         return super::edxml::send_package(&client, package).await;
     }
@@ -173,6 +183,9 @@ pub struct StatusArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     api: Option<String>,
+    /// The agent's API token file (the agent writes it to <data>/api-token).
+    #[arg(long, env = "LIENTHONG_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// The message id `send` printed.
     message_id: String,
     /// Print one JSON object.
@@ -181,7 +194,7 @@ pub struct StatusArgs {
 }
 
 pub async fn status(args: StatusArgs) -> Result<(), CliError> {
-    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let client = agent_client(args.api, args.api_token_file, args.config.as_deref())?;
     let view = client.status(&args.message_id).await?;
     if args.json {
         let text = serde_json::to_string(&view)
@@ -264,13 +277,16 @@ pub struct InboxArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     api: Option<String>,
+    /// The agent's API token file (the agent writes it to <data>/api-token).
+    #[arg(long, env = "LIENTHONG_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// Print a JSON array.
     #[arg(long)]
     json: bool,
 }
 
 pub async fn inbox(args: InboxArgs) -> Result<(), CliError> {
-    let client = AgentClient::new(&api_url(args.api, args.config.as_deref())?)?;
+    let client = agent_client(args.api, args.api_token_file, args.config.as_deref())?;
     let items = client.inbox().await?;
     if args.json {
         let text = serde_json::to_string(&items)

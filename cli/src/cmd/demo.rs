@@ -96,6 +96,7 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     outln!("   Operator dashboard: {dashboard} (metrics at {dashboard}metrics)");
 
     let mut apis = Vec::new();
+    let mut tokens = Vec::new();
     let mut agent_tasks = Vec::new();
     for (code, name) in codes.iter().zip(AGENCY_NAMES) {
         let (cert, key) = pki
@@ -111,23 +112,29 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
             dir.join("data"),
             dir.join("inbox"),
         );
+        // The token exists before the agent listens; the demo's client reads it.
+        let token_file = config.api_token_path();
+        let token = lienthong_agent::api_guard::ApiToken::load_or_create(&token_file)
+            .map_err(|e| failed("API token")(e.to_string()))?;
         let listener = bind().await?;
         let api = format!("http://127.0.0.1:{}", port(&listener));
         outln!(
             "3. Agent {code} ({name}): API {api}, inbox {}",
             dir.join("inbox").display()
         );
+        outln!("   API token file: {}", token_file.display());
         agent_tasks.push(tokio::spawn(lienthong_agent::run(
             config,
             listener,
             shutdown.clone(),
         )));
         apis.push(api);
+        tokens.push((token, token_file));
     }
 
-    let outcome = exchange(&apis, &codes, root).await;
+    let outcome = exchange(&apis, &tokens, &codes, root).await;
     if outcome.is_ok() && !args.once {
-        print_try_it(&apis, &codes, &broker_url, &pki.dir, &dashboard);
+        print_try_it(&apis, &tokens, &codes, &broker_url, &pki.dir, &dashboard);
         crate::shutdown_signal().await;
         outln!("Stopping…");
     }
@@ -143,11 +150,21 @@ pub async fn run(args: DemoArgs) -> Result<(), CliError> {
     outcome
 }
 
-async fn exchange(apis: &[String], codes: &[String], root: &Path) -> Result<(), CliError> {
-    let (Some(sender_api), Some(recipients)) = (apis.first(), codes.get(1..)) else {
+/// An agent's API token and the file it is in.
+type TokenFile = (lienthong_agent::api_guard::ApiToken, std::path::PathBuf);
+
+async fn exchange(
+    apis: &[String],
+    tokens: &[TokenFile],
+    codes: &[String],
+    root: &Path,
+) -> Result<(), CliError> {
+    let (Some(sender_api), Some((token, _)), Some(recipients)) =
+        (apis.first(), tokens.first(), codes.get(1..))
+    else {
         return Err(CliError::Failed("the demo needs three agencies".into()));
     };
-    let client = AgentClient::new(sender_api)?;
+    let client = AgentClient::new(sender_api, token.expose())?;
     let letter = "ỦY BAN NHÂN DÂN TỈNH HƯNG YÊN\n\nV/v triển khai liên thông văn bản điện tử.\n\
                   Đề nghị các sở xác nhận đã nhận văn bản trong ngày.\n";
     let table = "đơn vị,số văn bản\nSở Tài chính,12\nSở Nội vụ,7\n";
@@ -263,19 +280,36 @@ async fn wait_for(
     }
 }
 
-fn print_try_it(apis: &[String], codes: &[String], broker_url: &str, pki: &Path, dashboard: &str) {
-    let (Some(a), Some(b)) = (apis.first(), apis.get(1)) else {
+fn print_try_it(
+    apis: &[String],
+    tokens: &[TokenFile],
+    codes: &[String],
+    broker_url: &str,
+    pki: &Path,
+    dashboard: &str,
+) {
+    let (Some(a), Some(b), Some((_, a_token)), Some((_, b_token))) =
+        (apis.first(), apis.get(1), tokens.first(), tokens.get(1))
+    else {
         return;
     };
     let to = codes.get(1..).map(|c| c.join(",")).unwrap_or_default();
     outln!();
     outln!("The exchange keeps running. In another terminal, try:");
+    outln!(
+        "  export LIENTHONG_API_TOKEN_FILE={}   # the API token of {}",
+        a_token.display(),
+        codes.first().map(String::as_str).unwrap_or("")
+    );
     outln!("  echo 'Kính gửi các sở' > /tmp/thu.txt");
     outln!(
         "  id=$(cargo run --release -q -- send --api {a} --to {to} --subject 'Thử nghiệm' /tmp/thu.txt)"
     );
     outln!("  cargo run --release -q -- status --api {a} \"$id\"");
-    outln!("  cargo run --release -q -- inbox --api {b}");
+    outln!(
+        "  cargo run --release -q -- inbox --api {b} --api-token-file {}",
+        b_token.display()
+    );
     outln!(
         "  cargo run --release -q -- verify --ca {} <folder printed by inbox>",
         pki.join("ca.crt").display()

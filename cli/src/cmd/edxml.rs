@@ -36,6 +36,9 @@ pub struct ExportArgs {
     /// The local agent's API, default http://127.0.0.1:7180.
     #[arg(long)]
     api: Option<String>,
+    /// The agent's API token file (the agent writes it to <data>/api-token).
+    #[arg(long, env = "LIENTHONG_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
     /// The received document's message id (see `lienthong inbox`).
     message_id: String,
     /// Where to write the package.
@@ -105,7 +108,8 @@ fn status_value(status: &EdxmlStatus) -> Value {
 }
 
 async fn export(args: ExportArgs) -> Result<(), CliError> {
-    let client = AgentClient::new(&super::client::api_url(args.api, args.config.as_deref())?)?;
+    let client =
+        super::client::agent_client(args.api, args.api_token_file, args.config.as_deref())?;
     let package = client.inbox_edxml(&args.message_id).await?;
     let file_name = args
         .out
