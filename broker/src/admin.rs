@@ -230,6 +230,9 @@ impl AdminService {
     ) -> Result<pb::AgencyInfo, BrokerError> {
         let code = AgencyCode::parse(code.trim())?;
         let now = lienthong_proto::now_ms();
+        // No submission of this agency stores a document while the suspension is being
+        // written; those still open are cancelled below (see `admission`).
+        let gate = self.shared.admission.hold_gate(code.as_str()).await;
         let updated = self
             .shared
             .store
@@ -239,6 +242,10 @@ impl AdminService {
                 "agency {code} is not registered at this broker"
             )));
         };
+        if record.suspended && self.shared.admission.cancel_calls(code.as_str()) {
+            tracing::info!(agency = %code, "open submissions of the suspended agency cancelled");
+        }
+        drop(gate);
         self.shared.store.durable().await?;
         if record.suspended {
             if self.shared.hub.end_session(code.as_str()) {
