@@ -257,6 +257,67 @@ impl AdminService {
         Ok(Self::agency_info(code.to_string(), record))
     }
 
+    /// Dead-letters every document from `request.from` queued for `request.to`, each with
+    /// the broker's signed notice, and audits the purge with the operator and the count.
+    async fn purge_inner(
+        &self,
+        operator: &str,
+        request: pb::PurgeRequest,
+    ) -> Result<pb::PurgeResponse, BrokerError> {
+        let from = AgencyCode::parse(request.from.trim())?;
+        let to = AgencyCode::parse(request.to.trim())?;
+        let reason = match request.reason.trim() {
+            "" => format!("purged by operator {operator}"),
+            reason => format!("purged by operator {operator}: {reason}"),
+        };
+        lienthong_proto::document::validate_text("reason", &reason, 600)?;
+        let store = &self.shared.store;
+        let mut purged = Vec::new();
+        for message_id in store.queued_from(from.as_str(), to.as_str())? {
+            let Some(document) = store.document(&message_id)? else {
+                continue;
+            };
+            let now = lienthong_proto::now_ms();
+            let notice = crate::deadletter::signed_notice(
+                &self.shared,
+                &message_id,
+                &document,
+                to.as_str(),
+                "purged",
+                &reason,
+                now,
+            )?;
+            let settled = store.settle(
+                &message_id,
+                to.as_str(),
+                crate::store::Settlement::Dead {
+                    state: DeliveryState::Refused,
+                    reason: reason.clone(),
+                    notice,
+                },
+                now,
+            )?;
+            // Delivered or dead-lettered meanwhile: not ours to purge any more.
+            if settled {
+                self.shared.metrics.dead_letter(DeliveryState::Refused);
+                purged.push(message_id);
+            }
+        }
+        let count = purged.len() as u64;
+        store.audit_operator_action(
+            "purged",
+            to.as_str(),
+            format!("operator {operator} purged {count} documents from {from} to {to}: {reason}"),
+            lienthong_proto::now_ms(),
+        )?;
+        store.durable().await?;
+        tracing::warn!(operator, from = %from, to = %to, count, "queued documents purged");
+        Ok(pb::PurgeResponse {
+            purged: count,
+            message_ids: purged,
+        })
+    }
+
     fn agency_view(&self, code: &str) -> Result<pb::AgencyInfo, BrokerError> {
         let record = self
             .shared
@@ -454,6 +515,21 @@ impl Admin for AdminService {
             .map(audit_entry)
             .collect();
         Ok(Response::new(pb::AuditTailResponse { entries }))
+    }
+
+    async fn purge(
+        &self,
+        request: Request<pb::PurgeRequest>,
+    ) -> Result<Response<pb::PurgeResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let request = request.into_inner();
+        tracing::warn!(
+            operator,
+            from = %lienthong_proto::agency::printable(&request.from),
+            to = %lienthong_proto::agency::printable(&request.to),
+            "purge requested"
+        );
+        Ok(Response::new(self.purge_inner(&operator, request).await?))
     }
 
     async fn audit_verify(

@@ -1191,6 +1191,44 @@ impl Store {
         Ok(updated)
     }
 
+    /// Message ids of the documents from `sender` queued for `recipient`, oldest first.
+    pub fn queued_from(&self, sender: &str, recipient: &str) -> Result<Vec<String>, StoreError> {
+        let mut ids = Vec::new();
+        for item in self.queue.scan_prefix(recipient.as_bytes()) {
+            let (_, value) = item?;
+            let entry: QueueEntry = decode(&value)?;
+            let from = if entry.sender.is_empty() {
+                self.document(&entry.message_id)?
+                    .map(|d| d.sender)
+                    .unwrap_or_default()
+            } else {
+                entry.sender
+            };
+            if from == sender {
+                ids.push(entry.message_id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Records an operator's action that is not a single delivery's change (e.g. a
+    /// purge: who, what and how many) in the audit log.
+    pub fn audit_operator_action(
+        &self,
+        kind: &'static str,
+        agency: &str,
+        detail: String,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.append_audit(Event {
+            kind,
+            agency: agency.to_owned(),
+            detail,
+            at_ms,
+            ..Event::default()
+        })
+    }
+
     /// Appends an entry for a change already written (not in its transaction).
     fn append_audit(&self, event: Event) -> Result<(), StoreError> {
         let mut head = self.chain.lock();

@@ -224,6 +224,12 @@ fn is_valid_date(date: &str) -> bool {
     time::Date::from_calendar_date(year, month, u8::try_from(d).unwrap_or(0)).is_ok()
 }
 
+/// Free text from a person (e.g. an operator's reason): at most `max` characters and no
+/// control characters but line breaks and tabs.
+pub fn validate_text(field: &'static str, value: &str, max: usize) -> Result<(), ProtocolError> {
+    max_chars(field, value, max)
+}
+
 fn max_chars(field: &'static str, value: &str, max: usize) -> Result<(), ProtocolError> {
     if value.chars().count() > max {
         return Err(ProtocolError::InvalidField {
