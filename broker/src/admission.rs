@@ -210,6 +210,30 @@ fn last_touched_and_size(path: &Path) -> (Option<SystemTime>, u64) {
     (newest, bytes)
 }
 
+impl Admission {
+    /// Bytes on disk in `sender`'s partial uploads under `root` that no live submission
+    /// holds, except the folder `resuming` (the upload about to continue). Blocking.
+    pub(crate) fn idle_partial_bytes(&self, root: &Path, sender: &str, resuming: &Path) -> u64 {
+        let prefix = format!("{sender}-");
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return 0;
+        };
+        let mut total = 0u64;
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let ours = entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix));
+            if !ours || path == resuming || self.lock().active_partials.contains(&path) {
+                continue;
+            }
+            total = total.saturating_add(last_touched_and_size(&path).1);
+        }
+        total
+    }
+}
+
 /// Bytes held in partial uploads under `root` (open streams and leftovers alike).
 pub(crate) fn partial_bytes(root: &Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(root) else {
@@ -242,25 +266,32 @@ impl Submission<'_> {
 
     /// Reserves `bytes` (the document's declared size) for this stream, or refuses it
     /// when the agency's open streams would then reserve more than `max_reserved`.
-    pub(crate) fn reserve(&mut self, bytes: u64, max_reserved: u64) -> Result<(), BrokerError> {
+    /// `leftover` is what the agency's broken-off uploads still hold on disk until they
+    /// are swept: counted too, or an agency could fill the disk by breaking off uploads.
+    pub(crate) fn reserve(
+        &mut self,
+        bytes: u64,
+        leftover: u64,
+        max_reserved: u64,
+    ) -> Result<(), BrokerError> {
         let mut inner = self.admission.lock();
         let calls = inner.agencies.entry(self.agency.clone()).or_default();
-        let held = calls.reserved;
+        let held = calls.reserved.saturating_add(leftover);
         match held
             .checked_add(bytes)
             .filter(|total| *total <= max_reserved)
         {
-            Some(total) => {
-                calls.reserved = total;
+            Some(_) => {
+                calls.reserved = calls.reserved.saturating_add(bytes);
                 self.reserved = self.reserved.saturating_add(bytes);
                 Ok(())
             }
             None => {
                 tracing::warn!(agency = %self.agency, held, bytes, "submission refused: agency reservation limit");
                 Err(BrokerError::ResourceExhausted(format!(
-                    "agency {}'s open submissions already reserve {held} bytes; this document's \
-                     {bytes} more would exceed the limit of {max_reserved} \
-                     (max_reserved_bytes_per_agency); retry when they finished",
+                    "agency {}'s open submissions and unfinished uploads already hold {held} \
+                     bytes; this document's {bytes} more would exceed the limit of \
+                     {max_reserved} (max_reserved_bytes_per_agency); retry when they finished",
                     self.agency
                 )))
             }
@@ -363,19 +394,27 @@ mod tests {
             "{:?}",
             third.err()
         );
-        first.reserve(100, 150).unwrap();
-        let over = second.reserve(51, 150).unwrap_err();
+        first.reserve(100, 0, 150).unwrap();
+        let over = second.reserve(51, 0, 150).unwrap_err();
         assert!(
             over.to_string().contains("max_reserved_bytes_per_agency"),
             "{over}"
         );
         // A size near 2^64 cannot wrap the sum into the limit.
-        let wrap = second.reserve(u64::MAX - 50, u64::MAX).unwrap_err();
+        let wrap = second.reserve(u64::MAX - 50, 0, u64::MAX).unwrap_err();
         assert!(
             wrap.to_string().contains("max_reserved_bytes_per_agency"),
             "{wrap}"
         );
-        second.reserve(50, 150).unwrap();
+        // Leftovers on disk count against the same limit.
+        let leftover = second.reserve(50, 1, 150).unwrap_err();
+        assert!(
+            leftover
+                .to_string()
+                .contains("max_reserved_bytes_per_agency"),
+            "{leftover}"
+        );
+        second.reserve(50, 0, 150).unwrap();
         assert_eq!(admission.usage(a), (2, 150));
         drop(first);
         assert_eq!(admission.usage(a), (1, 50));

@@ -136,7 +136,25 @@ impl ExchangeService {
                 )
             })?;
         self.check_queue_limits(header, size)?;
-        call.reserve(size, config.max_reserved_bytes_per_agency)?;
+        let leftover = if is_streamed(header) {
+            let root = self.shared.store.blob_root().join("partial");
+            let resuming = self
+                .shared
+                .store
+                .partial_dir(caller.as_str(), &verified.header_sha256);
+            let shared = self.shared.clone();
+            let sender = caller.to_string();
+            tokio::task::spawn_blocking(move || {
+                shared
+                    .admission
+                    .idle_partial_bytes(&root, &sender, &resuming)
+            })
+            .await
+            .map_err(|e| BrokerError::Serve(e.to_string()))?
+        } else {
+            0
+        };
+        call.reserve(size, leftover, config.max_reserved_bytes_per_agency)?;
         let _space = self.reserve_space(size)?;
         let _guard = self.shared.in_progress.claim(&message_id).ok_or_else(|| {
             BrokerError::Unavailable(

@@ -415,6 +415,35 @@ async fn open_submissions_and_reserved_bytes_are_capped_per_agency_and_released_
     done.close().await.unwrap();
     let mut admin = admin_client(&world, &broker.url).await;
     admin.message(MessageRequest { id }).await.unwrap();
+
+    // Broken-off uploads count until swept: 2.75 MiB left of a 3 MiB document, plus
+    // the 300 KiB above, leave no room for 2 MiB more; a resume of that same upload
+    // is not counted against itself and completes it.
+    let (big_id, frames, big) = streamed_start(&world, A, 3 * MIB, 11 * CHUNK);
+    let envelope = frames[0].clone();
+    OpenStream::open(&world, &broker.url, A, frames)
+        .await
+        .close()
+        .await
+        .unwrap_err();
+    let (id, frames, _) = streamed_start(&world, A, 2 * MIB, 0);
+    assert_refused(
+        OpenStream::open(&world, &broker.url, A, frames)
+            .await
+            .close()
+            .await,
+        Code::ResourceExhausted,
+        &["unfinished uploads", "max_reserved_bytes_per_agency"],
+    );
+    assert_not_stored(&world, &broker.url, &id).await;
+    let mut resume = vec![envelope];
+    resume.extend(chunks_of(0, &big, 11 * CHUNK));
+    OpenStream::open(&world, &broker.url, A, resume)
+        .await
+        .close()
+        .await
+        .unwrap();
+    admin.message(MessageRequest { id: big_id }).await.unwrap();
     broker.stop().await;
 }
 
