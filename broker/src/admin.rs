@@ -1,10 +1,12 @@
 //! The `Admin` service for operators (operator certificates only): queue depths and
 //! connection state per agency (with settled counts of the last hour and day), dead
 //! letters and their redrive, one document's timeline and evidence, agency
-//! registration and suspension, and the audit log (`audit`).
+//! registration and suspension, the audit log (`audit`), and the purge of one sender's
+//! queued documents to one recipient (dead letters with signed notices, audited).
 //!
-//! Suspension: the agency's submissions and sessions are refused (PERMISSION_DENIED),
-//! its open session is ended, documents addressed to it are refused at submission with
+//! Suspension: every call of the agency is refused (PERMISSION_DENIED), its open
+//! session is ended and its open submissions are cancelled without storing anything
+//! (`admission`), documents addressed to it are refused at submission with
 //! INVALID_ARGUMENT naming it; deliveries already queued for it stay queued (their
 //! expiry still runs) and go out after it is resumed.
 

@@ -1,10 +1,16 @@
 //! The `Exchange` service: submission, agent sessions and status.
 //!
-//! Submission order of checks, all before anything is stored: TLS identity (and the
-//! sender not suspended), signature and chain, signer = sender = TLS identity,
-//! recipients registered and not suspended, declared sizes
-//! within limits, then the attachment bytes against their digests. Then store, wait for
-//! the group commit, and only then answer with the signed submission receipt.
+//! Submission order of checks, all before anything is stored: TLS identity, the
+//! sender's open submissions (`admission`) and the sender not suspended, signature and
+//! chain, signer = sender = TLS identity, recipients registered and not suspended,
+//! created/expiry times against the broker's clock, declared sizes (summed with checked
+//! arithmetic, each attachment and the total within `max_document_bytes`), queue limits
+//! per recipient and per (sender, recipient), the sender's reserved bytes and the disk
+//! reserve; then the attachment bytes as they arrive, against the declared sizes, the
+//! disk reserve and their digests, each frame within `stall_timeout` and the stream
+//! ended at once if the sender is suspended. Then, with suspension held off, store
+//! (the queue limits checked again exactly), wait for the group commit, and only then
+//! answer with the signed submission receipt. Every RPC refuses a suspended agency.
 
 use std::sync::Arc;
 

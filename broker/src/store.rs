@@ -30,7 +30,10 @@
 //! written in one transaction, after its attachments; nothing is acknowledged before
 //! [`Store::durable`] returns. A queue entry and an expiry entry exist exactly while the
 //! delivery record is `Queued`; a dead-letter entry exactly while it is `Expired` or
-//! `Refused`. The in-memory pending counters mirror the queue tree (rebuilt at open).
+//! `Refused`. The in-memory pending counters, per recipient and per (sender, recipient),
+//! mirror the queue tree (rebuilt at open; a queue entry names its sender). An accept
+//! counts its document in them before its transaction and uncounts it if that does not
+//! commit, so the queue limits hold exactly under concurrent submissions.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
