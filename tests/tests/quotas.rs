@@ -820,3 +820,72 @@ async fn expiry_and_creation_time_a_sender_may_set_are_bounded() {
     }
     broker.stop().await;
 }
+
+/// `lienthong admin ARGS` with the operator certificate.
+async fn run_admin_cli(world: &World, url: &str, args: &[&str]) -> std::process::Output {
+    let mut all: Vec<String> = vec![
+        "admin".into(),
+        "--broker".into(),
+        url.into(),
+        "--ca".into(),
+        world.pki.ca_cert.display().to_string(),
+        "--cert".into(),
+        world.pki.operator_cert.display().to_string(),
+        "--key".into(),
+        world.pki.operator_key.display().to_string(),
+    ];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lienthong-under-test"))
+            .args(&all)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_admin_purge_prints_the_count_and_refuses_bad_codes() {
+    let world = World::new();
+    let broker = Broker::start(config(&world)).await;
+    let key = world.agency_tls(A).signing_key().unwrap();
+    let mut a = client_of(&world, &broker.url, A).await;
+    for _ in 0..3 {
+        let h = header(A, &[B], &[]);
+        submit(&mut a, seal(&h, &key).unwrap(), &[]).await.unwrap();
+    }
+    let out = run_admin_cli(
+        &world,
+        &broker.url,
+        &["purge", "--from", A, "--to", B, "--reason", "thử nghiệm"],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3");
+    let mut admin = admin_client(&world, &broker.url).await;
+    let dead = admin
+        .dead_letters(DeadLettersRequest { agency: B.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters;
+    assert_eq!(dead.len(), 3);
+    assert!(
+        dead.iter().all(|d| d.reason.contains("thử nghiệm")),
+        "{dead:?}"
+    );
+
+    let out = run_admin_cli(&world, &broker.url, &["purge", "--from", "H31", "--to", B]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    broker.stop().await;
+}
