@@ -1,10 +1,12 @@
 //! The `Admin` service for operators (operator certificates only): queue depths and
 //! connection state per agency (with settled counts of the last hour and day), dead
 //! letters and their redrive, one document's timeline and evidence, agency
-//! registration and suspension, and the audit log (`audit`).
+//! registration and suspension, the audit log (`audit`), and the purge of one sender's
+//! queued documents to one recipient (dead letters with signed notices, audited).
 //!
-//! Suspension: the agency's submissions and sessions are refused (PERMISSION_DENIED),
-//! its open session is ended, documents addressed to it are refused at submission with
+//! Suspension: every call of the agency is refused (PERMISSION_DENIED), its open
+//! session is ended and its open submissions are cancelled without storing anything
+//! (`admission`), documents addressed to it are refused at submission with
 //! INVALID_ARGUMENT naming it; deliveries already queued for it stay queued (their
 //! expiry still runs) and go out after it is resumed.
 
@@ -230,6 +232,9 @@ impl AdminService {
     ) -> Result<pb::AgencyInfo, BrokerError> {
         let code = AgencyCode::parse(code.trim())?;
         let now = lienthong_proto::now_ms();
+        // No submission of this agency stores a document while the suspension is being
+        // written; those still open are cancelled below (see `admission`).
+        let gate = self.shared.admission.hold_gate(code.as_str()).await;
         let updated = self
             .shared
             .store
@@ -239,6 +244,10 @@ impl AdminService {
                 "agency {code} is not registered at this broker"
             )));
         };
+        if record.suspended && self.shared.admission.cancel_calls(code.as_str()) {
+            tracing::info!(agency = %code, "open submissions of the suspended agency cancelled");
+        }
+        drop(gate);
         self.shared.store.durable().await?;
         if record.suspended {
             if self.shared.hub.end_session(code.as_str()) {
@@ -248,6 +257,67 @@ impl AdminService {
             self.shared.hub.wake(code.as_str());
         }
         Ok(Self::agency_info(code.to_string(), record))
+    }
+
+    /// Dead-letters every document from `request.from` queued for `request.to`, each with
+    /// the broker's signed notice, and audits the purge with the operator and the count.
+    async fn purge_inner(
+        &self,
+        operator: &str,
+        request: pb::PurgeRequest,
+    ) -> Result<pb::PurgeResponse, BrokerError> {
+        let from = AgencyCode::parse(request.from.trim())?;
+        let to = AgencyCode::parse(request.to.trim())?;
+        let reason = match request.reason.trim() {
+            "" => format!("purged by operator {operator}"),
+            reason => format!("purged by operator {operator}: {reason}"),
+        };
+        lienthong_proto::document::validate_text("reason", &reason, 600)?;
+        let store = &self.shared.store;
+        let mut purged = Vec::new();
+        for message_id in store.queued_from(from.as_str(), to.as_str())? {
+            let Some(document) = store.document(&message_id)? else {
+                continue;
+            };
+            let now = lienthong_proto::now_ms();
+            let notice = crate::deadletter::signed_notice(
+                &self.shared,
+                &message_id,
+                &document,
+                to.as_str(),
+                "purged",
+                &reason,
+                now,
+            )?;
+            let settled = store.settle(
+                &message_id,
+                to.as_str(),
+                crate::store::Settlement::Dead {
+                    state: DeliveryState::Refused,
+                    reason: reason.clone(),
+                    notice,
+                },
+                now,
+            )?;
+            // Delivered or dead-lettered meanwhile: not ours to purge any more.
+            if settled {
+                self.shared.metrics.dead_letter(DeliveryState::Refused);
+                purged.push(message_id);
+            }
+        }
+        let count = purged.len() as u64;
+        store.audit_operator_action(
+            "purged",
+            to.as_str(),
+            format!("operator {operator} purged {count} documents from {from} to {to}: {reason}"),
+            lienthong_proto::now_ms(),
+        )?;
+        store.durable().await?;
+        tracing::warn!(operator, from = %from, to = %to, count, "queued documents purged");
+        Ok(pb::PurgeResponse {
+            purged: count,
+            message_ids: purged,
+        })
     }
 
     fn agency_view(&self, code: &str) -> Result<pb::AgencyInfo, BrokerError> {
@@ -447,6 +517,21 @@ impl Admin for AdminService {
             .map(audit_entry)
             .collect();
         Ok(Response::new(pb::AuditTailResponse { entries }))
+    }
+
+    async fn purge(
+        &self,
+        request: Request<pb::PurgeRequest>,
+    ) -> Result<Response<pb::PurgeResponse>, Status> {
+        let operator = auth::operator(&request)?;
+        let request = request.into_inner();
+        tracing::warn!(
+            operator,
+            from = %lienthong_proto::agency::printable(&request.from),
+            to = %lienthong_proto::agency::printable(&request.to),
+            "purge requested"
+        );
+        Ok(Response::new(self.purge_inner(&operator, request).await?))
     }
 
     async fn audit_verify(

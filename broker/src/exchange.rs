@@ -1,10 +1,16 @@
 //! The `Exchange` service: submission, agent sessions and status.
 //!
-//! Submission order of checks, all before anything is stored: TLS identity (and the
-//! sender not suspended), signature and chain, signer = sender = TLS identity,
-//! recipients registered and not suspended, declared sizes
-//! within limits, then the attachment bytes against their digests. Then store, wait for
-//! the group commit, and only then answer with the signed submission receipt.
+//! Submission order of checks, all before anything is stored: TLS identity, the
+//! sender's open submissions (`admission`) and the sender not suspended, signature and
+//! chain, signer = sender = TLS identity, recipients registered and not suspended,
+//! created/expiry times against the broker's clock, declared sizes (summed with checked
+//! arithmetic, each attachment and the total within `max_document_bytes`), queue limits
+//! per recipient and per (sender, recipient), the sender's reserved bytes and the disk
+//! reserve; then the attachment bytes as they arrive, against the declared sizes, the
+//! disk reserve and their digests, each frame within `stall_timeout` and the stream
+//! ended at once if the sender is suspended. Then, with suspension held off, store
+//! (the queue limits checked again exactly), wait for the group commit, and only then
+//! answer with the signed submission receipt. Every RPC refuses a suspended agency.
 
 use std::sync::Arc;
 
@@ -22,6 +28,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
+use crate::admission::Submission;
 use crate::auth;
 use crate::deadletter;
 use crate::error::BrokerError;
@@ -56,24 +63,38 @@ impl ExchangeService {
         }
     }
 
+    /// Refuses a suspended agency (any RPC); unlike [`Self::admit`] registers nothing.
+    fn refuse_suspended(&self, agency: &str) -> Result<(), BrokerError> {
+        match self.shared.store.agency(agency)? {
+            Some(record) => suspended_check(agency, &record),
+            None => Ok(()),
+        }
+    }
+
     async fn submit_inner(
         &self,
         request: Request<Streaming<pb::SubmitFrame>>,
     ) -> Result<pb::SubmitResponse, BrokerError> {
         let caller = auth::agency(&request)?;
+        let config = &self.shared.config;
+        // Counted before anything else, so that streams that never send their envelope
+        // also hold a slot; registered before the suspension check, so that a
+        // suspension written after that check still cancels this stream.
+        let mut call = self
+            .shared
+            .admission
+            .begin_submission(caller.as_str(), config.max_submissions_per_agency)?;
         self.admit(caller.as_str())?;
         let mut frames = request.into_inner();
-        let envelope = match frames.next().await {
-            Some(Ok(pb::SubmitFrame {
+        let stall = config.stall_timeout;
+        let envelope = match next_frame(&mut frames, &call, stall).await? {
+            Some(pb::SubmitFrame {
                 frame: Some(Frame::Envelope(envelope)),
-            })) => envelope,
-            Some(Ok(_)) => {
+            }) => envelope,
+            Some(_) => {
                 return Err(BrokerError::InvalidArgument(
                     "the first frame of a submission must be the signed envelope".into(),
                 ));
-            }
-            Some(Err(status)) => {
-                return Err(BrokerError::InvalidArgument(status.message().to_owned()));
             }
             None => return Err(BrokerError::InvalidArgument("empty submission".into())),
         };
@@ -110,19 +131,36 @@ impl ExchangeService {
             }
         }
         self.check_business(header)?;
-        let declared: u64 = header.attachments.iter().map(|a| a.size).sum();
-        let limit = self.shared.config.max_document_bytes;
-        if declared > limit {
-            return Err(BrokerError::TooLarge(format!(
-                "the document's attachments total {declared} bytes; the broker accepts at most {limit} (max_document_bytes)"
-            )));
-        }
-        self.check_queue_limits(
-            header,
-            declared.saturating_add(envelope.payload.len() as u64),
-        )?;
-
-        let size = declared.saturating_add(envelope.payload.len() as u64);
+        self.check_times(header)?;
+        let declared = declared_bytes(header, config.max_document_bytes)?;
+        // What the queue entry will count: attachments and the encoded envelope.
+        let size = declared
+            .checked_add(envelope.encoded_len() as u64)
+            .ok_or_else(|| {
+                BrokerError::InvalidArgument(
+                    "attachments.size: the document's size does not fit in 64 bits".into(),
+                )
+            })?;
+        self.check_queue_limits(header, size)?;
+        let leftover = if is_streamed(header) {
+            let root = self.shared.store.blob_root().join("partial");
+            let resuming = self
+                .shared
+                .store
+                .partial_dir(caller.as_str(), &verified.header_sha256);
+            let shared = self.shared.clone();
+            let sender = caller.to_string();
+            tokio::task::spawn_blocking(move || {
+                shared
+                    .admission
+                    .idle_partial_bytes(&root, &sender, &resuming)
+            })
+            .await
+            .map_err(|e| BrokerError::Serve(e.to_string()))?
+        } else {
+            0
+        };
+        call.reserve(size, leftover, config.max_reserved_bytes_per_agency)?;
         let _space = self.reserve_space(size)?;
         let _guard = self.shared.in_progress.claim(&message_id).ok_or_else(|| {
             BrokerError::Unavailable(
@@ -136,21 +174,49 @@ impl ExchangeService {
                 .await;
         }
         let streamed = is_streamed(header);
-        let attachments = if streamed {
+        let (attachments, _suspension_held_off) = if streamed {
             let partial = self
                 .shared
                 .store
                 .partial_dir(caller.as_str(), &verified.header_sha256);
-            receive_streamed(&mut frames, header, partial).await?;
+            call.claim_partial(&partial);
+            let limits = StreamLimits {
+                declared,
+                stall,
+                min_free_bytes: config.min_free_bytes,
+            };
+            receive_streamed(
+                &mut frames,
+                header,
+                partial.clone(),
+                &call,
+                limits,
+                &self.shared.store,
+            )
+            .await?;
+            // From here until the document is stored, a suspension of the sender waits;
+            // one written before now refuses the document.
+            let held = call.hold_off_suspension().await;
+            let held = match held {
+                Ok(held) => held,
+                Err(error) => {
+                    remove_partial(partial).await;
+                    return Err(error);
+                }
+            };
             self.shared.store.promote_partial(
                 caller.as_str(),
                 &verified.header_sha256,
                 &message_id,
             )?;
-            Vec::new()
+            (Vec::new(), held)
         } else {
-            receive_attachments(&mut frames, header).await?
+            let attachments =
+                receive_attachments(&mut frames, header, &call, declared, stall).await?;
+            (attachments, call.hold_off_suspension().await?)
         };
+        // The stored record is the truth (the token is replaced after a suspension).
+        self.refuse_suspended(caller.as_str())?;
         let accepted_at_ms = lienthong_proto::now_ms();
         let expires_at_ms = deadletter::expiry_for(&self.shared, header, accepted_at_ms);
         let receipt = pb::Receipt {
@@ -184,11 +250,20 @@ impl ExchangeService {
         };
         let store = self.shared.store.clone();
         let id = message_id.clone();
-        let outcome = tokio::task::spawn_blocking(move || store.accept(&record, &id, &attachments))
-            .await
-            .map_err(|e| BrokerError::Serve(e.to_string()))??;
+        let limits = self.shared.config.queue_limits();
+        let outcome = tokio::task::spawn_blocking(move || {
+            store.accept_within(&record, &id, &attachments, &limits)
+        })
+        .await
+        .map_err(|e| BrokerError::Serve(e.to_string()))??;
         match outcome {
             Accepted::New => {}
+            Accepted::OverLimit(detail) => {
+                if streamed {
+                    self.shared.store.remove_blob_dir(&message_id);
+                }
+                return Err(BrokerError::ResourceExhausted(detail));
+            }
             Accepted::Duplicate(existing) => {
                 return self
                     .answer_duplicate(existing, &verified.header_sha256)
@@ -300,26 +375,58 @@ impl ExchangeService {
         Ok(guard)
     }
 
-    /// Backpressure: refuses a document that would push a recipient's queue over the
-    /// configured limits, naming the recipient and the limit.
+    /// Backpressure before any byte is received: refuses a document that would push a
+    /// recipient's queue, or this sender's share of it, over the configured limits,
+    /// naming the recipient and the limit. The store checks again, exactly, when it
+    /// accepts (concurrent submissions may pass here together).
     fn check_queue_limits(
         &self,
         header: &pb::DocumentHeader,
         bytes: u64,
     ) -> Result<(), BrokerError> {
-        let config = &self.shared.config;
+        let limits = self.shared.config.queue_limits();
+        let store = &self.shared.store;
         for recipient in &header.recipients {
-            let pending = self.shared.store.pending(recipient);
-            if pending.documents >= config.max_pending_documents {
-                return Err(BrokerError::ResourceExhausted(format!(
-                    "the queue for {recipient} holds {} documents, the limit (max_pending_documents); retry later",
-                    pending.documents
-                )));
+            let queued = store.pending(recipient);
+            let pair = store.pending_from(&header.sender, recipient);
+            if let Some(refusal) = limits.refusal(&header.sender, recipient, queued, pair, bytes) {
+                return Err(BrokerError::ResourceExhausted(refusal));
             }
-            if pending.bytes.saturating_add(bytes) > config.max_pending_bytes {
-                return Err(BrokerError::ResourceExhausted(format!(
-                    "the queue for {recipient} holds {} bytes; this document would exceed the limit of {} (max_pending_bytes); retry later",
-                    pending.bytes, config.max_pending_bytes
+        }
+        Ok(())
+    }
+
+    /// The sender's clock and expiry against the broker's: `created_at_ms` at most
+    /// `max_clock_skew` ahead and at most `max_document_age` behind; `expires_at_ms` at
+    /// most `max_expiry` ahead. Done after the duplicate check, so an agent retrying
+    /// an accepted document still gets its receipt.
+    fn check_times(&self, header: &pb::DocumentHeader) -> Result<(), BrokerError> {
+        let config = &self.shared.config;
+        let now = lienthong_proto::now_ms();
+        let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let ahead = header.created_at_ms.saturating_sub(now);
+        if ahead > ms(config.max_clock_skew) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "created_at_ms is {} s ahead of the broker's clock; at most {} s are allowed                  (max_clock_skew); check the sending agent's clock",
+                ahead / 1000,
+                config.max_clock_skew.as_secs()
+            )));
+        }
+        let age = now.saturating_sub(header.created_at_ms);
+        if age > ms(config.max_document_age) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "created_at_ms is {} s in the past; the broker accepts documents created at most                  {} s ago (max_document_age)",
+                age / 1000,
+                config.max_document_age.as_secs()
+            )));
+        }
+        if header.expires_at_ms != 0 {
+            let horizon = header.expires_at_ms.saturating_sub(now);
+            if horizon > ms(config.max_expiry) {
+                return Err(BrokerError::InvalidArgument(format!(
+                    "expires_at_ms is {} s from now; a sender may set at most {} s (max_expiry)",
+                    horizon / 1000,
+                    config.max_expiry.as_secs()
                 )));
             }
         }
@@ -352,6 +459,7 @@ impl ExchangeService {
         request: Request<pb::StatusRequest>,
     ) -> Result<pb::StatusResponse, BrokerError> {
         let caller = auth::agency(&request)?;
+        self.refuse_suspended(caller.as_str())?;
         let message_id = request.into_inner().message_id;
         let not_found = || {
             BrokerError::NotFound(format!(
@@ -433,10 +541,109 @@ pub(crate) fn suspended_check(
     Ok(())
 }
 
+/// The declared attachment sizes summed with checked arithmetic, each attachment and
+/// the total within `limit` (`max_document_bytes`).
+fn declared_bytes(header: &pb::DocumentHeader, limit: u64) -> Result<u64, BrokerError> {
+    let mut total = 0u64;
+    for (index, attachment) in header.attachments.iter().enumerate() {
+        if attachment.size > limit {
+            return Err(BrokerError::TooLarge(format!(
+                "attachment {index} ({}) declares {} bytes; the broker accepts at most {limit} \
+                 per document (max_document_bytes)",
+                lienthong_proto::agency::printable(&attachment.name),
+                attachment.size
+            )));
+        }
+        total = total.checked_add(attachment.size).ok_or_else(|| {
+            BrokerError::InvalidArgument(
+                "attachments.size: the declared sizes add up to more than 2^64 bytes".into(),
+            )
+        })?;
+    }
+    if total > limit {
+        return Err(BrokerError::TooLarge(format!(
+            "the document's attachments total {total} bytes; the broker accepts at most {limit} (max_document_bytes)"
+        )));
+    }
+    Ok(total)
+}
+
+/// The next frame of a submission, or None at its end. Ends the stream with
+/// PERMISSION_DENIED when the sender is suspended meanwhile, and with UNAVAILABLE when
+/// no frame arrives for `stall` (`stall_timeout`): a stalled stream must not hold its
+/// slot and reservation.
+async fn next_frame(
+    frames: &mut Streaming<pb::SubmitFrame>,
+    call: &Submission<'_>,
+    stall: std::time::Duration,
+) -> Result<Option<pb::SubmitFrame>, Ended> {
+    tokio::select! {
+        biased;
+        _ = call.cancelled().cancelled() => Err(Ended {
+            error: crate::admission::suspended_during(call.agency()),
+            by_broker: true,
+        }),
+        next = tokio::time::timeout(stall, frames.next()) => match next {
+            Err(_) => Err(Ended {
+                error: BrokerError::Unavailable(format!(
+                    "the submission stream sent nothing for {} s (stall_timeout); it was ended \
+                     and nothing was stored",
+                    stall.as_secs()
+                )),
+                by_broker: true,
+            }),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(frame))) => Ok(Some(frame)),
+            Ok(Some(Err(status))) => Err(Ended {
+                error: BrokerError::Unavailable(format!(
+                    "submission stream failed: {}",
+                    status.message()
+                )),
+                by_broker: false,
+            }),
+        },
+    }
+}
+
+/// A submission stream that ended early: broken off by the sender (its partial upload
+/// is kept for a resume) or ended by the broker (stalled, sender suspended: its
+/// partial upload goes).
+struct Ended {
+    error: BrokerError,
+    by_broker: bool,
+}
+
+impl From<Ended> for BrokerError {
+    fn from(ended: Ended) -> Self {
+        ended.error
+    }
+}
+
+/// Adds `len` received bytes to `received`, refusing at once a stream that sends more
+/// than the attachments declare in total.
+fn count_received(received: &mut u64, len: usize, declared: u64) -> Result<(), BrokerError> {
+    match received
+        .checked_add(len as u64)
+        .filter(|total| *total <= declared)
+    {
+        Some(total) => {
+            *received = total;
+            Ok(())
+        }
+        None => Err(BrokerError::InvalidArgument(format!(
+            "the stream sent more attachment bytes than the {declared} the header declares; \
+             refused, nothing was stored"
+        ))),
+    }
+}
+
 /// Reads the attachment frames, checking sizes and digests as they pass.
 async fn receive_attachments(
     frames: &mut Streaming<pb::SubmitFrame>,
     header: &pb::DocumentHeader,
+    call: &Submission<'_>,
+    declared: u64,
+    stall: std::time::Duration,
 ) -> Result<Vec<Bytes>, BrokerError> {
     let mut buffers: Vec<Vec<u8>> = header
         .attachments
@@ -450,10 +657,8 @@ async fn receive_attachments(
         .map(|(i, info)| AttachmentCheck::new(i, info))
         .collect();
     let mut current = 0usize;
-    while let Some(frame) = frames.next().await {
-        let frame = frame.map_err(|s| {
-            BrokerError::InvalidArgument(format!("submission stream failed: {}", s.message()))
-        })?;
+    let mut received = 0u64;
+    while let Some(frame) = next_frame(frames, call, stall).await? {
         let Some(Frame::Chunk(chunk)) = frame.frame else {
             return Err(BrokerError::InvalidArgument(
                 "only attachment chunks may follow the envelope".into(),
@@ -466,6 +671,7 @@ async fn receive_attachments(
             )));
         }
         current = index;
+        count_received(&mut received, chunk.data.len(), declared)?;
         if let (Some(check), Some(buffer)) = (checks.get_mut(index), buffers.get_mut(index)) {
             check.update(&chunk.data)?;
             buffer.extend_from_slice(&chunk.data);
@@ -477,53 +683,135 @@ async fn receive_attachments(
     Ok(buffers.into_iter().map(Bytes::from).collect())
 }
 
+/// What a streamed upload is held to as its bytes arrive.
+struct StreamLimits {
+    /// The attachments' declared total: a stream never sends more.
+    declared: u64,
+    stall: std::time::Duration,
+    /// Free disk space never given up to an upload.
+    min_free_bytes: u64,
+}
+
+/// How many received bytes pass between two checks of the free disk space.
+const FREE_SPACE_CHECK_BYTES: u64 = 4 * 1024 * 1024;
+
+/// Removes a partial upload folder (the broker ended its stream, or it was refused).
+async fn remove_partial(dir: std::path::PathBuf) {
+    let shown = dir.display().to_string();
+    let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    })
+    .await;
+    match removed {
+        Ok(Ok(())) => tracing::info!(partial = %shown, "partial upload removed"),
+        Ok(Err(error)) => {
+            tracing::warn!(partial = %shown, %error, "cannot remove a partial upload")
+        }
+        Err(error) => {
+            tracing::warn!(partial = %shown, %error, "partial upload removal did not finish")
+        }
+    }
+}
+
 /// Receives a streamed document's attachments into files in `dir`, continuing what an
 /// earlier, interrupted submission of the same signed header left there. Every chunk is
-/// written as it arrives and hashed as it passes; returns once every attachment is
-/// complete, matches its digest and is synced.
+/// written as it arrives and hashed as it passes, and counted against the declared
+/// size and the disk reserve; returns once every attachment is complete, matches its
+/// digest and is synced. A stream the broker ends itself (more bytes than declared,
+/// stalled, sender suspended, disk reserve reached) loses its partial upload; one that
+/// the sender broke off keeps it for a resume.
 async fn receive_streamed(
     frames: &mut Streaming<pb::SubmitFrame>,
     header: &pb::DocumentHeader,
     dir: std::path::PathBuf,
+    call: &Submission<'_>,
+    limits: StreamLimits,
+    store: &crate::store::Store,
 ) -> Result<(), BrokerError> {
+    let result = receive_streamed_into(frames, header, dir.clone(), call, &limits, store).await;
+    if let Err((error, true)) = &result {
+        tracing::warn!(%error, "streamed submission ended by the broker; its partial upload goes");
+        remove_partial(dir).await;
+    }
+    result.map_err(|(error, _)| error)
+}
+
+/// [`receive_streamed`]; errors carry whether the partial upload must go.
+async fn receive_streamed_into(
+    frames: &mut Streaming<pb::SubmitFrame>,
+    header: &pb::DocumentHeader,
+    dir: std::path::PathBuf,
+    call: &Submission<'_>,
+    limits: &StreamLimits,
+    store: &crate::store::Store,
+) -> Result<(), (BrokerError, bool)> {
+    let keep = |e: BrokerError| (e, false);
+    let sweep = |e: BrokerError| (e, true);
     let infos = header.attachments.clone();
     let count = infos.len();
     let opened =
         tokio::task::spawn_blocking(move || lienthong_proto::spool::open_all(&dir, &infos))
             .await
-            .map_err(|e| BrokerError::Serve(e.to_string()))?
-            .map_err(spool_error)?;
+            .map_err(|e| keep(BrokerError::Serve(e.to_string())))?
+            .map_err(|e| keep(spool_error(e)))?;
     let mut parts: Vec<Option<PartialAttachment>> = opened.into_iter().map(Some).collect();
     let mut current = 0usize;
-    while let Some(frame) = frames.next().await {
-        let frame = frame.map_err(|s| {
-            BrokerError::Unavailable(format!("submission stream failed: {}", s.message()))
-        })?;
+    let mut received = 0u64;
+    let mut next_space_check = 0u64;
+    loop {
+        let frame = match next_frame(frames, call, limits.stall).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(ended) => return Err((ended.error, ended.by_broker)),
+        };
         let Some(Frame::Chunk(chunk)) = frame.frame else {
-            return Err(BrokerError::InvalidArgument(
+            return Err(keep(BrokerError::InvalidArgument(
                 "only attachment chunks may follow the envelope".into(),
-            ));
+            )));
         };
         let index = chunk.attachment_index as usize;
         if index < current || index >= count {
-            return Err(BrokerError::InvalidArgument(format!(
+            return Err(keep(BrokerError::InvalidArgument(format!(
                 "attachment chunk for index {index} out of order or out of range"
-            )));
+            ))));
         }
         current = index;
+        count_received(&mut received, chunk.data.len(), limits.declared).map_err(sweep)?;
+        if received >= next_space_check {
+            next_space_check = received.saturating_add(FREE_SPACE_CHECK_BYTES);
+            let free = store.free_bytes().map_err(|e| {
+                keep(BrokerError::Unavailable(format!(
+                    "cannot read free disk space: {e}"
+                )))
+            })?;
+            if free < limits.min_free_bytes {
+                tracing::warn!(free, "streamed submission ended: disk reserve reached");
+                return Err(sweep(BrokerError::ResourceExhausted(format!(
+                    "the broker's disk reached its reserve ({free} bytes free, {} kept in reserve, \
+                     min_free_bytes) while receiving; nothing was stored, retry later",
+                    limits.min_free_bytes
+                ))));
+            }
+        }
         let Some(mut part) = parts.get_mut(index).and_then(Option::take) else {
-            return Err(BrokerError::Serve("attachment file missing".into()));
+            return Err(keep(BrokerError::Serve("attachment file missing".into())));
         };
         let (part, written) = tokio::task::spawn_blocking(move || {
             let written = part.write_chunk(chunk.offset, &chunk.data);
             (part, written)
         })
         .await
-        .map_err(|e| BrokerError::Serve(e.to_string()))?;
+        .map_err(|e| keep(BrokerError::Serve(e.to_string())))?;
         if let Some(slot) = parts.get_mut(index) {
             *slot = Some(part);
         }
-        written.map_err(spool_error)?;
+        match written {
+            Ok(()) => {}
+            // More than this attachment declares: refused at once, partial removed.
+            Err(e @ SpoolError::Mismatch(_)) => return Err(sweep(spool_error(e))),
+            Err(e) => return Err(keep(spool_error(e))),
+        }
     }
     tokio::task::spawn_blocking(move || -> Result<(), BrokerError> {
         for part in parts.into_iter().flatten() {
@@ -543,7 +831,8 @@ async fn receive_streamed(
         Ok(())
     })
     .await
-    .map_err(|e| BrokerError::Serve(e.to_string()))??;
+    .map_err(|e| keep(BrokerError::Serve(e.to_string())))?
+    .map_err(keep)?;
     Ok(())
 }
 
@@ -618,7 +907,8 @@ impl Exchange for ExchangeService {
         &self,
         request: Request<pb::DirectoryRequest>,
     ) -> Result<Response<pb::DirectoryResponse>, Status> {
-        auth::agency(&request)?;
+        let caller = auth::agency(&request)?;
+        self.refuse_suspended(caller.as_str())?;
         let agencies = self
             .shared
             .store
@@ -644,6 +934,7 @@ impl Exchange for ExchangeService {
         request: Request<pb::UploadStatusRequest>,
     ) -> Result<Response<pb::UploadStatusResponse>, Status> {
         let caller = auth::agency(&request)?;
+        self.refuse_suspended(caller.as_str())?;
         let request = request.into_inner();
         let store = &self.shared.store;
         let accepted = store

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admission;
 mod audit;
 mod auth;
 mod commit;
@@ -95,6 +96,27 @@ pub struct BrokerConfig {
     /// `Authorization: Bearer <token>`; the page itself, `/metrics`, `/healthz` and
     /// `/readyz` stay open.
     pub admin_token: Option<String>,
+    /// Admission per sending agency: at most this many Submit streams open at once…
+    pub max_submissions_per_agency: u32,
+    /// …and at most this many bytes reserved by its open streams (declared sizes).
+    /// Over either: RESOURCE_EXHAUSTED naming the limit.
+    pub max_reserved_bytes_per_agency: u64,
+    /// A Submit stream that delivers no frame for this long is ended and its reservation
+    /// released; its partial upload is removed.
+    pub stall_timeout: Duration,
+    /// How often partial uploads left by ended streams are swept (those untouched for
+    /// `stall_timeout`); they are also swept at start.
+    pub partial_sweep_interval: Duration,
+    /// Per (sender, recipient) queue limits; `None` = a quarter of the per-recipient
+    /// limit, so no single sender can fill a recipient's queue.
+    pub max_pending_per_sender_documents: Option<u64>,
+    pub max_pending_per_sender_bytes: Option<u64>,
+    /// The furthest expiry a sender may set, from the time of submission.
+    pub max_expiry: Duration,
+    /// How far in the future a document's `created_at_ms` may be (clock skew).
+    pub max_clock_skew: Duration,
+    /// How old a document's `created_at_ms` may be when it is submitted.
+    pub max_document_age: Duration,
 }
 
 impl BrokerConfig {
@@ -125,6 +147,31 @@ impl BrokerConfig {
             max_pending_bytes: 50 * 1024 * 1024 * 1024,
             min_free_bytes: 512 * 1024 * 1024,
             admin_token: None,
+            max_submissions_per_agency: 16,
+            max_reserved_bytes_per_agency: 4 * 1024 * 1024 * 1024,
+            stall_timeout: Duration::from_secs(60),
+            partial_sweep_interval: Duration::from_secs(60),
+            max_pending_per_sender_documents: None,
+            max_pending_per_sender_bytes: None,
+            max_expiry: Duration::from_secs(30 * 24 * 3600),
+            max_clock_skew: Duration::from_secs(5 * 60),
+            max_document_age: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+
+    /// The queue limits applied to each (sender, recipient) pair and recipient.
+    pub fn queue_limits(&self) -> store::QueueLimits {
+        store::QueueLimits {
+            max_documents: self.max_pending_documents,
+            max_bytes: self.max_pending_bytes,
+            max_pair_documents: self
+                .max_pending_per_sender_documents
+                .unwrap_or(self.max_pending_documents / 4)
+                .max(1),
+            max_pair_bytes: self
+                .max_pending_per_sender_bytes
+                .unwrap_or(self.max_pending_bytes / 4)
+                .max(1),
         }
     }
 
@@ -222,6 +269,9 @@ struct Shared {
     /// Cancelled at shutdown; sessions end with it so the server can drain.
     shutdown: CancellationToken,
     metrics: metrics::Metrics,
+    /// Open calls per agency: concurrency and byte quotas, suspension cancellation,
+    /// partial uploads being written.
+    admission: admission::Admission,
 }
 
 /// Opens the store and serves until `shutdown` is cancelled, then stops accepting,
@@ -277,9 +327,11 @@ pub async fn run_with_admin(
         space_needed: std::sync::atomic::AtomicU64::new(0),
         shutdown: shutdown.child_token(),
         metrics: metrics::Metrics::new(weak.clone(), certificates),
+        admission: admission::Admission::default(),
         config,
     });
     tokio::spawn(deadletter::expiry_loop(shared.clone()));
+    tokio::spawn(admission::sweep_loop(shared.clone()));
     let max_message = shared.config.max_message_bytes();
     let exchange = ExchangeServer::new(exchange::ExchangeService {
         shared: shared.clone(),

@@ -375,6 +375,12 @@ impl Collector for StateCollector {
         )?;
         gauge(
             e,
+            "lienthong_broker_partial_upload_bytes",
+            "Bytes held in partial uploads of streamed documents (open or left by ended streams).",
+            crate::admission::partial_bytes(&shared.store.blob_root().join("partial")),
+        )?;
+        gauge(
+            e,
             "lienthong_broker_store_documents",
             "Documents held in the store.",
             shared.store.document_count() as u64,

@@ -44,6 +44,10 @@ pub struct QueueEntry {
     pub enqueued_at_ms: i64,
     #[prost(int64, tag = "4")]
     pub expires_at_ms: i64,
+    /// The document's sender, for the per-(sender, recipient) counters; empty in
+    /// entries written before it was kept (then read from the document record).
+    #[prost(string, tag = "5")]
+    pub sender: String,
 }
 
 /// The state of one document for one recipient.

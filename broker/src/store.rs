@@ -30,7 +30,10 @@
 //! written in one transaction, after its attachments; nothing is acknowledged before
 //! [`Store::durable`] returns. A queue entry and an expiry entry exist exactly while the
 //! delivery record is `Queued`; a dead-letter entry exactly while it is `Expired` or
-//! `Refused`. The in-memory pending counters mirror the queue tree (rebuilt at open).
+//! `Refused`. The in-memory pending counters, per recipient and per (sender, recipient),
+//! mirror the queue tree (rebuilt at open; a queue entry names its sender). An accept
+//! counts its document in them before its transaction and uncounts it if that does not
+//! commit, so the queue limits hold exactly under concurrent submissions.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -81,6 +84,8 @@ impl From<prost::DecodeError> for StoreError {
 #[derive(Debug)]
 pub enum Accepted {
     New,
+    /// A queue limit would be exceeded: why, naming the limit. Nothing was stored.
+    OverLimit(String),
     /// The same message id was accepted before: here is its record.
     Duplicate(DocumentRecord),
     /// The business id is already used by another message.
@@ -97,11 +102,109 @@ pub struct QueueStats {
     pub oldest_enqueued_ms: Option<i64>,
 }
 
-/// Pending documents and bytes in one recipient's queue.
+/// Pending documents and bytes in one recipient's queue (or one sender's part of it).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pending {
     pub documents: u64,
     pub bytes: u64,
+}
+
+/// The in-memory mirror of the queue tree: per recipient and per (sender, recipient).
+#[derive(Debug, Default)]
+struct PendingCounts {
+    by_recipient: HashMap<String, Pending>,
+    by_pair: HashMap<(String, String), Pending>,
+}
+
+impl PendingCounts {
+    fn add(&mut self, sender: &str, recipient: &str, bytes: u64) {
+        let pair = (sender.to_owned(), recipient.to_owned());
+        for p in [
+            self.by_recipient.entry(recipient.to_owned()).or_default(),
+            self.by_pair.entry(pair).or_default(),
+        ] {
+            p.documents = p.documents.saturating_add(1);
+            p.bytes = p.bytes.saturating_add(bytes);
+        }
+    }
+
+    fn remove(&mut self, sender: &str, recipient: &str, bytes: u64) {
+        let pair = (sender.to_owned(), recipient.to_owned());
+        if let Some(p) = self.by_recipient.get_mut(recipient) {
+            p.documents = p.documents.saturating_sub(1);
+            p.bytes = p.bytes.saturating_sub(bytes);
+        }
+        if let Some(p) = self.by_pair.get_mut(&pair) {
+            p.documents = p.documents.saturating_sub(1);
+            p.bytes = p.bytes.saturating_sub(bytes);
+            // Pairs come and go with senders; an empty one costs memory for nothing.
+            if p.documents == 0 {
+                self.by_pair.remove(&pair);
+            }
+        }
+    }
+}
+
+/// Queue limits per recipient and per (sender, recipient) pair; over one, a
+/// submission is refused with RESOURCE_EXHAUSTED naming it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    pub max_documents: u64,
+    pub max_bytes: u64,
+    pub max_pair_documents: u64,
+    pub max_pair_bytes: u64,
+}
+
+impl QueueLimits {
+    /// Why one more document of `bytes` from `sender` may not join `recipient`'s queue
+    /// holding `queued` (of which `pair` from this sender), or None when it may.
+    pub fn refusal(
+        &self,
+        sender: &str,
+        recipient: &str,
+        queued: Pending,
+        pair: Pending,
+        bytes: u64,
+    ) -> Option<String> {
+        let over = |held: u64, add: u64, max: u64| held.checked_add(add).is_none_or(|n| n > max);
+        if over(queued.documents, 1, self.max_documents) {
+            return Some(format!(
+                "the queue for {recipient} holds {} documents, the limit (max_pending_documents); retry later",
+                queued.documents
+            ));
+        }
+        if over(queued.bytes, bytes, self.max_bytes) {
+            return Some(format!(
+                "the queue for {recipient} holds {} bytes; this document would exceed the limit of {} (max_pending_bytes); retry later",
+                queued.bytes, self.max_bytes
+            ));
+        }
+        if over(pair.documents, 1, self.max_pair_documents) {
+            return Some(format!(
+                "{sender} already has {} documents waiting for {recipient}, the limit per sender \
+                 (max_pending_per_sender_documents = {}); retry once they are delivered",
+                pair.documents, self.max_pair_documents
+            ));
+        }
+        if over(pair.bytes, bytes, self.max_pair_bytes) {
+            return Some(format!(
+                "{sender} already has {} bytes waiting for {recipient}; this document would exceed \
+                 the limit per sender of {} (max_pending_per_sender_bytes); retry once they are delivered",
+                pair.bytes, self.max_pair_bytes
+            ));
+        }
+        None
+    }
+
+    /// No limits: for operators' own actions and tests.
+    pub fn none() -> Self {
+        Self {
+            max_documents: u64::MAX,
+            max_bytes: u64::MAX,
+            max_pair_documents: u64::MAX,
+            max_pair_bytes: u64::MAX,
+        }
+    }
 }
 
 /// How a queued delivery ends.
@@ -142,7 +245,7 @@ pub struct Store {
     audit: sled::Tree,
     /// The audit chain's head; its mutex serialises appends.
     chain: Arc<Chain>,
-    pending: Arc<Mutex<HashMap<String, Pending>>>,
+    pending: Arc<Mutex<PendingCounts>>,
     /// Settled deliveries per recipient over the last hour and day; in memory only.
     recent: Arc<crate::recent::RecentCounts>,
     commit: GroupCommit,
@@ -264,7 +367,10 @@ impl Store {
         let commit = GroupCommit::start(db.clone(), dir)
             .map_err(|e| open_error(format!("cannot open the data file for syncing: {e}")))?;
         let queue = db.open_tree("queue")?;
-        let pending = Arc::new(Mutex::new(count_pending(&queue)?));
+        let pending = Arc::new(Mutex::new(count_pending(
+            &queue,
+            &db.open_tree("documents")?,
+        )?));
         let audit = db.open_tree("audit")?;
         let last_audit: Option<AuditRecord> =
             audit.last()?.map(|(_, value)| decode(&value)).transpose()?;
@@ -320,6 +426,19 @@ impl Store {
     /// The folder of an accepted streamed document's attachments.
     pub fn blob_dir(&self, message_id: &str) -> PathBuf {
         self.blob_root().join(message_id)
+    }
+
+    /// Removes the attachment folder of a streamed document that was refused after its
+    /// upload was complete; never one of an accepted document.
+    pub fn remove_blob_dir(&self, message_id: &str) {
+        if matches!(self.document(message_id), Ok(None)) {
+            let dir = self.blob_dir(message_id);
+            if let Err(error) = std::fs::remove_dir_all(&dir)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), %error, "cannot remove a refused document's files");
+            }
+        }
     }
 
     /// Bytes held per attachment of a partial upload, up to the last attachment with a
@@ -389,9 +508,74 @@ impl Store {
         message_id: &str,
         attachments: &[Bytes],
     ) -> Result<Accepted, StoreError> {
+        self.accept_within(record, message_id, attachments, &QueueLimits::none())
+    }
+
+    /// [`Store::accept`] within queue limits. The limits are checked and the counters
+    /// reserved under one lock before the transaction (released again if it does not
+    /// commit), so concurrent submissions cannot together exceed a limit.
+    pub fn accept_within(
+        &self,
+        record: &DocumentRecord,
+        message_id: &str,
+        attachments: &[Bytes],
+        limits: &QueueLimits,
+    ) -> Result<Accepted, StoreError> {
         if let Some(existing) = self.document(message_id)? {
             return Ok(Accepted::Duplicate(existing));
         }
+        let entry_bytes = record
+            .attachment_bytes
+            .saturating_add(record.envelope.len() as u64);
+        if let Some(refusal) = self.reserve_pending(record, entry_bytes, limits) {
+            return Ok(Accepted::OverLimit(refusal));
+        }
+        let accepted = self.accept_reserved(record, message_id, attachments, entry_bytes);
+        if !matches!(accepted, Ok(Accepted::New)) {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            for recipient in &record.recipients {
+                pending.remove(&record.sender, recipient, entry_bytes);
+            }
+        }
+        accepted
+    }
+
+    /// Counts the document in every recipient's queue, unless one limit refuses it.
+    fn reserve_pending(
+        &self,
+        record: &DocumentRecord,
+        bytes: u64,
+        limits: &QueueLimits,
+    ) -> Option<String> {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        for recipient in &record.recipients {
+            let queued = pending
+                .by_recipient
+                .get(recipient)
+                .copied()
+                .unwrap_or_default();
+            let pair = pending
+                .by_pair
+                .get(&(record.sender.clone(), recipient.clone()))
+                .copied()
+                .unwrap_or_default();
+            if let Some(refusal) = limits.refusal(&record.sender, recipient, queued, pair, bytes) {
+                return Some(refusal);
+            }
+        }
+        for recipient in &record.recipients {
+            pending.add(&record.sender, recipient, bytes);
+        }
+        None
+    }
+
+    fn accept_reserved(
+        &self,
+        record: &DocumentRecord,
+        message_id: &str,
+        attachments: &[Bytes],
+        entry_bytes: u64,
+    ) -> Result<Accepted, StoreError> {
         let mut batch = sled::Batch::default();
         for key in self
             .attachments
@@ -427,9 +611,6 @@ impl Store {
         });
         let audit_key = audit_entry.seq.to_be_bytes();
         let audit_bytes = audit_entry.encode_to_vec();
-        let entry_bytes = record
-            .attachment_bytes
-            .saturating_add(record.envelope.len() as u64);
         let result = (
             &self.documents,
             &self.business_ids,
@@ -469,6 +650,7 @@ impl Store {
                             bytes: entry_bytes,
                             enqueued_at_ms: record.accepted_at_ms,
                             expires_at_ms: record.expires_at_ms,
+                            sender: record.sender.clone(),
                         };
                         queue.insert(key.as_slice(), entry.encode_to_vec())?;
                         let pair = delivery_key(message_id, recipient);
@@ -492,12 +674,8 @@ impl Store {
         }
         drop(head);
         match result {
-            Ok(()) => {
-                for recipient in &record.recipients {
-                    self.adjust_pending(recipient, entry_bytes, true);
-                }
-                Ok(Accepted::New)
-            }
+            // Counted in the pending counters by `reserve_pending` already.
+            Ok(()) => Ok(Accepted::New),
             Err(TransactionError::Abort(AcceptAbort::Duplicate(bytes))) => {
                 Ok(Accepted::Duplicate(decode(&bytes)?))
             }
@@ -576,7 +754,19 @@ impl Store {
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .by_recipient
             .get(recipient)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Pending documents and bytes from `sender` queued for `recipient`.
+    pub fn pending_from(&self, sender: &str, recipient: &str) -> Pending {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_pair
+            .get(&(sender.to_owned(), recipient.to_owned()))
             .copied()
             .unwrap_or_default()
     }
@@ -647,9 +837,9 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let key = delivery_key(message_id, recipient);
         let dead_key = dead_letter_key(recipient, message_id);
-        let header_sha256 = self
+        let (header_sha256, sender) = self
             .document(message_id)?
-            .map(|d| d.header_sha256)
+            .map(|d| (d.header_sha256, d.sender))
             .unwrap_or_default();
         let event = match &settlement {
             Settlement::Delivered { .. } => Event {
@@ -761,7 +951,7 @@ impl Store {
         match result {
             Ok(Some(freed)) => {
                 if let Some(bytes) = freed {
-                    self.adjust_pending(recipient, bytes, false);
+                    self.adjust_pending(&sender, recipient, bytes, false);
                 }
                 match settlement {
                     Settlement::Delivered { .. } => {
@@ -782,16 +972,14 @@ impl Store {
         }
     }
 
-    /// Adds (`queued`) or removes one document of `bytes` from `recipient`'s counters.
-    fn adjust_pending(&self, recipient: &str, bytes: u64, queued: bool) {
+    /// Adds (`queued`) or removes one document of `bytes` from `sender` to the counters
+    /// of `recipient` and of the pair.
+    fn adjust_pending(&self, sender: &str, recipient: &str, bytes: u64, queued: bool) {
         let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        let p = pending.entry(recipient.to_owned()).or_default();
         if queued {
-            p.documents = p.documents.saturating_add(1);
-            p.bytes = p.bytes.saturating_add(bytes);
+            pending.add(sender, recipient, bytes);
         } else {
-            p.documents = p.documents.saturating_sub(1);
-            p.bytes = p.bytes.saturating_sub(bytes);
+            pending.remove(sender, recipient, bytes);
         }
     }
 
@@ -896,6 +1084,7 @@ impl Store {
                     bytes,
                     enqueued_at_ms: now_ms,
                     expires_at_ms,
+                    sender: document.sender.clone(),
                 };
                 queue.insert(queue_key.as_slice(), entry.encode_to_vec())?;
                 let expires = expiry_key(expires_at_ms, &queue_key);
@@ -919,7 +1108,7 @@ impl Store {
         drop(head);
         match result {
             Ok(true) => {
-                self.adjust_pending(recipient, bytes, true);
+                self.adjust_pending(&document.sender, recipient, bytes, true);
                 Ok(true)
             }
             Ok(false) => Ok(false),
@@ -1003,6 +1192,44 @@ impl Store {
             })?;
         }
         Ok(updated)
+    }
+
+    /// Message ids of the documents from `sender` queued for `recipient`, oldest first.
+    pub fn queued_from(&self, sender: &str, recipient: &str) -> Result<Vec<String>, StoreError> {
+        let mut ids = Vec::new();
+        for item in self.queue.scan_prefix(recipient.as_bytes()) {
+            let (_, value) = item?;
+            let entry: QueueEntry = decode(&value)?;
+            let from = if entry.sender.is_empty() {
+                self.document(&entry.message_id)?
+                    .map(|d| d.sender)
+                    .unwrap_or_default()
+            } else {
+                entry.sender
+            };
+            if from == sender {
+                ids.push(entry.message_id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Records an operator's action that is not a single delivery's change (e.g. a
+    /// purge: who, what and how many) in the audit log.
+    pub fn audit_operator_action(
+        &self,
+        kind: &'static str,
+        agency: &str,
+        detail: String,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.append_audit(Event {
+            kind,
+            agency: agency.to_owned(),
+            detail,
+            at_ms,
+            ..Event::default()
+        })
     }
 
     /// Appends an entry for a change already written (not in its transaction).
@@ -1131,18 +1358,27 @@ fn holds_no_data(db: &sled::Db) -> Result<bool, StoreError> {
     Ok(db.is_empty())
 }
 
-/// Rebuilds the pending counters from the queue tree.
-fn count_pending(queue: &sled::Tree) -> Result<HashMap<String, Pending>, StoreError> {
-    let mut pending: HashMap<String, Pending> = HashMap::new();
+/// Rebuilds the pending counters from the queue tree (entries written before the
+/// sender was kept in them find it in the document record).
+fn count_pending(queue: &sled::Tree, documents: &sled::Tree) -> Result<PendingCounts, StoreError> {
+    let mut pending = PendingCounts::default();
     for item in queue.iter() {
         let (key, value) = item?;
         let recipient =
             String::from_utf8_lossy(key.get(..key.len().saturating_sub(8)).unwrap_or_default())
                 .into_owned();
         let entry: QueueEntry = decode(&value)?;
-        let p = pending.entry(recipient).or_default();
-        p.documents += 1;
-        p.bytes += entry.bytes;
+        let sender = if entry.sender.is_empty() {
+            documents
+                .get(entry.message_id.as_bytes())?
+                .map(|v| decode::<DocumentRecord>(&v))
+                .transpose()?
+                .map(|d| d.sender)
+                .unwrap_or_default()
+        } else {
+            entry.sender
+        };
+        pending.add(&sender, &recipient, entry.bytes);
     }
     Ok(pending)
 }

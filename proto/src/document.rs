@@ -42,6 +42,22 @@ pub const MAX_ATTACHMENTS: usize = 1000;
 /// stored inline and travel whole, which is faster for the common small document.
 pub const STREAMED_THRESHOLD: u64 = 1024 * 1024;
 
+/// The latest time a header may name (`created_at_ms`, `expires_at_ms`): the end of
+/// year 9999 UTC, so every time in a valid header can be shown as RFC 3339 text and
+/// added to without overflow. Rules that depend on the clock (how far in the future or
+/// the past) belong to the broker, not here: a header is checked again years later.
+pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
+
+/// The sum of the declared attachment sizes, or None when it does not fit in a u64.
+/// Sizes are untrusted: a plain (wrapping) sum of two sizes near 2^63 would pass every
+/// limit as a tiny document.
+pub fn total_attachment_bytes(header: &DocumentHeader) -> Option<u64> {
+    header
+        .attachments
+        .iter()
+        .try_fold(0u64, |total, a| total.checked_add(a.size))
+}
+
 /// True when a document with this header travels streamed.
 pub fn is_streamed(header: &DocumentHeader) -> bool {
     header
@@ -219,6 +235,12 @@ fn is_valid_date(date: &str) -> bool {
         return false;
     };
     time::Date::from_calendar_date(year, month, u8::try_from(d).unwrap_or(0)).is_ok()
+}
+
+/// Free text from a person (e.g. an operator's reason): at most `max` characters and no
+/// control characters but line breaks and tabs.
+pub fn validate_text(field: &'static str, value: &str, max: usize) -> Result<(), ProtocolError> {
+    max_chars(field, value, max)
 }
 
 fn max_chars(field: &'static str, value: &str, max: usize) -> Result<(), ProtocolError> {
@@ -434,6 +456,18 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
             field: "created_at_ms",
         });
     }
+    if header.created_at_ms > MAX_TIME_MS {
+        return Err(ProtocolError::InvalidField {
+            field: "created_at_ms",
+            rule: "a time before the year 10000".into(),
+        });
+    }
+    if header.expires_at_ms > MAX_TIME_MS {
+        return Err(ProtocolError::InvalidField {
+            field: "expires_at_ms",
+            rule: "a time before the year 10000, or 0 for the default".into(),
+        });
+    }
     if header.expires_at_ms != 0 && header.expires_at_ms <= header.created_at_ms {
         return Err(ProtocolError::InvalidField {
             field: "expires_at_ms",
@@ -447,6 +481,12 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
         return Err(ProtocolError::InvalidField {
             field: "attachments",
             rule: format!("at most {MAX_ATTACHMENTS}"),
+        });
+    }
+    if total_attachment_bytes(header).is_none() {
+        return Err(ProtocolError::InvalidField {
+            field: "attachments.size",
+            rule: "the declared sizes must add up to less than 2^64 bytes".into(),
         });
     }
     let mut names = HashSet::new();

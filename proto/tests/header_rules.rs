@@ -520,3 +520,42 @@ fn seal_and_verify_apply_the_rules() {
         "{err:?}"
     );
 }
+
+#[test]
+fn attachment_sizes_that_overflow_a_u64_and_times_past_year_9999_are_refused() {
+    use lienthong_proto::document::{MAX_TIME_MS, total_attachment_bytes};
+    let with_sizes = |sizes: &[u64]| {
+        let mut h = header();
+        h.attachments = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| pb::AttachmentInfo {
+                size: *size,
+                ..describe_attachment(&format!("a{i}.pdf"), "application/pdf", b"x")
+            })
+            .collect();
+        h
+    };
+    // Two sizes near 2^63 wrap to a tiny sum with plain addition.
+    for sizes in [
+        vec![1u64 << 63, 1u64 << 63],
+        vec![u64::MAX, 1],
+        vec![(1u64 << 63) + 5, (1u64 << 63) - 4, 1],
+    ] {
+        let h = with_sizes(&sizes);
+        assert_eq!(total_attachment_bytes(&h), None, "{sizes:?}");
+        assert_invalid_field(&validate_header(&h).unwrap_err(), "attachments.size");
+    }
+    // The largest sum that fits is a valid header (limits are the broker's business).
+    let h = with_sizes(&[u64::MAX - 1, 1]);
+    assert_eq!(total_attachment_bytes(&h), Some(u64::MAX));
+    assert_eq!(validate_header(&h), Ok(()));
+
+    let err = refused(|h| h.created_at_ms = MAX_TIME_MS + 1);
+    assert_invalid_field(&err, "created_at_ms");
+    let err = refused(|h| h.expires_at_ms = i64::MAX);
+    assert_invalid_field(&err, "expires_at_ms");
+    let mut h = header();
+    h.expires_at_ms = MAX_TIME_MS;
+    assert_eq!(validate_header(&h), Ok(()));
+}

@@ -269,6 +269,10 @@ async fn full_recipient_queue_refuses_with_resource_exhausted_naming_the_limit()
     let mut config = broker_config(&world);
     config.max_pending_documents = 2;
     config.max_pending_bytes = 10_000;
+    // One sender fills the recipient's whole queue here: its own share (a quarter by
+    // default) is the subject of tests/quotas.rs.
+    config.max_pending_per_sender_documents = Some(2);
+    config.max_pending_per_sender_bytes = Some(10_000);
     let broker = Broker::start(config).await;
     let key = world.agency_tls(A).signing_key().unwrap();
     let mut client = exchange_client(&broker.url, world.agency_tls(A).client_config("localhost"))

@@ -8,8 +8,8 @@ use lienthong_proto::pb::admin_client::AdminClient;
 use lienthong_proto::pb::{
     AgenciesRequest, AgencyInfo, AuditTailRequest, AuditVerifyRequest, DeadLetter,
     DeadLettersRequest, DeliveryState, HealthRequest, MessageRequest, MessageResponse,
-    QueuesRequest, RedriveRequest, RegisterAgencyRequest, ResumeAgencyRequest, Signed,
-    SuspendAgencyRequest,
+    PurgeRequest, QueuesRequest, RedriveRequest, RegisterAgencyRequest, ResumeAgencyRequest,
+    Signed, SuspendAgencyRequest,
 };
 use lienthong_proto::tls::TlsFiles;
 use serde::Deserialize;
@@ -76,6 +76,19 @@ enum AdminCommand {
     Agencies {
         #[command(subcommand)]
         action: Option<AgenciesAction>,
+    },
+    /// Dead-letter every document from one sender still queued for one recipient (each
+    /// gets the broker's signed notice; redrive can queue them again). Prints the count.
+    Purge {
+        /// The sender agency code.
+        #[arg(long)]
+        from: String,
+        /// The recipient agency code.
+        #[arg(long)]
+        to: String,
+        /// Why, shown to the sender in the notice.
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// The hash-chained audit log: its latest entries (default) or a check of the chain.
     Audit {
@@ -255,6 +268,28 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                 for a in &list {
                     outln!("{}", agency_line(a));
                 }
+            }
+        }
+        AdminCommand::Purge { from, to, reason } => {
+            let purged = client
+                .purge(PurgeRequest {
+                    from,
+                    to,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "purged": purged.purged,
+                        "message_ids": purged.message_ids,
+                    })
+                );
+            } else {
+                println!("{}", purged.purged);
             }
         }
         AdminCommand::Audit { action } => match action.unwrap_or(AuditAction::Tail { n: 20 }) {

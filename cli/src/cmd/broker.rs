@@ -75,6 +75,36 @@ pub struct BrokerArgs {
     /// Free disk space kept in reserve: submissions that would leave less are refused.
     #[arg(long)]
     min_free_bytes: Option<u64>,
+    /// Most submissions one agency may have open at once (default 16).
+    #[arg(long)]
+    max_submissions_per_agency: Option<u32>,
+    /// Most bytes one agency's open submissions may reserve (default 4 GiB).
+    #[arg(long)]
+    max_reserved_bytes_per_agency: Option<u64>,
+    /// Seconds a submission stream may send nothing before it is ended (default 60).
+    #[arg(long)]
+    stall_timeout_secs: Option<u64>,
+    /// Seconds between sweeps of stale partial uploads (default 60).
+    #[arg(long)]
+    partial_sweep_interval_secs: Option<u64>,
+    /// Most documents one sender may have queued for one recipient (default: a quarter
+    /// of --max-pending-documents).
+    #[arg(long)]
+    max_pending_per_sender_documents: Option<u64>,
+    /// Most bytes one sender may have queued for one recipient (default: a quarter of
+    /// --max-pending-bytes).
+    #[arg(long)]
+    max_pending_per_sender_bytes: Option<u64>,
+    /// The furthest expiry a sender may set, in hours from submission (default 720).
+    #[arg(long)]
+    max_expiry_hours: Option<u64>,
+    /// How far ahead of the broker's clock a document's creation time may be, in
+    /// seconds (default 300).
+    #[arg(long)]
+    max_clock_skew_secs: Option<u64>,
+    /// How old a document may be when submitted, in hours (default 720).
+    #[arg(long)]
+    max_document_age_hours: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,12 +128,119 @@ struct BrokerFile {
     max_pending_documents: Option<u64>,
     max_pending_bytes: Option<u64>,
     min_free_bytes: Option<u64>,
+    max_submissions_per_agency: Option<u32>,
+    max_reserved_bytes_per_agency: Option<u64>,
+    stall_timeout_secs: Option<u64>,
+    partial_sweep_interval_secs: Option<u64>,
+    max_pending_per_sender_documents: Option<u64>,
+    max_pending_per_sender_bytes: Option<u64>,
+    max_expiry_hours: Option<u64>,
+    max_clock_skew_secs: Option<u64>,
+    max_document_age_hours: Option<u64>,
 }
 
 fn parse_registration(value: &str) -> Result<(AgencyCode, String), CliError> {
     let (code, name) = value.split_once('=').unwrap_or((value, ""));
     let code = AgencyCode::parse(code).map_err(|e| CliError::Usage(format!("--register: {e}")))?;
     Ok((code, name.to_owned()))
+}
+
+/// The per-agency admission and quota settings, as given by flags or by the file.
+#[derive(Debug, Clone, Copy)]
+struct AdmissionSettings {
+    max_submissions_per_agency: Option<u32>,
+    max_reserved_bytes_per_agency: Option<u64>,
+    stall_timeout_secs: Option<u64>,
+    partial_sweep_interval_secs: Option<u64>,
+    max_pending_per_sender_documents: Option<u64>,
+    max_pending_per_sender_bytes: Option<u64>,
+    max_expiry_hours: Option<u64>,
+    max_clock_skew_secs: Option<u64>,
+    max_document_age_hours: Option<u64>,
+}
+
+/// Copies the admission settings out of `BrokerArgs` or `BrokerFile` (same field names).
+macro_rules! admission_settings {
+    ($from:expr) => {
+        AdmissionSettings {
+            max_submissions_per_agency: $from.max_submissions_per_agency,
+            max_reserved_bytes_per_agency: $from.max_reserved_bytes_per_agency,
+            stall_timeout_secs: $from.stall_timeout_secs,
+            partial_sweep_interval_secs: $from.partial_sweep_interval_secs,
+            max_pending_per_sender_documents: $from.max_pending_per_sender_documents,
+            max_pending_per_sender_bytes: $from.max_pending_per_sender_bytes,
+            max_expiry_hours: $from.max_expiry_hours,
+            max_clock_skew_secs: $from.max_clock_skew_secs,
+            max_document_age_hours: $from.max_document_age_hours,
+        }
+    };
+}
+
+/// The per-agency admission and quota settings: flags win over the file.
+fn apply_admission(
+    broker: &mut BrokerConfig,
+    args: &AdmissionSettings,
+    file: &AdmissionSettings,
+) -> Result<(), CliError> {
+    let positive = |value: u64, name: &str| {
+        if value == 0 {
+            Err(CliError::Usage(format!("--{name} must be at least 1")))
+        } else {
+            Ok(value)
+        }
+    };
+    let hours = |h: u64, name: &str| -> Result<Duration, CliError> {
+        let secs = positive(h, name)?
+            .checked_mul(3600)
+            .ok_or_else(|| CliError::Usage(format!("--{name} is too large")))?;
+        Ok(Duration::from_secs(secs))
+    };
+    if let Some(n) = args
+        .max_submissions_per_agency
+        .or(file.max_submissions_per_agency)
+    {
+        broker.max_submissions_per_agency =
+            u32::try_from(positive(u64::from(n), "max-submissions-per-agency")?).unwrap_or(n);
+    }
+    if let Some(n) = args
+        .max_reserved_bytes_per_agency
+        .or(file.max_reserved_bytes_per_agency)
+    {
+        broker.max_reserved_bytes_per_agency = positive(n, "max-reserved-bytes-per-agency")?;
+    }
+    if let Some(secs) = args.stall_timeout_secs.or(file.stall_timeout_secs) {
+        broker.stall_timeout = Duration::from_secs(positive(secs, "stall-timeout-secs")?);
+    }
+    if let Some(secs) = args
+        .partial_sweep_interval_secs
+        .or(file.partial_sweep_interval_secs)
+    {
+        broker.partial_sweep_interval =
+            Duration::from_secs(positive(secs, "partial-sweep-interval-secs")?);
+    }
+    if let Some(n) = args
+        .max_pending_per_sender_documents
+        .or(file.max_pending_per_sender_documents)
+    {
+        broker.max_pending_per_sender_documents =
+            Some(positive(n, "max-pending-per-sender-documents")?);
+    }
+    if let Some(n) = args
+        .max_pending_per_sender_bytes
+        .or(file.max_pending_per_sender_bytes)
+    {
+        broker.max_pending_per_sender_bytes = Some(positive(n, "max-pending-per-sender-bytes")?);
+    }
+    if let Some(h) = args.max_expiry_hours.or(file.max_expiry_hours) {
+        broker.max_expiry = hours(h, "max-expiry-hours")?;
+    }
+    if let Some(secs) = args.max_clock_skew_secs.or(file.max_clock_skew_secs) {
+        broker.max_clock_skew = Duration::from_secs(secs);
+    }
+    if let Some(h) = args.max_document_age_hours.or(file.max_document_age_hours) {
+        broker.max_document_age = hours(h, "max-document-age-hours")?;
+    }
+    Ok(())
 }
 
 pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
@@ -159,6 +296,9 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     if let Some(min) = args.min_free_bytes.or(file.min_free_bytes) {
         broker.min_free_bytes = min;
     }
+    let flags = admission_settings!(args);
+    let from_file = admission_settings!(file);
+    apply_admission(&mut broker, &flags, &from_file)?;
     broker.admin_token = args
         .admin_token
         .or(file.admin_token)
