@@ -101,6 +101,7 @@ impl AdminService {
     async fn redrive_inner(
         &self,
         request: pb::RedriveRequest,
+        operator: &str,
     ) -> Result<pb::RedriveResponse, BrokerError> {
         let agency = if request.agency.is_empty() {
             None
@@ -111,6 +112,7 @@ impl AdminService {
             &self.shared,
             &request.message_id,
             agency.as_ref().map(AgencyCode::as_str),
+            operator,
         )
         .await?;
         let mut redriven = Vec::with_capacity(done.len());
@@ -371,7 +373,10 @@ impl Admin for AdminService {
         let operator = auth::operator(&request)?;
         let request = request.into_inner();
         tracing::info!(operator, message_id = %request.message_id, agency = %request.agency, "redrive requested");
-        Ok(Response::new(self.redrive_inner(request).await?))
+        Ok(Response::new(
+            self.redrive_inner(request, &format!("certificate {operator}"))
+                .await?,
+        ))
     }
 
     async fn message(
