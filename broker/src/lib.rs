@@ -368,6 +368,14 @@ pub async fn run_with_admin(
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
     install_crypto_provider();
+    // Before anything is opened: a refused configuration leaves nothing running.
+    if let Some(addr) = admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        http::check_bind(
+            addr,
+            config.admin_insecure_bind,
+            !config.admin_operators().is_empty(),
+        )?;
+    }
     let config_error = |what: &str, e: lienthong_proto::ProtocolError| BrokerError::Config {
         path: what.to_owned(),
         detail: e.to_string(),
@@ -468,11 +476,6 @@ pub async fn run_with_admin(
             let addr = admin_listener
                 .local_addr()
                 .map_err(|e| BrokerError::Serve(format!("admin listener: {e}")))?;
-            http::check_bind(
-                addr,
-                shared.config.admin_insecure_bind,
-                !shared.config.admin_operators().is_empty(),
-            )?;
             tracing::info!(%addr, "admin HTTP listening");
             let app = http::router(shared.clone(), addr);
             let admin_limits = listener::Limits {

@@ -265,6 +265,7 @@ impl Outbox {
         };
         tokio::select! {
             () = self.cancel.cancelled() => Err(OutboxClosed("session ended")),
+            () = self.tx.closed() => Err(OutboxClosed("the agent's stream ended")),
             queued = tokio::time::timeout(self.stall, queue) => match queued {
                 Ok(result) => result,
                 Err(_) => Err(OutboxClosed(
@@ -287,6 +288,17 @@ impl Outbox {
 /// taken. Ends after the session closes its outbox.
 pub struct OutgoingStream {
     rx: Arc<Mutex<mpsc::Receiver<Outgoing>>>,
+}
+
+/// The transport let go of the stream (the agent reset it, or its connection died):
+/// what was queued is dropped and the session's next send fails, so the session ends
+/// now instead of waiting for room that will never come.
+impl Drop for OutgoingStream {
+    fn drop(&mut self) {
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        rx.close();
+        while rx.try_recv().is_ok() {}
+    }
 }
 
 impl futures_util::Stream for OutgoingStream {
