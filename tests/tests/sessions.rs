@@ -225,3 +225,52 @@ async fn session_that_never_reads_holds_bounded_bytes_and_frees_them_when_it_sta
     b.stop().await;
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_with_one_certificate_do_not_split_the_inbox() {
+    let world = World::new();
+    let (broker, admin_url) = Broker::start_with_admin(world.broker_config("broker")).await;
+    let a = Agent::start(world.agent_config(A, &broker.url)).await;
+    let first = Agent::start(world.agent_config(B, &broker.url)).await;
+    wait_metric(&admin_url, &connected(B), "the first B connected", |v| {
+        v == 1.0
+    })
+    .await;
+    // A copy of B's agent (say, a restored VM): same certificate, its own data and inbox.
+    let mut copy = world.agent_config(B, &broker.url);
+    copy.data_dir = world.path("copy-of-b/data");
+    copy.inbox_dir = world.path("copy-of-b/inbox");
+    let second = Agent::start(copy).await;
+    wait_metric(
+        &admin_url,
+        "lienthong_broker_session_conflicts_total",
+        "the copy is refused",
+        |v| v >= 1.0,
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        ids.push(
+            a.send(&[B], &format!("Văn bản {n}"), &[("a.txt", b"a")])
+                .await,
+        );
+    }
+    for id in &ids {
+        a.wait_status(id, "delivered", |v| {
+            v.recipients.iter().all(|r| r.state == "delivered")
+        })
+        .await;
+        wait_for_path(&world.inbox_dir(B).join(id)).await;
+    }
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(inbox_entries(&world.inbox_dir(B)), expected);
+    assert!(
+        inbox_entries(&world.path("copy-of-b/inbox")).is_empty(),
+        "the refused copy received documents"
+    );
+    a.stop().await;
+    first.stop().await;
+    second.stop().await;
+    broker.stop().await;
+}
