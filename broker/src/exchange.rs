@@ -407,11 +407,11 @@ impl ExchangeService {
                     .collect(),
             });
         }
-        // A delivery settled a moment ago may still be in its group commit: the sender
-        // is told "delivered" only once that is durable.
+        // A delivery settled a moment ago (delivered, refused, expired, recalled) may
+        // still be in its group commit: the sender is told only once that is durable.
         if recipients
             .iter()
-            .any(|r| r.state == pb::DeliveryState::Delivered as i32)
+            .any(|r| r.state != pb::DeliveryState::Queued as i32)
         {
             self.shared.store.durable().await?;
         }

@@ -7,7 +7,9 @@
 //! - `exchange`: submission, agent sessions and status (agency certificates).
 //! - `admin`: queue views for operators (operator certificates).
 //! - `session`: pushing one recipient's queue with a bounded window.
-//! - `hub`: which agencies have a live session.
+//! - `hub`: which agencies have a live session (at most one each).
+//! - `listener`: accepting connections on both listeners with timeouts and caps (TLS
+//!   handshake done here, not by tonic), and the open-file limit.
 //! - [`store`]: sled trees and the submission transaction; `commit`: group commit.
 //! - `auth`: the caller's identity from its TLS certificate.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
@@ -358,9 +360,10 @@ pub async fn run(
 
 /// [`run`], and also serves `admin_listener` (when given) with plain HTTP: `GET
 /// /metrics` (Prometheus), `/healthz`, `/readyz` and the operator dashboard (`GET /` and
-/// its `/api`, which can redrive dead letters). Only the dashboard's `/api` can be
-/// protected (`admin_token`); bind it to loopback or a monitoring network. It stops when
-/// shutdown begins.
+/// its `/api`, which can redrive dead letters). The dashboard's `/api` needs an operator
+/// token when any is configured (`admin_tokens`, `admin_token`). A non-loopback
+/// `admin_listener` is refused unless `admin_insecure_bind` is set and a token is
+/// configured. It stops when shutdown begins.
 pub async fn run_with_admin(
     config: BrokerConfig,
     listener: TcpListener,

@@ -34,16 +34,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
-
 use lienthong_proto::AgencyCode;
 use lienthong_proto::pb::{self, DeliveryState, ReceiptKind, Signed, agent_message::Msg};
 use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::Shared;
@@ -175,8 +173,8 @@ struct Outgoing {
 
 /// Budget bytes held by one queued message; returned when it drops.
 struct Held {
-    _session: Option<OwnedSemaphorePermit>,
-    _global: Option<OwnedSemaphorePermit>,
+    _session: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
     bytes: i64,
     gauge: Gauge,
 }
@@ -250,8 +248,8 @@ impl Outbox {
             let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
             self.gauge.inc_by(bytes);
             let held = Held {
-                _session: Some(session),
-                _global: Some(global),
+                _session: session,
+                _global: global,
                 bytes,
                 gauge: self.gauge.clone(),
             };
