@@ -9,8 +9,8 @@
 //!   authenticated); both are taken without waiting, and a socket that finds none is
 //!   closed at once and counted, so a flood can never pile up descriptors. The TLS
 //!   handshake (client certificate required, checked against the CA bundle) must finish
-//!   within `tls_handshake_timeout`; the authenticated stream must then start HTTP/2
-//!   within `http_header_timeout`. Streams keep TCP_NODELAY and are handed to tonic,
+//!   within `tls_handshake_timeout`; the authenticated stream must then send the HTTP/2
+//!   preface and its first frame header within `http_header_timeout`. Streams keep TCP_NODELAY and are handed to tonic,
 //!   which reads the peer certificates from them (`Request::peer_certs`).
 //! - admin listener ([`serve_admin`]): plain HTTP/1 with a cap on connections, a header
 //!   read timeout (which also bounds an idle keep-alive connection) and an idle timeout
@@ -262,11 +262,15 @@ async fn accept_next(
     }
 }
 
-/// A deadline on a stream: either the first bytes must arrive by it, or (idle) some
+/// Bytes a gRPC client sends first: the HTTP/2 connection preface (24 bytes) and the
+/// header of its SETTINGS frame (9). hyper waits for them without a timeout of its own.
+const HTTP2_PREFACE_BYTES: usize = 24 + 9;
+
+/// A deadline on a stream: either the first `n` bytes must arrive by it, or (idle) some
 /// bytes must move in either direction within `idle` of the last that did.
 enum Deadline {
     None,
-    FirstBytes(Pin<Box<Sleep>>),
+    FirstBytes(usize, Pin<Box<Sleep>>),
     Idle(Duration, Pin<Box<Sleep>>),
 }
 
@@ -283,16 +287,21 @@ impl<S> Guarded<S> {
     fn timed_out(&mut self, cx: &mut Context<'_>) -> bool {
         match &mut self.deadline {
             Deadline::None => false,
-            Deadline::FirstBytes(sleep) | Deadline::Idle(_, sleep) => {
+            Deadline::FirstBytes(_, sleep) | Deadline::Idle(_, sleep) => {
                 sleep.as_mut().poll(cx).is_ready()
             }
         }
     }
 
-    fn progressed(&mut self) {
+    fn progressed(&mut self, bytes: usize) {
         match &mut self.deadline {
             Deadline::None => {}
-            Deadline::FirstBytes(_) => self.deadline = Deadline::None,
+            Deadline::FirstBytes(remaining, _) => {
+                *remaining = remaining.saturating_sub(bytes);
+                if *remaining == 0 {
+                    self.deadline = Deadline::None;
+                }
+            }
             Deadline::Idle(idle, sleep) => {
                 let next = Instant::now() + *idle;
                 sleep.as_mut().reset(next);
@@ -317,8 +326,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         let before = buf.filled().len();
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    self.progressed();
+                let read = buf.filled().len().saturating_sub(before);
+                if read > 0 {
+                    self.progressed(read);
                 }
                 Poll::Ready(Ok(()))
             }
@@ -340,7 +350,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
                 // Only the idle deadline counts writes: a gRPC peer that never sends its
                 // preface must not be kept alive by what the server writes to it.
                 if n > 0 && matches!(self.deadline, Deadline::Idle(..)) {
-                    self.progressed();
+                    self.progressed(n);
                 }
                 Poll::Ready(Ok(n))
             }
@@ -368,7 +378,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         match Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
             Poll::Ready(Ok(n)) => {
                 if n > 0 && matches!(self.deadline, Deadline::Idle(..)) {
-                    self.progressed();
+                    self.progressed(n);
                 }
                 Poll::Ready(Ok(n))
             }
@@ -459,7 +469,7 @@ async fn grpc_accept_loop(
                     let sleep = Box::pin(tokio::time::sleep(limits.header_timeout));
                     let stream = Guarded {
                         inner: stream,
-                        deadline: Deadline::FirstBytes(sleep),
+                        deadline: Deadline::FirstBytes(HTTP2_PREFACE_BYTES, sleep),
                         _permit: connection,
                         _open: refusals.metrics.connection_opened(GRPC),
                     };

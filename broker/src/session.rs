@@ -121,6 +121,11 @@ pub fn start(
     let window = shared.config.window.max(1) as usize;
     let (outbox, stream) = Outbox::new(&shared, window, handle.cancel.clone());
     let (streamed_tx, streamed_rx) = mpsc::unbounded_channel();
+    let registration = Registration {
+        shared: shared.clone(),
+        agency: agency.clone(),
+        id: handle.id,
+    };
     tokio::spawn(async move {
         let session_id = handle.id;
         tracing::info!(agency = %agency, session = session_id, peer = ?peer, "agent session opened");
@@ -139,12 +144,26 @@ pub fn start(
             tracing::warn!(agency = %agency, %error, "agent session ended with an error");
         }
         session.abandon_in_flight();
-        shared.hub.deregister(agency.as_str(), session_id);
+        drop(registration);
         // Frees what the agent never took, and ends the stream for tonic.
         outbox.close();
         tracing::info!(agency = %agency, session = session_id, "agent session closed");
     });
     Ok(stream)
+}
+
+/// The hub's entry for a session, removed when the session task ends however it ends
+/// (a panic included): a stale entry would refuse the agency's every later session.
+struct Registration {
+    shared: Arc<Shared>,
+    agency: AgencyCode,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.hub.deregister(self.agency.as_str(), self.id);
+    }
 }
 
 /// The refusal of a second session, naming the live one.

@@ -156,30 +156,38 @@ async fn authenticated_connection_that_never_starts_http2_is_closed_after_the_he
     config.http_header_timeout = Duration::from_secs(1);
     let (broker, admin_url) = Broker::start_with_admin(config).await;
     let connector = agency_tls_client(&world);
-    let tcp = TcpStream::connect(broker.addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.expect("handshake");
-    wait_metric(
-        &admin_url,
-        "lienthong_broker_connections_open{listener=\"grpc\"}",
-        1.0,
-    )
-    .await;
-    let started = Instant::now();
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                // The server's own SETTINGS frame may arrive first.
-                Ok(_) => {}
+    // Silent after the handshake, and stopping half-way through the HTTP/2 preface.
+    for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let tcp = TcpStream::connect(broker.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("handshake");
+        tls.write_all(sent).await.unwrap();
+        tls.flush().await.unwrap();
+        wait_metric(
+            &admin_url,
+            "lienthong_broker_connections_open{listener=\"grpc\"}",
+            1.0,
+        )
+        .await;
+        let started = Instant::now();
+        let mut buf = [0u8; 1024];
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match tls.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    // The server's own SETTINGS frame may arrive first.
+                    Ok(_) => {}
+                }
             }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "the connection stayed open without HTTP/2");
-    let took = started.elapsed();
-    assert!(took >= Duration::from_millis(700), "closed after {took:?}");
+        })
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the connection stayed open after sending {sent:?}"
+        );
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(500), "closed after {took:?}");
+    }
     let mut last = None;
     wait_until(
         "the connection is counted closed",
