@@ -158,6 +158,7 @@ async fn authenticated_connection_that_never_starts_http2_is_closed_after_the_he
     let connector = agency_tls_client(&world);
     // Silent after the handshake, and stopping half-way through the HTTP/2 preface.
     for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
+        let connected = Instant::now();
         let tcp = TcpStream::connect(broker.addr).await.unwrap();
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let mut tls = connector.connect(name, tcp).await.expect("handshake");
@@ -169,7 +170,6 @@ async fn authenticated_connection_that_never_starts_http2_is_closed_after_the_he
             1.0,
         )
         .await;
-        let started = Instant::now();
         let mut buf = [0u8; 1024];
         let closed = tokio::time::timeout(Duration::from_secs(20), async {
             loop {
@@ -185,8 +185,8 @@ async fn authenticated_connection_that_never_starts_http2_is_closed_after_the_he
             closed.is_ok(),
             "the connection stayed open after sending {sent:?}"
         );
-        let took = started.elapsed();
-        assert!(took >= Duration::from_millis(500), "closed after {took:?}");
+        let took = connected.elapsed();
+        assert!(took >= Duration::from_millis(900), "closed after {took:?}");
     }
     let mut last = None;
     wait_until(
@@ -214,7 +214,7 @@ async fn connections_beyond_the_handshake_cap_are_closed_at_once_and_agencies_ge
     let world = World::new();
     let mut config = world.broker_config("broker");
     config.max_handshakes = 4;
-    config.tls_handshake_timeout = Duration::from_secs(2);
+    config.tls_handshake_timeout = Duration::from_secs(5);
     let (broker, admin_url) = Broker::start_with_admin(config).await;
     let mut idle = Vec::new();
     for _ in 0..4 {
@@ -231,10 +231,7 @@ async fn connections_beyond_the_handshake_cap_are_closed_at_once_and_agencies_ge
     let took = closed_within(&mut fifth, Duration::from_secs(20))
         .await
         .expect("closed");
-    assert!(
-        took < Duration::from_millis(1500),
-        "closed only after {took:?}"
-    );
+    assert!(took < Duration::from_secs(4), "closed only after {took:?}");
     assert_eq!(
         metric(&admin_url, &refused("grpc", "handshake_limit")).await,
         1.0
@@ -412,8 +409,8 @@ async fn admin_listener_checks_host_and_site_and_forbids_framing_on_every_respon
 async fn admin_listener_closes_slow_and_idle_requests_and_caps_connections() {
     let world = World::new();
     let mut config = world.broker_config("broker");
-    config.http_header_timeout = Duration::from_secs(1);
-    config.admin_idle_timeout = Duration::from_secs(1);
+    config.http_header_timeout = Duration::from_secs(5);
+    config.admin_idle_timeout = Duration::from_secs(5);
     config.max_admin_connections = 3;
     let (broker, admin_url) = Broker::start_with_admin(config).await;
     let addr = admin_addr(&admin_url);
@@ -438,15 +435,11 @@ async fn admin_listener_closes_slow_and_idle_requests_and_caps_connections() {
     let took = closed_within(&mut fourth, Duration::from_secs(20))
         .await
         .expect("the fourth admin connection is closed");
-    assert!(
-        took < Duration::from_millis(900),
-        "closed only after {took:?}"
-    );
+    assert!(took < Duration::from_secs(4), "closed only after {took:?}");
     for stream in [&mut silent, &mut half, &mut no_body] {
-        let took = closed_within(stream, Duration::from_secs(20))
+        closed_within(stream, Duration::from_secs(30))
             .await
             .expect("a stalled admin connection is closed");
-        assert!(took < Duration::from_secs(20));
     }
     // Room again, and counted.
     let health = raw_http(
