@@ -5,9 +5,11 @@
 //! stopped the admin listener. Here the broker accepts TCP itself:
 //!
 //! - gRPC listener ([`grpc_incoming`]): each accepted socket first needs a connection
-//!   slot (total cap) and a handshake slot (cap on connections that have not yet
-//!   authenticated); both are taken without waiting, and a socket that finds none is
-//!   closed at once and counted, so a flood can never pile up descriptors. The TLS
+//!   slot (total cap), taken without waiting: a socket that finds none is closed at once
+//!   and counted, so a flood can never pile up descriptors. At most `max_handshakes`
+//!   sockets are in their TLS handshake (not yet authenticated); when all are taken, the
+//!   oldest handshake is ended to make room for the new one, so a flood of idle
+//!   connections cannot keep an honest agency (whose handshake takes milliseconds) out. The TLS
 //!   handshake (client certificate required, checked against the CA bundle) must finish
 //!   within `tls_handshake_timeout`; the authenticated stream must then send the HTTP/2
 //!   preface and its first frame header within `http_header_timeout`. Streams keep TCP_NODELAY and are handed to tonic,
@@ -199,7 +201,7 @@ impl Refusals {
     fn refused(&self, reason: &'static str, peer: SocketAddr, detail: &dyn std::fmt::Display) {
         self.metrics.refused(self.listener, reason);
         let warn = match reason {
-            "connection_limit" | "handshake_limit" => &self.warn_limit,
+            "connection_limit" | "handshake_evicted" => &self.warn_limit,
             _ => &self.warn_handshake,
         };
         if warn.due() {
@@ -402,6 +404,41 @@ impl Connected for Guarded<TlsStream<TcpStream>> {
 
 pub(crate) type GrpcStream = Guarded<TlsStream<TcpStream>>;
 
+/// The gRPC handshakes in progress, oldest first, each with the token that ends it.
+#[derive(Default)]
+struct InProgress {
+    queue: std::sync::Mutex<std::collections::VecDeque<(u64, CancellationToken)>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl InProgress {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, CancellationToken)>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(&self) -> (u64, CancellationToken) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let token = CancellationToken::new();
+        self.lock().push_back((id, token.clone()));
+        (id, token)
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().retain(|(other, _)| *other != id);
+    }
+
+    /// Ends the oldest handshake in progress; its task reports it and lets go of its slot.
+    fn evict_oldest(&self) {
+        if let Some((_, token)) = self.lock().pop_front() {
+            token.cancel();
+        }
+    }
+}
+
 /// Accepts on `listener` and yields authenticated TLS streams for tonic's
 /// `serve_with_incoming_shutdown`, until `shutdown` is cancelled.
 pub(crate) fn grpc_incoming(
@@ -430,6 +467,7 @@ async fn grpc_accept_loop(
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let handshakes = Arc::new(Semaphore::new(limits.max_handshakes));
     let refusals = Refusals::new(GRPC, metrics.clone());
+    let in_progress = Arc::new(InProgress::default());
     while let Some((tcp, peer)) = accept_next(&listener, &refusals, &shutdown).await {
         // Dropping `tcp` on refusal closes it at once: no descriptor waits for a slot.
         let Ok(connection) = connections.clone().try_acquire_owned() else {
@@ -440,14 +478,14 @@ async fn grpc_accept_loop(
             );
             continue;
         };
-        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
-            refusals.refused(
-                "handshake_limit",
-                peer,
-                &format_args!("{} TLS handshakes in progress", limits.max_handshakes),
-            );
-            continue;
-        };
+        // All handshake slots taken: the oldest handshake gives way (an honest client
+        // finishes in milliseconds, so the oldest is the likeliest to be idle), and this
+        // one waits for its slot, within its own handshake timeout.
+        let handshake = handshakes.clone().try_acquire_owned().ok();
+        if handshake.is_none() {
+            in_progress.evict_oldest();
+        }
+        let (id, evicted) = in_progress.push();
         // Small messages (receipts, acknowledgements) must not wait for Nagle.
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%peer, %error, "cannot set TCP_NODELAY");
@@ -457,12 +495,32 @@ async fn grpc_accept_loop(
         let refusals = refusals.clone();
         let stop = shutdown.clone();
         let in_handshake = metrics.handshake_started();
+        let handshakes = handshakes.clone();
+        let in_progress = in_progress.clone();
         tokio::spawn(async move {
+            let accept = async move {
+                let _slot = match handshake {
+                    Some(slot) => slot,
+                    None => handshakes.acquire_owned().await.map_err(io::Error::other)?,
+                };
+                acceptor.accept(tcp).await
+            };
             let handshake_result = tokio::select! {
                 () = stop.cancelled() => return,
-                result = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)) => result,
+                () = evicted.cancelled() => {
+                    refusals.refused(
+                        "handshake_evicted",
+                        peer,
+                        &format_args!(
+                            "the oldest of {} TLS handshakes in progress (max_handshakes) gave way to a new connection",
+                            limits.max_handshakes
+                        ),
+                    );
+                    return;
+                }
+                result = tokio::time::timeout(limits.handshake_timeout, accept) => result,
             };
-            drop(handshake);
+            in_progress.remove(id);
             drop(in_handshake);
             match handshake_result {
                 Ok(Ok(stream)) => {

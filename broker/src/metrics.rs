@@ -77,7 +77,7 @@ pub(crate) struct ConnectionMetrics {
 /// Refusal reasons of [`ConnectionMetrics::refused`].
 pub(crate) const CONNECTION_REFUSALS: [&str; 4] = [
     "connection_limit",
-    "handshake_limit",
+    "handshake_evicted",
     "handshake_timeout",
     "tls_error",
 ];
@@ -110,7 +110,7 @@ impl ConnectionMetrics {
         registry.register(
             "lienthong_broker_connections_refused",
             "Connections closed before being served, by listener and reason (connection_limit, \
-             handshake_limit, handshake_timeout, tls_error)",
+             handshake_evicted, handshake_timeout, tls_error)",
             self.refused.clone(),
         );
         registry.register(
