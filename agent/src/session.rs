@@ -83,13 +83,14 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
         }
         failures = failures.saturating_add(1);
         let delay = agent.backoff(failures);
-        warn!(
-            agency = %agent.agency,
-            reason = %reason,
-            handled,
-            reconnect_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-            "broker session ended"
-        );
+        let reconnect_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        // The broker refuses a second session for the agency (another agent runs with
+        // this certificate): say so loudly; the backoff grows while it lasts.
+        if reason.starts_with("FailedPrecondition") {
+            tracing::error!(agency = %agent.agency, reason = %reason, reconnect_in_ms, "the broker refused this agent's session");
+        } else {
+            warn!(agency = %agent.agency, reason = %reason, handled, reconnect_in_ms, "broker session ended");
+        }
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = stop.cancelled() => return,

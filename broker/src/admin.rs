@@ -103,6 +103,7 @@ impl AdminService {
     async fn redrive_inner(
         &self,
         request: pb::RedriveRequest,
+        operator: &str,
     ) -> Result<pb::RedriveResponse, BrokerError> {
         let agency = if request.agency.is_empty() {
             None
@@ -113,6 +114,7 @@ impl AdminService {
             &self.shared,
             &request.message_id,
             agency.as_ref().map(AgencyCode::as_str),
+            operator,
         )
         .await?;
         let mut redriven = Vec::with_capacity(done.len());
@@ -441,7 +443,10 @@ impl Admin for AdminService {
         let operator = auth::operator(&request)?;
         let request = request.into_inner();
         tracing::info!(operator, message_id = %request.message_id, agency = %request.agency, "redrive requested");
-        Ok(Response::new(self.redrive_inner(request).await?))
+        Ok(Response::new(
+            self.redrive_inner(request, &format!("certificate {operator}"))
+                .await?,
+        ))
     }
 
     async fn message(

@@ -158,10 +158,12 @@ pub(crate) struct Redriven {
 /// `message_id` (of `agency` only, when given), or every dead letter of `agency` when
 /// `message_id` is empty. Waits until the change is durable. `NotFound` when nothing
 /// matches. Shared by the gRPC `Admin.Redrive` and the dashboard's `POST /api/redrive`.
+/// `operator` names who asked, for the audit log.
 pub(crate) async fn redrive(
     shared: &Shared,
     message_id: &str,
     agency: Option<&str>,
+    operator: &str,
 ) -> Result<Vec<Redriven>, BrokerError> {
     let candidates: Vec<crate::store::DeadLetterEntry> = if message_id.is_empty() {
         let agency = agency.ok_or_else(|| {
@@ -195,11 +197,14 @@ pub(crate) async fn redrive(
             ..header
         };
         let expires_at_ms = expiry_for(shared, &fresh, now);
-        if shared
-            .store
-            .redrive(&entry.message_id, &entry.recipient, expires_at_ms, now)?
-        {
-            tracing::info!(message_id = %entry.message_id, agency = %entry.recipient, "dead letter redriven");
+        if shared.store.redrive(
+            &entry.message_id,
+            &entry.recipient,
+            expires_at_ms,
+            now,
+            operator,
+        )? {
+            tracing::info!(message_id = %entry.message_id, agency = %entry.recipient, operator, "dead letter redriven");
             shared.hub.wake(&entry.recipient);
             redriven.push(Redriven {
                 message_id: entry.message_id,

@@ -24,7 +24,6 @@ use lienthong_proto::receipt::sign_receipt;
 use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use prost::Message;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Shared;
@@ -516,6 +515,14 @@ impl ExchangeService {
                     .collect(),
             });
         }
+        // A delivery settled a moment ago (delivered, refused, expired, recalled) may
+        // still be in its group commit: the sender is told only once that is durable.
+        if recipients
+            .iter()
+            .any(|r| r.state != pb::DeliveryState::Queued as i32)
+        {
+            self.shared.store.durable().await?;
+        }
         Ok(pb::StatusResponse {
             message_id,
             business_id: record.business_id,
@@ -859,7 +866,7 @@ impl Drop for SpaceGuard<'_> {
     }
 }
 
-type SessionStream = ReceiverStream<Result<pb::BrokerMessage, Status>>;
+type SessionStream = session::OutgoingStream;
 
 #[tonic::async_trait]
 impl Exchange for ExchangeService {
@@ -891,8 +898,9 @@ impl Exchange for ExchangeService {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let agency = auth::agency(&request)?;
         self.admit(agency.as_str())?;
+        let peer = request.remote_addr();
         let inbound = request.into_inner();
-        let stream = session::start(self.shared.clone(), agency, inbound);
+        let stream = session::start(self.shared.clone(), agency, peer, inbound)?;
         Ok(Response::new(stream))
     }
 

@@ -1,11 +1,19 @@
 //! The registry of live agent sessions: at most one per agency.
 //!
-//! A new session for an agency replaces the old one (the old one is cancelled), since an
-//! agent that reconnected after a network cut is the same agent. Submissions wake the
+//! The rule: while an agency's session is live, a second Session call for it is refused
+//! ([`Hub::try_register`] returns the [`Conflict`]), never swapped in. Two agents running
+//! with one certificate would otherwise take the session from each other every few
+//! hundred milliseconds and split the agency's documents between two inboxes. "Live"
+//! means its stream has not ended: an agent that was killed closes its TCP connection and
+//! the session ends at once; a connection cut without a FIN ends when HTTP/2 keepalive
+//! gets no answer (`keepalive_interval` + `keepalive_timeout`). Then the agency's next
+//! Session call takes the slot. A session cancelled by the broker (suspension, shutdown)
+//! no longer counts as live. Submissions wake the
 //! recipients' sessions through their `Notify`; a wake-up for an agency without a session
 //! is simply dropped, because the queue in the store is the source of truth.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -21,6 +29,15 @@ pub struct SessionHandle {
     pub connected_since_ms: i64,
     pub in_flight: Arc<AtomicU64>,
     pub last_seen_ms: Arc<AtomicI64>,
+    /// The agent's address, when the transport knows it.
+    pub peer: Option<SocketAddr>,
+}
+
+/// The live session that made a new one be refused.
+#[derive(Debug, Clone, Copy)]
+pub struct Conflict {
+    pub peer: Option<SocketAddr>,
+    pub since_ms: i64,
 }
 
 /// A snapshot of a session for the admin view.
@@ -38,8 +55,23 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Registers a new session for `agency`, cancelling any previous one.
-    pub fn register(&self, agency: &str, parent: &CancellationToken) -> SessionHandle {
+    /// Registers a new session for `agency` from `peer`, unless a live one exists: then
+    /// the live one is returned as the conflict and nothing changes.
+    pub fn try_register(
+        &self,
+        agency: &str,
+        peer: Option<SocketAddr>,
+        parent: &CancellationToken,
+    ) -> Result<SessionHandle, Conflict> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(live) = sessions.get(agency)
+            && !live.cancel.is_cancelled()
+        {
+            return Err(Conflict {
+                peer: live.peer,
+                since_ms: live.connected_since_ms,
+            });
+        }
         let handle = SessionHandle {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             notify: Arc::new(Notify::new()),
@@ -47,17 +79,10 @@ impl Hub {
             connected_since_ms: lienthong_proto::now_ms(),
             in_flight: Arc::new(AtomicU64::new(0)),
             last_seen_ms: Arc::new(AtomicI64::new(lienthong_proto::now_ms())),
+            peer,
         };
-        let previous = self
-            .sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(agency.to_owned(), handle.clone());
-        if let Some(previous) = previous {
-            tracing::info!(agency, "new session replaces the previous one");
-            previous.cancel.cancel();
-        }
-        handle
+        sessions.insert(agency.to_owned(), handle.clone());
+        Ok(handle)
     }
 
     /// Removes the session `id` of `agency`, unless a newer one replaced it.

@@ -7,7 +7,9 @@
 //! - `exchange`: submission, agent sessions and status (agency certificates).
 //! - `admin`: queue views for operators (operator certificates).
 //! - `session`: pushing one recipient's queue with a bounded window.
-//! - `hub`: which agencies have a live session.
+//! - `hub`: which agencies have a live session (at most one each).
+//! - `listener`: accepting connections on both listeners with timeouts and caps (TLS
+//!   handshake done here, not by tonic), and the open-file limit.
 //! - [`store`]: sled trees and the submission transaction; `commit`: group commit.
 //! - `auth`: the caller's identity from its TLS certificate.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
@@ -27,6 +29,7 @@ pub mod error;
 mod exchange;
 mod http;
 mod hub;
+mod listener;
 mod metrics;
 mod recall;
 mod recent;
@@ -117,9 +120,115 @@ pub struct BrokerConfig {
     pub max_clock_skew: Duration,
     /// How old a document's `created_at_ms` may be when it is submitted.
     pub max_document_age: Duration,
+
+    // --- Connections, sessions and the admin listener (`listener`, `session`, `http`) ---
+    /// A gRPC connection must finish its TLS handshake, client certificate included,
+    /// within this; until then it holds one of `max_handshakes` slots.
+    pub tls_handshake_timeout: Duration,
+    /// After its handshake a gRPC connection must start HTTP/2 within this; on the admin
+    /// listener each request's head must arrive within this (which also closes an idle
+    /// keep-alive connection).
+    pub http_header_timeout: Duration,
+    /// An admin connection on which no byte moves for this long is closed.
+    pub admin_idle_timeout: Duration,
+    /// Most gRPC connections open at once, and most of them in their TLS handshake at
+    /// once; both are lowered at start to fit the open-file limit (`listener::fit_caps`).
+    /// Beyond a cap a new connection is closed at once and counted.
+    pub max_connections: usize,
+    pub max_handshakes: usize,
+    /// Most admin HTTP connections open at once.
+    pub max_admin_connections: usize,
+    /// Bytes of deliveries one session may have waiting for the transport, and all
+    /// sessions together; a session waits for room (one message larger than the whole
+    /// per-session budget is still sent, alone).
+    pub session_buffer_bytes: u64,
+    pub sessions_buffer_bytes: u64,
+    /// A session that cannot queue anything for this long (its agent stopped reading)
+    /// ends, returning its buffered bytes.
+    pub session_stall_timeout: Duration,
+    /// Named operator tokens for the admin listener, in addition to `admin_token`; the
+    /// name is recorded in the audit log for every operator action taken with it.
+    pub admin_tokens: Vec<AdminToken>,
+    /// Serve the admin listener on a non-loopback address although it speaks plain HTTP
+    /// (logged as a warning). Without it such an address is refused at start.
+    pub admin_insecure_bind: bool,
+}
+
+/// An operator token for the admin listener and the name it acts under.
+#[derive(Clone)]
+pub struct AdminToken {
+    pub name: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself: configs are logged.
+        write!(f, "AdminToken {{ name: {:?} }}", self.name)
+    }
+}
+
+impl AdminToken {
+    /// A token without a name acts as "dashboard token <first 8 hex digits of its
+    /// SHA-256>": enough for the audit log to tell tokens apart, useless for guessing.
+    pub fn unnamed(token: String) -> Self {
+        let digest = lienthong_proto::sha256(token.as_bytes());
+        let name = format!(
+            "dashboard token {}",
+            hex::encode(digest.get(..4).unwrap_or(&[]))
+        );
+        Self { name, token }
+    }
+
+    /// Parses a token file: one token per line, either `name:token` or a bare token;
+    /// blank lines and lines starting with `#` are ignored. A name is trimmed and may
+    /// not be empty; a token must be at least 16 characters.
+    pub fn parse_file(text: &str) -> Result<Vec<Self>, String> {
+        let mut tokens = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let line_no = number.saturating_add(1);
+            let token = match line.split_once(':') {
+                Some((name, token)) => {
+                    let name = name.trim();
+                    if name.is_empty() || name.chars().any(char::is_control) {
+                        return Err(format!("line {line_no}: empty or unprintable name"));
+                    }
+                    Self {
+                        name: name.to_owned(),
+                        token: token.trim().to_owned(),
+                    }
+                }
+                None => Self::unnamed(line.to_owned()),
+            };
+            if token.token.len() < 16 {
+                return Err(format!(
+                    "line {line_no}: the token is shorter than 16 characters"
+                ));
+            }
+            tokens.push(token);
+        }
+        if tokens.is_empty() {
+            return Err("no token in the file".into());
+        }
+        Ok(tokens)
+    }
 }
 
 impl BrokerConfig {
+    /// Every operator token of the admin listener with its name: `admin_tokens`, and
+    /// `admin_token` (named by its hash).
+    pub(crate) fn admin_operators(&self) -> Vec<AdminToken> {
+        let mut tokens = self.admin_tokens.clone();
+        if let Some(token) = self.admin_token.as_ref().filter(|t| !t.is_empty()) {
+            tokens.push(AdminToken::unnamed(token.clone()));
+        }
+        tokens
+    }
+
     pub fn new(tls: TlsFiles, data_dir: PathBuf) -> Self {
         Self {
             name: "broker".into(),
@@ -147,6 +256,17 @@ impl BrokerConfig {
             max_pending_bytes: 50 * 1024 * 1024 * 1024,
             min_free_bytes: 512 * 1024 * 1024,
             admin_token: None,
+            tls_handshake_timeout: Duration::from_secs(10),
+            http_header_timeout: Duration::from_secs(10),
+            admin_idle_timeout: Duration::from_secs(30),
+            max_connections: 8192,
+            max_handshakes: 256,
+            max_admin_connections: 32,
+            session_buffer_bytes: 16 * 1024 * 1024,
+            sessions_buffer_bytes: 512 * 1024 * 1024,
+            session_stall_timeout: Duration::from_secs(120),
+            admin_tokens: Vec::new(),
+            admin_insecure_bind: false,
             max_submissions_per_agency: 16,
             max_reserved_bytes_per_agency: 4 * 1024 * 1024 * 1024,
             stall_timeout: Duration::from_secs(60),
@@ -272,6 +392,10 @@ struct Shared {
     /// Open calls per agency: concurrency and byte quotas, suspension cancellation,
     /// partial uploads being written.
     admission: admission::Admission,
+    /// The budget of bytes all sessions together may have waiting for the transport
+    /// (`sessions_buffer_bytes`, at most u32::MAX), and its size.
+    session_bytes: Arc<tokio::sync::Semaphore>,
+    session_bytes_max: u32,
 }
 
 /// Opens the store and serves until `shutdown` is cancelled, then stops accepting,
@@ -286,9 +410,10 @@ pub async fn run(
 
 /// [`run`], and also serves `admin_listener` (when given) with plain HTTP: `GET
 /// /metrics` (Prometheus), `/healthz`, `/readyz` and the operator dashboard (`GET /` and
-/// its `/api`, which can redrive dead letters). Only the dashboard's `/api` can be
-/// protected (`admin_token`); bind it to loopback or a monitoring network. It stops when
-/// shutdown begins.
+/// its `/api`, which can redrive dead letters). The dashboard's `/api` needs an operator
+/// token when any is configured (`admin_tokens`, `admin_token`). A non-loopback
+/// `admin_listener` is refused unless `admin_insecure_bind` is set and a token is
+/// configured. It stops when shutdown begins.
 pub async fn run_with_admin(
     config: BrokerConfig,
     listener: TcpListener,
@@ -296,6 +421,14 @@ pub async fn run_with_admin(
     shutdown: CancellationToken,
 ) -> Result<(), BrokerError> {
     install_crypto_provider();
+    // Before anything is opened: a refused configuration leaves nothing running.
+    if let Some(addr) = admin_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        http::check_bind(
+            addr,
+            config.admin_insecure_bind,
+            !config.admin_operators().is_empty(),
+        )?;
+    }
     let config_error = |what: &str, e: lienthong_proto::ProtocolError| BrokerError::Config {
         path: what.to_owned(),
         detail: e.to_string(),
@@ -317,7 +450,12 @@ pub async fn run_with_admin(
     }
     let local_addr = listener.local_addr().ok();
     let certificates = held_certificates(&config.tls, &signing_key);
+    let session_bytes_max = u32::try_from(config.sessions_buffer_bytes)
+        .unwrap_or(u32::MAX)
+        .max(1);
     let shared = Arc::new_cyclic(|weak| Shared {
+        session_bytes: Arc::new(tokio::sync::Semaphore::new(session_bytes_max as usize)),
+        session_bytes_max,
         store: store.clone(),
         hub: hub::Hub::default(),
         signing_key,
@@ -347,9 +485,37 @@ pub async fn run_with_admin(
         documents = store.document_count(),
         "broker listening"
     );
+    let nofile = listener::raise_nofile_limit();
+    let (max_connections, max_handshakes, max_admin_connections) = listener::fit_caps(
+        nofile.soft,
+        shared.config.max_connections,
+        shared.config.max_handshakes,
+        shared.config.max_admin_connections,
+    );
+    tracing::info!(
+        nofile_soft = ?nofile.soft,
+        nofile_hard = ?nofile.hard,
+        max_connections,
+        max_handshakes,
+        max_admin_connections,
+        "connection caps"
+    );
+    let limits = listener::Limits {
+        handshake_timeout: shared.config.tls_handshake_timeout,
+        header_timeout: shared.config.http_header_timeout,
+        idle_timeout: shared.config.admin_idle_timeout,
+        max_connections,
+        max_handshakes,
+    };
+    let tls = listener::tls_server_config(&shared.config.tls)?;
+    let incoming = listener::grpc_incoming(
+        listener,
+        tls,
+        limits,
+        shared.metrics.connections.clone(),
+        shutdown.clone(),
+    );
     let serve = tonic::transport::Server::builder()
-        .tls_config(shared.config.tls.server_config())
-        .map_err(|e| BrokerError::Serve(e.to_string()))?
         .http2_keepalive_interval(Some(shared.config.keepalive_interval))
         .http2_keepalive_timeout(Some(shared.config.keepalive_timeout))
         // WAN links have large bandwidth-delay products: start with windows that fill
@@ -359,23 +525,29 @@ pub async fn run_with_admin(
         .http2_adaptive_window(Some(true))
         .add_service(exchange)
         .add_service(admin)
-        .serve_with_incoming_shutdown(
-            // Small messages (receipts, acknowledgements) must not wait for Nagle; tonic
-            // sets this only on listeners it binds itself.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.cancelled(),
-        );
-    let admin = admin_listener.map(|admin_listener| {
-        tracing::info!(addr = ?admin_listener.local_addr().ok(), "admin HTTP listening");
-        let app = http::router(shared.clone());
-        let stop = shared.shutdown.clone().cancelled_owned();
-        tokio::spawn(async move {
-            let served = axum::serve(admin_listener, app).with_graceful_shutdown(stop);
-            if let Err(error) = served.await {
-                tracing::error!(%error, "admin HTTP listener failed");
-            }
-        })
-    });
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled());
+    let admin = match admin_listener {
+        Some(admin_listener) => {
+            let addr = admin_listener
+                .local_addr()
+                .map_err(|e| BrokerError::Serve(format!("admin listener: {e}")))?;
+            tracing::info!(%addr, "admin HTTP listening");
+            let app = http::router(shared.clone(), addr);
+            let admin_limits = listener::Limits {
+                max_connections: max_admin_connections,
+                ..limits
+            };
+            Some(tokio::spawn(listener::serve_admin(
+                admin_listener,
+                app,
+                admin_limits,
+                shared.metrics.connections.clone(),
+                shared.shutdown.clone(),
+                shared.config.shutdown_grace,
+            )))
+        }
+        None => None,
+    };
     let grace = shared.config.shutdown_grace;
     let result = tokio::select! {
         served = serve => served.map_err(|e| BrokerError::Serve(e.to_string())),
@@ -387,7 +559,9 @@ pub async fn run_with_admin(
     shared.shutdown.cancel();
     if let Some(mut admin) = admin {
         // Its requests hold the shared state, and with it the store: wait for them.
-        if tokio::time::timeout(grace, &mut admin).await.is_err() {
+        // It ends its own connections after `grace`; the extra second covers that.
+        let limit = grace.saturating_add(Duration::from_secs(1));
+        if tokio::time::timeout(limit, &mut admin).await.is_err() {
             tracing::warn!("admin HTTP requests did not finish within the grace period");
             admin.abort();
             let _ = admin.await;

@@ -22,7 +22,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -56,6 +56,123 @@ pub(crate) struct Metrics {
     acknowledgements: Counter,
     delivery_seconds: Histogram,
     dead_letters: Family<FixedLabel, Counter>,
+    pub(crate) connections: ConnectionMetrics,
+}
+
+/// Two labels, each with a value from a fixed set.
+type FixedLabels2 = [(&'static str, &'static str); 2];
+
+/// Connection and session metrics, shared with the listeners' accept loops
+/// (`listener`) and the sessions (`session`, `hub`). Cheap to clone.
+#[derive(Clone, Default)]
+pub(crate) struct ConnectionMetrics {
+    refused: Family<FixedLabels2, Counter>,
+    accept_errors: Family<FixedLabels2, Counter>,
+    open: Family<FixedLabel, Gauge>,
+    handshakes: Gauge,
+    session_conflicts: Counter,
+    session_buffered_bytes: Gauge,
+}
+
+/// Refusal reasons of [`ConnectionMetrics::refused`].
+pub(crate) const CONNECTION_REFUSALS: [&str; 4] = [
+    "connection_limit",
+    "handshake_evicted",
+    "handshake_timeout",
+    "tls_error",
+];
+
+/// Kinds of [`ConnectionMetrics::accept_error`].
+pub(crate) const ACCEPT_ERRORS: [&str; 4] = ["emfile", "enfile", "nomem", "other"];
+
+/// Counts an open connection while it lives.
+pub(crate) struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl ConnectionMetrics {
+    fn register(&self, registry: &mut Registry) {
+        for listener in [crate::listener::GRPC, crate::listener::ADMIN] {
+            for reason in CONNECTION_REFUSALS {
+                self.refused
+                    .get_or_create_owned(&[("listener", listener), ("reason", reason)]);
+            }
+            for kind in ACCEPT_ERRORS {
+                self.accept_errors
+                    .get_or_create_owned(&[("listener", listener), ("kind", kind)]);
+            }
+            self.open.get_or_create_owned(&[("listener", listener)]);
+        }
+        registry.register(
+            "lienthong_broker_connections_refused",
+            "Connections closed before being served, by listener and reason (connection_limit, \
+             handshake_evicted, handshake_timeout, tls_error)",
+            self.refused.clone(),
+        );
+        registry.register(
+            "lienthong_broker_accept_errors",
+            "Errors accepting connections, by listener and kind (emfile, enfile, nomem, other); \
+             the listener backs off briefly after each",
+            self.accept_errors.clone(),
+        );
+        registry.register(
+            "lienthong_broker_connections_open",
+            "Connections open, by listener (gRPC: authenticated TLS connections)",
+            self.open.clone(),
+        );
+        registry.register(
+            "lienthong_broker_tls_handshakes_in_progress",
+            "gRPC connections accepted whose TLS handshake has not finished",
+            self.handshakes.clone(),
+        );
+        registry.register(
+            "lienthong_broker_session_conflicts",
+            "Session calls refused because the agency already had a live session (a second \
+             agent with the same certificate?)",
+            self.session_conflicts.clone(),
+        );
+        registry.register(
+            "lienthong_broker_session_buffered_bytes",
+            "Bytes of deliveries queued in sessions' outgoing buffers, not yet taken by the transport",
+            self.session_buffered_bytes.clone(),
+        );
+    }
+
+    pub(crate) fn refused(&self, listener: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&[("listener", listener), ("reason", reason)])
+            .inc();
+    }
+
+    pub(crate) fn accept_error(&self, listener: &'static str, kind: &'static str) {
+        self.accept_errors
+            .get_or_create(&[("listener", listener), ("kind", kind)])
+            .inc();
+    }
+
+    pub(crate) fn connection_opened(&self, listener: &'static str) -> OpenConnection {
+        let gauge = self.open.get_or_create(&[("listener", listener)]).clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    pub(crate) fn handshake_started(&self) -> OpenConnection {
+        self.handshakes.inc();
+        OpenConnection(self.handshakes.clone())
+    }
+
+    pub(crate) fn session_conflict(&self) {
+        self.session_conflicts.inc();
+    }
+
+    /// The gauge of bytes buffered in sessions (added and subtracted by `session`).
+    pub(crate) fn session_buffered_bytes(&self) -> &Gauge {
+        &self.session_buffered_bytes
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -166,6 +283,8 @@ impl Metrics {
             "Group commit: one sled flush plus fdatasync of its data file (per process)",
             store_flush_seconds().clone(),
         );
+        let connections = ConnectionMetrics::default();
+        connections.register(&mut registry);
         registry.register_collector(Box::new(StateCollector {
             shared,
             certificates,
@@ -181,6 +300,7 @@ impl Metrics {
             acknowledgements,
             delivery_seconds,
             dead_letters,
+            connections,
         }
     }
 

@@ -13,19 +13,35 @@
 //!   taken before their transaction commits, so two concurrent submissions can commit
 //!   out of sequence order, and a cursor kept across fills would miss the earlier one.
 //!   The scan costs at most `window` skipped entries.
+//! - Memory: what waits for the transport is bounded in bytes, per session
+//!   (`session_buffer_bytes`) and for all sessions together (`sessions_buffer_bytes`),
+//!   besides the window's count: each message holds its encoded size of both budgets
+//!   from the moment it is queued until tonic takes it ([`OutgoingStream`]). A session
+//!   that cannot queue anything for `session_stall_timeout` (the agent stopped reading)
+//!   ends, and an ending session drops what it had queued, so a stalled agent cannot pin
+//!   memory. One live session per agency (see `hub`): a second is refused with
+//!   FAILED_PRECONDITION naming the live one.
+//! - A delivery is logged, counted and visible as delivered only once its settlement
+//!   (dequeue with the receipt) is durable: acknowledgements that arrive together share
+//!   one group commit.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use lienthong_proto::AgencyCode;
 use lienthong_proto::pb::{self, DeliveryState, ReceiptKind, Signed, agent_message::Msg};
 use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
 use crate::Shared;
@@ -66,24 +82,58 @@ fn ack_wait(base: Duration, max: Duration, attempt: u32) -> Duration {
     base.saturating_mul(1u32 << doublings).min(max.max(base))
 }
 
-/// Starts the session task and returns the stream of messages to the agent.
+/// Most acknowledgements settled under one group commit.
+const SETTLE_BATCH: usize = 1024;
+
+/// Starts the session task and returns the stream of messages to the agent, or refuses
+/// the session with FAILED_PRECONDITION when the agency already has a live one.
 pub fn start(
     shared: Arc<Shared>,
     agency: AgencyCode,
+    peer: Option<SocketAddr>,
     inbound: Streaming<pb::AgentMessage>,
-) -> ReceiverStream<Result<pb::BrokerMessage, Status>> {
+) -> Result<OutgoingStream, Status> {
+    let handle = match shared
+        .hub
+        .try_register(agency.as_str(), peer, &shared.shutdown)
+    {
+        Ok(handle) => handle,
+        Err(conflict) => {
+            shared.metrics.connections.session_conflict();
+            let message = conflict_message(&agency, peer, conflict);
+            tracing::warn!(agency = %agency, peer = ?peer, live_peer = ?conflict.peer, "{message}");
+            return Err(Status::failed_precondition(message));
+        }
+    };
+    // Suspended between the admission check and the hub registration: end here.
+    let suspended = shared
+        .store
+        .agency(agency.as_str())
+        .map_err(BrokerError::from)
+        .and_then(|record| match record {
+            Some(record) => crate::exchange::suspended_check(agency.as_str(), &record),
+            None => Ok(()),
+        });
+    if let Err(refused) = suspended {
+        shared.hub.deregister(agency.as_str(), handle.id);
+        return Err(refused.into());
+    }
     let window = shared.config.window.max(1) as usize;
-    let (tx, rx) = mpsc::channel(window + 1);
-    let handle = shared.hub.register(agency.as_str(), &shared.shutdown);
+    let (outbox, stream) = Outbox::new(&shared, window, handle.cancel.clone());
     let (streamed_tx, streamed_rx) = mpsc::unbounded_channel();
+    let registration = Registration {
+        shared: shared.clone(),
+        agency: agency.clone(),
+        id: handle.id,
+    };
     tokio::spawn(async move {
         let session_id = handle.id;
-        tracing::info!(agency = %agency, session = session_id, "agent session opened");
+        tracing::info!(agency = %agency, session = session_id, peer = ?peer, "agent session opened");
         let mut session = Session {
             shared: shared.clone(),
             agency: agency.clone(),
             handle,
-            tx,
+            tx: outbox.clone(),
             window,
             in_flight: HashMap::new(),
             partial: HashMap::new(),
@@ -94,17 +144,195 @@ pub fn start(
             tracing::warn!(agency = %agency, %error, "agent session ended with an error");
         }
         session.abandon_in_flight();
-        shared.hub.deregister(agency.as_str(), session_id);
+        drop(registration);
+        // Frees what the agent never took, and ends the stream for tonic.
+        outbox.close();
         tracing::info!(agency = %agency, session = session_id, "agent session closed");
     });
-    ReceiverStream::new(rx)
+    Ok(stream)
+}
+
+/// The hub's entry for a session, removed when the session task ends however it ends
+/// (a panic included): a stale entry would refuse the agency's every later session.
+struct Registration {
+    shared: Arc<Shared>,
+    agency: AgencyCode,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.hub.deregister(self.agency.as_str(), self.id);
+    }
+}
+
+/// The refusal of a second session, naming the live one.
+fn conflict_message(
+    agency: &AgencyCode,
+    peer: Option<SocketAddr>,
+    live: crate::hub::Conflict,
+) -> String {
+    let from = live
+        .peer
+        .map_or_else(|| "an unknown address".to_owned(), |p| p.to_string());
+    let since =
+        lienthong_proto::rfc3339_ms(live.since_ms).unwrap_or_else(|| live.since_ms.to_string());
+    let this = peer.map_or_else(String::new, |p| format!(" (this one came from {p})"));
+    format!(
+        "agency {agency} already has a live session from {from} since {since}; is a second \
+         agent running with the same certificate?{this} Stop it; this agent will retry"
+    )
+}
+
+/// One queued message and the budget bytes it holds until the transport takes it.
+struct Outgoing {
+    message: Result<pb::BrokerMessage, Status>,
+    _held: Held,
+}
+
+/// Budget bytes held by one queued message; returned when it drops.
+struct Held {
+    _session: OwnedSemaphorePermit,
+    _global: OwnedSemaphorePermit,
+    bytes: i64,
+    gauge: Gauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.gauge.dec_by(self.bytes);
+    }
+}
+
+/// The session's outgoing side (cloned into chunk senders): a bounded channel whose
+/// messages also hold bytes of the session's and the broker's budgets.
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::Sender<Outgoing>,
+    rx: Arc<Mutex<mpsc::Receiver<Outgoing>>>,
+    session_budget: Arc<Semaphore>,
+    session_max: u32,
+    global_budget: Arc<Semaphore>,
+    global_max: u32,
+    gauge: Gauge,
+    cancel: CancellationToken,
+    stall: Duration,
+}
+
+/// The outbox could not take a message: the session is ending or the agent stopped
+/// reading for `session_stall_timeout`.
+#[derive(Debug)]
+struct OutboxClosed(&'static str);
+
+impl Outbox {
+    fn new(shared: &Shared, window: usize, cancel: CancellationToken) -> (Self, OutgoingStream) {
+        let (tx, rx) = mpsc::channel(window.saturating_add(1));
+        let rx = Arc::new(Mutex::new(rx));
+        let config = &shared.config;
+        let session_max = u32::try_from(config.session_buffer_bytes)
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let outbox = Self {
+            tx,
+            rx: rx.clone(),
+            session_budget: Arc::new(Semaphore::new(session_max as usize)),
+            session_max,
+            global_budget: shared.session_bytes.clone(),
+            global_max: shared.session_bytes_max,
+            gauge: shared.metrics.connections.session_buffered_bytes().clone(),
+            cancel,
+            stall: config.session_stall_timeout,
+        };
+        (outbox, OutgoingStream { rx })
+    }
+
+    /// Queues `message` once both budgets have room for its encoded size (a message
+    /// larger than a whole budget takes all of it, alone).
+    async fn send(&self, message: Result<pb::BrokerMessage, Status>) -> Result<(), OutboxClosed> {
+        let bytes = message.as_ref().map_or(0, Message::encoded_len);
+        let want = u32::try_from(bytes).unwrap_or(u32::MAX);
+        let queue = async {
+            let session = self
+                .session_budget
+                .clone()
+                .acquire_many_owned(want.min(self.session_max))
+                .await
+                .map_err(|_| OutboxClosed("session ended"))?;
+            let global = self
+                .global_budget
+                .clone()
+                .acquire_many_owned(want.min(self.global_max))
+                .await
+                .map_err(|_| OutboxClosed("session ended"))?;
+            let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+            self.gauge.inc_by(bytes);
+            let held = Held {
+                _session: session,
+                _global: global,
+                bytes,
+                gauge: self.gauge.clone(),
+            };
+            self.tx
+                .send(Outgoing {
+                    message,
+                    _held: held,
+                })
+                .await
+                .map_err(|_| OutboxClosed("session ended"))
+        };
+        tokio::select! {
+            () = self.cancel.cancelled() => Err(OutboxClosed("session ended")),
+            () = self.tx.closed() => Err(OutboxClosed("the agent's stream ended")),
+            queued = tokio::time::timeout(self.stall, queue) => match queued {
+                Ok(result) => result,
+                Err(_) => Err(OutboxClosed(
+                    "the agent took nothing from its session for session_stall_timeout",
+                )),
+            },
+        }
+    }
+
+    /// Ends the stream: drops every message not yet taken (returning its bytes) so a
+    /// session whose agent never read cannot keep them, and stops further sends.
+    fn close(&self) {
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        rx.close();
+        while rx.try_recv().is_ok() {}
+    }
+}
+
+/// The messages to the agent, for tonic; a message's budget bytes return as it is
+/// taken. Ends after the session closes its outbox.
+pub struct OutgoingStream {
+    rx: Arc<Mutex<mpsc::Receiver<Outgoing>>>,
+}
+
+/// The transport let go of the stream (the agent reset it, or its connection died):
+/// what was queued is dropped and the session's next send fails, so the session ends
+/// now instead of waiting for room that will never come.
+impl Drop for OutgoingStream {
+    fn drop(&mut self) {
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        rx.close();
+        while rx.try_recv().is_ok() {}
+    }
+}
+
+impl futures_util::Stream for OutgoingStream {
+    type Item = Result<pb::BrokerMessage, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        rx.poll_recv(cx)
+            .map(|next| next.map(|outgoing| outgoing.message))
+    }
 }
 
 struct Session {
     shared: Arc<Shared>,
     agency: AgencyCode,
     handle: SessionHandle,
-    tx: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
+    tx: Outbox,
     window: usize,
     in_flight: HashMap<String, InFlight>,
     /// Streamed deliveries the agent holds in part (from its Hello): bytes per attachment.
@@ -121,13 +349,6 @@ enum Step {
 
 impl Session {
     async fn run(&mut self, mut inbound: Streaming<pb::AgentMessage>) -> Result<(), BrokerError> {
-        // Suspended between the admission check and the hub registration: end here.
-        if let Some(record) = self.shared.store.agency(self.agency.as_str())?
-            && let Err(refused) = crate::exchange::suspended_check(self.agency.as_str(), &record)
-        {
-            let _ = self.tx.send(Err(refused.into())).await;
-            return Ok(());
-        }
         match inbound.message().await {
             Ok(Some(pb::AgentMessage {
                 msg: Some(Msg::Hello(hello)),
@@ -160,7 +381,17 @@ impl Session {
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         self.handle.last_seen_ms.store(lienthong_proto::now_ms(), Ordering::Relaxed);
-                        self.on_message(message)?;
+                        let mut settled = Vec::new();
+                        self.on_message(message, &mut settled)?;
+                        // Whatever else has already arrived joins this group commit.
+                        while settled.len() < SETTLE_BATCH {
+                            match inbound.message().now_or_never() {
+                                Some(Ok(Some(message))) => self.on_message(message, &mut settled)?,
+                                // The end or an error shows again on the next read.
+                                _ => break,
+                            }
+                        }
+                        self.settled_durably(settled).await?;
                         Step::Continue
                     }
                     Ok(None) => Step::Stop,
@@ -287,7 +518,7 @@ impl Session {
         self.tx
             .send(Ok(delivery))
             .await
-            .map_err(|_| BrokerError::Unavailable("the agent went away".into()))?;
+            .map_err(|closed| BrokerError::Unavailable(closed.0.into()))?;
         self.shared.metrics.delivery_pushed(attempt);
         let mut flight = InFlight {
             deadline: Instant::now() + self.ack_wait(attempt),
@@ -334,9 +565,29 @@ impl Session {
         Ok(())
     }
 
-    fn on_message(&mut self, message: pb::AgentMessage) -> Result<(), BrokerError> {
+    /// Waits until the settlements just written are durable, then logs and counts them:
+    /// a delivery reported as delivered must not come back into the queue after a crash.
+    async fn settled_durably(&self, settled: Vec<(String, i64)>) -> Result<(), BrokerError> {
+        if settled.is_empty() {
+            return Ok(());
+        }
+        self.shared.store.durable().await?;
+        for (message_id, accepted_at_ms) in settled {
+            self.shared.metrics.acknowledged(accepted_at_ms);
+            tracing::info!(agency = %self.agency, message_id = %message_id, "delivered with receipt");
+        }
+        Ok(())
+    }
+
+    /// Handles one message from the agent; a settled delivery is added to `settled`
+    /// (message id, accepted at) to be reported once durable.
+    fn on_message(
+        &mut self,
+        message: pb::AgentMessage,
+        settled: &mut Vec<(String, i64)>,
+    ) -> Result<(), BrokerError> {
         match message.msg {
-            Some(Msg::Ack(ack)) => self.on_ack(ack),
+            Some(Msg::Ack(ack)) => self.on_ack(ack, settled),
             Some(Msg::Refuse(refuse)) => {
                 let reason = format!(
                     "refused by {}: {}",
@@ -357,7 +608,11 @@ impl Session {
         }
     }
 
-    fn on_ack(&mut self, ack: pb::Ack) -> Result<(), BrokerError> {
+    fn on_ack(
+        &mut self,
+        ack: pb::Ack,
+        settled: &mut Vec<(String, i64)>,
+    ) -> Result<(), BrokerError> {
         let Some(record) = self.shared.store.document(&ack.message_id)? else {
             tracing::warn!(agency = %self.agency, "acknowledgement for an unknown message id");
             return Ok(());
@@ -377,7 +632,7 @@ impl Session {
             tracing::warn!(agency = %self.agency, message_id = %ack.message_id, %error, "delivery receipt rejected; will offer again");
             return Ok(());
         }
-        let settled = self.shared.store.settle(
+        let newly_settled = self.shared.store.settle(
             &ack.message_id,
             self.agency.as_str(),
             Settlement::Delivered {
@@ -386,9 +641,8 @@ impl Session {
             lienthong_proto::now_ms(),
         )?;
         self.in_flight.remove(&ack.message_id);
-        if settled {
-            self.shared.metrics.acknowledged(record.accepted_at_ms);
-            tracing::info!(agency = %self.agency, message_id = %ack.message_id, "delivered with receipt");
+        if newly_settled {
+            settled.push((ack.message_id, record.accepted_at_ms));
         }
         Ok(())
     }
@@ -403,7 +657,7 @@ async fn send_chunks(
     count: u32,
     start_offsets: Vec<u64>,
     attempt: u32,
-    tx: mpsc::Sender<Result<pb::BrokerMessage, Status>>,
+    tx: Outbox,
     done: mpsc::UnboundedSender<(String, u32)>,
 ) {
     for index in 0..count {

@@ -1031,14 +1031,15 @@ impl Store {
         Ok(out)
     }
 
-    /// Queues a dead letter again under the same message id, with a new expiry.
-    /// Returns false when it is not a dead letter.
+    /// Queues a dead letter again under the same message id, with a new expiry; the
+    /// audit entry names `operator`. Returns false when it is not a dead letter.
     pub fn redrive(
         &self,
         message_id: &str,
         recipient: &str,
         expires_at_ms: i64,
         now_ms: i64,
+        operator: &str,
     ) -> Result<bool, StoreError> {
         let Some(document) = self.document(message_id)? else {
             return Ok(false);
@@ -1056,7 +1057,7 @@ impl Store {
             message_id: message_id.to_owned(),
             agency: recipient.to_owned(),
             header_sha256: document.header_sha256.clone(),
-            detail: "queued again by an operator".into(),
+            detail: format!("queued again by operator {operator}"),
             at_ms: now_ms,
         });
         let audit_key = audit_entry.seq.to_be_bytes();

@@ -814,7 +814,7 @@ fn redrive(
 ) -> Result<bool, TestCaseError> {
     let now = model.now;
     let redriven = store
-        .redrive(message_id, recipient, expires_at, now)
+        .redrive(message_id, recipient, expires_at, now, "certificate test")
         .unwrap();
     let seq = model.next_seq + 1;
     let expected = match model.delivery_mut(message_id, recipient) {

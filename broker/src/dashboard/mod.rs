@@ -8,9 +8,10 @@
 //!   each recipient's state and attempt log;
 //! - `POST /api/redrive` `{message_id, agency}`: queue dead letters again.
 //!
-//! With `BrokerConfig::admin_token` set, all of these need `Authorization: Bearer
-//! <token>`; the page takes the token from its URL fragment (`#token=`), which the
-//! browser never sends to the server.
+//! With an operator token configured (`BrokerConfig::admin_tokens`, `admin_token`), all
+//! of these need `Authorization: Bearer <token>`; the page takes the token from its URL
+//! fragment (`#token=`), which the browser never sends to the server. The token's name
+//! is who the audit log records for a redrive.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -36,28 +37,50 @@ const STYLE_CSS: &str = include_str!("style.css");
 /// Most queued documents listed for one agency.
 const PENDING_LIMIT: usize = 200;
 
-/// Rejects a request without the operator bearer token, when one is configured.
+/// Who acts through the dashboard, for the audit log: the name of the operator token
+/// the request carried, or, with no token configured (loopback only), a fixed name.
+#[derive(Debug, Clone)]
+pub(crate) struct Operator(pub String);
+
+/// Name recorded when the admin listener has no token (it is then loopback-only).
+const NO_TOKEN_OPERATOR: &str = "dashboard (no token configured; loopback)";
+
+/// Rejects a request without an operator bearer token, when any is configured, and
+/// records which operator it is as a request extension ([`Operator`]).
 pub(crate) async fn require_token(
     State(shared): State<Arc<Shared>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    if let Some(token) = shared.config.admin_token.as_deref() {
+    let tokens = shared.config.admin_operators();
+    let operator = if tokens.is_empty() {
+        Some(NO_TOKEN_OPERATOR.to_owned())
+    } else {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                "operator bearer token required",
-            )
-                .into_response();
-        }
-    }
+        // Every token is compared, so the time taken does not tell which one matched.
+        tokens.iter().fold(None, |found, candidate| {
+            let matches = constant_time_eq(given.as_bytes(), candidate.token.as_bytes());
+            if matches && found.is_none() {
+                Some(candidate.name.clone())
+            } else {
+                found
+            }
+        })
+    };
+    let Some(operator) = operator else {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "operator bearer token required",
+        )
+            .into_response();
+    };
+    request.extensions_mut().insert(Operator(operator));
     next.run(request).await
 }
 
@@ -457,6 +480,7 @@ pub(crate) struct RedriveResult {
 
 pub(crate) async fn redrive(
     State(shared): State<Arc<Shared>>,
+    axum::Extension(Operator(operator)): axum::Extension<Operator>,
     Json(body): Json<RedriveBody>,
 ) -> Result<Json<RedriveResult>, ApiError> {
     let agency = if body.agency.trim().is_empty() {
@@ -465,10 +489,14 @@ pub(crate) async fn redrive(
         Some(agency(body.agency.trim())?)
     };
     let message_id = body.message_id.trim();
-    tracing::info!(message_id, agency = ?agency.as_ref().map(AgencyCode::as_str), "redrive requested from the dashboard");
-    let redriven =
-        crate::deadletter::redrive(&shared, message_id, agency.as_ref().map(AgencyCode::as_str))
-            .await?;
+    tracing::info!(message_id, agency = ?agency.as_ref().map(AgencyCode::as_str), %operator, "redrive requested from the dashboard");
+    let redriven = crate::deadletter::redrive(
+        &shared,
+        message_id,
+        agency.as_ref().map(AgencyCode::as_str),
+        &operator,
+    )
+    .await?;
     Ok(Json(RedriveResult {
         redriven: redriven
             .into_iter()

@@ -27,11 +27,32 @@ pub struct BrokerArgs {
     /// 127.0.0.1:9443) or one reachable only from the monitoring network. Default: none.
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
-    /// Operator bearer token for the dashboard and its /api on the admin listener
-    /// (`Authorization: Bearer TOKEN`; open the page as `/#token=TOKEN`). Give one when
-    /// the admin listener is not on loopback. /metrics, /healthz, /readyz stay open.
-    #[arg(long, value_name = "TOKEN")]
+    /// Deprecated: the token shows in `ps`; use --admin-token-file.
+    #[arg(long, value_name = "TOKEN", hide = true)]
     admin_token: Option<String>,
+    /// File of operator bearer tokens for the dashboard and its /api on the admin
+    /// listener (`Authorization: Bearer TOKEN`; open the page as `/#token=TOKEN`): one
+    /// per line, `name:token` (the name goes into the audit log) or a bare token; mode
+    /// 0600 (refused when group- or world-readable). /metrics, /healthz, /readyz stay open.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Let the admin listener (plain HTTP) bind to a non-loopback address; needs
+    /// --admin-token-file. Without it such an address is refused.
+    #[arg(long)]
+    admin_insecure_bind: bool,
+    /// Seconds a gRPC connection has to finish its TLS handshake (default 10).
+    #[arg(long, value_name = "SECS")]
+    tls_handshake_timeout_secs: Option<u64>,
+    /// Seconds to start HTTP/2 after the handshake, and for an admin request's head
+    /// (default 10).
+    #[arg(long, value_name = "SECS")]
+    http_header_timeout_secs: Option<u64>,
+    /// Most gRPC connections open at once (lowered to fit the open-file limit).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most gRPC connections in their TLS handshake at once.
+    #[arg(long)]
+    max_handshakes: Option<usize>,
     /// Data directory (sled store).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -113,6 +134,12 @@ struct BrokerFile {
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
+    admin_token_file: Option<PathBuf>,
+    admin_insecure_bind: Option<bool>,
+    tls_handshake_timeout_secs: Option<u64>,
+    http_header_timeout_secs: Option<u64>,
+    max_connections: Option<usize>,
+    max_handshakes: Option<usize>,
     data: Option<PathBuf>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -243,6 +270,22 @@ fn apply_admission(
     Ok(())
 }
 
+/// Reads the admin token file, refusing one that other users can read.
+fn read_admin_tokens(
+    path: &std::path::Path,
+) -> Result<Vec<lienthong_broker::AdminToken>, CliError> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path).map_err(|e| CliError::config(path, e))?;
+    if metadata.permissions().mode() & 0o044 != 0 {
+        return Err(CliError::config(
+            path,
+            "the admin token file is readable by group or others; chmod 600 it",
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| CliError::config(path, e))?;
+    lienthong_broker::AdminToken::parse_file(&text).map_err(|e| CliError::config(path, e))
+}
+
 pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     let cfg = args.config.as_deref();
     let file: BrokerFile = config::load(cfg)?;
@@ -299,10 +342,43 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     let flags = admission_settings!(args);
     let from_file = admission_settings!(file);
     apply_admission(&mut broker, &flags, &from_file)?;
-    broker.admin_token = args
+    if let Some(token) = args
         .admin_token
         .or(file.admin_token)
-        .filter(|t| !t.is_empty());
+        .filter(|t| !t.is_empty())
+    {
+        tracing::warn!(
+            "--admin-token / admin_token is deprecated: the token is visible to every local \
+             user (ps, the config file); put it in a 0600 file and pass --admin-token-file"
+        );
+        broker.admin_token = Some(token);
+    }
+    if let Some(token_file) = args
+        .admin_token_file
+        .or(file.admin_token_file.map(|p| relative_to(cfg, p)))
+    {
+        broker.admin_tokens = read_admin_tokens(&token_file)?;
+    }
+    broker.admin_insecure_bind =
+        args.admin_insecure_bind || file.admin_insecure_bind.unwrap_or(false);
+    if let Some(secs) = args
+        .tls_handshake_timeout_secs
+        .or(file.tls_handshake_timeout_secs)
+    {
+        broker.tls_handshake_timeout = Duration::from_secs(secs.max(1));
+    }
+    if let Some(secs) = args
+        .http_header_timeout_secs
+        .or(file.http_header_timeout_secs)
+    {
+        broker.http_header_timeout = Duration::from_secs(secs.max(1));
+    }
+    if let Some(max) = args.max_connections.or(file.max_connections) {
+        broker.max_connections = max.max(1);
+    }
+    if let Some(max) = args.max_handshakes.or(file.max_handshakes) {
+        broker.max_handshakes = max.max(1);
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {listen}: {e}")))?;
