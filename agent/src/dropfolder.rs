@@ -188,12 +188,12 @@ fn classify(e: &ApiError) -> (bool, String) {
 /// Imports `<dir>/<name>` and files it under `sent/` or `failed/`.
 async fn take(agent: &Arc<Agent>, dir: &Path, name: &str) -> Outcome {
     let path = dir.join(name);
-    let limit = crate::edxml_api::package_limits().max_package_bytes;
+    let limit = crate::edxml_api::package_limits(agent).max_package_bytes;
     let outcome = match tokio::fs::metadata(&path).await {
         Ok(meta) if meta.len() > limit as u64 => Err((
             true,
             format!(
-                "the package is {} bytes, over the limit of {limit} bytes",
+                "the package is {} bytes, over the limit of {limit} bytes (api_max_body_bytes)",
                 meta.len()
             ),
         )),
