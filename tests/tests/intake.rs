@@ -665,8 +665,9 @@ async fn a_dropped_package_the_broker_refuses_moves_to_failed_across_a_restart()
         })
         .await;
     let broker_reason = status.failure_reason.unwrap();
+    // The note moves last: once it is in failed/, the move is complete.
+    wait_for_path(&drop.join("failed/goi.edxml.json")).await;
     let reason_file = drop.join("failed/goi.edxml.error.txt");
-    wait_for_path(&reason_file).await;
     let reason = std::fs::read_to_string(&reason_file).unwrap();
     assert!(reason.ends_with('\n'), "{reason:?}");
     assert!(
