@@ -66,6 +66,13 @@ pub struct AgentArgs {
     /// (with the message id) or `failed/` (with the reason).
     #[arg(long)]
     drop_dir: Option<PathBuf>,
+    /// Largest JSON or edXML request body the local API reads, default 48 MiB;
+    /// larger files go through `POST /v1/uploads`.
+    #[arg(long)]
+    api_max_body_bytes: Option<usize>,
+    /// Seconds after which an upload not taken into a document is removed (24 h).
+    #[arg(long)]
+    upload_max_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -86,6 +93,8 @@ struct AgentFile {
     max_outbox_bytes: Option<u64>,
     max_document_bytes: Option<u64>,
     drop_dir: Option<PathBuf>,
+    api_max_body_bytes: Option<usize>,
+    upload_max_age_secs: Option<u64>,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
@@ -137,6 +146,12 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         config.max_document_bytes = max;
     }
     config.drop_dir = optional_path(args.drop_dir, file.drop_dir);
+    if let Some(max) = args.api_max_body_bytes.or(file.api_max_body_bytes) {
+        config.api_max_body_bytes = max;
+    }
+    if let Some(secs) = args.upload_max_age_secs.or(file.upload_max_age_secs) {
+        config.upload_max_age = std::time::Duration::from_secs(secs);
+    }
     match (
         optional_path(args.signing_cert, file.signing_cert),
         optional_path(args.signing_key, file.signing_key),
