@@ -763,17 +763,18 @@ async fn send_document(
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
     let limit = agent.api_max_body_bytes;
-    let body = crate::intake::read_capped(&headers, body, limit, |size| {
-        ApiError::Rejected(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is {size} bytes or more; this agent reads at most {limit} \
+    let (body, _permit) =
+        crate::intake::read_capped(&headers, body, limit, &agent.body_budget, |size| {
+            ApiError::Rejected(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is {size} bytes or more; this agent reads at most {limit} \
                  (api_max_body_bytes); send larger files with POST /v1/uploads and refer to \
                  them by upload_id"
-            ),
-        )
-    })
-    .await?;
+                ),
+            )
+        })
+        .await?;
     let req: SendRequest = crate::intake::json(&headers, &body)?;
     // The request holds what it needs: the body's copy goes before the work.
     drop(body);

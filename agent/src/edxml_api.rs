@@ -94,10 +94,11 @@ async fn import(
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
     let limit = package_limits(&agent).max_package_bytes;
-    let package = crate::intake::read_capped(
+    let (package, _permit) = crate::intake::read_capped(
         &headers,
         body,
         u64::try_from(limit).unwrap_or(u64::MAX),
+        &agent.body_budget,
         |size| package_too_large(size, limit),
     )
     .await?;

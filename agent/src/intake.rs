@@ -11,7 +11,11 @@
 //!   loses the answer naming the limit. Past those bounds the connection is closed.
 //! - Decoding keeps one piece ([`DECODE_PIECE`] base64 characters) in memory, and
 //!   reports an invalid byte at its offset in the whole text, as a whole decode would.
+//! - Bodies read and processed at once share a [`BodyBudget`] of 4× the cap: each holds
+//!   twice its size (the body and one decoded copy of its text) until its answer, so
+//!   concurrent large requests wait instead of multiplying the agent's memory.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -19,6 +23,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::StreamExt as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use crate::api::ApiError;
@@ -54,15 +59,49 @@ pub(crate) async fn drain(stream: &mut axum::body::BodyDataStream) -> u64 {
     drained
 }
 
+/// The memory request bodies may take at once, in KiB (see the module invariants).
+pub(crate) struct BodyBudget {
+    permits: Arc<Semaphore>,
+    total_kib: u32,
+}
+
+impl BodyBudget {
+    /// A budget of 4× `cap` bytes.
+    pub(crate) fn new(cap: u64) -> Self {
+        let total = (cap.saturating_mul(4) / 1024)
+            .clamp(1, Semaphore::MAX_PERMITS as u64)
+            .min(u64::from(u32::MAX));
+        let total_kib = u32::try_from(total).unwrap_or(u32::MAX);
+        Self {
+            permits: Arc::new(Semaphore::new(total_kib as usize)),
+            total_kib,
+        }
+    }
+
+    /// Waits until twice `bytes` fits in the budget; held until the permit drops.
+    async fn take(&self, bytes: u64) -> Result<OwnedSemaphorePermit, ApiError> {
+        let kib = (bytes.saturating_mul(2) / 1024)
+            .saturating_add(1)
+            .min(u64::from(self.total_kib));
+        let kib = u32::try_from(kib).unwrap_or(self.total_kib);
+        Arc::clone(&self.permits)
+            .acquire_many_owned(kib)
+            .await
+            .map_err(|_| ApiError::Internal)
+    }
+}
+
 /// Reads a whole body of at most `limit` bytes into one buffer (sized from the declared
-/// length, so it is never copied while it grows). Over the limit: `too_large(size)`,
-/// after draining what the client still sends.
+/// length, so it is never copied while it grows), once the budget has room for it; the
+/// permit returned is held until the request is answered. Over the limit:
+/// `too_large(size)`, after draining what the client still sends.
 pub(crate) async fn read_capped(
     headers: &HeaderMap,
     body: Body,
     limit: u64,
+    budget: &BodyBudget,
     too_large: impl Fn(u64) -> ApiError,
-) -> Result<Bytes, ApiError> {
+) -> Result<(Bytes, OwnedSemaphorePermit), ApiError> {
     let mut stream = body.into_data_stream();
     let declared = declared_length(headers);
     if let Some(declared) = declared
@@ -75,6 +114,7 @@ pub(crate) async fn read_capped(
         );
         return Err(too_large(declared));
     }
+    let permit = budget.take(declared.unwrap_or(limit).min(limit)).await?;
     let capacity = declared.unwrap_or(0).min(limit);
     let mut buffer = Vec::with_capacity(usize::try_from(capacity).unwrap_or(0));
     while let Some(chunk) = stream.next().await {
@@ -89,7 +129,7 @@ pub(crate) async fn read_capped(
         }
         buffer.extend_from_slice(&chunk);
     }
-    Ok(Bytes::from(buffer))
+    Ok((Bytes::from(buffer), permit))
 }
 
 /// Whether the request says its body is JSON (`application/json` or `…+json`), the
@@ -223,6 +263,25 @@ mod tests {
         assert!(whole(&text).is_err());
         assert!(engine.decode(&text).is_err());
         assert!(whole(b"abc").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_budget_lets_two_bodies_at_the_cap_in_at_once() {
+        let cap = 1024 * 1024;
+        let budget = BodyBudget::new(cap);
+        let first = budget.take(cap).await.unwrap();
+        let second = budget.take(cap - 4096).await.unwrap();
+        // A third waits until one of them is answered.
+        let waiting = tokio::time::timeout(Duration::from_millis(100), budget.take(cap)).await;
+        assert!(waiting.is_err());
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(5), budget.take(cap)).await;
+        assert!(third.is_ok());
+        drop(second);
+        // Sizes near 2^64 take the whole budget, never more.
+        drop(third);
+        let all = budget.take(u64::MAX).await.unwrap();
+        assert_eq!(all.num_permits(), budget.total_kib as usize);
     }
 
     #[test]

@@ -163,6 +163,8 @@ pub(crate) struct Agent {
     pub max_document_bytes: u64,
     /// Largest JSON or edXML body read (`AgentConfig::api_max_body_bytes`).
     pub api_max_body_bytes: u64,
+    /// The memory JSON and edXML bodies may take at once (4× the cap).
+    pub body_budget: intake::BodyBudget,
     pub files: files::Files,
     /// Shared syncs of the inbox folder's filesystem for concurrent exports.
     pub export_sync: export::GroupSync,
@@ -324,6 +326,9 @@ pub async fn run(
         max_outbox_bytes: config.max_outbox_bytes,
         max_document_bytes: config.max_document_bytes,
         api_max_body_bytes: u64::try_from(config.api_max_body_bytes).unwrap_or(u64::MAX),
+        body_budget: intake::BodyBudget::new(
+            u64::try_from(config.api_max_body_bytes).unwrap_or(u64::MAX),
+        ),
         files: files::Files::new(&config.data_dir),
         export_sync,
         inbox_count: tokio::sync::watch::Sender::new(inbox_count),
