@@ -876,3 +876,72 @@ pub fn write_document(doc: &EdxmlDocument) -> Result<Vec<u8>, EdxmlError> {
     w.close("edXML");
     Ok(w.finish())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The piecewise decoder agrees with a whole decode on wrapped text at every piece
+    /// boundary, and refuses what a whole decode refuses.
+    #[test]
+    fn piecewise_decoding_matches_a_whole_decode() {
+        let limits = Limits::default();
+        let piece = DECODE_PIECE / 4 * 3;
+        for len in [0, 1, 2, 3, piece - 1, piece, piece + 1, 2 * piece + 2] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let text = STANDARD.encode(&bytes);
+            // Wrapped over lines of 76 characters, and with whitespace at the end.
+            let wrapped: String = text
+                .as_bytes()
+                .chunks(76)
+                .map(|line| String::from_utf8_lossy(line).into_owned())
+                .collect::<Vec<_>>()
+                .join("\r\n")
+                + "\n  ";
+            assert_eq!(
+                decode_base64(&wrapped, "p", &limits).unwrap(),
+                bytes,
+                "{len}"
+            );
+            let mut pieces = 0;
+            let mut total = Vec::new();
+            let size = decode_base64_into(&text, "p", &limits, &mut |b: &[u8]| {
+                pieces += 1;
+                total.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(size, len as u64);
+            assert_eq!(total, bytes);
+            assert!(pieces <= len / piece + 1, "{len}: {pieces} pieces");
+        }
+        // `=` ending a piece that is not the last: a whole decode refuses it too.
+        let mut text = STANDARD.encode(vec![1u8; 2 * piece]).into_bytes();
+        text[DECODE_PIECE - 1] = b'=';
+        let text = String::from_utf8(text).unwrap();
+        assert!(STANDARD.decode(&text).is_err());
+        let error = decode_base64(&text, "p", &limits).unwrap_err();
+        assert_eq!(error.kind(), "InvalidBase64");
+        // An invalid byte is reported at its offset in the whole text.
+        let mut text = STANDARD.encode(vec![1u8; 2 * piece]).into_bytes();
+        text[DECODE_PIECE + 9] = b'@';
+        let whole = STANDARD.decode(&text).unwrap_err().to_string();
+        let text = String::from_utf8(text).unwrap();
+        let error = decode_base64(&text, "p", &limits).unwrap_err().to_string();
+        assert!(error.contains(&whole), "{error} / {whole}");
+        // Over the attachment limit: refused before anything is decoded.
+        let small = Limits {
+            max_attachment_bytes: 10,
+            ..Limits::default()
+        };
+        let mut called = false;
+        let error = decode_base64_into(&STANDARD.encode([0u8; 30]), "p", &small, &mut |_| {
+            called = true;
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(error.kind(), "TooLarge");
+        assert!(!called);
+    }
+}
