@@ -192,7 +192,59 @@ struct Prepared {
 }
 
 /// Builds the header, seals it and stores it in the outbox. Blocking.
+///
+/// Attachments given as base64 of a document that will be streamed (over
+/// `STREAMED_THRESHOLD` in total) are first spooled to upload files, synced, so that
+/// they take the path of uploaded files; whatever was spooled for a document that is
+/// then refused is removed again.
 fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
+    let mut spooled = Vec::new();
+    let prepared = prepare_spooled(agent, req, &mut spooled);
+    // Taken into the outbox (streamed), read inline, or refused: no longer needed.
+    for id in &spooled {
+        agent.files.remove_upload(id);
+    }
+    prepared
+}
+
+/// Spools base64 `text` (attachment `index`) to a new upload; returns its id.
+/// Blocking.
+fn spool_base64(agent: &Agent, index: usize, text: &[u8]) -> Result<String, ApiError> {
+    let mut writer = agent
+        .files
+        .spool()
+        .map_err(internal("cannot spool an attachment"))?;
+    let mut failed = None;
+    crate::intake::decode_pieces(
+        text,
+        |piece| {
+            writer.write(piece).map_err(|e| {
+                failed = Some(e);
+                ApiError::Internal
+            })
+        },
+        |e| {
+            ApiError::BadRequest(format!(
+                "attachments[{index}].content_base64: not valid standard base64 ({e})"
+            ))
+        },
+    )
+    .map_err(|e| match failed.take() {
+        Some(store) => internal("cannot spool an attachment")(store),
+        None => e,
+    })?;
+    writer
+        .finish()
+        .map(|(id, _)| id)
+        .map_err(internal("cannot spool an attachment"))
+}
+
+fn prepare_spooled(
+    agent: &Agent,
+    req: SendRequest,
+    spooled: &mut Vec<String>,
+) -> Result<Prepared, ApiError> {
+    let mut req = req;
     let mut recipients = Vec::with_capacity(req.to.len());
     for code in &req.to {
         let code =
@@ -236,15 +288,40 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
             }
         }
     }
+    if req.attachments.iter().any(|a| a.upload_id.is_some())
+        && req.attachments.iter().any(|a| a.upload_id.is_none())
+    {
+        return Err(ApiError::BadRequest(
+            "attachments: give every attachment as upload_id or every one as content_base64, not a mix"
+                .into(),
+        ));
+    }
+    // Whether the base64 attachments make a streamed document: then they are spooled
+    // to files as they are decoded, never held whole.
+    let base64_total = req
+        .attachments
+        .iter()
+        .filter(|a| a.upload_id.is_none())
+        .map(|a| crate::intake::decoded_len(a.content_base64.as_bytes()))
+        .fold(0, u64::saturating_add);
+    let spool_base64_attachments = base64_total > lienthong_proto::document::STREAMED_THRESHOLD;
     let mut attachments = Vec::with_capacity(req.attachments.len());
     let mut infos = Vec::with_capacity(req.attachments.len());
     let mut uploads = Vec::new();
-    for (index, attachment) in req.attachments.iter().enumerate() {
+    for (index, attachment) in req.attachments.iter_mut().enumerate() {
         let media_type = attachment
             .media_type
             .clone()
             .filter(|m| !m.trim().is_empty())
             .unwrap_or_else(|| guess_media_type(&attachment.name).to_owned());
+        if attachment.upload_id.is_none() && spool_base64_attachments {
+            // The text goes as soon as it is decoded: one copy at a time.
+            let text = std::mem::take(&mut attachment.content_base64);
+            let id = spool_base64(agent, index, text.as_bytes())?;
+            drop(text);
+            spooled.push(id.clone());
+            attachment.upload_id = Some(id);
+        }
         if let Some(upload_id) = &attachment.upload_id {
             let upload = agent
                 .files
@@ -280,12 +357,6 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
         return Err(too_large(total, agent.max_document_bytes));
     }
     let streamed = total > lienthong_proto::document::STREAMED_THRESHOLD;
-    if !uploads.is_empty() && !attachments.is_empty() {
-        return Err(ApiError::BadRequest(
-            "attachments: give every attachment as upload_id or every one as content_base64, not a mix"
-                .into(),
-        ));
-    }
     if !uploads.is_empty() && !streamed {
         // Small: kept inline in the store like a JSON upload.
         for (_, upload) in &uploads {
@@ -354,7 +425,11 @@ fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
         set_business_id(&mut header);
     }
     let envelope = seal(&header, &agent.signing_key).map_err(protocol_error)?;
-    let bytes: u64 = header.attachments.iter().map(|a| a.size).sum();
+    let bytes: u64 = header
+        .attachments
+        .iter()
+        .map(|a| a.size)
+        .fold(0, u64::saturating_add);
     let (pending, pending_bytes) = agent
         .store
         .outbox_pending()
@@ -427,7 +502,9 @@ async fn limits(State(agent): State<Arc<Agent>>) -> Json<Limits> {
 /// `POST /v1/uploads`: the raw file as the body, written to disk as it arrives (never
 /// held whole), hashed as it passes, synced before the answer. A body declared or
 /// found larger than `max_document_bytes` is refused before (or as soon as) it
-/// exceeds the limit, and nothing of it is kept.
+/// exceeds the limit, and nothing of it is kept; so is one that would take the bytes
+/// waiting for the broker plus unused uploads over `max_outbox_bytes` (`429`). A
+/// refusal drains what the client still sends (bounded) so that it sees the answer.
 async fn upload(
     State(agent): State<Arc<Agent>>,
     headers: axum::http::HeaderMap,
@@ -436,14 +513,28 @@ async fn upload(
     use futures_util::StreamExt as _;
     use tokio::io::AsyncWriteExt as _;
     let limit = agent.max_document_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(declared) = declared
-        && declared > limit
-    {
-        return Err(too_large(declared, limit));
+    let declared = crate::intake::declared_length(&headers);
+    let mut stream = body.into_data_stream();
+    let room = match outbox_room(&agent).await {
+        Ok(room) => room,
+        Err(e) => {
+            crate::intake::drain(&mut stream).await;
+            return Err(e);
+        }
+    };
+    if let Some(declared) = declared {
+        let refusal = if declared > limit {
+            Some(too_large(declared, limit))
+        } else if declared > room.free {
+            Some(outbox_full(&room, declared))
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            let drained = crate::intake::drain(&mut stream).await;
+            debug!(agency = %agent.agency, declared, drained, "upload refused from its declared length");
+            return Err(refusal);
+        }
     }
     let id = uuid::Uuid::now_v7().to_string();
     let part = agent.files.uploads().join(format!("{id}.part"));
@@ -451,10 +542,21 @@ async fn upload(
         error!(error = %e, "cannot write an upload");
         ApiError::Internal
     };
-    let mut file = tokio::fs::File::create(&part).await.map_err(io_failure)?;
+    let mut file = match tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&part)
+        .await
+    {
+        Ok(file) => file,
+        Err(e) => {
+            crate::intake::drain(&mut stream).await;
+            return Err(io_failure(e));
+        }
+    };
     let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
     let mut size: u64 = 0;
-    let mut stream = body.into_data_stream();
     let outcome: Result<(), ApiError> = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| {
@@ -462,7 +564,12 @@ async fn upload(
             })?;
             size = size.saturating_add(chunk.len() as u64);
             if size > limit {
+                crate::intake::drain(&mut stream).await;
                 return Err(too_large(size, limit));
+            }
+            if size > room.free {
+                crate::intake::drain(&mut stream).await;
+                return Err(outbox_full(&room, size));
             }
             hasher.update(&chunk);
             file.write_all(&chunk).await.map_err(io_failure)?;
@@ -494,6 +601,49 @@ async fn upload(
             sha256: hex::encode(sha256),
         }),
     ))
+}
+
+/// What the outbox byte limit leaves for a new upload: the bytes waiting for the
+/// broker and the unused uploads (and `.part` files) both count against it.
+struct OutboxRoom {
+    pending: u64,
+    uploads: u64,
+    free: u64,
+    limit: u64,
+}
+
+async fn outbox_room(agent: &Arc<Agent>) -> Result<OutboxRoom, ApiError> {
+    let reading = Arc::clone(agent);
+    let (pending, uploads) = tokio::task::spawn_blocking(move || {
+        let (_, pending) = reading.store.outbox_pending()?;
+        let (uploads, _) = reading.files.spool_bytes();
+        Ok::<_, StoreError>((pending, uploads))
+    })
+    .await
+    .map_err(|e| {
+        error!(error = %e, "reading the outbox failed");
+        ApiError::Internal
+    })?
+    .map_err(internal("cannot read the outbox"))?;
+    let used = pending.saturating_add(uploads);
+    Ok(OutboxRoom {
+        pending,
+        uploads,
+        free: agent.max_outbox_bytes.saturating_sub(used),
+        limit: agent.max_outbox_bytes,
+    })
+}
+
+fn outbox_full(room: &OutboxRoom, size: u64) -> ApiError {
+    ApiError::Rejected(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "the outbox holds {} bytes not yet accepted by the broker and {} bytes of uploads \
+             not yet sent; this upload of {size} bytes would exceed the limit of {} \
+             (max_outbox_bytes); send the uploads or retry when the broker is reachable again",
+            room.pending, room.uploads, room.limit
+        ),
+    )
 }
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
@@ -616,24 +766,29 @@ async fn inbox_count(
     Json(crate::api_types::InboxCount { count })
 }
 
+/// `POST /v1/documents`: the body is read up to `api_max_body_bytes` (refused with
+/// `413` naming the limit and pointing to `/v1/uploads` for larger files).
 async fn send_document(
     State(agent): State<Arc<Agent>>,
-    body: Result<Json<SendRequest>, JsonRejection>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
-    let Json(req) = body.map_err(|rejection| {
-        let status = rejection.status();
-        let text = rejection.body_text();
-        ApiError::Rejected(
-            if status == StatusCode::PAYLOAD_TOO_LARGE
-                || status == StatusCode::UNSUPPORTED_MEDIA_TYPE
-            {
-                status
-            } else {
-                StatusCode::BAD_REQUEST
-            },
-            text,
-        )
-    })?;
+    let limit = agent.api_max_body_bytes;
+    let (body, _permit) =
+        crate::intake::read_capped(&headers, body, limit, &agent.body_budget, |size| {
+            ApiError::Rejected(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is {size} bytes or more; this agent reads at most {limit} \
+                 (api_max_body_bytes); send larger files with POST /v1/uploads and refer to \
+                 them by upload_id"
+                ),
+            )
+        })
+        .await?;
+    let req: SendRequest = crate::intake::json(&headers, &body)?;
+    // The request holds what it needs: the body's copy goes before the work.
+    drop(body);
     Ok((
         StatusCode::ACCEPTED,
         Json(accept_send_request(&agent, req).await?),

@@ -6,7 +6,9 @@
 //! next to `sent/NAME.edxml.json` (the `SendResponse`: message and business id); once
 //! refused it moves to `<drop>/failed/NAME.edxml` next to `failed/NAME.edxml.error.txt`
 //! (the reason, naming the edXML field and rule). A name already taken there gets a
-//! `-1`, `-2`… suffix.
+//! `-1`, `-2`… suffix. A package accepted here but then refused for good by the broker
+//! (its outbox record ends `failed`) moves on from `sent/` to `failed/` the same way,
+//! the reason the broker gave in its `.error.txt`, and its `.json` note beside it.
 //!
 //! Invariants:
 //! - A file is taken only once it is complete: its size and modification time did not
@@ -18,9 +20,14 @@
 //!   be retried later.
 //! - A crash after a document was accepted but before its file moved sends it again
 //!   at the next start (at least once, as for a gateway retrying a request).
+//! - `sent/NAME.json` names the message id: every such note is checked against the
+//!   durable outbox record at start and at every poll until the record is final, so a
+//!   refusal by the broker is filed under `failed/` even across restarts. The note
+//!   moves last: a move interrupted by a crash is finished at the next start, never
+//!   done twice.
 //! - Logs name files and outcomes, never package contents.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,6 +41,7 @@ use tracing::{debug, error, info, warn};
 use crate::Agent;
 use crate::api::ApiError;
 use crate::api_types::SendResponse;
+use crate::store::OutboxState;
 
 /// How often the folder is listed.
 pub const POLL: Duration = Duration::from_secs(1);
@@ -61,6 +69,10 @@ struct Seen {
 pub(crate) async fn run(agent: Arc<Agent>, dir: PathBuf, stop: CancellationToken) {
     info!(agency = %agent.agency, drop_dir = %dir.display(), "drop folder watched");
     let mut seen: HashMap<OsString, Seen> = HashMap::new();
+    let listing = dir.clone();
+    let mut unsettled = tokio::task::spawn_blocking(move || sent_notes(&listing))
+        .await
+        .unwrap_or_default();
     let mut ticks = tokio::time::interval(POLL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut folder_ok = true;
@@ -69,7 +81,10 @@ pub(crate) async fn run(agent: Arc<Agent>, dir: PathBuf, stop: CancellationToken
             _ = stop.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match poll(&agent, &dir, &mut seen, &stop).await {
+        if !unsettled.is_empty() {
+            settle(&agent, &dir, &mut unsettled).await;
+        }
+        match poll(&agent, &dir, &mut seen, &mut unsettled, &stop).await {
             Ok(()) => folder_ok = true,
             Err(e) => {
                 // Logged once until it works again, not every second.
@@ -95,6 +110,7 @@ async fn poll(
     agent: &Arc<Agent>,
     dir: &Path,
     seen: &mut HashMap<OsString, Seen>,
+    unsettled: &mut BTreeMap<String, String>,
     stop: &CancellationToken,
 ) -> std::io::Result<()> {
     tokio::fs::create_dir_all(dir.join(SENT_DIR)).await?;
@@ -147,6 +163,11 @@ async fn poll(
                 seen.remove(&key);
                 continue;
             }
+            Outcome::Sent { note, message_id } => {
+                seen.remove(&key);
+                unsettled.insert(note, message_id);
+                continue;
+            }
             Outcome::Retry => RETRY,
             Outcome::Stuck => STUCK,
         };
@@ -158,8 +179,10 @@ async fn poll(
 }
 
 enum Outcome {
-    /// Filed under `sent/` or `failed/` (or gone).
+    /// Filed under `failed/` (or gone).
     Done,
+    /// Filed under `sent/` with this note (file name in `sent/`) naming the message id.
+    Sent { note: String, message_id: String },
     /// Not sent yet for a passing reason: try again after [`RETRY`].
     Retry,
     /// Sent but not filed: not again while this agent runs (it would send it twice).
@@ -188,12 +211,12 @@ fn classify(e: &ApiError) -> (bool, String) {
 /// Imports `<dir>/<name>` and files it under `sent/` or `failed/`.
 async fn take(agent: &Arc<Agent>, dir: &Path, name: &str) -> Outcome {
     let path = dir.join(name);
-    let limit = crate::edxml_api::package_limits().max_package_bytes;
+    let limit = crate::edxml_api::package_limits(agent).max_package_bytes;
     let outcome = match tokio::fs::metadata(&path).await {
         Ok(meta) if meta.len() > limit as u64 => Err((
             true,
             format!(
-                "the package is {} bytes, over the limit of {limit} bytes",
+                "the package is {} bytes, over the limit of {limit} bytes (api_max_body_bytes)",
                 meta.len()
             ),
         )),
@@ -226,14 +249,24 @@ async fn take(agent: &Arc<Agent>, dir: &Path, name: &str) -> Outcome {
             .map_err(std::io::Error::other)
             .and_then(|r| r);
     match (&outcome, filed) {
-        (Ok(response), Ok(target)) => info!(
-            agency = %agent.agency,
-            file = %name,
-            moved_to = %target.display(),
-            message_id = %response.message_id,
-            business_id = %response.business_id,
-            "dropped package sent"
-        ),
+        (Ok(response), Ok(target)) => {
+            info!(
+                agency = %agent.agency,
+                file = %name,
+                moved_to = %target.display(),
+                message_id = %response.message_id,
+                business_id = %response.business_id,
+                "dropped package sent"
+            );
+            let note = target
+                .file_name()
+                .map(|n| format!("{}.json", n.to_string_lossy()))
+                .unwrap_or_default();
+            return Outcome::Sent {
+                note,
+                message_id: response.message_id.clone(),
+            };
+        }
         (Err((_, reason)), Ok(target)) => warn!(
             agency = %agent.agency,
             file = %name,
@@ -258,6 +291,173 @@ async fn take(agent: &Arc<Agent>, dir: &Path, name: &str) -> Outcome {
         }
     }
     Outcome::Done
+}
+
+/// The notes in `sent/` (`NAME.json` → message id). Blocking.
+fn sent_notes(dir: &Path) -> BTreeMap<String, String> {
+    let mut notes = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir.join(SENT_DIR)) else {
+        return notes;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".json") {
+            continue;
+        }
+        let response = std::fs::read(entry.path())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<SendResponse>(&bytes).ok());
+        if let Some(response) = response {
+            notes.insert(name, response.message_id);
+        }
+    }
+    notes
+}
+
+/// Checks the documents of sent packages against the outbox: a package whose document
+/// the broker refused for good moves to `failed/`; one accepted (or unknown here) is
+/// settled and no longer checked.
+async fn settle(agent: &Arc<Agent>, dir: &Path, unsettled: &mut BTreeMap<String, String>) {
+    let checking = Arc::clone(agent);
+    let (folder, notes) = (dir.to_owned(), unsettled.clone());
+    let settled = tokio::task::spawn_blocking(move || {
+        let mut settled = Vec::new();
+        for (note, message_id) in notes {
+            let record = match checking.store.outbox_record(&message_id) {
+                Ok(record) => record,
+                Err(e) => {
+                    error!(agency = %checking.agency, message_id = %message_id, error = %e, "cannot read the outbox");
+                    continue;
+                }
+            };
+            let Some(record) = record else {
+                settled.push(note);
+                continue;
+            };
+            match record.state {
+                OutboxState::Outbox => {}
+                OutboxState::Submitted => settled.push(note),
+                OutboxState::Failed => {
+                    let reason = format!(
+                        "the broker refused document {message_id}: {}\n",
+                        record.failure_reason.as_deref().unwrap_or("no reason given")
+                    );
+                    match refile_failed(&folder, &note, &message_id, reason.as_bytes()) {
+                        Ok(target) => {
+                            warn!(
+                                agency = %checking.agency,
+                                message_id = %message_id,
+                                moved_to = %target.display(),
+                                reason = %reason.trim_end(),
+                                "sent package refused by the broker; moved to failed/"
+                            );
+                            settled.push(note);
+                        }
+                        Err(e) => {
+                            error!(agency = %checking.agency, note = %note, error = %e, "cannot move a refused package from sent/ to failed/; will retry");
+                        }
+                    }
+                }
+            }
+        }
+        settled
+    })
+    .await
+    .unwrap_or_default();
+    for note in settled {
+        unsettled.remove(&note);
+    }
+}
+
+/// Moves the sent package of `sent/<note>` (`NAME.json` for `NAME`) to `failed/` with
+/// `reason` in its `.error.txt`, then the note beside it. Idempotent: when the package
+/// already left `sent/` (a crash in the middle), the move is finished on the entry in
+/// `failed/` that has no note yet and no reason, or the reason naming `message_id`.
+/// Blocking.
+fn refile_failed(
+    dir: &Path,
+    note: &str,
+    message_id: &str,
+    reason: &[u8],
+) -> std::io::Result<PathBuf> {
+    let sent = dir.join(SENT_DIR);
+    let failed = dir.join(FAILED_DIR);
+    let package = note.strip_suffix(".json").unwrap_or(note);
+    let target = if sent.join(package).exists() {
+        file_away(&sent.join(package), &failed, package, ".error.txt", reason)?
+    } else {
+        match unfinished_failed_entry(&failed, package, message_id) {
+            Some(target) => {
+                let name = target
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if !failed.join(format!("{name}.error.txt")).exists() {
+                    write_note(&failed, &format!("{name}.error.txt"), reason)?;
+                }
+                target
+            }
+            None => {
+                // Nothing to finish: the package is gone (moved by hand?).
+                std::fs::remove_file(sent.join(note))?;
+                std::fs::File::open(&sent)?.sync_all()?;
+                return Ok(sent.join(package));
+            }
+        }
+    };
+    let target_name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::fs::rename(sent.join(note), failed.join(format!("{target_name}.json")))?;
+    std::fs::File::open(&failed)?.sync_all()?;
+    std::fs::File::open(&sent)?.sync_all()?;
+    Ok(target)
+}
+
+/// An entry of `failed/` for `package` (its name or `stem-N.ext`) that has no `.json`
+/// note, and either no `.error.txt` or one naming `message_id`: a move from `sent/`
+/// interrupted before the note followed (entries refused at intake have a reason that
+/// names no message id).
+fn unfinished_failed_entry(failed: &Path, package: &str, message_id: &str) -> Option<PathBuf> {
+    let (stem, ext) = package.rsplit_once('.').unwrap_or((package, ""));
+    let matches = |name: &str| {
+        name == package
+            || name
+                .strip_prefix(stem)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .and_then(|rest| rest.strip_suffix(ext))
+                .and_then(|rest| rest.strip_suffix('.'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let mut candidates: Vec<String> = std::fs::read_dir(failed)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| matches(name))
+        .filter(|name| !failed.join(format!("{name}.json")).exists())
+        .filter(
+            |name| match std::fs::read_to_string(failed.join(format!("{name}.error.txt"))) {
+                Ok(reason) => reason.contains(message_id),
+                Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+            },
+        )
+        .collect();
+    candidates.sort();
+    candidates.first().map(|name| failed.join(name))
+}
+
+/// Writes `dir/name` durably (through a hidden temporary file). Blocking.
+fn write_note(dir: &Path, name: &str, note: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let partial = dir.join(format!(".{name}.partial"));
+    let _ = std::fs::remove_file(&partial);
+    let mut file = crate::files::private_file(&partial)?;
+    file.write_all(note)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&partial, dir.join(name))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn sent_note(response: &SendResponse) -> Vec<u8> {
@@ -293,21 +493,13 @@ fn file_away(
     suffix: &str,
     note: &[u8],
 ) -> std::io::Result<PathBuf> {
-    use std::io::Write as _;
     let target = free_path(to_dir, name, suffix);
     std::fs::rename(from, &target)?;
     let target_name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| name.to_owned());
-    let note_path = to_dir.join(format!("{target_name}{suffix}"));
-    let partial = to_dir.join(format!(".{target_name}{suffix}.partial"));
-    let mut file = std::fs::File::create(&partial)?;
-    file.write_all(note)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&partial, &note_path)?;
-    std::fs::File::open(to_dir)?.sync_all()?;
+    write_note(to_dir, &format!("{target_name}{suffix}"), note)?;
     if let Some(parent) = from.parent() {
         std::fs::File::open(parent)?.sync_all()?;
     }
@@ -345,6 +537,72 @@ mod tests {
             free_path(dir.path(), "a.edxml", ".json"),
             dir.path().join("a-2.edxml")
         );
+    }
+
+    /// A drop folder with `sent/NAME` and its note, as `take` leaves it.
+    fn sent_package(dir: &Path, name: &str, id: &str) {
+        for sub in [SENT_DIR, FAILED_DIR] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(dir.join(SENT_DIR).join(name), b"package").unwrap();
+        let note = sent_note(&SendResponse {
+            message_id: id.into(),
+            business_id: "b".into(),
+        });
+        std::fs::write(dir.join(SENT_DIR).join(format!("{name}.json")), note).unwrap();
+    }
+
+    #[test]
+    fn refused_sent_packages_move_to_failed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // An unrelated intake refusal of the same name is already there.
+        std::fs::create_dir_all(d.join(FAILED_DIR)).unwrap();
+        std::fs::write(d.join(FAILED_DIR).join("x.edxml"), b"other").unwrap();
+        std::fs::write(d.join(FAILED_DIR).join("x.edxml.error.txt"), b"bad\n").unwrap();
+        sent_package(d, "x.edxml", "id-1");
+        assert_eq!(sent_notes(d).get("x.edxml.json").unwrap(), "id-1");
+        let target = refile_failed(d, "x.edxml.json", "id-1", b"refused id-1\n").unwrap();
+        assert_eq!(target, d.join(FAILED_DIR).join("x-1.edxml"));
+        assert_eq!(std::fs::read(&target).unwrap(), b"package");
+        assert_eq!(
+            std::fs::read(d.join(FAILED_DIR).join("x-1.edxml.error.txt")).unwrap(),
+            b"refused id-1\n"
+        );
+        assert!(d.join(FAILED_DIR).join("x-1.edxml.json").exists());
+        assert!(sent_notes(d).is_empty());
+        assert_eq!(std::fs::read_dir(d.join(SENT_DIR)).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read(d.join(FAILED_DIR).join("x.edxml")).unwrap(),
+            b"other"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_move_is_finished_not_repeated() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join(FAILED_DIR)).unwrap();
+        std::fs::write(d.join(FAILED_DIR).join("x.edxml"), b"other").unwrap();
+        std::fs::write(d.join(FAILED_DIR).join("x.edxml.error.txt"), b"bad\n").unwrap();
+        sent_package(d, "x.edxml", "id-2");
+        // The crash came after the package moved, before its reason was written.
+        std::fs::rename(
+            d.join(SENT_DIR).join("x.edxml"),
+            d.join(FAILED_DIR).join("x-1.edxml"),
+        )
+        .unwrap();
+        let target = refile_failed(d, "x.edxml.json", "id-2", b"refused id-2\n").unwrap();
+        assert_eq!(target, d.join(FAILED_DIR).join("x-1.edxml"));
+        assert_eq!(
+            std::fs::read(d.join(FAILED_DIR).join("x-1.edxml.error.txt")).unwrap(),
+            b"refused id-2\n"
+        );
+        assert!(d.join(FAILED_DIR).join("x-1.edxml.json").exists());
+        assert!(!d.join(FAILED_DIR).join("x.edxml.json").exists());
+        assert_eq!(std::fs::read_dir(d.join(SENT_DIR)).unwrap().count(), 0);
+        // Nothing more to do: the note is gone from sent/.
+        assert!(sent_notes(d).is_empty());
     }
 
     #[test]

@@ -22,12 +22,10 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine as _;
 use lienthong_edxml::{
     AttachmentBytes, EdxmlDocument, EdxmlMessage, EdxmlStatus, ResponseFor, StaffInfo,
 };
@@ -45,18 +43,35 @@ use crate::error::StoreError;
 /// Media type of an edXML package.
 pub(crate) const EDXML_MEDIA_TYPE: &str = "application/xml";
 
-/// The bounds a package must respect (the edXML crate's defaults).
-pub(crate) fn package_limits() -> lienthong_edxml::Limits {
-    lienthong_edxml::Limits::default()
+/// The bounds a package must respect: the edXML crate's defaults, with the whole
+/// package capped at the agent's `api_max_body_bytes` (the memory an import takes is
+/// a small multiple of the package).
+pub(crate) fn package_limits(agent: &Agent) -> lienthong_edxml::Limits {
+    let cap = usize::try_from(agent.api_max_body_bytes).unwrap_or(usize::MAX);
+    let defaults = lienthong_edxml::Limits::default();
+    lienthong_edxml::Limits {
+        max_package_bytes: defaults.max_package_bytes.min(cap),
+        ..defaults
+    }
 }
 
-/// The edXML routes, merged into the API's router.
+/// The refusal of a package over the limit, naming it.
+pub(crate) fn package_too_large(size: u64, limit: usize) -> ApiError {
+    ApiError::Rejected(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the edXML package is {size} bytes or more; this agent reads at most {limit} \
+             (api_max_body_bytes); send larger files with POST /v1/uploads and \
+             POST /v1/documents"
+        ),
+    )
+}
+
+/// The edXML routes, merged into the API's router. The import reads its body itself,
+/// up to [`package_limits`].
 pub(crate) fn routes() -> Router<Arc<Agent>> {
     Router::new()
-        .route(
-            "/v1/edxml",
-            post(import).layer(DefaultBodyLimit::max(package_limits().max_package_bytes)),
-        )
+        .route("/v1/edxml", post(import).layer(DefaultBodyLimit::disable()))
         .route("/v1/inbox/{id}/edxml", get(export))
 }
 
@@ -75,20 +90,18 @@ fn join_failed(e: tokio::task::JoinError) -> ApiError {
 /// `POST /v1/edxml`: the package is the body.
 async fn import(
     State(agent): State<Arc<Agent>>,
-    body: Result<Bytes, BytesRejection>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
 ) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
-    let package = body.map_err(|rejection| {
-        let status = rejection.status();
-        let text = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!(
-                "the package exceeds the limit of {} bytes",
-                package_limits().max_package_bytes
-            )
-        } else {
-            rejection.body_text()
-        };
-        ApiError::Rejected(status, text)
-    })?;
+    let limit = package_limits(&agent).max_package_bytes;
+    let (package, _permit) = crate::intake::read_capped(
+        &headers,
+        body,
+        u64::try_from(limit).unwrap_or(u64::MAX),
+        &agent.body_budget,
+        |size| package_too_large(size, limit),
+    )
+    .await?;
     let response = import_package(&agent, package).await?;
     Ok((StatusCode::ACCEPTED, Json(response)))
 }
@@ -106,39 +119,88 @@ enum Planned {
 
 /// Imports a package exactly like `POST /v1/edxml` (shared with the drop folder): a
 /// document is signed and queued for its `To` agencies, a status message is reported to
-/// the sender of the document it answers.
+/// the sender of the document it answers. Attachments are decoded straight into
+/// upload files as the package is parsed; they are removed again whatever the outcome
+/// (taken into the outbox, read inline, or refused).
 pub(crate) async fn import_package(
     agent: &Arc<Agent>,
     package: Bytes,
 ) -> Result<SendResponse, ApiError> {
     let planning = Arc::clone(agent);
-    let planned = tokio::task::spawn_blocking(move || plan(&planning, &package))
-        .await
-        .map_err(join_failed)?;
-    let planned = match planned {
-        Ok(planned) => planned,
-        Err(e) => {
-            if let ApiError::BadRequest(reason) = &e {
-                info!(agency = %agent.agency, reason = %reason, "edXML package refused");
-            }
-            return Err(e);
-        }
-    };
-    match planned {
-        Planned::Document(request) => crate::api::accept_send_request(agent, *request).await,
-        Planned::Status {
+    let planned = tokio::task::spawn_blocking(move || {
+        let mut spooled = Vec::new();
+        let planned = plan(&planning, &package, &mut spooled);
+        // The package's copy goes before the document is prepared.
+        drop(package);
+        (planned, spooled)
+    })
+    .await
+    .map_err(join_failed)?;
+    let (planned, spooled) = planned;
+    let outcome = match planned {
+        Ok(Planned::Document(request)) => crate::api::accept_send_request(agent, *request).await,
+        Ok(Planned::Status {
             message_id,
             code,
             reason,
             staff,
-        } => crate::business::report(agent, &message_id, &code, reason, staff).await,
+        }) => crate::business::report(agent, &message_id, &code, reason, staff).await,
+        Err(e) => {
+            if let ApiError::BadRequest(reason) = &e {
+                info!(agency = %agent.agency, reason = %reason, "edXML package refused");
+            }
+            Err(e)
+        }
+    };
+    if !spooled.is_empty() {
+        let removing = Arc::clone(agent);
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in &spooled {
+                removing.files.remove_upload(id);
+            }
+        })
+        .await;
     }
+    outcome
 }
 
-/// Parses the package and resolves what it refers to. Blocking (parsing, store scans).
-fn plan(agent: &Agent, package: &[u8]) -> Result<Planned, ApiError> {
-    let message = lienthong_edxml::parse_message(package, &package_limits())
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+/// Parses the package and resolves what it refers to; each attachment is decoded into
+/// a new upload file (its id pushed to `spooled`). Blocking (parsing, files, store
+/// scans).
+fn plan(agent: &Agent, package: &[u8], spooled: &mut Vec<String>) -> Result<Planned, ApiError> {
+    let mut writers: Vec<crate::files::SpoolWriter> = Vec::new();
+    let mut store_failure: Option<StoreError> = None;
+    let parsed = {
+        let mut sink = |index: usize, bytes: &[u8]| -> Result<(), String> {
+            if writers.len() <= index {
+                let writer = agent.files.spool().map_err(|e| {
+                    let text = e.to_string();
+                    store_failure = Some(e);
+                    text
+                })?;
+                writers.push(writer);
+            }
+            let writer = writers.get_mut(index).ok_or("attachment out of order")?;
+            writer.write(bytes).map_err(|e| {
+                let text = e.to_string();
+                store_failure = Some(e);
+                text
+            })
+        };
+        lienthong_edxml::parse_message_into(package, &package_limits(agent), &mut sink)
+    };
+    if let Some(e) = store_failure {
+        return Err(internal("cannot spool an edXML attachment")(e));
+    }
+    let message = parsed.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut upload_ids = Vec::with_capacity(writers.len());
+    for writer in writers {
+        let (id, _) = writer
+            .finish()
+            .map_err(internal("cannot spool an edXML attachment"))?;
+        spooled.push(id.clone());
+        upload_ids.push(id);
+    }
     let own = agent.agency.to_string();
     match message {
         EdxmlMessage::Document(doc) => {
@@ -153,7 +215,9 @@ fn plan(agent: &Agent, package: &[u8]) -> Result<Planned, ApiError> {
                 Some(business_id) => Some(sent_message_id(agent, &doc, &business_id)?),
                 None => None,
             };
-            Ok(Planned::Document(Box::new(send_request(*doc, refers_to))))
+            Ok(Planned::Document(Box::new(send_request(
+                *doc, refers_to, upload_ids,
+            ))))
         }
         EdxmlMessage::Status(status) => {
             if status.from != own {
@@ -178,7 +242,11 @@ fn plan(agent: &Agent, package: &[u8]) -> Result<Planned, ApiError> {
 }
 
 /// The request `POST /v1/documents` would get for this package.
-fn send_request(doc: EdxmlDocument, refers_to: Option<String>) -> SendRequest {
+fn send_request(
+    doc: EdxmlDocument,
+    refers_to: Option<String>,
+    upload_ids: Vec<String>,
+) -> SendRequest {
     let signer = (!doc.signer.competence.is_empty()
         || !doc.signer.position.is_empty()
         || !doc.signer.full_name.is_empty())
@@ -207,11 +275,12 @@ fn send_request(doc: EdxmlDocument, refers_to: Option<String>) -> SendRequest {
         attachments: doc
             .attachments
             .into_iter()
-            .map(|a| AttachmentUpload {
-                content_base64: base64::engine::general_purpose::STANDARD.encode(&a.bytes),
+            .zip(upload_ids)
+            .map(|(a, upload_id)| AttachmentUpload {
+                content_base64: String::new(),
                 name: a.name,
                 media_type: Some(a.media_type),
-                upload_id: None,
+                upload_id: Some(upload_id),
             })
             .collect(),
         business_type: Some(doc.business_type),
@@ -375,7 +444,7 @@ fn document_package(
     id: &str,
     header: &pb::DocumentHeader,
 ) -> Result<Vec<u8>, ApiError> {
-    let limits = package_limits();
+    let limits = package_limits(agent);
     let total: u64 = header
         .attachments
         .iter()

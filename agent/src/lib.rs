@@ -30,6 +30,7 @@ mod edxml_api;
 pub mod error;
 pub mod export;
 mod files;
+mod intake;
 mod metrics;
 mod outbox;
 mod session;
@@ -73,8 +74,15 @@ pub struct AgentConfig {
     pub keepalive_timeout: Duration,
     /// gRPC maximum message size, both directions (default 256 MiB).
     pub max_message_bytes: usize,
-    /// Largest request body the local HTTP API accepts (default 512 MiB).
+    /// Largest JSON or edXML request body the local HTTP API reads (default 48 MiB:
+    /// a 20 MiB attachment in base64 with margin); larger files go through
+    /// `POST /v1/uploads`, which streams them to disk. Memory per request stays within
+    /// a small multiple of it.
     pub api_max_body_bytes: usize,
+    /// Uploads not taken into a document are removed after this long (default 24 h).
+    pub upload_max_age: Duration,
+    /// How often leftovers are swept besides at start (default 1 h).
+    pub sweep_interval: Duration,
     /// Outbox limits: documents and attachment bytes not yet accepted by the broker.
     /// Over either, a new document is refused (HTTP 429) naming the limit, so an
     /// unreachable broker never makes the agent's disk grow without bound.
@@ -159,7 +167,9 @@ impl AgentConfig {
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),
             max_message_bytes: 256 * 1024 * 1024,
-            api_max_body_bytes: 512 * 1024 * 1024,
+            api_max_body_bytes: 48 * 1024 * 1024,
+            upload_max_age: Duration::from_secs(24 * 3600),
+            sweep_interval: Duration::from_secs(3600),
             max_outbox_documents: 10_000,
             max_outbox_bytes: 10 * 1024 * 1024 * 1024,
             max_document_bytes: 2 * 1024 * 1024 * 1024,
@@ -199,6 +209,10 @@ pub(crate) struct Agent {
     pub max_outbox_documents: u64,
     pub max_outbox_bytes: u64,
     pub max_document_bytes: u64,
+    /// Largest JSON or edXML body read (`AgentConfig::api_max_body_bytes`).
+    pub api_max_body_bytes: u64,
+    /// The memory JSON and edXML bodies may take at once (4× the cap).
+    pub body_budget: intake::BodyBudget,
     pub files: files::Files,
     /// Shared syncs of the inbox folder's filesystem for concurrent exports.
     pub export_sync: export::GroupSync,
@@ -294,14 +308,32 @@ pub async fn run(
     // The store first: an inbox folder inside the data directory must not make a new
     // data directory look foreign.
     let data_dir = config.data_dir.clone();
+    let upload_max_age = config.upload_max_age;
     let (store, (outbox_counts, inbox_count)) = tokio::task::spawn_blocking(move || {
         let store = store::Store::open(&data_dir)?;
-        files::Files::new(&data_dir)
-            .create()
-            .map_err(|e| AgentError::Corrupt {
-                path: data_dir.clone(),
-                detail: e.to_string(),
-            })?;
+        let files = files::Files::new(&data_dir);
+        files.create().map_err(|e| AgentError::Corrupt {
+            path: data_dir.clone(),
+            detail: e.to_string(),
+        })?;
+        // Before the API serves: nothing is being written, so every `.part` is a
+        // leftover, and an outbox folder is needed only by a document still waiting.
+        let swept = files.sweep(upload_max_age, true, |id| {
+            store
+                .outbox_record(id)
+                .map(|r| r.is_some_and(|r| r.state == store::OutboxState::Outbox))
+                // Unreadable: keep it, the submitter will say what is wrong.
+                .unwrap_or(true)
+        });
+        if swept != files::Swept::default() {
+            tracing::info!(
+                parts = swept.parts,
+                uploads = swept.uploads,
+                outbox_folders = swept.outbox_folders,
+                bytes = swept.bytes,
+                "swept leftovers of earlier runs"
+            );
+        }
         let counts = store.outbox_counts().map_err(|e| AgentError::Corrupt {
             path: data_dir.clone(),
             detail: format!("cannot read the outbox: {e}"),
@@ -359,10 +391,18 @@ pub async fn run(
         window: config.window.max(1),
         reconnect_min: config.reconnect_min,
         reconnect_max: config.reconnect_max.max(config.reconnect_min),
-        metrics: metrics::Metrics::new(outbox_counts, certificates),
+        metrics: metrics::Metrics::new(
+            outbox_counts,
+            certificates,
+            files::Files::new(&config.data_dir),
+        ),
         max_outbox_documents: config.max_outbox_documents,
         max_outbox_bytes: config.max_outbox_bytes,
         max_document_bytes: config.max_document_bytes,
+        api_max_body_bytes: u64::try_from(config.api_max_body_bytes).unwrap_or(u64::MAX),
+        body_budget: intake::BodyBudget::new(
+            u64::try_from(config.api_max_body_bytes).unwrap_or(u64::MAX),
+        ),
         files: files::Files::new(&config.data_dir),
         export_sync,
         inbox_access,
@@ -375,6 +415,12 @@ pub async fn run(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(outbox::run(Arc::clone(&agent), stop.clone()));
     tasks.spawn(session::run(Arc::clone(&agent), stop.clone()));
+    tasks.spawn(files::sweep_periodically(
+        Arc::clone(&agent),
+        config.upload_max_age,
+        config.sweep_interval,
+        stop.clone(),
+    ));
     if let Some(drop_dir) = config.drop_dir.clone() {
         tasks.spawn(dropfolder::run(Arc::clone(&agent), drop_dir, stop.clone()));
     }

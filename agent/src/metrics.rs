@@ -2,7 +2,8 @@
 //!
 //! Counters and the session gauge are updated where things happen (`api`, `outbox`,
 //! `session`); the outbox gauges start from a count of the store and follow every
-//! change; certificate expiry is computed at scrape time. Every metric is listed in
+//! change; certificate expiry and the bytes of the file spool are computed at scrape
+//! time. Every metric is listed in
 //! `docs/metrics.md`.
 
 use prometheus_client::collector::Collector;
@@ -41,9 +42,11 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// `outbox` = (outbox, submitted, failed) counted in the store at start;
     /// `certificates` = (role, notAfter in Unix seconds) of the certificates held.
+    /// `files`: the spool whose bytes are reported at scrape.
     pub(crate) fn new(
         outbox_counts: (u64, u64, u64),
         certificates: Vec<(&'static str, i64)>,
+        files: crate::files::Files,
     ) -> Self {
         let mut registry = Registry::default();
         let outbox = Family::<FixedLabel, Gauge>::default();
@@ -95,6 +98,7 @@ impl Metrics {
             session_connected.clone(),
         );
         registry.register_collector(Box::new(CertificateCollector { certificates }));
+        registry.register_collector(Box::new(SpoolCollector { files }));
         Self {
             registry,
             outbox,
@@ -189,6 +193,31 @@ impl Collector for CertificateCollector {
         for (role, at) in &self.certificates {
             let labels = [("certificate", *role)];
             ConstGauge::new(at.saturating_sub(now_s)).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// `lienthong_agent_spool_bytes`, read from the folders on each scrape (so it cannot
+/// drift from what is on disk).
+#[derive(Debug)]
+struct SpoolCollector {
+    files: crate::files::Files,
+}
+
+impl Collector for SpoolCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let (uploads, outbox) = self.files.spool_bytes();
+        let mut metric = encoder.encode_descriptor(
+            "lienthong_agent_spool_bytes",
+            "Bytes of attachment files on disk, by area: uploads (not yet taken into a document, counted against max_outbox_bytes, swept after upload_max_age) and outbox (streamed documents waiting for the broker)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (area, bytes) in [("uploads", uploads), ("outbox", outbox)] {
+            let labels = [("area", area)];
+            ConstGauge::new(i64::try_from(bytes).unwrap_or(i64::MAX))
+                .encode(metric.encode_family(&labels)?)?;
         }
         Ok(())
     }

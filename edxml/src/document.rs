@@ -251,10 +251,26 @@ fn content_key(id: &str) -> String {
 /// Parses and validates an edXML document package.
 pub fn parse_document(xml: &[u8], limits: &Limits) -> Result<EdxmlDocument, EdxmlError> {
     let root = parse_tree(xml, limits)?;
-    let (env, holders) = envelope(&root)?;
+    document_from_tree(&root, limits, None)
+}
+
+/// Receives the decoded bytes of each attachment while a package is parsed with
+/// [`crate::parse_message_into`]: `(attachment index, bytes)`, in order, at least once
+/// per attachment (an empty slice for an empty one). An `Err` stops the parse with
+/// [`EdxmlError::Sink`] carrying its text.
+pub type AttachmentSink<'a> = dyn FnMut(usize, &[u8]) -> Result<(), String> + 'a;
+
+/// A document from a parsed tree; with a sink, attachment bytes go there and
+/// [`EdxmlAttachment::bytes`] stays empty.
+pub(crate) fn document_from_tree(
+    root: &Element,
+    limits: &Limits,
+    sink: Option<&mut AttachmentSink<'_>>,
+) -> Result<EdxmlDocument, EdxmlError> {
+    let (env, holders) = envelope(root)?;
     let header = env.required("edXMLHeader", "edXMLHeader")?;
     let message = header.required("MessageHeader", "MessageHeader")?;
-    let doc = read_document(header, message, env, &holders, limits)?;
+    let doc = read_document(header, message, env, &holders, limits, sink)?;
     validate_document(&doc, limits)?;
     Ok(doc)
 }
@@ -265,6 +281,7 @@ fn read_document(
     env: &Element,
     holders: &[&Element],
     limits: &Limits,
+    sink: Option<&mut AttachmentSink<'_>>,
 ) -> Result<EdxmlDocument, EdxmlError> {
     use path as p;
     let mut doc = EdxmlDocument::default();
@@ -371,7 +388,7 @@ fn read_document(
             business.value_non_empty("DocumentId", p::BUSSINESS_DOCUMENT_ID)?;
     }
 
-    doc.attachments = read_attachments(env, holders, limits)?;
+    doc.attachments = read_attachments(env, holders, limits, sink)?;
     Ok(doc)
 }
 
@@ -379,6 +396,7 @@ fn read_attachments(
     env: &Element,
     holders: &[&Element],
     limits: &Limits,
+    mut sink: Option<&mut AttachmentSink<'_>>,
 ) -> Result<Vec<EdxmlAttachment>, EdxmlError> {
     // The manifest: content id -> index of the reference.
     let mut references: Vec<(String, Option<String>)> = Vec::new();
@@ -452,7 +470,20 @@ fn read_attachments(
             .ok_or_else(|| EdxmlError::MissingElement {
                 path: data_path.clone(),
             })?;
-        let bytes = decode_base64(&data.text, &data_path, limits)?;
+        let bytes = match sink.as_mut() {
+            None => decode_base64(&data.text, &data_path, limits)?,
+            Some(sink) => {
+                let mut emit = |bytes: &[u8]| {
+                    sink(i, bytes).map_err(|detail| EdxmlError::Sink {
+                        path: data_path.clone(),
+                        detail,
+                    })
+                };
+                emit(&[])?;
+                decode_base64_into(&data.text, &data_path, limits, &mut emit)?;
+                Vec::new()
+            }
+        };
         attachments.push(EdxmlAttachment {
             name,
             media_type,
@@ -489,26 +520,84 @@ fn read_attachments(
 }
 
 fn decode_base64(text: &str, path: &str, limits: &Limits) -> Result<Vec<u8>, EdxmlError> {
-    let compact: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if compact.len() / 4 * 3 > limits.max_attachment_bytes.saturating_add(3) {
+    let mut bytes = Vec::new();
+    decode_base64_into(text, path, limits, &mut |piece: &[u8]| {
+        bytes.extend_from_slice(piece);
+        Ok(())
+    })?;
+    Ok(bytes)
+}
+
+/// Base64 characters decoded at a time (a multiple of 4): memory stays at one piece
+/// however large the attachment.
+const DECODE_PIECE: usize = 64 * 1024;
+
+/// Decodes base64 `text` (whitespace ignored, padding required) piece by piece into
+/// `emit`, never holding the whole decoded attachment. Refuses over
+/// `max_attachment_bytes` before decoding anything, and reports an invalid byte at its
+/// offset in the whitespace-free text, as a whole decode would. Returns the size.
+fn decode_base64_into(
+    text: &str,
+    path: &str,
+    limits: &Limits,
+    emit: &mut dyn FnMut(&[u8]) -> Result<(), EdxmlError>,
+) -> Result<u64, EdxmlError> {
+    let significant = text.bytes().filter(|b| !b.is_ascii_whitespace()).count();
+    if significant / 4 * 3 > limits.max_attachment_bytes.saturating_add(3) {
         return Err(EdxmlError::TooLarge {
             what: "attachment",
             limit: limits.max_attachment_bytes,
         });
     }
-    let bytes = STANDARD
-        .decode(&compact)
-        .map_err(|e| EdxmlError::InvalidBase64 {
+    let invalid = |e: base64::DecodeError, base: usize| {
+        use base64::DecodeError as D;
+        let e = match e {
+            D::InvalidByte(at, byte) => D::InvalidByte(at.saturating_add(base), byte),
+            D::InvalidLastSymbol(at, byte) => D::InvalidLastSymbol(at.saturating_add(base), byte),
+            other => other,
+        };
+        EdxmlError::InvalidBase64 {
             path: path.into(),
             detail: e.to_string(),
-        })?;
-    if bytes.len() > limits.max_attachment_bytes {
-        return Err(EdxmlError::TooLarge {
-            what: "attachment",
-            limit: limits.max_attachment_bytes,
-        });
+        }
+    };
+    let mut piece: Vec<u8> = Vec::with_capacity(DECODE_PIECE.min(significant));
+    let mut decoded: Vec<u8> = Vec::with_capacity(DECODE_PIECE / 4 * 3);
+    let mut base = 0usize;
+    let mut size = 0u64;
+    let mut flush = |piece: &mut Vec<u8>, base: &mut usize, last: bool| {
+        if piece.is_empty() || (!last && piece.len() < DECODE_PIECE) {
+            return Ok(());
+        }
+        // Padding is legal only at the very end: a middle piece ending in `=` would
+        // decode on its own, where the whole text is invalid.
+        if !last && piece.last() == Some(&b'=') {
+            return Err(invalid(base64::DecodeError::InvalidPadding, *base));
+        }
+        decoded.clear();
+        STANDARD
+            .decode_vec(piece.as_slice(), &mut decoded)
+            .map_err(|e| invalid(e, *base))?;
+        size = size.saturating_add(decoded.len() as u64);
+        if size > limits.max_attachment_bytes as u64 {
+            return Err(EdxmlError::TooLarge {
+                what: "attachment",
+                limit: limits.max_attachment_bytes,
+            });
+        }
+        emit(&decoded)?;
+        *base = base.saturating_add(piece.len());
+        piece.clear();
+        Ok(())
+    };
+    for byte in text.bytes().filter(|b| !b.is_ascii_whitespace()) {
+        // A full piece is decoded only once more text follows it: then it is known not
+        // to be the last.
+        flush(&mut piece, &mut base, false)?;
+        piece.push(byte);
     }
-    Ok(bytes)
+    flush(&mut piece, &mut base, true)?;
+    Ok(size)
 }
 
 /// Checks every rule of DESIGN §9 on a document (what [`parse_document`] and
@@ -786,4 +875,73 @@ pub fn write_document(doc: &EdxmlDocument) -> Result<Vec<u8>, EdxmlError> {
     }
     w.close("edXML");
     Ok(w.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The piecewise decoder agrees with a whole decode on wrapped text at every piece
+    /// boundary, and refuses what a whole decode refuses.
+    #[test]
+    fn piecewise_decoding_matches_a_whole_decode() {
+        let limits = Limits::default();
+        let piece = DECODE_PIECE / 4 * 3;
+        for len in [0, 1, 2, 3, piece - 1, piece, piece + 1, 2 * piece + 2] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let text = STANDARD.encode(&bytes);
+            // Wrapped over lines of 76 characters, and with whitespace at the end.
+            let wrapped: String = text
+                .as_bytes()
+                .chunks(76)
+                .map(|line| String::from_utf8_lossy(line).into_owned())
+                .collect::<Vec<_>>()
+                .join("\r\n")
+                + "\n  ";
+            assert_eq!(
+                decode_base64(&wrapped, "p", &limits).unwrap(),
+                bytes,
+                "{len}"
+            );
+            let mut pieces = 0;
+            let mut total = Vec::new();
+            let size = decode_base64_into(&text, "p", &limits, &mut |b: &[u8]| {
+                pieces += 1;
+                total.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(size, len as u64);
+            assert_eq!(total, bytes);
+            assert!(pieces <= len / piece + 1, "{len}: {pieces} pieces");
+        }
+        // `=` ending a piece that is not the last: a whole decode refuses it too.
+        let mut text = STANDARD.encode(vec![1u8; 2 * piece]).into_bytes();
+        text[DECODE_PIECE - 1] = b'=';
+        let text = String::from_utf8(text).unwrap();
+        assert!(STANDARD.decode(&text).is_err());
+        let error = decode_base64(&text, "p", &limits).unwrap_err();
+        assert_eq!(error.kind(), "InvalidBase64");
+        // An invalid byte is reported at its offset in the whole text.
+        let mut text = STANDARD.encode(vec![1u8; 2 * piece]).into_bytes();
+        text[DECODE_PIECE + 9] = b'@';
+        let whole = STANDARD.decode(&text).unwrap_err().to_string();
+        let text = String::from_utf8(text).unwrap();
+        let error = decode_base64(&text, "p", &limits).unwrap_err().to_string();
+        assert!(error.contains(&whole), "{error} / {whole}");
+        // Over the attachment limit: refused before anything is decoded.
+        let small = Limits {
+            max_attachment_bytes: 10,
+            ..Limits::default()
+        };
+        let mut called = false;
+        let error = decode_base64_into(&STANDARD.encode([0u8; 30]), "p", &small, &mut |_| {
+            called = true;
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(error.kind(), "TooLarge");
+        assert!(!called);
+    }
 }

@@ -92,6 +92,10 @@ pub enum EdxmlError {
     UnreferencedAttachment { path: String, value: String },
     #[error("{path}: invalid base64 ({detail})")]
     InvalidBase64 { path: String, detail: String },
+    /// The [`crate::AttachmentSink`] given to [`crate::parse_message_into`] refused the
+    /// decoded bytes (e.g. the disk is full): not the package's fault.
+    #[error("{path}: the decoded attachment could not be stored ({detail})")]
+    Sink { path: String, detail: String },
     #[error("{path}: unknown status code \"{value}\" (known: 01, 02, 03, 04, 05, 06, 13, 15, 16)")]
     UnknownStatusCode { path: String, value: String },
     #[error("{path}: status {code} requires a description giving the reason")]
@@ -120,6 +124,7 @@ impl EdxmlError {
             | Self::UnresolvedReference { path, .. }
             | Self::UnreferencedAttachment { path, .. }
             | Self::InvalidBase64 { path, .. }
+            | Self::Sink { path, .. }
             | Self::UnknownStatusCode { path, .. }
             | Self::DescriptionRequired { path, .. } => Some(path),
             Self::XmlSyntax { .. }
@@ -158,6 +163,7 @@ impl EdxmlError {
             Self::UnresolvedReference { .. } => "UnresolvedReference",
             Self::UnreferencedAttachment { .. } => "UnreferencedAttachment",
             Self::InvalidBase64 { .. } => "InvalidBase64",
+            Self::Sink { .. } => "Sink",
             Self::UnknownStatusCode { .. } => "UnknownStatusCode",
             Self::DescriptionRequired { .. } => "DescriptionRequired",
         }

@@ -56,7 +56,8 @@ pub mod status;
 pub mod xml;
 
 pub use document::{
-    EdxmlAttachment, EdxmlDocument, Signer, parse_document, validate_document, write_document,
+    AttachmentSink, EdxmlAttachment, EdxmlDocument, Signer, parse_document, validate_document,
+    write_document,
 };
 pub use error::EdxmlError;
 pub use header::{AttachmentBytes, ImportedHeader, from_header};
@@ -112,14 +113,37 @@ pub enum EdxmlMessage {
 /// Parses a package that may be a document or a status message: a status message is one
 /// whose `edXMLHeader` holds `Status` rather than `MessageHeader`.
 pub fn parse_message(xml: &[u8], limits: &Limits) -> Result<EdxmlMessage, EdxmlError> {
+    message_from(xml, limits, None)
+}
+
+/// [`parse_message`], with each attachment's decoded bytes handed to `sink` piece by
+/// piece instead of kept in [`EdxmlAttachment::bytes`] (left empty): memory holds the
+/// package and its tree, never a decoded attachment whole. The sink may have received
+/// bytes even when the parse then fails on a later rule: its owner discards them.
+pub fn parse_message_into(
+    xml: &[u8],
+    limits: &Limits,
+    sink: &mut AttachmentSink<'_>,
+) -> Result<EdxmlMessage, EdxmlError> {
+    message_from(xml, limits, Some(sink))
+}
+
+/// The tree is built once (it holds the attachments' base64 text: building it twice
+/// would double the memory a large package takes).
+fn message_from(
+    xml: &[u8],
+    limits: &Limits,
+    sink: Option<&mut AttachmentSink<'_>>,
+) -> Result<EdxmlMessage, EdxmlError> {
     let root = xml::parse_tree(xml, limits)?;
     let (envelope, _) = document::envelope(&root)?;
     let header = envelope.required("edXMLHeader", "edXMLHeader")?;
     if header.one("Status", "Status")?.is_some()
         && header.one("MessageHeader", "MessageHeader")?.is_none()
     {
-        parse_status(xml, limits).map(|s| EdxmlMessage::Status(Box::new(s)))
+        status::status_from_tree(&root).map(|s| EdxmlMessage::Status(Box::new(s)))
     } else {
-        parse_document(xml, limits).map(|d| EdxmlMessage::Document(Box::new(d)))
+        document::document_from_tree(&root, limits, sink)
+            .map(|d| EdxmlMessage::Document(Box::new(d)))
     }
 }

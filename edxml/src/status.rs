@@ -66,9 +66,14 @@ mod path {
 
 /// Parses and validates a status message.
 pub fn parse_status(xml: &[u8], limits: &Limits) -> Result<EdxmlStatus, EdxmlError> {
-    use path as p;
     let root = parse_tree(xml, limits)?;
-    let (env, _) = envelope(&root)?;
+    status_from_tree(&root)
+}
+
+/// A status message from a parsed tree.
+pub(crate) fn status_from_tree(root: &crate::xml::Element) -> Result<EdxmlStatus, EdxmlError> {
+    use path as p;
+    let (env, _) = envelope(root)?;
     let header = env.required("edXMLHeader", "edXMLHeader")?;
     let status = header.required("Status", p::STATUS)?;
     let response = status.required("ResponseFor", p::RESPONSE_FOR)?;

@@ -419,6 +419,11 @@ impl Process {
         self.child.as_mut().and_then(|c| c.stderr.take())
     }
 
+    /// The child's process id while it runs (e.g. to read `/proc/<pid>/status`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// SIGKILL: no chance to flush or say goodbye.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -91,6 +91,13 @@ pub struct AgentArgs {
     /// Most API connections open at once (default 256).
     #[arg(long)]
     api_max_connections: Option<usize>,
+    /// Largest JSON or edXML request body the local API reads, default 48 MiB;
+    /// larger files go through `POST /v1/uploads`.
+    #[arg(long)]
+    api_max_body_bytes: Option<usize>,
+    /// Seconds after which an upload not taken into a document is removed (24 h).
+    #[arg(long)]
+    upload_max_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +126,8 @@ struct AgentFile {
     #[serde(alias = "api_host")]
     api_hosts: Option<Vec<String>>,
     api_max_connections: Option<usize>,
+    api_max_body_bytes: Option<usize>,
+    upload_max_age_secs: Option<u64>,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
@@ -176,6 +185,12 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             crate::private::group_id(&group)
                 .map_err(|e| CliError::Usage(format!("--inbox-group: {e}")))?,
         );
+    }
+    if let Some(max) = args.api_max_body_bytes.or(file.api_max_body_bytes) {
+        config.api_max_body_bytes = max;
+    }
+    if let Some(secs) = args.upload_max_age_secs.or(file.upload_max_age_secs) {
+        config.upload_max_age = std::time::Duration::from_secs(secs);
     }
     match (
         optional_path(args.signing_cert, file.signing_cert),
