@@ -94,7 +94,7 @@ async fn import(
 }
 
 /// What a package asks for, once parsed and resolved.
-enum Planned {
+pub(crate) enum Planned {
     Document(Box<SendRequest>),
     Status {
         message_id: String,
@@ -137,9 +137,25 @@ pub(crate) async fn import_package(
 
 /// Parses the package and resolves what it refers to. Blocking (parsing, store scans).
 fn plan(agent: &Agent, package: &[u8]) -> Result<Planned, ApiError> {
+    plan_with(
+        &agent.agency.to_string(),
+        package,
+        &mut |doc, business_id| sent_message_id(agent, doc, business_id),
+        &mut |response_for| received_message_id(agent, response_for),
+    )
+}
+
+/// [`plan`] for agency `own`, the store asked only through `sent` (the message id this
+/// agency sent a business id under) and `received` (the received document a
+/// `ResponseFor` names). Pure otherwise: the fuzz target `api_json` drives it.
+pub(crate) fn plan_with(
+    own: &str,
+    package: &[u8],
+    sent: &mut dyn FnMut(&EdxmlDocument, &str) -> Result<String, ApiError>,
+    received: &mut dyn FnMut(&ResponseFor) -> Result<String, ApiError>,
+) -> Result<Planned, ApiError> {
     let message = lienthong_edxml::parse_message(package, &package_limits())
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let own = agent.agency.to_string();
     match message {
         EdxmlMessage::Document(doc) => {
             if doc.sender != own {
@@ -150,7 +166,7 @@ fn plan(agent: &Agent, package: &[u8]) -> Result<Planned, ApiError> {
                 )));
             }
             let refers_to = match doc.refers_to_business_id() {
-                Some(business_id) => Some(sent_message_id(agent, &doc, &business_id)?),
+                Some(business_id) => Some(sent(&doc, &business_id)?),
                 None => None,
             };
             Ok(Planned::Document(Box::new(send_request(*doc, refers_to))))
@@ -163,7 +179,7 @@ fn plan(agent: &Agent, package: &[u8]) -> Result<Planned, ApiError> {
                     printable(&status.from)
                 )));
             }
-            let message_id = received_message_id(agent, &status.response_for)?;
+            let message_id = received(&status.response_for)?;
             Ok(Planned::Status {
                 message_id,
                 code: status.status_code,
@@ -178,7 +194,7 @@ fn plan(agent: &Agent, package: &[u8]) -> Result<Planned, ApiError> {
 }
 
 /// The request `POST /v1/documents` would get for this package.
-fn send_request(doc: EdxmlDocument, refers_to: Option<String>) -> SendRequest {
+pub(crate) fn send_request(doc: EdxmlDocument, refers_to: Option<String>) -> SendRequest {
     let signer = (!doc.signer.competence.is_empty()
         || !doc.signer.position.is_empty()
         || !doc.signer.full_name.is_empty())
@@ -276,14 +292,17 @@ fn sent_message_id(
     candidates
         .first()
         .map(|r| r.message_id.clone())
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{}: \"{}\" is not a document this agency sent; a recall, update or \
-                 replacement concerns one of its own documents",
-                refers_to_path(doc),
-                printable(business_id)
-            ))
-        })
+        .ok_or_else(|| not_sent(doc, business_id))
+}
+
+/// The refusal of a recall, update or replacement whose document this agency never sent.
+pub(crate) fn not_sent(doc: &EdxmlDocument, business_id: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "{}: \"{}\" is not a document this agency sent; a recall, update or replacement \
+         concerns one of its own documents",
+        refers_to_path(doc),
+        printable(business_id)
+    ))
 }
 
 /// The message id of the received document a status message answers: the document
@@ -310,14 +329,16 @@ fn received_message_id(agent: &Agent, response_for: &ResponseFor) -> Result<Stri
                 .then_with(|| a.message_id.cmp(&b.message_id))
         })
         .map(|r| r.message_id)
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "Status/ResponseFor/DocumentId: \"{}\" is not a document this agency received \
-                 from {}",
-                printable(&response_for.document_id),
-                printable(&response_for.organ_id)
-            ))
-        })
+        .ok_or_else(|| not_received(response_for))
+}
+
+/// The refusal of a status message about a document this agency never received.
+pub(crate) fn not_received(response_for: &ResponseFor) -> ApiError {
+    ApiError::BadRequest(format!(
+        "Status/ResponseFor/DocumentId: \"{}\" is not a document this agency received from {}",
+        printable(&response_for.document_id),
+        printable(&response_for.organ_id)
+    ))
 }
 
 /// `GET /v1/inbox/{id}/edxml`.
