@@ -593,7 +593,16 @@ pub fn validate_document(doc: &EdxmlDocument, limits: &Limits) -> Result<(), Edx
     if let Some(response) = &doc.response_for {
         validate_response_for(response, p::RESPONSE_FOR)?;
     }
-    validate_attachments(&doc.attachments, limits)
+    validate_attachments(&doc.attachments, limits)?;
+    // Each field has a length rule but `ToPlaces` has no count: without this bound a
+    // package could map to a header the agent signs and the broker then refuses.
+    if doc.header_bytes_bound() > lienthong_proto::document::MAX_HEADER_BYTES {
+        return Err(EdxmlError::TooLarge {
+            what: "signed header these fields make",
+            limit: lienthong_proto::document::MAX_HEADER_BYTES,
+        });
+    }
+    Ok(())
 }
 
 fn validate_attachments(
