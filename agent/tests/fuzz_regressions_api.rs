@@ -109,3 +109,52 @@ fn the_harness_distinguishes_refusals() {
         refusal.message
     );
 }
+
+/// The valid seeds get past every check (else the fuzzer would start from refusals
+/// only), and the edge-case ones are refused with the expected status.
+#[test]
+fn seeds_reach_the_outcome_they_are_named_for() {
+    use lienthong_agent::api_types::{RecallRequest, ReportRequest};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/api_json");
+    let expected: [(&str, Result<(), u16>); 16] = [
+        ("0-send-minimal", Ok(())),
+        ("0-send-full", Ok(())),
+        ("0-send-recall", Ok(())),
+        ("0-send-update-removes", Ok(())),
+        ("0-send-attachment-at-limit", Ok(())),
+        ("0-send-attachment-over-limit", Err(413)),
+        ("0-send-attachment-path", Err(400)),
+        ("0-send-attachment-upload", Err(400)),
+        ("0-send-refers-unknown", Err(400)),
+        ("1-report-accepted", Ok(())),
+        ("1-report-refused", Ok(())),
+        ("1-report-refused-no-reason", Err(400)),
+        ("1-report-padded", Ok(())),
+        ("2-recall", Ok(())),
+        ("3-edxml-document", Ok(())),
+        ("3-edxml-status", Ok(())),
+    ];
+    let ctx = harness::context();
+    for (name, want) in expected {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let (ctl, body) = bytes.split_first().unwrap();
+        let request = match ctl % 4 {
+            0 => Request::Send(Box::new(
+                serde_json::from_slice::<SendRequest>(body).unwrap(),
+            )),
+            1 => Request::Report {
+                id: harness::RECEIVED_ID.into(),
+                body: serde_json::from_slice::<ReportRequest>(body).unwrap(),
+            },
+            2 => Request::Recall {
+                id: harness::SENT_ID.into(),
+                body: serde_json::from_slice::<RecallRequest>(body).unwrap(),
+            },
+            _ => Request::Edxml(body.to_vec()),
+        };
+        let got = check_request(&ctx, request)
+            .map(|_| ())
+            .map_err(|r| r.status);
+        assert_eq!(got, want, "{name}");
+    }
+}
