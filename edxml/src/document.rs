@@ -620,7 +620,11 @@ fn validate_attachments(
     for (i, attachment) in attachments.iter().enumerate() {
         let base = format!("AttachmentEncoded/Attachment[{}]", i + 1);
         let name_path = format!("{base}/AttachmentName");
-        if !lienthong_proto::document::is_safe_file_name(&attachment.name) {
+        // Surrounding whitespace is trimmed when read: " .x" would be written and read
+        // back as ".x", which is not a safe name (found by the `edxml` fuzz target).
+        if !lienthong_proto::document::is_safe_file_name(&attachment.name)
+            || attachment.name.trim() != attachment.name
+        {
             return Err(EdxmlError::UnsafeFileName {
                 path: name_path,
                 value: shorten(&attachment.name),
