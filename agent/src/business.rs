@@ -41,20 +41,7 @@ pub(crate) async fn report(
     staff: Option<String>,
 ) -> Result<SendResponse, ApiError> {
     crate::api::check_id(message_id)?;
-    let reason = reason
-        .map(|r| r.trim().to_owned())
-        .filter(|r| !r.is_empty());
-    if !STATUS_CODES.contains(&code) {
-        return Err(ApiError::BadRequest(format!(
-            "status: {code:?} is not one of 02 (refused), 03 (accepted), 04 (assigned), \
-             05 (in progress), 06 (completed), 15 (recall agreed), 16 (recall refused)"
-        )));
-    }
-    if (code == "02" || code == "16") && reason.is_none() {
-        return Err(ApiError::BadRequest(format!(
-            "reason: status {code} needs a reason"
-        )));
-    }
+    let reason = report_fields(code, reason)?;
     let record = agent
         .store
         .inbox_record(message_id)
@@ -99,38 +86,19 @@ pub(crate) async fn report(
             ));
         }
     }
-    let subject: String = format!("Trạng thái {code}: {}", record.subject)
-        .chars()
-        .take(500)
-        .collect();
-    let issue_date = vietnam_date_today();
-    let mut header = pb::DocumentHeader {
-        message_id: lienthong_proto::document::new_message_id(),
-        sender: agent.agency.to_string(),
-        recipients: vec![record.sender.clone()],
-        number: code.to_owned(),
-        notation: "TT".into(),
-        subject,
-        issue_date,
-        created_at_ms: now_ms(),
-        kind: DocumentKind::Status as i32,
-        status: Some(pb::StatusReport {
-            code: code.to_owned(),
-            reason: reason.clone().unwrap_or_default(),
-            staff: staff.unwrap_or_default(),
-            department: String::new(),
-        }),
-        refers_to: message_id.to_owned(),
-        refers_to_business_id: record.business_id.clone(),
-        ..pb::DocumentHeader::default()
-    };
-    header.business_id = lienthong_proto::document::business_id(
-        &header.sender,
-        &header.issue_date,
-        &header.number,
-        &header.notation,
-    );
-    lienthong_proto::document::validate_header(&header).map_err(protocol_error)?;
+    let header = report_header(
+        &agent.agency.to_string(),
+        &record,
+        message_id,
+        code,
+        reason,
+        staff,
+        (
+            lienthong_proto::document::new_message_id(),
+            now_ms(),
+            vietnam_date_today(),
+        ),
+    )?;
     let envelope = seal(&header, &agent.signing_key).map_err(protocol_error)?;
     let outbox = OutboxRecord::waiting(&header, &envelope, 0, false);
     let store = &agent.store;
@@ -157,6 +125,77 @@ pub(crate) async fn report(
         message_id: header.message_id,
         business_id: header.business_id,
     })
+}
+
+/// The checks of a status report's own fields, before anything is looked up: the code
+/// is one a recipient may report and 02 and 16 give a reason. Returns the trimmed
+/// reason (`None` when empty).
+pub(crate) fn report_fields(
+    code: &str,
+    reason: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    let reason = reason
+        .map(|r| r.trim().to_owned())
+        .filter(|r| !r.is_empty());
+    if !STATUS_CODES.contains(&code) {
+        return Err(ApiError::BadRequest(format!(
+            "status: {code:?} is not one of 02 (refused), 03 (accepted), 04 (assigned), \
+             05 (in progress), 06 (completed), 15 (recall agreed), 16 (recall refused)"
+        )));
+    }
+    if (code == "02" || code == "16") && reason.is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "reason: status {code} needs a reason"
+        )));
+    }
+    Ok(reason)
+}
+
+/// The signed header of status report `code` by `sender` about the received document
+/// `message_id` (`record`), checked by `validate_header`. `stamp` is the report's
+/// message id, creation time (Unix ms) and issue date (today in Vietnam).
+pub(crate) fn report_header(
+    sender: &str,
+    record: &InboxRecord,
+    message_id: &str,
+    code: &str,
+    reason: Option<String>,
+    staff: Option<String>,
+    stamp: (String, i64, String),
+) -> Result<pb::DocumentHeader, ApiError> {
+    let (report_id, created_at_ms, issue_date) = stamp;
+    let subject: String = format!("Trạng thái {code}: {}", record.subject)
+        .chars()
+        .take(500)
+        .collect();
+    let mut header = pb::DocumentHeader {
+        message_id: report_id,
+        sender: sender.to_owned(),
+        recipients: vec![record.sender.clone()],
+        number: code.to_owned(),
+        notation: "TT".into(),
+        subject,
+        issue_date,
+        created_at_ms,
+        kind: DocumentKind::Status as i32,
+        status: Some(pb::StatusReport {
+            code: code.to_owned(),
+            reason: reason.unwrap_or_default(),
+            staff: staff.unwrap_or_default(),
+            department: String::new(),
+        }),
+        refers_to: message_id.to_owned(),
+        refers_to_business_id: record.business_id.clone(),
+        ..pb::DocumentHeader::default()
+    };
+    header.business_id = lienthong_proto::document::business_id(
+        &header.sender,
+        &header.issue_date,
+        &header.number,
+        &header.notation,
+    );
+    lienthong_proto::document::validate_header(&header).map_err(protocol_error)?;
+    Ok(header)
 }
 
 /// The status reports this agency sent about `about`, decoded from its outbox.

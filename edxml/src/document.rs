@@ -682,7 +682,16 @@ pub fn validate_document(doc: &EdxmlDocument, limits: &Limits) -> Result<(), Edx
     if let Some(response) = &doc.response_for {
         validate_response_for(response, p::RESPONSE_FOR)?;
     }
-    validate_attachments(&doc.attachments, limits)
+    validate_attachments(&doc.attachments, limits)?;
+    // Each field has a length rule but `ToPlaces` has no count: without this bound a
+    // package could map to a header the agent signs and the broker then refuses.
+    if doc.header_bytes_bound() > lienthong_proto::document::MAX_HEADER_BYTES {
+        return Err(EdxmlError::TooLarge {
+            what: "signed header these fields make",
+            limit: lienthong_proto::document::MAX_HEADER_BYTES,
+        });
+    }
+    Ok(())
 }
 
 fn validate_attachments(
@@ -700,7 +709,11 @@ fn validate_attachments(
     for (i, attachment) in attachments.iter().enumerate() {
         let base = format!("AttachmentEncoded/Attachment[{}]", i + 1);
         let name_path = format!("{base}/AttachmentName");
-        if !lienthong_proto::document::is_safe_file_name(&attachment.name) {
+        // Surrounding whitespace is trimmed when read: " .x" would be written and read
+        // back as ".x", which is not a safe name (found by the `edxml` fuzz target).
+        if !lienthong_proto::document::is_safe_file_name(&attachment.name)
+            || attachment.name.trim() != attachment.name
+        {
             return Err(EdxmlError::UnsafeFileName {
                 path: name_path,
                 value: shorten(&attachment.name),

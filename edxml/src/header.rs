@@ -8,11 +8,15 @@
 //!   [`crate::validate_document`]. For a recall, update or replacement, `refers_to` must be
 //!   a message id, which edXML does not know: the caller resolves
 //!   [`ImportedHeader::refers_to_business_id`] and sets it.
+//! - That header encodes within `MAX_HEADER_BYTES` (what the broker checks before it
+//!   verifies a signature): [`crate::validate_document`] bounds it
+//!   (`header_bytes_bound`), since edXML puts no count on `ToPlaces/Place`.
 //! - [`from_header`] copies every field back; the package's `DocumentId` is the header's
 //!   business id and content ids are `att<n>@lienthong` in attachment order.
 
 use lienthong_proto::document::describe_attachment;
-use lienthong_proto::pb::{DocumentHeader, SignerInfo};
+use lienthong_proto::pb::{AttachmentInfo, DocumentHeader, SignerInfo};
+use prost::Message as _;
 
 use crate::document::{EdxmlAttachment, EdxmlDocument, Signer};
 
@@ -39,7 +43,45 @@ impl EdxmlDocument {
     /// caller (the importing agent); `expires_at_ms` is 0 (the broker's default) and
     /// `refers_to` is empty (see [`ImportedHeader`]).
     pub fn to_header(&self, message_id: &str, created_at_ms: i64) -> ImportedHeader {
-        let header = DocumentHeader {
+        let attachments = self
+            .attachments
+            .iter()
+            .map(|a| describe_attachment(&a.name, &a.media_type, &a.bytes))
+            .collect();
+        ImportedHeader {
+            header: self.header_with(message_id, created_at_ms, attachments),
+            refers_to_business_id: self.refers_to_business_id(),
+        }
+    }
+
+    /// An upper bound of the encoded size of the header an importing agent signs for
+    /// this package: [`EdxmlDocument::to_header`] with the largest creation time, a
+    /// message id in `refers_to`, and each attachment's size at its largest encoding
+    /// (digests have a fixed length). Computed without hashing the attachments.
+    pub(crate) fn header_bytes_bound(&self) -> usize {
+        const UUID: &str = "00000000-0000-7000-8000-000000000000";
+        let attachments = self
+            .attachments
+            .iter()
+            .map(|a| AttachmentInfo {
+                name: a.name.clone(),
+                media_type: a.media_type.clone(),
+                size: u64::MAX,
+                sha256: vec![0xff; 32],
+            })
+            .collect();
+        let mut header = self.header_with(UUID, i64::MAX, attachments);
+        header.refers_to = UUID.to_owned();
+        header.encoded_len()
+    }
+
+    fn header_with(
+        &self,
+        message_id: &str,
+        created_at_ms: i64,
+        attachments: Vec<AttachmentInfo>,
+    ) -> DocumentHeader {
+        DocumentHeader {
             message_id: message_id.to_owned(),
             sender: self.sender.clone(),
             recipients: self.recipients.clone(),
@@ -64,11 +106,7 @@ impl EdxmlDocument {
             refers_to: String::new(),
             created_at_ms,
             expires_at_ms: 0,
-            attachments: self
-                .attachments
-                .iter()
-                .map(|a| describe_attachment(&a.name, &a.media_type, &a.bytes))
-                .collect(),
+            attachments,
             to_places: self.to_places.clone(),
             sender_name: self.sender_name.clone(),
             kind: lienthong_proto::pb::DocumentKind::Document as i32,
@@ -76,10 +114,6 @@ impl EdxmlDocument {
             business_reason: self.business_reason.clone().unwrap_or_default(),
             removed_recipients: Vec::new(),
             refers_to_business_id: self.refers_to_business_id().unwrap_or_default(),
-        };
-        ImportedHeader {
-            header,
-            refers_to_business_id: self.refers_to_business_id(),
         }
     }
 }

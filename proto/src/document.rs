@@ -515,6 +515,15 @@ pub fn validate_header(header: &DocumentHeader) -> Result<(), ProtocolError> {
         }
         one_line("attachments.media_type", &attachment.media_type, 127)?;
     }
+    // `verify_document` refuses a larger header before it looks at the signature: a
+    // header passing here but not there would be signed, queued, then refused.
+    let encoded = header.encoded_len();
+    if encoded > MAX_HEADER_BYTES {
+        return Err(ProtocolError::InvalidField {
+            field: "header",
+            rule: format!("at most {MAX_HEADER_BYTES} bytes encoded (this one is {encoded})"),
+        });
+    }
     Ok(())
 }
 

@@ -1,5 +1,5 @@
-//! Writes the seed corpora: `cargo run --bin seeds [DIR]` (default: `corpus/` next to
-//! this package's Cargo.toml), one folder per fuzz target. Seeds are valid inputs in
+//! Writes the seed corpora: `cargo run --bin seeds [DIR [TARGET...]]` (default: `corpus/`
+//! next to this package's Cargo.toml, every target), one folder per fuzz target. Seeds are valid inputs in
 //! each target's layout (see `src/lib.rs`), so the fuzzer starts past the parsers'
 //! first checks. Certificates and signatures are fresh on every run; rerunning replaces
 //! the files of the same name.
@@ -258,16 +258,181 @@ fn self_check(fx: &Fixture) {
     }
 }
 
+/// `edxml` seeds: every package of `edxml/tests/corpus` (valid and invalid) as is and
+/// under small limits, the valid document and status as written, and one field edit
+/// of each kind with a valid value.
+fn edxml_seeds(dir: &Path) {
+    use lienthong_fuzz::edxml::{valid_document, valid_status};
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../edxml/tests/corpus");
+    for folder in ["valid", "invalid"] {
+        let mut files: Vec<PathBuf> = fs::read_dir(corpus.join(folder))
+            .expect("read edxml/tests/corpus")
+            .map(|e| e.expect("a corpus entry").path())
+            .collect();
+        files.sort();
+        for file in files {
+            let bytes = fs::read(&file).expect("read a corpus file");
+            let stem = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("package")
+                .trim_end_matches(".edxml")
+                .to_owned();
+            write(dir, "edxml", &format!("0-{folder}-{stem}"), &with_ctl(0, &bytes));
+            if folder == "valid" {
+                // Small limits: 64-byte attachments, 3 of them, depth 32, 4096 elements.
+                write(dir, "edxml", &format!("1-small-{stem}"), &with_ctl(1 | (0xff << 2), &bytes));
+            }
+        }
+    }
+    let document = lienthong_edxml::write_document(&valid_document()).expect("write the document");
+    write(dir, "edxml", "0-written-document", &with_ctl(0, &document));
+    let status = lienthong_edxml::write_status(&valid_status()).expect("write the status");
+    write(dir, "edxml", "0-written-status", &with_ctl(0, &status));
+    let edits: [(u8, &str); 8] = [
+        (2, "000.00.12.H31;000.00.14.H31"),
+        (7, "Về việc & <thử>"),
+        (10, "2028/02/29"),
+        (17, "Như trên;Lưu: VT"),
+        (18, "1"),
+        (27, "báo cáo.pdf"),
+        (29, "cid-1@example"),
+        (31, "bytes"),
+    ];
+    for (selector, value) in edits {
+        let mut input = vec![2, selector];
+        input.extend_from_slice(value.as_bytes());
+        write(dir, "edxml", &format!("2-edit-{selector:02}"), &input);
+    }
+    for (selector, value) in [(6u8, "03"), (7, "Lý do"), (8, "2026/12/31 23:59:59")] {
+        let mut input = vec![3, selector];
+        input.extend_from_slice(value.as_bytes());
+        write(dir, "edxml", &format!("3-status-{selector:02}"), &input);
+    }
+}
+
+/// `api_json` seeds: valid and edge-case bodies of each kind (see `src/api_json.rs`).
+fn api_json_seeds(dir: &Path) {
+    use lienthong_fuzz::api_json::{AGENCY, RECEIVED_BUSINESS_ID, RECEIVED_SENDER, SENT_ID};
+    let send: [(&str, String); 14] = [
+        ("minimal", r#"{"to":["000.00.12.H31"],"subject":"Về việc thử"}"#.into()),
+        (
+            "full",
+            r#"{"to":[" 000.00.12.H31 ","000.00.13.H31"],"subject":"Về việc thử nghiệm","number":"12","notation":"UBND-VP","priority":2,"document_type":"1","document_type_name":"Công văn","content":"Nội dung","issue_place":"Hà Nội","issue_date":"2026/05/04","signer":{"competence":"TM. UBND","position":"Chủ tịch","full_name":"Nguyễn Văn A"},"steering_type":1,"due_date":"2026/06/01","to_places":["Như trên","Lưu: VT"],"expires_at_ms":1777990000000,"attachments":[{"name":"cong-van.pdf","content_base64":"JVBERi0xLjc="},{"name":"phụ lục.docx","media_type":"application/msword","content_base64":""}],"sender_name":"Văn phòng UBND"}"#.into(),
+        ),
+        (
+            "recall",
+            format!(r#"{{"to":[],"subject":"Thu hồi","business_type":1,"refers_to":"{SENT_ID}","business_reason":"Sai sót"}}"#),
+        ),
+        (
+            "update-removes",
+            format!(r#"{{"to":["000.00.12.H31"],"subject":"Cập nhật","number":"13","business_type":2,"refers_to":"{SENT_ID}","business_reason":"Bổ sung","removed_recipients":["000.00.13.H31"]}}"#),
+        ),
+        (
+            "refers-unknown",
+            r#"{"to":["000.00.12.H31"],"subject":"s","business_type":3,"refers_to":"019e1a2b-0000-7000-8000-0000000000ff"}"#.into(),
+        ),
+        (
+            "attachment-at-limit",
+            format!(r#"{{"to":["000.00.12.H31"],"subject":"s","attachments":[{{"name":"a.bin","content_base64":"{}"}}]}}"#, "A".repeat(84) + "AA=="),
+        ),
+        (
+            "attachment-over-limit",
+            format!(r#"{{"to":["000.00.12.H31"],"subject":"s","attachments":[{{"name":"a.bin","content_base64":"{}"}}]}}"#, "A".repeat(84) + "AAA="),
+        ),
+        (
+            "attachment-path",
+            r#"{"to":["000.00.12.H31"],"subject":"s","attachments":[{"name":"../etc/passwd","content_base64":"eA=="}]}"#.into(),
+        ),
+        (
+            "attachment-upload",
+            r#"{"to":["000.00.12.H31"],"subject":"s","attachments":[{"name":"a.pdf","upload_id":"019e1a2b-0000-7000-8000-000000000003"}]}"#.into(),
+        ),
+        (
+            "attachment-bad-base64",
+            r#"{"to":["000.00.12.H31"],"subject":"s","attachments":[{"name":"a.pdf","content_base64":"e==A"}]}"#.into(),
+        ),
+        (
+            "to-self",
+            format!(r#"{{"to":["{AGENCY}"],"subject":"s"}}"#),
+        ),
+        (
+            "number-too-long",
+            r#"{"to":["000.00.12.H31"],"subject":"s","number":"123456789012"}"#.into(),
+        ),
+        (
+            "control-subject",
+            r#"{"to":["000.00.12.H31"],"subject":"a\u0001b","priority":4294967295,"expires_at_ms":-9223372036854775808}"#.into(),
+        ),
+        (
+            "dates",
+            r#"{"to":["000.00.12.H31"],"subject":"s","issue_date":"2027/02/29","due_date":"9999/12/31"}"#.into(),
+        ),
+    ];
+    for (name, body) in send {
+        write(dir, "api_json", &format!("0-send-{name}"), &with_ctl(0, body.as_bytes()));
+    }
+    let reports: [(&str, &str); 6] = [
+        ("accepted", r#"{"status":"03","staff":"Trần Thị B"}"#),
+        ("refused", r#"{"status":"02","reason":"Sai thể thức"}"#),
+        ("refused-no-reason", r#"{"status":"02","reason":"  "}"#),
+        ("padded", r#"{"status":" 05 "}"#),
+        ("recall-agreed", r#"{"status":"15"}"#),
+        ("unknown", r#"{"status":"13"}"#),
+    ];
+    for (name, body) in reports {
+        write(dir, "api_json", &format!("1-report-{name}"), &with_ctl(1, body.as_bytes()));
+    }
+    write(dir, "api_json", "5-report-other-id", &with_ctl(5, br#"{"status":"03"}"#));
+    write(dir, "api_json", "2-recall", &with_ctl(2, r#"{"reason":"Sai sót"}"#.as_bytes()));
+    write(dir, "api_json", "2-recall-empty", &with_ctl(2, br#"{"reason":" "}"#));
+    write(dir, "api_json", "6-recall-other-id", &with_ctl(6, br#"{"reason":"r"}"#));
+    // edXML: a document from this agency, and a status about the received document.
+    let mut document = lienthong_fuzz::edxml::valid_document();
+    document.sender = AGENCY.into();
+    document.recipients = vec!["000.00.12.H31".into(), "000.00.13.H31".into()];
+    document.response_for = None;
+    document.document_id = Some(document.business_id());
+    let package = lienthong_edxml::write_document(&document).expect("write a package");
+    write(dir, "api_json", "3-edxml-document", &with_ctl(3, &package));
+    let mut status = lienthong_fuzz::edxml::valid_status();
+    status.from = AGENCY.into();
+    status.response_for.organ_id = RECEIVED_SENDER.into();
+    status.response_for.document_id = RECEIVED_BUSINESS_ID.into();
+    status.response_for.code = "45/SNV-VP".into();
+    status.response_for.promulgation_date = "2026/04/28".into();
+    let message = lienthong_edxml::write_status(&status).expect("write a status");
+    write(dir, "api_json", "3-edxml-status", &with_ctl(3, &message));
+}
+
 fn main() {
-    let dir = std::env::args_os()
-        .nth(1)
+    let mut args = std::env::args_os().skip(1);
+    let dir = args
+        .next()
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"));
+    // Targets to write, all when none are named: `cargo run --bin seeds -- corpus edxml`.
+    let only: Vec<String> = args.map(|a| a.to_string_lossy().into_owned()).collect();
+    let wanted = |target: &str| only.is_empty() || only.iter().any(|t| t == target);
     let fx = fixture();
     self_check(fx);
-    envelope_seeds(&dir, fx);
-    header_seeds(&dir);
-    receipt_seeds(&dir, fx);
-    cert_seeds(&dir, fx);
+    if wanted("envelope") {
+        envelope_seeds(&dir, fx);
+    }
+    if wanted("header") {
+        header_seeds(&dir);
+    }
+    if wanted("receipt") {
+        receipt_seeds(&dir, fx);
+    }
+    if wanted("cert_identity") {
+        cert_seeds(&dir, fx);
+    }
+    if wanted("edxml") {
+        edxml_seeds(&dir);
+    }
+    if wanted("api_json") {
+        api_json_seeds(&dir);
+    }
     println!("seeds written to {}", dir.display());
 }
