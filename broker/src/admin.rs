@@ -208,15 +208,18 @@ impl AdminService {
 
     async fn register_inner(
         &self,
+        operator: &str,
         request: pb::RegisterAgencyRequest,
     ) -> Result<pb::AgencyInfo, BrokerError> {
         let code = AgencyCode::parse(request.code.trim())?;
         let now = lienthong_proto::now_ms();
-        if !self
-            .shared
-            .store
-            .register_agency(code.as_str(), request.name.trim(), false, now)?
-        {
+        if !self.shared.store.register_agency(
+            code.as_str(),
+            request.name.trim(),
+            false,
+            now,
+            &format!("operator {operator}"),
+        )? {
             return Err(BrokerError::AlreadyExists(format!(
                 "agency {code} is already registered"
             )));
@@ -229,6 +232,7 @@ impl AdminService {
     /// its queued deliveries stay queued and are pushed again once it is resumed.
     async fn suspend_inner(
         &self,
+        operator: &str,
         code: &str,
         reason: Option<String>,
     ) -> Result<pb::AgencyInfo, BrokerError> {
@@ -237,10 +241,11 @@ impl AdminService {
         // No submission of this agency stores a document while the suspension is being
         // written; those still open are cancelled below (see `admission`).
         let gate = self.shared.admission.hold_gate(code.as_str()).await;
-        let updated = self
-            .shared
-            .store
-            .set_suspended(code.as_str(), reason.as_deref().map(|r| (r, now)))?;
+        let updated = self.shared.store.set_suspended(
+            code.as_str(),
+            reason.as_deref().map(|r| (r, now)),
+            &format!("operator {operator}"),
+        )?;
         let Some(record) = updated else {
             return Err(BrokerError::NotFound(format!(
                 "agency {code} is not registered at this broker"
@@ -473,7 +478,9 @@ impl Admin for AdminService {
         let operator = auth::operator(&request)?;
         let request = request.into_inner();
         tracing::info!(operator, code = %lienthong_proto::agency::printable(&request.code), "agency registration requested");
-        Ok(Response::new(self.register_inner(request).await?))
+        Ok(Response::new(
+            self.register_inner(&operator, request).await?,
+        ))
     }
 
     async fn suspend_agency(
@@ -488,7 +495,8 @@ impl Admin for AdminService {
         };
         tracing::warn!(operator, code = %lienthong_proto::agency::printable(&request.code), reason, "agency suspension requested");
         Ok(Response::new(
-            self.suspend_inner(&request.code, Some(reason)).await?,
+            self.suspend_inner(&operator, &request.code, Some(reason))
+                .await?,
         ))
     }
 
@@ -500,7 +508,7 @@ impl Admin for AdminService {
         let request = request.into_inner();
         tracing::info!(operator, code = %lienthong_proto::agency::printable(&request.code), "agency resumption requested");
         Ok(Response::new(
-            self.suspend_inner(&request.code, None).await?,
+            self.suspend_inner(&operator, &request.code, None).await?,
         ))
     }
 

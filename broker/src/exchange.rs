@@ -50,7 +50,7 @@ impl ExchangeService {
             if self
                 .shared
                 .store
-                .register_agency(agency, "", true, lienthong_proto::now_ms())?
+                .register_agency(agency, "", true, lienthong_proto::now_ms(), "")?
             {
                 tracing::info!(agency, "agency registered on first connection");
             }

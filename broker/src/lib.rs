@@ -446,7 +446,13 @@ pub async fn run_with_admin(
     };
     let store = store::Store::open(&config.data_dir)?;
     for (code, name) in &config.agencies {
-        store.register_agency(code.as_str(), name, false, lienthong_proto::now_ms())?;
+        store.register_agency(
+            code.as_str(),
+            name,
+            false,
+            lienthong_proto::now_ms(),
+            "the broker's configuration (--register)",
+        )?;
     }
     let local_addr = listener.local_addr().ok();
     let certificates = held_certificates(&config.tls, &signing_key);

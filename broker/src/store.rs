@@ -1118,12 +1118,15 @@ impl Store {
         }
     }
 
+    /// Registers `code` under `name`; the audit entry names who did it (`by`, e.g.
+    /// "operator NAME"), or says it was automatic. False when already registered.
     pub fn register_agency(
         &self,
         code: &str,
         name: &str,
         auto: bool,
         at_ms: i64,
+        by: &str,
     ) -> Result<bool, StoreError> {
         let record = AgencyRecord {
             name: name.to_owned(),
@@ -1142,7 +1145,7 @@ impl Store {
                 detail: if auto {
                     "automatically on its first connection".into()
                 } else {
-                    name.to_owned()
+                    format!("{name} (registered by {by})")
                 },
                 at_ms,
                 ..Event::default()
@@ -1155,12 +1158,14 @@ impl Store {
         self.agencies.get(code)?.map(|v| decode(&v)).transpose()
     }
 
-    /// Suspends (`Some((reason, at_ms))`) or resumes (`None`) a registered agency.
-    /// Returns the updated record, or None when the agency is not registered.
+    /// Suspends (`Some((reason, at_ms))`) or resumes (`None`) a registered agency; the
+    /// audit entry names who did it (`by`). Returns the updated record, or None when the
+    /// agency is not registered.
     pub fn set_suspended(
         &self,
         code: &str,
         suspension: Option<(&str, i64)>,
+        by: &str,
     ) -> Result<Option<AgencyRecord>, StoreError> {
         let updated = self.agencies.update_and_fetch(code, |old| {
             let mut record: AgencyRecord = old.and_then(|b| AgencyRecord::decode(b).ok())?;
@@ -1187,7 +1192,11 @@ impl Store {
                     "agency_resumed"
                 },
                 agency: code.to_owned(),
-                detail: record.suspended_reason.clone(),
+                detail: if record.suspended {
+                    format!("{} (suspended by {by})", record.suspended_reason)
+                } else {
+                    format!("resumed by {by}")
+                },
                 at_ms: suspension.map_or_else(lienthong_proto::now_ms, |(_, at)| at),
                 ..Event::default()
             })?;
@@ -1419,13 +1428,13 @@ mod audit_tests {
         let path = dir.path().join("store");
         let store = Store::open(&path).unwrap();
         store
-            .register_agency("000.00.00.H31", "UBND", false, 1)
+            .register_agency("000.00.00.H31", "UBND", false, 1, "test")
             .unwrap();
         store
-            .register_agency("000.00.12.H31", "STC", false, 2)
+            .register_agency("000.00.12.H31", "STC", false, 2, "test")
             .unwrap();
         store
-            .set_suspended("000.00.12.H31", Some(("kiểm tra", 3)))
+            .set_suspended("000.00.12.H31", Some(("kiểm tra", 3)), "test")
             .unwrap();
         let verified = store.audit_verify().unwrap();
         assert_eq!(verified.entries, 3);
@@ -1434,7 +1443,7 @@ mod audit_tests {
 
         // The head is reloaded: new entries chain on.
         let store = Store::open(&path).unwrap();
-        store.set_suspended("000.00.12.H31", None).unwrap();
+        store.set_suspended("000.00.12.H31", None, "test").unwrap();
         let tail = store.audit_tail(2).unwrap();
         assert_eq!(tail.len(), 2);
         assert_eq!(tail[0].kind, "agency_suspended");

@@ -622,6 +622,17 @@ async fn audit_log_chains_accepted_documents_receipts_and_suspensions() {
         })
         .await
         .unwrap();
+    admin
+        .resume_agency(lienthong_proto::pb::ResumeAgencyRequest { code: C.into() })
+        .await
+        .unwrap();
+    admin
+        .register_agency(RegisterAgencyRequest {
+            code: "000.00.20.H31".into(),
+            name: "Sở Y tế".into(),
+        })
+        .await
+        .unwrap();
 
     let entries = admin
         .audit_tail(AuditTailRequest { n: 1000 })
@@ -639,7 +650,9 @@ async fn audit_log_chains_accepted_documents_receipts_and_suspensions() {
             "agency_registered",
             "accepted",
             "delivered",
-            "agency_suspended"
+            "agency_suspended",
+            "agency_resumed",
+            "agency_registered"
         ]
     );
     let header_sha256 = verify_document(
@@ -656,7 +669,22 @@ async fn audit_log_chains_accepted_documents_receipts_and_suspensions() {
     );
     assert_eq!(accepted.header_sha256, header_sha256.to_vec());
     assert_eq!(entries[4].agency, B);
-    assert_eq!(entries[5].detail, "bảo trì");
+    // Every operator action names the operator; startup registrations name the config.
+    assert_eq!(
+        entries[5].detail,
+        "bảo trì (suspended by operator operator)"
+    );
+    assert_eq!(entries[6].detail, "resumed by operator operator");
+    assert_eq!(
+        entries[7].detail,
+        "Sở Y tế (registered by operator operator)"
+    );
+    assert!(
+        entries[..3].iter().all(|e| e
+            .detail
+            .ends_with("(registered by the broker's configuration (--register))")),
+        "{entries:?}"
+    );
     for (seq, pair) in entries.windows(2).enumerate() {
         assert_eq!(pair[1].prev_hash, pair[0].hash);
         assert_eq!(pair[1].seq, seq as u64 + 1);
@@ -667,17 +695,18 @@ async fn audit_log_chains_accepted_documents_receipts_and_suspensions() {
         .unwrap()
         .into_inner();
     assert!(verified.intact, "{verified:?}");
-    assert_eq!(verified.entries, 6);
-    assert_eq!(verified.head_hash, entries[5].hash);
+    assert_eq!(verified.entries, 8);
+    assert_eq!(verified.head_hash, entries[7].hash);
 
     let out = run_admin(&world, &broker.url, &["audit", "verify"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("intact: 6 entries"));
-    let out = run_admin(&world, &broker.url, &["audit", "tail", "-n", "3"]).await;
+    assert!(String::from_utf8_lossy(&out.stdout).contains("intact: 8 entries"));
+    let out = run_admin(&world, &broker.url, &["audit", "tail", "-n", "5"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.lines().count(), 3, "{text}");
+    assert_eq!(text.lines().count(), 5, "{text}");
     assert!(text.contains("delivered") && text.contains(&id), "{text}");
+    assert!(text.contains("suspended by operator operator"), "{text}");
 
     // Agency certificates may not read it.
     let channel = tonic::transport::Endpoint::from_shared(broker.url.clone())

@@ -118,11 +118,27 @@ async fn client_commands_exit_quietly_when_stdout_is_closed() {
     }
     let folder = world.inbox_dir(B).join(&ids[0]).display().to_string();
     let ca = world.pki.ca_cert.display().to_string();
+    let a_token = a.token_file.display().to_string();
+    let b_token = b.token_file.display().to_string();
     let commands: Vec<Vec<&str>> = vec![
-        vec!["inbox", "--api", &b.api],
-        vec!["inbox", "--api", &b.api, "--json"],
-        vec!["status", "--api", &a.api, &ids[0]],
-        vec!["directory", "--api", &a.api],
+        vec!["inbox", "--api", &b.api, "--api-token-file", &b_token],
+        vec![
+            "inbox",
+            "--api",
+            &b.api,
+            "--api-token-file",
+            &b_token,
+            "--json",
+        ],
+        vec![
+            "status",
+            "--api",
+            &a.api,
+            "--api-token-file",
+            &a_token,
+            &ids[0],
+        ],
+        vec!["directory", "--api", &a.api, "--api-token-file", &a_token],
         vec!["verify", &folder, "--ca", &ca],
         vec!["--help"],
     ];
@@ -135,7 +151,13 @@ async fn client_commands_exit_quietly_when_stdout_is_closed() {
 
     // As a person types it: the first byte arrives, nothing else is said.
     let out = Command::new("sh")
-        .args(["-c", &format!("'{BIN}' inbox --api {} | head -c1", b.api)])
+        .args([
+            "-c",
+            &format!(
+                "'{BIN}' inbox --api {} --api-token-file '{b_token}' | head -c1",
+                b.api
+            ),
+        ])
         .output()
         .unwrap();
     assert_eq!(out.stdout, b"M");

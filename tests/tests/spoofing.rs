@@ -17,12 +17,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_lienthong-under-test");
 
 /// Every raw request to an agent's API in this file starts here (one place to add
 /// what the API will require of callers, such as an Authorization header).
-fn api_request(method: reqwest::Method, api: &str, path: &str) -> reqwest::RequestBuilder {
-    reqwest::Client::new().request(method, format!("{api}{path}"))
+fn api_request(method: reqwest::Method, agent: &Agent, path: &str) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .request(method, format!("{}{path}", agent.api))
+        .bearer_auth(&agent.token)
 }
 
-async fn api_post_json(api: &str, path: &str, body: &serde_json::Value) -> (u16, String) {
-    let response = api_request(reqwest::Method::POST, api, path)
+async fn api_post_json(agent: &Agent, path: &str, body: &serde_json::Value) -> (u16, String) {
+    let response = api_request(reqwest::Method::POST, agent, path)
         .json(body)
         .send()
         .await
@@ -169,12 +171,12 @@ async fn the_agent_api_refuses_spoofing_text_from_a_gateway() {
         ),
     ];
     for (body, names) in &cases {
-        let (status, text) = api_post_json(&a.api, "/v1/documents", body).await;
+        let (status, text) = api_post_json(&a, "/v1/documents", body).await;
         assert_eq!(status, 400, "{body}: {text}");
         assert!(text.contains(names), "{names:?} not in {text}");
     }
     // Nothing was signed or queued: the outbox is empty.
-    let metrics = api_request(reqwest::Method::GET, &a.api, "/metrics")
+    let metrics = api_request(reqwest::Method::GET, &a, "/metrics")
         .send()
         .await
         .unwrap()
@@ -203,7 +205,13 @@ async fn the_cli_escapes_control_and_format_characters_it_prints() {
     let id = a.send(&[B], subject, &[]).await;
     wait_for_path(&world.inbox_dir(B).join(&id)).await;
 
-    let (code, stdout, stderr) = lienthong(&["inbox", "--api", &b.api]);
+    let (code, stdout, stderr) = lienthong(&[
+        "inbox",
+        "--api",
+        &b.api,
+        "--api-token-file",
+        &b.token_file.display().to_string(),
+    ]);
     assert_eq!(code, Some(0), "{stderr}");
     // No hidden character reaches the terminal but the line ends themselves.
     assert!(
@@ -237,7 +245,14 @@ async fn the_cli_escapes_control_and_format_characters_it_prints() {
             .any(|r| r.business.iter().any(|e| e.code == "02" && e.verified))
     })
     .await;
-    let (code, stdout, stderr) = lienthong(&["status", "--api", &a.api, &id]);
+    let (code, stdout, stderr) = lienthong(&[
+        "status",
+        "--api",
+        &a.api,
+        "--api-token-file",
+        &a.token_file.display().to_string(),
+        &id,
+    ]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!stdout.contains('\r'), "{stdout:?}");
     let reason_lines: Vec<&str> = stdout
