@@ -272,17 +272,25 @@ pub(crate) struct Draft {
     pub streamed: bool,
 }
 
+/// Answers the outbox record of a message id this agency sent.
+pub(crate) type SentLookup<'a> = dyn FnMut(&str) -> Result<Option<SentDocument>, ApiError> + 'a;
+/// Answers an upload by id.
+pub(crate) type UploadLookup<'a> =
+    dyn FnMut(&str) -> Result<Option<crate::files::Upload>, ApiError> + 'a;
+/// Spools base64 text of attachment `index` to a new upload; answers its id.
+pub(crate) type Spool<'a> = dyn FnMut(usize, &[u8]) -> Result<String, ApiError> + 'a;
+
 /// The store as [`draft`] asks it, in the order the request is read (so a bad field
 /// is reported before any lookup after it).
 pub(crate) struct DraftStore<'a> {
     /// The outbox record of `refers_to`: what this agency sent under that message id.
-    pub sent: &'a mut dyn FnMut(&str) -> Result<Option<SentDocument>, ApiError>,
+    pub sent: &'a mut SentLookup<'a>,
     /// An upload by id.
-    pub upload: &'a mut dyn FnMut(&str) -> Result<Option<crate::files::Upload>, ApiError>,
+    pub upload: &'a mut UploadLookup<'a>,
     /// Spools base64 text (of attachment `index`, over the streaming threshold in
     /// total) to a new upload, decoded piece by piece; answers the upload's id, which
     /// `upload` then finds. A refusal names the attachment.
-    pub spool: &'a mut dyn FnMut(usize, &[u8]) -> Result<String, ApiError>,
+    pub spool: &'a mut Spool<'a>,
 }
 
 /// Builds and checks the header of a send request: everything `POST /v1/documents`
