@@ -158,3 +158,136 @@ fn seeds_reach_the_outcome_they_are_named_for() {
         assert_eq!(got, want, "{name}");
     }
 }
+
+/// The harness context with room for a streamed document (`max_document_bytes`
+/// `limit`), so base64 attachments over the streaming threshold take the path the
+/// handler spools to upload files (here decoded by the same piecewise decoder).
+fn streamed_context(limit: u64) -> lienthong_agent::request_check::CheckContext {
+    lienthong_agent::request_check::CheckContext {
+        max_document_bytes: limit,
+        ..harness::context()
+    }
+}
+
+fn with_attachments(sizes: &[usize]) -> (SendRequest, Vec<Vec<u8>>) {
+    use base64::Engine as _;
+    let contents: Vec<Vec<u8>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| (0..n).map(|b| (b % 251) as u8 ^ (i as u8)).collect())
+        .collect();
+    let req = SendRequest {
+        to: vec!["000.00.12.H31".into()],
+        subject: "Tệp lớn".into(),
+        number: Some("7".into()),
+        attachments: contents
+            .iter()
+            .enumerate()
+            .map(|(i, c)| lienthong_agent::api_types::AttachmentUpload {
+                content_base64: base64::engine::general_purpose::STANDARD.encode(c),
+                name: format!("tep-{i}.pdf"),
+                media_type: None,
+                upload_id: None,
+            })
+            .collect(),
+        ..SendRequest::default()
+    };
+    (req, contents)
+}
+
+/// Base64 attachments over the streaming threshold go through the spool answer: the
+/// header declares each one's decoded size and SHA-256, in order; the total at the
+/// limit is accepted and one byte over is a 413 naming `max_document_bytes`.
+#[test]
+fn spooled_base64_attachments_are_described_and_capped() {
+    let threshold = usize::try_from(lienthong_proto::document::STREAMED_THRESHOLD).unwrap();
+    let sizes = [threshold / 2, threshold / 2 + 1];
+    let total = u64::try_from(sizes.iter().sum::<usize>()).unwrap();
+    assert!(total > lienthong_proto::document::STREAMED_THRESHOLD);
+    let (req, contents) = with_attachments(&sizes);
+    // At the limit: accepted, every attachment described by its own bytes.
+    let header = check_request(
+        &streamed_context(total),
+        Request::Send(Box::new(req.clone())),
+    )
+    .unwrap();
+    assert_eq!(header.attachments.len(), 2);
+    for (info, bytes) in header.attachments.iter().zip(&contents) {
+        let want = lienthong_proto::document::describe_attachment(&info.name, "", bytes);
+        assert_eq!(info.size, want.size, "{}", info.name);
+        assert_eq!(info.sha256, want.sha256, "{}", info.name);
+    }
+    assert_eq!(header.attachments[1].name, "tep-1.pdf");
+    // One byte under the total: 413, naming the limit and the size.
+    let refusal =
+        check_request(&streamed_context(total - 1), Request::Send(Box::new(req))).unwrap_err();
+    assert_eq!(refusal.status, 413, "{refusal:?}");
+    assert!(
+        refusal.message.contains("max_document_bytes")
+            && refusal.message.contains(&total.to_string()),
+        "{}",
+        refusal.message
+    );
+}
+
+/// Invalid base64 on the spooled path is a 400 naming the attachment it is in.
+#[test]
+fn spooled_base64_that_does_not_decode_names_its_attachment() {
+    let threshold = usize::try_from(lienthong_proto::document::STREAMED_THRESHOLD).unwrap();
+    let (mut req, _) = with_attachments(&[threshold, 4096]);
+    // Valid length, one byte outside the alphabet, in the second attachment.
+    req.attachments[1].content_base64.replace_range(8..9, "*");
+    let ctx = streamed_context(lienthong_proto::document::STREAMED_THRESHOLD * 4);
+    let refusal = check_request(&ctx, Request::Send(Box::new(req))).unwrap_err();
+    assert_eq!(refusal.status, 400, "{refusal:?}");
+    assert!(
+        refusal.message.contains("attachments[1].content_base64"),
+        "{}",
+        refusal.message
+    );
+}
+
+/// A body cannot name an upload of the check's own spool: only a mix refusal or an
+/// unknown upload, never a header.
+#[test]
+fn a_body_naming_a_spooled_id_is_refused() {
+    let (mut req, _) = with_attachments(&[10]);
+    req.attachments[0].content_base64 = String::new();
+    req.attachments[0].upload_id = Some("spooled-0".into());
+    let refusal = check_request(
+        &streamed_context(lienthong_proto::document::STREAMED_THRESHOLD * 4),
+        Request::Send(Box::new(req)),
+    )
+    .unwrap_err();
+    assert_eq!(refusal.status, 400, "{refusal:?}");
+    assert!(
+        refusal.message.contains("attachments[0].upload_id"),
+        "{}",
+        refusal.message
+    );
+}
+
+/// The edXML seed's attachments reach the header through the mapping the handler
+/// uses (`planned_from`), given as base64 here: each declared size and digest is that
+/// of the attachment the package carries.
+#[test]
+fn edxml_attachments_are_described_by_their_package_bytes() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/api_json");
+    let bytes = std::fs::read(dir.join("3-edxml-document")).unwrap();
+    let package = &bytes[1..];
+    let lienthong_edxml::EdxmlMessage::Document(doc) =
+        lienthong_edxml::parse_message(package, &lienthong_edxml::Limits::default()).unwrap()
+    else {
+        panic!("the seed is a document");
+    };
+    assert!(!doc.attachments.is_empty(), "the seed carries attachments");
+    let ctx = streamed_context(lienthong_proto::document::STREAMED_THRESHOLD);
+    let header = check_request(&ctx, Request::Edxml(package.to_vec())).unwrap();
+    assert_eq!(header.attachments.len(), doc.attachments.len());
+    for (info, attachment) in header.attachments.iter().zip(&doc.attachments) {
+        let want = lienthong_proto::document::describe_attachment("", "", &attachment.bytes);
+        assert_eq!(info.name, attachment.name);
+        assert_eq!(info.media_type, attachment.media_type);
+        assert_eq!((info.size, &info.sha256), (want.size, &want.sha256));
+    }
+}
