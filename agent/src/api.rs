@@ -239,11 +239,69 @@ fn spool_base64(agent: &Agent, index: usize, text: &[u8]) -> Result<String, ApiE
         .map_err(internal("cannot spool an attachment"))
 }
 
-fn prepare_spooled(
-    agent: &Agent,
+/// What the store knows of the document a recall, update or replace refers to.
+pub(crate) struct SentDocument {
+    pub business_id: String,
+    pub recipients: Vec<String>,
+}
+
+/// The values of a send request that come from the agent rather than the request.
+pub(crate) struct DraftContext<'a> {
+    /// This agency.
+    pub sender: &'a str,
+    /// `max_document_bytes`: the largest sum of attachment sizes.
+    pub max_document_bytes: u64,
+    pub message_id: String,
+    pub created_at_ms: i64,
+    /// Today in Vietnam, `yyyy/MM/dd`: the issue date when the request gives none.
+    pub today: String,
+}
+
+/// A send request turned into the header the agent will seal, checked by every rule
+/// (`validate_header` included) before a number is taken from the counter.
+pub(crate) struct Draft {
+    pub header: pb::DocumentHeader,
+    /// The request gave its own number (else the counter gives one).
+    pub given_number: bool,
+    /// The attachments given inline (`content_base64`) and not spooled, decoded, in
+    /// order.
+    pub inline: Vec<Bytes>,
+    /// The attachments given as uploads (or spooled to one), in order.
+    pub uploads: Vec<(String, crate::files::Upload)>,
+    /// The attachments total more than the streaming threshold.
+    pub streamed: bool,
+}
+
+/// Answers the outbox record of a message id this agency sent.
+pub(crate) type SentLookup<'a> = dyn FnMut(&str) -> Result<Option<SentDocument>, ApiError> + 'a;
+/// Answers an upload by id.
+pub(crate) type UploadLookup<'a> =
+    dyn FnMut(&str) -> Result<Option<crate::files::Upload>, ApiError> + 'a;
+/// Spools base64 text of attachment `index` to a new upload; answers its id.
+pub(crate) type Spool<'a> = dyn FnMut(usize, &[u8]) -> Result<String, ApiError> + 'a;
+
+/// The store as [`draft`] asks it, in the order the request is read (so a bad field
+/// is reported before any lookup after it).
+pub(crate) struct DraftStore<'a> {
+    /// The outbox record of `refers_to`: what this agency sent under that message id.
+    pub sent: &'a mut SentLookup<'a>,
+    /// An upload by id.
+    pub upload: &'a mut UploadLookup<'a>,
+    /// Spools base64 text (of attachment `index`, over the streaming threshold in
+    /// total) to a new upload, decoded piece by piece; answers the upload's id, which
+    /// `upload` then finds. A refusal names the attachment.
+    pub spool: &'a mut Spool<'a>,
+}
+
+/// Builds and checks the header of a send request: everything `POST /v1/documents`
+/// does before it takes a number, seals and stores. The store is asked only through
+/// `store`. Pure otherwise: the fuzz target `api_json` drives it through
+/// [`crate::request_check::check_request`].
+pub(crate) fn draft(
+    ctx: DraftContext<'_>,
     req: SendRequest,
-    spooled: &mut Vec<String>,
-) -> Result<Prepared, ApiError> {
+    store: DraftStore<'_>,
+) -> Result<Draft, ApiError> {
     let mut req = req;
     let mut recipients = Vec::with_capacity(req.to.len());
     for code in &req.to {
@@ -262,16 +320,12 @@ fn prepare_spooled(
     let refers_to = req.refers_to.clone().unwrap_or_default();
     let mut refers_to_business_id = String::new();
     if business_type != 0 || !refers_to.is_empty() {
-        let original = agent
-            .store
-            .outbox_record(&refers_to)
-            .map_err(internal("cannot read the outbox"))?
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!(
-                    "refers_to: {} is not a document this agency sent",
-                    lienthong_proto::agency::printable(&refers_to)
-                ))
-            })?;
+        let original = (store.sent)(&refers_to)?.ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "refers_to: {} is not a document this agency sent",
+                lienthong_proto::agency::printable(&refers_to)
+            ))
+        })?;
         refers_to_business_id = original.business_id.clone();
         if business_type == pb::BusinessType::Recall as u32 && recipients.is_empty() {
             recipients = original.recipients.clone();
@@ -305,7 +359,7 @@ fn prepare_spooled(
         .map(|a| crate::intake::decoded_len(a.content_base64.as_bytes()))
         .fold(0, u64::saturating_add);
     let spool_base64_attachments = base64_total > lienthong_proto::document::STREAMED_THRESHOLD;
-    let mut attachments = Vec::with_capacity(req.attachments.len());
+    let mut inline = Vec::with_capacity(req.attachments.len());
     let mut infos = Vec::with_capacity(req.attachments.len());
     let mut uploads = Vec::new();
     for (index, attachment) in req.attachments.iter_mut().enumerate() {
@@ -317,29 +371,24 @@ fn prepare_spooled(
         if attachment.upload_id.is_none() && spool_base64_attachments {
             // The text goes as soon as it is decoded: one copy at a time.
             let text = std::mem::take(&mut attachment.content_base64);
-            let id = spool_base64(agent, index, text.as_bytes())?;
+            let id = (store.spool)(index, text.as_bytes())?;
             drop(text);
-            spooled.push(id.clone());
             attachment.upload_id = Some(id);
         }
         if let Some(upload_id) = &attachment.upload_id {
-            let upload = agent
-                .files
-                .upload(upload_id)
-                .map_err(internal("cannot read an upload"))?
-                .ok_or_else(|| {
-                    ApiError::BadRequest(format!(
-                        "attachments[{index}].upload_id: no upload {} at this agent (POST /v1/uploads first)",
-                        lienthong_proto::agency::printable(upload_id)
-                    ))
-                })?;
+            let found = (store.upload)(upload_id)?.ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "attachments[{index}].upload_id: no upload {} at this agent (POST /v1/uploads first)",
+                    lienthong_proto::agency::printable(upload_id)
+                ))
+            })?;
             infos.push(pb::AttachmentInfo {
                 name: attachment.name.clone(),
                 media_type,
-                size: upload.size,
-                sha256: upload.sha256.clone(),
+                size: found.size,
+                sha256: found.sha256.clone(),
             });
-            uploads.push((upload_id.clone(), upload));
+            uploads.push((upload_id.clone(), found));
             continue;
         }
         let bytes = base64::engine::general_purpose::STANDARD
@@ -350,34 +399,23 @@ fn prepare_spooled(
                 ))
             })?;
         infos.push(describe_attachment(&attachment.name, &media_type, &bytes));
-        attachments.push(Bytes::from(bytes));
+        inline.push(Bytes::from(bytes));
     }
     let total: u64 = infos.iter().map(|a| a.size).fold(0, u64::saturating_add);
-    if total > agent.max_document_bytes {
-        return Err(too_large(total, agent.max_document_bytes));
+    if total > ctx.max_document_bytes {
+        return Err(too_large(total, ctx.max_document_bytes));
     }
     let streamed = total > lienthong_proto::document::STREAMED_THRESHOLD;
-    if !uploads.is_empty() && !streamed {
-        // Small: kept inline in the store like a JSON upload.
-        for (_, upload) in &uploads {
-            let bytes = std::fs::read(&upload.path).map_err(|e| {
-                error!(error = %e, "cannot read an upload");
-                ApiError::Internal
-            })?;
-            attachments.push(Bytes::from(bytes));
-        }
-    }
-    let sender = agent.agency.to_string();
     let issue_date = req
         .issue_date
         .clone()
         .filter(|d| !d.is_empty())
-        .unwrap_or_else(vietnam_date_today);
+        .unwrap_or(ctx.today);
     let notation = req.notation.clone().unwrap_or_default();
     let given_number = req.number.clone().filter(|n| !n.trim().is_empty());
     let mut header = pb::DocumentHeader {
-        message_id: new_message_id(),
-        sender: sender.clone(),
+        message_id: ctx.message_id,
+        sender: ctx.sender.to_owned(),
         recipients,
         business_id: String::new(),
         number: given_number.clone().unwrap_or_else(|| "0".into()),
@@ -398,7 +436,7 @@ fn prepare_spooled(
         due_date: req.due_date.unwrap_or_default(),
         business_type: i32::try_from(business_type).unwrap_or(i32::MAX),
         refers_to,
-        created_at_ms: now_ms(),
+        created_at_ms: ctx.created_at_ms,
         expires_at_ms: req.expires_at_ms.unwrap_or(0),
         attachments: infos,
         to_places: req.to_places.unwrap_or_default(),
@@ -409,14 +447,80 @@ fn prepare_spooled(
         removed_recipients,
         refers_to_business_id,
     };
-    let set_business_id = |h: &mut pb::DocumentHeader| {
-        h.business_id = business_id(&h.sender, &h.issue_date, &h.number, &h.notation);
-    };
     set_business_id(&mut header);
     // Check every rule before a number is taken from the counter, so that bad requests
     // leave no gaps in the numbering.
     lienthong_proto::document::validate_header(&header).map_err(protocol_error)?;
-    if given_number.is_none() {
+    Ok(Draft {
+        header,
+        given_number: given_number.is_some(),
+        inline,
+        uploads,
+        streamed,
+    })
+}
+
+fn set_business_id(h: &mut pb::DocumentHeader) {
+    h.business_id = business_id(&h.sender, &h.issue_date, &h.number, &h.notation);
+}
+
+fn prepare_spooled(
+    agent: &Agent,
+    req: SendRequest,
+    spooled: &mut Vec<String>,
+) -> Result<Prepared, ApiError> {
+    let sender = agent.agency.to_string();
+    let ctx = DraftContext {
+        sender: &sender,
+        max_document_bytes: agent.max_document_bytes,
+        message_id: new_message_id(),
+        created_at_ms: now_ms(),
+        today: vietnam_date_today(),
+    };
+    let Draft {
+        mut header,
+        given_number,
+        inline: mut attachments,
+        uploads,
+        streamed,
+    } = draft(
+        ctx,
+        req,
+        DraftStore {
+            sent: &mut |id| {
+                Ok(agent
+                    .store
+                    .outbox_record(id)
+                    .map_err(internal("cannot read the outbox"))?
+                    .map(|r| SentDocument {
+                        business_id: r.business_id,
+                        recipients: r.recipients,
+                    }))
+            },
+            upload: &mut |id| {
+                agent
+                    .files
+                    .upload(id)
+                    .map_err(internal("cannot read an upload"))
+            },
+            spool: &mut |index, text| {
+                let id = spool_base64(agent, index, text)?;
+                spooled.push(id.clone());
+                Ok(id)
+            },
+        },
+    )?;
+    if !uploads.is_empty() && !streamed {
+        // Small: kept inline in the store like a JSON upload.
+        for (_, upload) in &uploads {
+            let bytes = std::fs::read(&upload.path).map_err(|e| {
+                error!(error = %e, "cannot read an upload");
+                ApiError::Internal
+            })?;
+            attachments.push(Bytes::from(bytes));
+        }
+    }
+    if !given_number {
         let number = agent
             .store
             .next_number()
@@ -694,19 +798,25 @@ async fn recall_document(
         .outbox_record(&id)
         .map_err(internal("cannot read the outbox"))?
         .ok_or_else(|| ApiError::NotFound(format!("document {id} was not sent by this agency")))?;
-    let request = SendRequest {
+    let request = recall_request(id, &original.business_id, req.reason);
+    let sent = accept_send_request(&agent, request).await?;
+    Ok((StatusCode::ACCEPTED, Json(sent)))
+}
+
+/// The send request a recall of document `id` (sent under `business_id`) makes: status
+/// 13, business type 1, addressed to all the original's recipients.
+pub(crate) fn recall_request(id: String, business_id: &str, reason: String) -> SendRequest {
+    SendRequest {
         to: Vec::new(),
-        subject: format!("Thu hồi văn bản {}", original.business_id)
+        subject: format!("Thu hồi văn bản {business_id}")
             .chars()
             .take(500)
             .collect(),
         business_type: Some(pb::BusinessType::Recall as u32),
         refers_to: Some(id),
-        business_reason: Some(req.reason),
+        business_reason: Some(reason),
         ..SendRequest::default()
-    };
-    let sent = accept_send_request(&agent, request).await?;
-    Ok((StatusCode::ACCEPTED, Json(sent)))
+    }
 }
 
 /// `GET /v1/directory`: the agencies registered at the broker, for picking recipients.

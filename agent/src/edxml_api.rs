@@ -26,6 +26,7 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use base64::Engine as _;
 use lienthong_edxml::{
     AttachmentBytes, EdxmlDocument, EdxmlMessage, EdxmlStatus, ResponseFor, StaffInfo,
 };
@@ -107,7 +108,7 @@ async fn import(
 }
 
 /// What a package asks for, once parsed and resolved.
-enum Planned {
+pub(crate) enum Planned {
     Document(Box<SendRequest>),
     Status {
         message_id: String,
@@ -201,7 +202,42 @@ fn plan(agent: &Agent, package: &[u8], spooled: &mut Vec<String>) -> Result<Plan
         spooled.push(id.clone());
         upload_ids.push(id);
     }
-    let own = agent.agency.to_string();
+    planned_from(
+        &agent.agency.to_string(),
+        message,
+        Some(upload_ids),
+        &mut |doc, business_id| sent_message_id(agent, doc, business_id),
+        &mut |response_for| received_message_id(agent, response_for),
+    )
+}
+
+/// [`plan`] without an agent, for [`crate::request_check`]: the package parsed whole
+/// (attachments kept in memory and given to the request as base64), the store asked
+/// only through `sent` and `received` as in [`planned_from`].
+pub(crate) fn plan_with(
+    own: &str,
+    package: &[u8],
+    limits: &lienthong_edxml::Limits,
+    sent: &mut dyn FnMut(&EdxmlDocument, &str) -> Result<String, ApiError>,
+    received: &mut dyn FnMut(&ResponseFor) -> Result<String, ApiError>,
+) -> Result<Planned, ApiError> {
+    let message = lienthong_edxml::parse_message(package, limits)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    planned_from(own, message, None, sent, received)
+}
+
+/// What a parsed package asks of agency `own`: the one mapping shared by [`plan`] and
+/// [`plan_with`]. The store is asked only through `sent` (the message id this agency
+/// sent a business id under) and `received` (the received document a `ResponseFor`
+/// names). `upload_ids` are the uploads the attachments were spooled to, in order;
+/// `None` when they were parsed into memory (then given as base64).
+fn planned_from(
+    own: &str,
+    message: EdxmlMessage,
+    upload_ids: Option<Vec<String>>,
+    sent: &mut dyn FnMut(&EdxmlDocument, &str) -> Result<String, ApiError>,
+    received: &mut dyn FnMut(&ResponseFor) -> Result<String, ApiError>,
+) -> Result<Planned, ApiError> {
     match message {
         EdxmlMessage::Document(doc) => {
             if doc.sender != own {
@@ -212,7 +248,7 @@ fn plan(agent: &Agent, package: &[u8], spooled: &mut Vec<String>) -> Result<Plan
                 )));
             }
             let refers_to = match doc.refers_to_business_id() {
-                Some(business_id) => Some(sent_message_id(agent, &doc, &business_id)?),
+                Some(business_id) => Some(sent(&doc, &business_id)?),
                 None => None,
             };
             Ok(Planned::Document(Box::new(send_request(
@@ -227,7 +263,7 @@ fn plan(agent: &Agent, package: &[u8], spooled: &mut Vec<String>) -> Result<Plan
                     printable(&status.from)
                 )));
             }
-            let message_id = received_message_id(agent, &status.response_for)?;
+            let message_id = received(&status.response_for)?;
             Ok(Planned::Status {
                 message_id,
                 code: status.status_code,
@@ -242,10 +278,11 @@ fn plan(agent: &Agent, package: &[u8], spooled: &mut Vec<String>) -> Result<Plan
 }
 
 /// The request `POST /v1/documents` would get for this package.
+/// `upload_ids`: see [`planned_from`].
 fn send_request(
     doc: EdxmlDocument,
     refers_to: Option<String>,
-    upload_ids: Vec<String>,
+    upload_ids: Option<Vec<String>>,
 ) -> SendRequest {
     let signer = (!doc.signer.competence.is_empty()
         || !doc.signer.position.is_empty()
@@ -272,17 +309,29 @@ fn send_request(
         due_date: doc.due_date,
         to_places: Some(doc.to_places),
         expires_at_ms: None,
-        attachments: doc
-            .attachments
-            .into_iter()
-            .zip(upload_ids)
-            .map(|(a, upload_id)| AttachmentUpload {
-                content_base64: String::new(),
-                name: a.name,
-                media_type: Some(a.media_type),
-                upload_id: Some(upload_id),
-            })
-            .collect(),
+        attachments: match upload_ids {
+            Some(upload_ids) => doc
+                .attachments
+                .into_iter()
+                .zip(upload_ids)
+                .map(|(a, upload_id)| AttachmentUpload {
+                    content_base64: String::new(),
+                    name: a.name,
+                    media_type: Some(a.media_type),
+                    upload_id: Some(upload_id),
+                })
+                .collect(),
+            None => doc
+                .attachments
+                .into_iter()
+                .map(|a| AttachmentUpload {
+                    content_base64: base64::engine::general_purpose::STANDARD.encode(&a.bytes),
+                    name: a.name,
+                    media_type: Some(a.media_type),
+                    upload_id: None,
+                })
+                .collect(),
+        },
         business_type: Some(doc.business_type),
         refers_to,
         business_reason: doc.business_reason,
@@ -345,14 +394,17 @@ fn sent_message_id(
     candidates
         .first()
         .map(|r| r.message_id.clone())
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "{}: \"{}\" is not a document this agency sent; a recall, update or \
-                 replacement concerns one of its own documents",
-                refers_to_path(doc),
-                printable(business_id)
-            ))
-        })
+        .ok_or_else(|| not_sent(doc, business_id))
+}
+
+/// The refusal of a recall, update or replacement whose document this agency never sent.
+pub(crate) fn not_sent(doc: &EdxmlDocument, business_id: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "{}: \"{}\" is not a document this agency sent; a recall, update or replacement \
+         concerns one of its own documents",
+        refers_to_path(doc),
+        printable(business_id)
+    ))
 }
 
 /// The message id of the received document a status message answers: the document
@@ -379,14 +431,16 @@ fn received_message_id(agent: &Agent, response_for: &ResponseFor) -> Result<Stri
                 .then_with(|| a.message_id.cmp(&b.message_id))
         })
         .map(|r| r.message_id)
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "Status/ResponseFor/DocumentId: \"{}\" is not a document this agency received \
-                 from {}",
-                printable(&response_for.document_id),
-                printable(&response_for.organ_id)
-            ))
-        })
+        .ok_or_else(|| not_received(response_for))
+}
+
+/// The refusal of a status message about a document this agency never received.
+pub(crate) fn not_received(response_for: &ResponseFor) -> ApiError {
+    ApiError::BadRequest(format!(
+        "Status/ResponseFor/DocumentId: \"{}\" is not a document this agency received from {}",
+        printable(&response_for.document_id),
+        printable(&response_for.organ_id)
+    ))
 }
 
 /// `GET /v1/inbox/{id}/edxml`.

@@ -33,6 +33,9 @@ mod files;
 mod intake;
 mod metrics;
 mod outbox;
+/// The API's request checks without an agent, for the fuzz target `api_json`.
+#[doc(hidden)]
+pub mod request_check;
 mod session;
 pub mod store;
 
