@@ -15,7 +15,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use crate::error::{EdxmlError, shorten};
-use crate::rules::{self, agency, date, document_id, max_chars, no_control, required_chars};
+use crate::rules::{
+    self, agency, date, document_id, max_chars, no_control, one_line, required_chars,
+    required_one_line,
+};
 use crate::xml::{EDXML_NS, Element, Writer, parse_tree};
 use crate::{Limits, ResponseFor};
 
@@ -605,7 +608,7 @@ fn decode_base64_into(
 pub fn validate_document(doc: &EdxmlDocument, limits: &Limits) -> Result<(), EdxmlError> {
     use path as p;
     agency(p::FROM_ORGAN_ID, &doc.sender)?;
-    max_chars(p::FROM_ORGAN_NAME, &doc.sender_name, 200)?;
+    one_line(p::FROM_ORGAN_NAME, &doc.sender_name, 200)?;
     if doc.recipients.is_empty() {
         return Err(EdxmlError::MissingElement { path: p::TO.into() });
     }
@@ -633,22 +636,22 @@ pub fn validate_document(doc: &EdxmlDocument, limits: &Limits) -> Result<(), Edx
             });
         }
     }
-    required_chars(p::CODE_NUMBER, &doc.number, 11)?;
-    max_chars(p::CODE_NOTATION, &doc.notation, 30)?;
-    max_chars(p::PLACE, &doc.issue_place, 50)?;
+    required_one_line(p::CODE_NUMBER, &doc.number, 11)?;
+    one_line(p::CODE_NOTATION, &doc.notation, 30)?;
+    one_line(p::PLACE, &doc.issue_place, 50)?;
     date(p::PROMULGATION_DATE, &doc.issue_date)?;
-    max_chars(p::TYPE, &doc.document_type, 100)?;
-    max_chars(p::TYPE_NAME, &doc.document_type_name, 100)?;
-    required_chars(p::SUBJECT, &doc.subject, 500)?;
+    one_line(p::TYPE, &doc.document_type, 100)?;
+    one_line(p::TYPE_NAME, &doc.document_type_name, 100)?;
+    required_one_line(p::SUBJECT, &doc.subject, 500)?;
     max_chars(p::CONTENT, &doc.content, 500)?;
-    max_chars(p::COMPETENCE, &doc.signer.competence, 100)?;
-    max_chars(p::POSITION, &doc.signer.position, 100)?;
-    max_chars(p::FULL_NAME, &doc.signer.full_name, 100)?;
+    one_line(p::COMPETENCE, &doc.signer.competence, 100)?;
+    one_line(p::POSITION, &doc.signer.position, 100)?;
+    one_line(p::FULL_NAME, &doc.signer.full_name, 100)?;
     if let Some(due) = &doc.due_date {
         date(p::DUE_DATE, due)?;
     }
     for place in &doc.to_places {
-        max_chars(p::TO_PLACES_PLACE, place, 150)?;
+        one_line(p::TO_PLACES_PLACE, place, 150)?;
     }
     rules::in_range(p::PRIORITY, doc.priority, 0, 4)?;
     rules::in_range(p::STEERING_TYPE, doc.steering_type, 1, 3)?;
@@ -745,7 +748,7 @@ fn validate_attachments(
                 value: shorten(&attachment.content_id),
             });
         }
-        required_chars(&format!("{base}/ContentType"), &attachment.media_type, 127)?;
+        required_one_line(&format!("{base}/ContentType"), &attachment.media_type, 127)?;
         no_control(&format!("{base}/Description"), &attachment.description)?;
         max_chars(&format!("{base}/Description"), &attachment.description, 500)?;
         if attachment.bytes.len() > limits.max_attachment_bytes {

@@ -47,6 +47,8 @@ pub enum EdxmlError {
     },
     #[error("{path}: control characters are not allowed")]
     ControlCharacter { path: String },
+    #[error("{path}: one line: no line breaks or tabs (the signed header shows it on one line)")]
+    NotOneLine { path: String },
     #[error("{path}: a real date written yyyy/MM/dd (got \"{value}\")")]
     InvalidDate { path: String, value: String },
     #[error("{path}: a real date and time written yyyy/MM/dd HH:mm:ss (got \"{value}\")")]
@@ -111,6 +113,7 @@ impl EdxmlError {
             | Self::EmptyValue { path }
             | Self::TooLong { path, .. }
             | Self::ControlCharacter { path }
+            | Self::NotOneLine { path }
             | Self::InvalidDate { path, .. }
             | Self::InvalidTimestamp { path, .. }
             | Self::OutOfRange { path, .. }
@@ -150,6 +153,7 @@ impl EdxmlError {
             Self::EmptyValue { .. } => "EmptyValue",
             Self::TooLong { .. } => "TooLong",
             Self::ControlCharacter { .. } => "ControlCharacter",
+            Self::NotOneLine { .. } => "NotOneLine",
             Self::InvalidDate { .. } => "InvalidDate",
             Self::InvalidTimestamp { .. } => "InvalidTimestamp",
             Self::OutOfRange { .. } => "OutOfRange",

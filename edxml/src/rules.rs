@@ -35,6 +35,27 @@ pub(crate) fn no_control(path: &str, value: &str) -> Result<(), EdxmlError> {
     Ok(())
 }
 
+/// A field the signed header shows on one line (its `one_line` rule): [`max_chars`],
+/// and no line break, tab, or line or paragraph separator either.
+pub(crate) fn one_line(path: &str, value: &str, max: usize) -> Result<(), EdxmlError> {
+    max_chars(path, value, max)?;
+    if value
+        .chars()
+        .any(|c| c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
+        return Err(EdxmlError::NotOneLine { path: path.into() });
+    }
+    Ok(())
+}
+
+/// [`one_line`], and not empty.
+pub(crate) fn required_one_line(path: &str, value: &str, max: usize) -> Result<(), EdxmlError> {
+    if value.trim().is_empty() {
+        return Err(EdxmlError::EmptyValue { path: path.into() });
+    }
+    one_line(path, value, max)
+}
+
 pub(crate) fn required_chars(path: &str, value: &str, max: usize) -> Result<(), EdxmlError> {
     if value.trim().is_empty() {
         return Err(EdxmlError::EmptyValue { path: path.into() });

@@ -104,9 +104,43 @@ fn writer_refuses_what_the_parser_would_refuse() {
 #[test]
 fn special_characters_round_trip() {
     let mut doc = parse_document(&read("minimal.edxml"), &Limits::default()).unwrap();
-    doc.subject = "A & B <c> \"d\" 'e'\r\nf\tg ]]> h".into();
+    doc.subject = "A & B <c> \"d\" 'e' ]]> h".into();
+    doc.content = "A & B <c>\r\nf\tg ]]> h".into();
     let written = write_document(&doc).unwrap();
     assert_eq!(parse_document(&written, &Limits::default()).unwrap(), doc);
+}
+
+/// Fields the signed header shows on one line refuse line breaks and tabs when read, as
+/// the header rules would after the import (the fuzz target found a `ContentType` that
+/// passed here and failed there).
+#[test]
+fn one_line_fields_refuse_line_breaks() {
+    let doc = parse_document(&read("minimal.edxml"), &Limits::default()).unwrap();
+    for (path, edit) in [
+        (
+            "MessageHeader/Subject",
+            (|d: &mut lienthong_edxml::EdxmlDocument| d.subject = "a\nb".into())
+                as fn(&mut lienthong_edxml::EdxmlDocument),
+        ),
+        ("MessageHeader/Subject", |d| d.subject = "a\tb".into()),
+        ("MessageHeader/Subject", |d| d.subject = "a\u{2028}b".into()),
+        ("MessageHeader/Code/CodeNotation", |d| {
+            d.notation = "UBND\r\nVP".into()
+        }),
+    ] {
+        let mut bad = doc.clone();
+        edit(&mut bad);
+        let written = write_document(&bad);
+        let refused = match written {
+            Ok(bytes) => parse_document(&bytes, &Limits::default()).unwrap_err(),
+            Err(e) => e,
+        };
+        assert_eq!(
+            refused,
+            EdxmlError::NotOneLine { path: path.into() },
+            "{path}"
+        );
+    }
 }
 
 #[test]
