@@ -7,7 +7,7 @@
 
 use crate::document::{envelope, read_response_for, validate_response_for, write_response_for};
 use crate::error::{EdxmlError, shorten};
-use crate::rules::{agency, max_chars, timestamp};
+use crate::rules::{agency, max_chars, one_line, timestamp};
 use crate::xml::{EDXML_NS, Writer, parse_tree};
 use crate::{Limits, ResponseFor};
 
@@ -139,8 +139,8 @@ pub fn validate_status(status: &EdxmlStatus) -> Result<(), EdxmlError> {
     }
     timestamp(p::TIMESTAMP, &status.timestamp)?;
     if let Some(staff) = &status.staff {
-        max_chars(p::DEPARTMENT, &staff.department, 200)?;
-        max_chars(p::STAFF, &staff.staff, 100)?;
+        one_line(p::DEPARTMENT, &staff.department, 200)?;
+        one_line(p::STAFF, &staff.staff, 100)?;
         max_chars(p::MOBILE, &staff.mobile, 20)?;
         max_chars(p::EMAIL, &staff.email, 100)?;
     }
