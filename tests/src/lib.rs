@@ -679,3 +679,31 @@ pub async fn admin_client(
         .unwrap();
     lienthong_proto::pb::admin_client::AdminClient::new(channel)
 }
+
+/// Runs `lienthong admin ARGS` (the binary `bin`) with the operator certificate of
+/// `world` against the broker at `url`.
+pub async fn run_admin_cli(
+    bin: &Path,
+    world: &World,
+    url: &str,
+    args: &[&str],
+) -> std::process::Output {
+    let mut all: Vec<String> = vec![
+        "admin".into(),
+        "--broker".into(),
+        url.into(),
+        "--ca".into(),
+        world.pki.ca_cert.display().to_string(),
+        "--cert".into(),
+        world.pki.operator_cert.display().to_string(),
+        "--key".into(),
+        world.pki.operator_key.display().to_string(),
+    ];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let bin = bin.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(bin).args(&all).output().unwrap()
+    })
+    .await
+    .unwrap()
+}

@@ -448,23 +448,7 @@ async fn operator_registers_a_new_agency_and_agency_certificates_are_refused() {
 }
 
 async fn run_admin(world: &World, url: &str, args: &[&str]) -> std::process::Output {
-    let mut all: Vec<String> = vec![
-        "admin".into(),
-        "--broker".into(),
-        url.into(),
-        "--ca".into(),
-        world.pki.ca_cert.display().to_string(),
-        "--cert".into(),
-        world.pki.operator_cert.display().to_string(),
-        "--key".into(),
-        world.pki.operator_key.display().to_string(),
-    ];
-    all.extend(args.iter().map(|a| (*a).to_owned()));
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(BIN).args(&all).output().unwrap()
-    })
-    .await
-    .unwrap()
+    run_admin_cli(std::path::Path::new(BIN), world, url, args).await
 }
 
 fn stderr(out: &std::process::Output) -> String {

@@ -20,6 +20,8 @@ use lienthong_proto::pb::{
 };
 use lienthong_proto::signing::Domain;
 use lienthong_tests::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lienthong-under-test");
 use prost::Message;
 use rand::RngCore;
 use tokio::sync::mpsc;
@@ -821,30 +823,6 @@ async fn expiry_and_creation_time_a_sender_may_set_are_bounded() {
     broker.stop().await;
 }
 
-/// `lienthong admin ARGS` with the operator certificate.
-async fn run_admin_cli(world: &World, url: &str, args: &[&str]) -> std::process::Output {
-    let mut all: Vec<String> = vec![
-        "admin".into(),
-        "--broker".into(),
-        url.into(),
-        "--ca".into(),
-        world.pki.ca_cert.display().to_string(),
-        "--cert".into(),
-        world.pki.operator_cert.display().to_string(),
-        "--key".into(),
-        world.pki.operator_key.display().to_string(),
-    ];
-    all.extend(args.iter().map(|a| (*a).to_owned()));
-    tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_lienthong-under-test"))
-            .args(&all)
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_admin_purge_prints_the_count_and_refuses_bad_codes() {
     let world = World::new();
@@ -856,6 +834,7 @@ async fn cli_admin_purge_prints_the_count_and_refuses_bad_codes() {
         submit(&mut a, seal(&h, &key).unwrap(), &[]).await.unwrap();
     }
     let out = run_admin_cli(
+        Path::new(BIN),
         &world,
         &broker.url,
         &["purge", "--from", A, "--to", B, "--reason", "thử nghiệm"],
@@ -880,7 +859,13 @@ async fn cli_admin_purge_prints_the_count_and_refuses_bad_codes() {
         "{dead:?}"
     );
 
-    let out = run_admin_cli(&world, &broker.url, &["purge", "--from", "H31", "--to", B]).await;
+    let out = run_admin_cli(
+        std::path::Path::new(env!("CARGO_BIN_EXE_lienthong-under-test")),
+        &world,
+        &broker.url,
+        &["purge", "--from", "H31", "--to", B],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"),
