@@ -108,6 +108,7 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
         msg: Some(Out::Hello(pb::Hello {
             window: agent.window,
             partial,
+            max_batch: 0,
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -195,6 +196,12 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
                 continue;
             }
             In::Chunk(chunk) => on_chunk(agent, chunk, &mut receiving).await,
+            In::Batch(_) => {
+                return SessionEnd::Ended {
+                    reason: "the broker sent a delivery batch this session did not ask for".into(),
+                    handled,
+                };
+            }
         };
         let handling = match handling {
             Ok(Some(reply)) => Ok(reply),

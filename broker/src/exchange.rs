@@ -890,6 +890,16 @@ impl Exchange for ExchangeService {
         }
     }
 
+    async fn submit_batch(
+        &self,
+        _request: Request<pb::SubmitBatchRequest>,
+    ) -> Result<Response<pb::SubmitBatchResponse>, Status> {
+        // Interim: the batch path is being built; agents fall back to Submit.
+        Err(Status::unimplemented(
+            "SubmitBatch is not served by this broker yet",
+        ))
+    }
+
     type SessionStream = SessionStream;
 
     async fn session(

@@ -604,6 +604,25 @@ impl Session {
                 self.in_flight.remove(&refuse.message_id);
                 Ok(())
             }
+            Some(Msg::Batch(batch)) => {
+                for ack in batch.acks {
+                    self.on_message(
+                        pb::AgentMessage {
+                            msg: Some(Msg::Ack(ack)),
+                        },
+                        settled,
+                    )?;
+                }
+                for refuse in batch.refusals {
+                    self.on_message(
+                        pb::AgentMessage {
+                            msg: Some(Msg::Refuse(refuse)),
+                        },
+                        settled,
+                    )?;
+                }
+                Ok(())
+            }
             Some(Msg::Hello(_)) | None => Ok(()),
         }
     }

@@ -544,6 +544,54 @@ pub fn seal(header: &DocumentHeader, key: &SigningKey) -> Result<Signed, Protoco
     key.sign(Domain::DocumentHeader, bytes.into())
 }
 
+/// [`seal`] for many headers with one batch signature (DESIGN section 4). Each header is
+/// validated on its own: an invalid one gets its error and is left out of the batch,
+/// so it never fails its neighbours. Results are in the order of `headers`.
+pub fn seal_batch(
+    headers: &[DocumentHeader],
+    key: &SigningKey,
+) -> Vec<Result<Signed, ProtocolError>> {
+    let identity = key.identity();
+    let mut results: Vec<Option<Result<Signed, ProtocolError>>> = Vec::with_capacity(headers.len());
+    let mut payloads = Vec::new();
+    for header in headers {
+        let checked = validate_header(header).and_then(|()| match &identity {
+            Ok(PeerIdentity::Agency(code)) if code.as_str() == header.sender => Ok(()),
+            Ok(other) => Err(ProtocolError::SignerNotSender {
+                signer: other.to_string(),
+                sender: header.sender.clone(),
+            }),
+            Err(e) => Err(e.clone()),
+        });
+        match checked {
+            Ok(()) => {
+                payloads.push(bytes::Bytes::from(header.encode_to_vec()));
+                results.push(None);
+            }
+            Err(e) => results.push(Some(Err(e))),
+        }
+    }
+    let mut signed = match key.sign_batch(Domain::DocumentHeader, payloads) {
+        Ok(signed) => signed.into_iter(),
+        Err(e) => {
+            return results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(e.clone())))
+                .collect();
+        }
+    };
+    results
+        .into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                signed.next().ok_or(ProtocolError::Key {
+                    detail: "the batch signer returned fewer items than it was given".into(),
+                })
+            })
+        })
+        .collect()
+}
+
 /// Verifies a signed envelope: chain and signature first, then decode, then the header
 /// rules, then that the signing agency is the sender.
 pub fn verify_document(

@@ -17,6 +17,8 @@ pub enum ProtocolError {
     UnsupportedAlgorithm,
     #[error("the signature does not match the signed bytes and the signer's key")]
     BadSignature,
+    #[error("the batch signature's inclusion proof is invalid: {0}")]
+    BadBatchProof(crate::merkle::ProofError),
     #[error("the signer's certificate key does not fit the signature algorithm")]
     AlgorithmMismatch,
     #[error("no signer certificate was provided")]

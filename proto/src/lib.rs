@@ -4,7 +4,8 @@
 //! - [`pb`]: the generated protobuf messages and gRPC services (`proto/lienthong/v1`).
 //! - [`agency`]: agency codes and the identity a certificate carries in its SAN URI.
 //! - [`signing`]: signing keys, trust anchors, and signatures over exact bytes with a
-//!   domain-separation prefix.
+//!   domain-separation prefix, one at a time or many under one batch signature.
+//! - [`merkle`]: the hash tree and inclusion proofs of batch signatures.
 //! - [`document`]: the document header rules: encode once, sign, verify, attachments.
 //! - [`receipt`]: submission and delivery receipts.
 //! - [`spool`]: attachment files received chunk by chunk (streamed documents).
@@ -17,6 +18,7 @@
 pub mod agency;
 pub mod document;
 pub mod error;
+pub mod merkle;
 pub mod receipt;
 pub mod signing;
 pub mod spool;

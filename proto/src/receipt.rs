@@ -22,6 +22,16 @@ pub fn sign_receipt(receipt: &Receipt, key: &SigningKey) -> Result<Signed, Proto
     key.sign(Domain::Receipt, receipt.encode_to_vec().into())
 }
 
+/// Encodes and signs many receipts with one batch signature; the result is in the
+/// order of `receipts`, each with its inclusion proof (none for a batch of one).
+pub fn sign_receipts(receipts: &[Receipt], key: &SigningKey) -> Result<Vec<Signed>, ProtocolError> {
+    let payloads = receipts
+        .iter()
+        .map(|r| bytes::Bytes::from(r.encode_to_vec()))
+        .collect();
+    key.sign_batch(Domain::Receipt, payloads)
+}
+
 /// What a receipt must say to count as evidence for a given document.
 #[derive(Debug, Clone)]
 pub struct ExpectedReceipt<'a> {

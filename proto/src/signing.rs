@@ -16,7 +16,7 @@ use webpki::{EndEntityCert, KeyUsage};
 
 use crate::ProtocolError;
 use crate::agency::PeerIdentity;
-use crate::pb::{SignatureAlgorithm, Signed};
+use crate::pb::{BatchProof, SignatureAlgorithm, Signed};
 
 /// What a signed payload is; selects the domain-separation prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,9 +190,75 @@ impl SigningKey {
             payload,
             signature,
             algorithm: self.algorithm() as i32,
-            cert_chain: self.chain.iter().map(|c| c.to_vec()).collect(),
+            cert_chain: self.chain_der(),
+            batch: None,
         })
     }
+
+    fn chain_der(&self) -> Vec<Vec<u8>> {
+        self.chain.iter().map(|c| c.to_vec()).collect()
+    }
+
+    /// Signs many payloads of one domain with one signature (DESIGN section 4): the
+    /// signature covers the root of a Merkle tree over the payloads and each returned
+    /// [`Signed`] (in the order of `payloads`) carries its inclusion proof. One payload
+    /// is signed directly, exactly as [`SigningKey::sign`] does; none gives none.
+    pub fn sign_batch(
+        &self,
+        domain: Domain,
+        payloads: Vec<bytes::Bytes>,
+    ) -> Result<Vec<Signed>, ProtocolError> {
+        match payloads.len() {
+            0 => return Ok(Vec::new()),
+            1 => {
+                let payload = payloads.into_iter().next().unwrap_or_default();
+                return Ok(vec![self.sign(domain, payload)?]);
+            }
+            _ => {}
+        }
+        let tree_size = u64::try_from(payloads.len())
+            .ok()
+            .filter(|n| *n <= crate::merkle::MAX_TREE_SIZE)
+            .ok_or(ProtocolError::BadBatchProof(
+                crate::merkle::ProofError::TreeSize,
+            ))?;
+        let leaves: Vec<_> = payloads
+            .iter()
+            .map(|p| crate::merkle::leaf_hash(domain.prefix(), p))
+            .collect();
+        let (root, paths) = crate::merkle::root_and_paths(&leaves);
+        let signature = self.sign_raw(&batch_root_message(tree_size, &root))?;
+        let chain = self.chain_der();
+        let algorithm = self.algorithm() as i32;
+        Ok(payloads
+            .into_iter()
+            .zip(paths)
+            .enumerate()
+            .map(|(index, (payload, path))| Signed {
+                payload,
+                signature: signature.clone(),
+                algorithm,
+                cert_chain: chain.clone(),
+                batch: Some(BatchProof {
+                    leaf_index: index as u64,
+                    tree_size,
+                    audit_path: path.iter().map(|h| h.to_vec()).collect(),
+                }),
+            })
+            .collect())
+    }
+}
+
+/// What a batch signature covers: a prefix no single payload's signature uses, the
+/// tree size and the root. The payloads' own domain is bound in each leaf.
+const BATCH_ROOT_PREFIX: &[u8] = b"lienthong/v1 batch-root\0";
+
+fn batch_root_message(tree_size: u64, root: &crate::merkle::Hash) -> Vec<u8> {
+    let mut message = Vec::with_capacity(BATCH_ROOT_PREFIX.len() + 8 + 32);
+    message.extend_from_slice(BATCH_ROOT_PREFIX);
+    message.extend_from_slice(&tree_size.to_be_bytes());
+    message.extend_from_slice(root);
+    message
 }
 
 /// Reads every certificate in a PEM bundle; an empty bundle is an error.
@@ -224,7 +290,13 @@ pub struct TrustAnchors {
     /// seconds). A hit skips building the path again (one signature check per chain
     /// link) until that time; the signature over the payload is always checked.
     verified_chains: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>>,
+    /// Batch signatures already checked (see [`TrustAnchors::root_key`]): the other
+    /// items of a batch then cost their inclusion proof only.
+    verified_roots: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
 }
+
+/// Checked batch signatures remembered at most; the cache is emptied when it is full.
+const VERIFIED_ROOTS_MAX: usize = 4096;
 
 /// Verified chains remembered at most; the cache is emptied when it is full.
 const VERIFIED_CHAINS_MAX: usize = 4096;
@@ -253,6 +325,7 @@ impl TrustAnchors {
         Ok(Self {
             anchors,
             verified_chains: std::sync::Arc::default(),
+            verified_roots: std::sync::Arc::default(),
         })
     }
 
@@ -266,6 +339,40 @@ impl TrustAnchors {
         let mut key = [0u8; 32];
         key.copy_from_slice(context.finish().as_ref());
         key
+    }
+
+    /// Identifies a checked batch signature: the signed root message, the signature,
+    /// the algorithm and the signer's chain.
+    fn root_key(signed: &Signed, root_message: &[u8]) -> [u8; 32] {
+        let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [root_message, &signed.signature] {
+            context.update(&(part.len() as u64).to_be_bytes());
+            context.update(part);
+        }
+        context.update(&signed.algorithm.to_be_bytes());
+        for cert in &signed.cert_chain {
+            context.update(&(cert.len() as u64).to_be_bytes());
+            context.update(cert);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(context.finish().as_ref());
+        key
+    }
+
+    fn root_known_valid(&self, key: &[u8; 32]) -> bool {
+        self.verified_roots
+            .lock()
+            .ok()
+            .is_some_and(|cache| cache.contains(key))
+    }
+
+    fn remember_root(&self, key: [u8; 32]) {
+        if let Ok(mut cache) = self.verified_roots.lock() {
+            if cache.len() >= VERIFIED_ROOTS_MAX {
+                cache.clear();
+            }
+            cache.insert(key);
+        }
     }
 
     fn chain_known_valid(&self, key: &[u8; 32], now_secs: u64) -> bool {
@@ -409,14 +516,45 @@ pub fn verify_signed<'a>(
         }
     }
 
-    let mut message = Vec::with_capacity(domain.prefix().len() + signed.payload.len());
-    message.extend_from_slice(domain.prefix());
-    message.extend_from_slice(&signed.payload);
+    let message = match &signed.batch {
+        None => {
+            let mut message = Vec::with_capacity(domain.prefix().len() + signed.payload.len());
+            message.extend_from_slice(domain.prefix());
+            message.extend_from_slice(&signed.payload);
+            message
+        }
+        Some(proof) => {
+            let leaf_hash = crate::merkle::leaf_hash(domain.prefix(), &signed.payload);
+            let root = crate::merkle::root_from_path(
+                leaf_hash,
+                proof.leaf_index,
+                proof.tree_size,
+                &proof.audit_path,
+            )
+            .map_err(ProtocolError::BadBatchProof)?;
+            batch_root_message(proof.tree_size, &root)
+        }
+    };
+    // A batch root already checked with this signature, algorithm and chain needs no
+    // second public-key operation: the chain itself was checked above for this time.
+    let root_key = signed
+        .batch
+        .is_some()
+        .then(|| TrustAnchors::root_key(signed, &message));
+    if root_key
+        .as_ref()
+        .is_some_and(|key| anchors.root_known_valid(key))
+    {
+        return Ok(leaf);
+    }
     cert.verify_signature(webpki_alg, &message, &signed.signature)
         .map_err(|e| match e {
             webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_)
             | webpki::Error::SignatureAlgorithmMismatch => ProtocolError::AlgorithmMismatch,
             _ => ProtocolError::BadSignature,
         })?;
+    if let Some(key) = root_key {
+        anchors.remember_root(key);
+    }
     Ok(leaf)
 }

@@ -206,6 +206,7 @@ async fn suspended_agency_neither_sends_nor_receives_and_resume_delivers_the_que
         msg: Some(Msg::Hello(Hello {
             window: 8,
             partial: Vec::new(),
+            max_batch: 0,
         })),
     })
     .await

@@ -211,6 +211,7 @@ async fn call(
                 msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
                     window: 1,
                     partial: Vec::new(),
+                    max_batch: 0,
                 })),
             };
             // The stream stays open until the answer; dropped after it.

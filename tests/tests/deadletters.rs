@@ -191,6 +191,7 @@ async fn unacknowledged_delivery_is_offered_again_and_each_attempt_is_recorded()
         msg: Some(Msg::Hello(Hello {
             window: 8,
             partial: Vec::new(),
+            max_batch: 0,
         })),
     })
     .await

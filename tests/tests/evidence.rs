@@ -544,6 +544,13 @@ impl pb::exchange_server::Exchange for FakeBroker {
         Err(tonic::Status::unavailable("fake broker"))
     }
 
+    async fn submit_batch(
+        &self,
+        _: tonic::Request<pb::SubmitBatchRequest>,
+    ) -> Result<tonic::Response<pb::SubmitBatchResponse>, tonic::Status> {
+        Err(tonic::Status::unavailable("fake broker"))
+    }
+
     type SessionStream = BrokerStream;
 
     async fn session(

@@ -65,6 +65,7 @@ async fn raw_session(
         msg: Some(Msg::Hello(pb::Hello {
             window: 128,
             partial: Vec::new(),
+            max_batch: 0,
         })),
     })
     .await

@@ -1110,6 +1110,7 @@ async fn open_session(url: String, tls: TlsFiles) -> Result<Held, String> {
         msg: Some(agent_message::Msg::Hello(Hello {
             window: 8,
             partial: vec![],
+            max_batch: 0,
         })),
     };
     // Hello, then nothing: the request stream stays open for the session's life.
