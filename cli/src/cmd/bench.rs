@@ -9,6 +9,12 @@
 //! documents, 4 one large streamed document (with the disk's sequential write rate for
 //! comparison), 5 idle connected agencies (broker memory per connection), 6 a broker
 //! restarted over many pending documents (time to ready, then scenario 1 against it).
+//!
+//! Agents run as a gateway that reads the API would run them: without an inbox folder.
+//! Scenario 1 runs a second time with the folder export on, and then counts a document
+//! once its exported folder exists. Every run first probes the disk it writes to (1 KiB
+//! append + fdatasync, 256 MiB sequential write + fdatasync) and reports, for scenarios
+//! 1–3, the CPU time per document of each process (utime + stime from /proc).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -133,13 +139,15 @@ pub async fn run(args: BenchArgs) -> Result<(), CliError> {
         pki,
         keep: args.keep,
     };
+    let disk = disk_probe(&ctx.root).await?;
     let outcome = run_scenarios(&ctx, &args).await;
     if args.keep {
         let kept = temp.keep();
         progress(&format!("kept {}", kept.display()));
     }
     let rows = outcome?;
-    let conditions = conditions();
+    let mut conditions = conditions();
+    conditions["disk"] = disk;
     if args.json {
         let scenarios: Vec<Value> = rows.iter().map(Row::json).collect();
         let object = json!({ "conditions": conditions, "scenarios": scenarios });
@@ -155,17 +163,18 @@ async fn run_scenarios(ctx: &Ctx, args: &BenchArgs) -> Result<Vec<Row>, CliError
     let mut empty_rate = None;
     let wanted = |n: u8| args.scenarios.contains(&n);
     if wanted(1) || wanted(6) {
-        let row = streamed(ctx, 1, 1024, 256, args.count).await?;
+        let row = streamed(ctx, 1, 1024, 256, args.count, false).await?;
         empty_rate = Some(row.docs_per_sec());
         if wanted(1) {
             rows.push(row);
+            rows.push(streamed(ctx, 1, 1024, 256, args.count, true).await?);
         }
     }
     if wanted(2) {
-        rows.push(streamed(ctx, 2, 1024, 1, args.latency_count).await?);
+        rows.push(streamed(ctx, 2, 1024, 1, args.latency_count, false).await?);
     }
     if wanted(3) {
-        rows.push(streamed(ctx, 3, 256 * 1024, 256, args.large_count).await?);
+        rows.push(streamed(ctx, 3, 256 * 1024, 256, args.large_count, false).await?);
     }
     if wanted(4) {
         rows.push(large(ctx, args.large_size).await?);
@@ -185,6 +194,8 @@ enum Row {
         scenario: u8,
         size: u64,
         in_flight: usize,
+        /// The recipient exported every document to its inbox folder.
+        export: bool,
         m: Measured,
     },
     Large {
@@ -218,8 +229,15 @@ impl Row {
     fn name(&self) -> String {
         match self {
             Row::Stream {
-                size, in_flight, ..
-            } => format!("{} KiB documents, {in_flight} in flight", size / 1024),
+                size,
+                in_flight,
+                export,
+                ..
+            } => format!(
+                "{} KiB documents, {in_flight} in flight{}",
+                size / 1024,
+                if *export { ", inbox export" } else { "" }
+            ),
             Row::Large { bytes, .. } => format!("one {:.0} MiB document", *bytes as f64 / MIB),
             Row::Idle { connections, .. } => format!("{connections} idle connected agencies"),
             Row::Pending { pending, .. } => {
@@ -231,10 +249,17 @@ impl Row {
     fn json(&self) -> Value {
         let name = self.name();
         match self {
-            Row::Stream { scenario, m, .. } => json!({
+            Row::Stream {
+                scenario,
+                export,
+                m,
+                ..
+            } => json!({
                 "scenario": scenario, "name": name, "documents": m.documents,
+                "inbox_export": export,
                 "docs_per_sec": m.docs_per_sec, "mb_per_sec": m.mb_per_sec,
                 "p50_ms": m.p50_ms, "p99_ms": m.p99_ms,
+                "cpu_us_per_doc": m.cpu.json(),
             }),
             Row::Large {
                 bytes,
@@ -310,6 +335,13 @@ fn print_table(conditions: &Value, rows: &[Row]) {
         field("signature"),
         field("tls")
     );
+    let disk = &conditions["disk"];
+    outln!(
+        "Disk in this run: 1 KiB append + fdatasync {:.0} ops/s (p50 {:.3} ms); sequential write 256 MiB + fdatasync {:.1} MiB/s",
+        disk["fsync_append_ops_per_sec"].as_f64().unwrap_or(0.0),
+        disk["fsync_append_p50_ms"].as_f64().unwrap_or(0.0),
+        disk["seq_write_mib_per_sec"].as_f64().unwrap_or(0.0)
+    );
     outln!(
         "{:<2} {:<40} {:>9} {:>9} {:>8} {:>10} {:>9} {:>9} {:>9}  other",
         "#",
@@ -330,14 +362,16 @@ fn print_table(conditions: &Value, rows: &[Row]) {
                 size,
                 in_flight,
                 m,
+                ..
             } => outln!(
-                "{scenario:<2} {name:<40} {:>9} {in_flight:>9} {:>8} {:>10.1} {:>9.2} {:>9.1} {:>9.1}",
+                "{scenario:<2} {name:<40} {:>9} {in_flight:>9} {:>8} {:>10.1} {:>9.2} {:>9.1} {:>9.1}  CPU µs per document: {}",
                 size_text(*size),
                 m.documents,
                 m.docs_per_sec,
                 m.mb_per_sec,
                 m.p50_ms,
-                m.p99_ms
+                m.p99_ms,
+                m.cpu.text()
             ),
             Row::Large {
                 bytes,
@@ -594,6 +628,7 @@ async fn start_agent(
     dir: &Path,
     code: &str,
     broker: &str,
+    export: bool,
 ) -> Result<(Proc, AgentClient), CliError> {
     let (cert, key) = ctx
         .pki
@@ -601,7 +636,7 @@ async fn start_agent(
         .ok_or_else(|| CliError::Failed(format!("no certificate for {code}")))?;
     let port = free_port()?;
     let home = dir.join(format!("agent-{code}"));
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "agent".into(),
         "--broker".into(),
         broker.into(),
@@ -615,14 +650,16 @@ async fn start_agent(
         path_arg(key),
         "--data".into(),
         path_arg(&home.join("data")),
-        "--inbox-dir".into(),
-        path_arg(&home.join("inbox")),
         "--api".into(),
         format!("127.0.0.1:{port}"),
         // The benchmark measures the pipeline, not the outbox's admission limit.
         "--max-outbox-documents".into(),
         "100000000".into(),
     ];
+    if export {
+        args.push("--inbox-dir".into());
+        args.push(path_arg(&inbox_folder(dir, code)));
+    }
     // The agent reads the token this creates (<data>/api-token), so the client has
     // it before the agent listens.
     let token_path = home
@@ -650,11 +687,21 @@ async fn start_agent(
 
 /// Starts the three processes, then sends one warm-up document and waits until the
 /// recipient holds it: both sessions are up before anything is measured.
-async fn start_cluster(ctx: &Ctx, dir: &Path, data: Option<&Path>) -> Result<Cluster, CliError> {
+/// The recipient's inbox folder when it exports (`export`).
+fn inbox_folder(dir: &Path, code: &str) -> PathBuf {
+    dir.join(format!("agent-{code}")).join("inbox")
+}
+
+async fn start_cluster(
+    ctx: &Ctx,
+    dir: &Path,
+    data: Option<&Path>,
+    export: bool,
+) -> Result<Cluster, CliError> {
     let data = data.map_or_else(|| dir.join("broker-data"), Path::to_owned);
     let (broker, url, broker_ready) = start_broker(ctx, dir, &data).await?;
-    let (sender, send_api) = start_agent(ctx, dir, SENDER, &url).await?;
-    let (recipient, recv_api) = start_agent(ctx, dir, RECIPIENT, &url).await?;
+    let (sender, send_api) = start_agent(ctx, dir, SENDER, &url, false).await?;
+    let (recipient, recv_api) = start_agent(ctx, dir, RECIPIENT, &url, export).await?;
     let mut cluster = Cluster {
         broker,
         sender,
@@ -726,7 +773,7 @@ struct ScenarioDir {
 }
 
 impl ScenarioDir {
-    fn new(ctx: &Ctx, scenario: u8) -> Result<Self, CliError> {
+    fn new(ctx: &Ctx, scenario: impl std::fmt::Display) -> Result<Self, CliError> {
         let path = ctx.root.join(format!("scenario-{scenario}"));
         std::fs::create_dir_all(&path).map_err(|e| {
             failed("creating a scenario folder")(format!("{}: {e}", path.display()))
@@ -755,6 +802,7 @@ struct Measured {
     mb_per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
+    cpu: CpuPerDoc,
 }
 
 async fn streamed(
@@ -763,25 +811,157 @@ async fn streamed(
     size: usize,
     in_flight: usize,
     count: u64,
+    export: bool,
 ) -> Result<Row, CliError> {
     progress(&format!(
-        "scenario {scenario}: {count} documents of {}, {in_flight} in flight",
-        size_text(size as u64)
+        "scenario {scenario}: {count} documents of {}, {in_flight} in flight{}",
+        size_text(size as u64),
+        if export { ", inbox folder export" } else { "" }
     ));
-    let dir = ScenarioDir::new(ctx, scenario)?;
-    let mut cluster = start_cluster(ctx, &dir.path, None).await?;
-    let outcome = measure(&mut cluster, size, in_flight, count).await;
+    let dir = ScenarioDir::new(
+        ctx,
+        format!("{scenario}{}", if export { "-export" } else { "" }),
+    )?;
+    let mut cluster = start_cluster(ctx, &dir.path, None, export).await?;
+    let exported = export.then(|| inbox_folder(&dir.path, RECIPIENT));
+    let outcome = measure(&mut cluster, size, in_flight, count, exported.as_deref()).await;
     cluster.stop().await;
     let m = outcome?;
     progress(&format!(
-        "scenario {scenario}: {:.1} documents/s, p50 {:.1} ms, p99 {:.1} ms",
-        m.docs_per_sec, m.p50_ms, m.p99_ms
+        "scenario {scenario}: {:.1} documents/s, p50 {:.1} ms, p99 {:.1} ms; CPU µs per document: {}",
+        m.docs_per_sec,
+        m.p50_ms,
+        m.p99_ms,
+        m.cpu.text()
     ));
     Ok(Row::Stream {
         scenario,
         size: size as u64,
         in_flight,
+        export,
         m,
+    })
+}
+
+/// CPU time (user + system) of each process over a measurement, per document.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuPerDoc {
+    broker: f64,
+    sender: f64,
+    recipient: f64,
+    driver: f64,
+}
+
+impl CpuPerDoc {
+    fn total(&self) -> f64 {
+        self.broker + self.sender + self.recipient
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "broker {:.0}, sender {:.0}, recipient {:.0} (sum {:.0}); driver {:.0}",
+            self.broker,
+            self.sender,
+            self.recipient,
+            self.total(),
+            self.driver
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "broker": self.broker, "sender": self.sender, "recipient": self.recipient,
+            "sum": self.total(), "driver": self.driver,
+        })
+    }
+}
+
+/// utime + stime of a process in microseconds (/proc/PID/stat counts in USER_HZ
+/// ticks, which Linux fixes at 100 per second for user space).
+fn cpu_micros(pid: &str) -> Result<u64, CliError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| failed(&path)(e.to_string()))?;
+    // Fields after the command name, which is in parentheses and may contain spaces:
+    // state is field 3, utime field 14, stime field 15.
+    let rest = text
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| CliError::Failed(format!("{path}: unexpected format")))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<u64, CliError> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .ok_or_else(|| CliError::Failed(format!("{path}: no field {}", i + 3)))
+    };
+    Ok((tick(11)? + tick(12)?).saturating_mul(10_000))
+}
+
+/// CPU microseconds of the three processes and this driver, now.
+fn cpu_snapshot(cluster: &Cluster) -> Result<[u64; 4], CliError> {
+    let pid = |p: &Proc| {
+        p.pid()
+            .map(|pid| pid.to_string())
+            .ok_or_else(|| CliError::Failed(format!("{} is not running", p.name)))
+    };
+    Ok([
+        cpu_micros(&pid(&cluster.broker)?)?,
+        cpu_micros(&pid(&cluster.sender)?)?,
+        cpu_micros(&pid(&cluster.recipient)?)?,
+        cpu_micros("self")?,
+    ])
+}
+
+/// The disk this run writes to: 1 KiB appends each followed by fdatasync (for 2 s), and
+/// 256 MiB written sequentially in 1 MiB blocks followed by one fdatasync.
+async fn disk_probe(root: &Path) -> Result<Value, CliError> {
+    progress("probing the disk (1 KiB append + fdatasync for 2 s; 256 MiB sequential write)");
+    let root = root.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<Value, CliError> {
+        let path = root.join("fsync-probe.bin");
+        let fail = |e: std::io::Error| failed("disk probe")(format!("{}: {e}", path.display()));
+        let mut file = std::fs::File::create(&path).map_err(fail)?;
+        let block = [0x5au8; 1024];
+        let mut latencies = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            let op = Instant::now();
+            file.write_all(&block).map_err(fail)?;
+            file.sync_data().map_err(fail)?;
+            latencies.push(op.elapsed().as_secs_f64() * 1000.0);
+        }
+        let ops = latencies.len() as f64 / started.elapsed().as_secs_f64();
+        latencies.sort_by(f64::total_cmp);
+        drop(file);
+        let _ = std::fs::remove_file(&path);
+        let seq = root.join("seq-probe.bin");
+        let size = 256u64 << 20;
+        let started = Instant::now();
+        write_random(&seq, size, true)?;
+        let mib_per_sec = size as f64 / MIB / started.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&seq);
+        progress(&format!(
+            "  fdatasync {ops:.0} ops/s (p50 {:.3} ms), sequential write {mib_per_sec:.1} MiB/s",
+            percentile(&latencies, 0.5)
+        ));
+        Ok(json!({
+            "fsync_append_ops_per_sec": ops,
+            "fsync_append_p50_ms": percentile(&latencies, 0.5),
+            "fsync_append_p99_ms": percentile(&latencies, 0.99),
+            "seq_write_mib_per_sec": mib_per_sec,
+        }))
+    })
+    .await
+    .map_err(|e| failed("disk probe")(e.to_string()))?
+}
+
+/// Entries (exported document folders) in the inbox folder, hidden ones left out.
+fn exported_count(inbox: &Path) -> u64 {
+    std::fs::read_dir(inbox).map_or(0, |entries| {
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count() as u64
     })
 }
 
@@ -794,7 +974,9 @@ async fn measure(
     size: usize,
     in_flight: usize,
     count: u64,
+    exported: Option<&Path>,
 ) -> Result<Measured, CliError> {
+    let cpu_before = cpu_snapshot(cluster)?;
     let next = Arc::new(AtomicU64::new(0));
     let baseline = cluster.baseline;
     // One long-poll follows the recipient's count for every sender.
@@ -868,6 +1050,37 @@ async fn measure(
     ));
     poller.abort();
     wait_count(cluster, cluster.baseline + count).await?;
+    // With the folder export, a document counts once its folder exists: the export
+    // follows the receipt, so the last folder, not the last store, ends the run.
+    let mut exported_at = i64::MIN;
+    if let Some(inbox) = exported {
+        let target = cluster.baseline + count;
+        let deadline = Instant::now() + STALL;
+        loop {
+            if exported_count(inbox) >= target {
+                exported_at = now_ms();
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(CliError::Failed(format!(
+                    "the recipient exported {} of {target} documents to {} within {} s",
+                    exported_count(inbox),
+                    inbox.display(),
+                    STALL.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let cpu_after = cpu_snapshot(cluster)?;
+    let per_doc =
+        |i: usize| cpu_after[i].saturating_sub(cpu_before[i]) as f64 / count.max(1) as f64;
+    let cpu = CpuPerDoc {
+        broker: per_doc(0),
+        sender: per_doc(1),
+        recipient: per_doc(2),
+        driver: per_doc(3),
+    };
     let inbox = cluster.recv_api.inbox().await?;
     let mut latencies = Vec::with_capacity(count as usize);
     let mut first_start = i64::MAX;
@@ -888,6 +1101,7 @@ async fn measure(
         )));
     }
     latencies.sort_by(f64::total_cmp);
+    let last_received = last_received.max(exported_at);
     let seconds = ((last_received - first_start).max(1)) as f64 / 1000.0;
     let docs_per_sec = count as f64 / seconds;
     Ok(Measured {
@@ -896,6 +1110,7 @@ async fn measure(
         mb_per_sec: docs_per_sec * size as f64 / MIB,
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
+        cpu,
     })
 }
 
@@ -966,7 +1181,7 @@ async fn large(ctx: &Ctx, size: u64) -> Result<Row, CliError> {
             .await
             .map_err(|e| failed("writing the large document")(e.to_string()))??;
     }
-    let mut cluster = start_cluster(ctx, &dir.path, None).await?;
+    let mut cluster = start_cluster(ctx, &dir.path, None, false).await?;
     let outcome = send_large(&mut cluster, &file, size).await;
     let rss = [
         cluster.broker.memory_mib("VmHWM"),
@@ -1286,10 +1501,10 @@ async fn pending(ctx: &Ctx, n: u64, count: u64, empty_rate: f64) -> Result<Row, 
         "  filled in {:.1} s; starting the broker",
         started.elapsed().as_secs_f64()
     ));
-    let mut cluster = start_cluster(ctx, &dir.path, Some(&data)).await?;
+    let mut cluster = start_cluster(ctx, &dir.path, Some(&data), false).await?;
     let ready_seconds = cluster.broker_ready.as_secs_f64();
     progress(&format!("  broker ready {ready_seconds:.2} s after spawn"));
-    let outcome = measure(&mut cluster, 1024, 256, count).await;
+    let outcome = measure(&mut cluster, 1024, 256, count, None).await;
     cluster.stop().await;
     let m = outcome?;
     progress(&format!(
