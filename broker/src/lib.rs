@@ -99,6 +99,9 @@ pub struct BrokerConfig {
     /// `Authorization: Bearer <token>`; the page itself, `/metrics`, `/healthz` and
     /// `/readyz` stay open.
     pub admin_token: Option<String>,
+    /// Most documents in one SubmitBatch call; a larger batch is refused whole with
+    /// INVALID_ARGUMENT before anything is stored.
+    pub max_batch_documents: usize,
     /// Admission per sending agency: at most this many Submit streams open at once…
     pub max_submissions_per_agency: u32,
     /// …and at most this many bytes reserved by its open streams (declared sizes).
@@ -268,6 +271,7 @@ impl BrokerConfig {
             admin_tokens: Vec::new(),
             admin_insecure_bind: false,
             max_submissions_per_agency: 16,
+            max_batch_documents: 1024,
             max_reserved_bytes_per_agency: 4 * 1024 * 1024 * 1024,
             stall_timeout: Duration::from_secs(60),
             partial_sweep_interval: Duration::from_secs(60),
@@ -299,7 +303,7 @@ impl BrokerConfig {
     /// One gRPC message carries at most a whole small document (attachments up to the
     /// streaming threshold, a header, a certificate chain) or one chunk; larger
     /// documents are streamed, so no message needs to hold one.
-    fn max_message_bytes(&self) -> usize {
+    pub(crate) fn max_message_bytes(&self) -> usize {
         usize::try_from(lienthong_proto::document::STREAMED_THRESHOLD)
             .unwrap_or(usize::MAX)
             .saturating_add(8 * 1024 * 1024)
@@ -311,7 +315,7 @@ impl BrokerConfig {
 #[derive(Default)]
 struct InProgress(Mutex<HashSet<String>>);
 
-struct InProgressGuard<'a> {
+pub(crate) struct InProgressGuard<'a> {
     set: &'a InProgress,
     id: String,
 }
