@@ -233,6 +233,14 @@ pub enum Settlement {
     Recalled { reason: String, notice: Vec<u8> },
 }
 
+/// One delivery to end with [`Store::settle_batch`].
+#[derive(Debug, Clone)]
+pub struct Settle {
+    pub message_id: String,
+    pub recipient: String,
+    pub settlement: Settlement,
+}
+
 /// A dead letter as listed for operators.
 #[derive(Debug, Clone)]
 pub struct DeadLetterEntry {
@@ -984,7 +992,7 @@ impl Store {
 
     /// Ends a delivery. `Delivered` is accepted while queued and also after it became a
     /// dead letter (a late receipt still proves delivery); `Dead` only while queued.
-    /// Returns false when there was nothing to settle.
+    /// Returns false when there was nothing to settle. [`Store::settle_batch`] of one.
     pub fn settle(
         &self,
         message_id: &str,
@@ -992,46 +1000,75 @@ impl Store {
         settlement: Settlement,
         at_ms: i64,
     ) -> Result<bool, StoreError> {
-        let key = delivery_key(message_id, recipient);
-        let dead_key = dead_letter_key(recipient, message_id);
-        let (header_sha256, sender) = self
-            .document(message_id)?
-            .map(|d| (d.header_sha256, d.sender))
-            .unwrap_or_default();
-        let event = match &settlement {
-            Settlement::Delivered { .. } => Event {
-                kind: "delivered",
-                detail: "signed delivery receipt".into(),
-                ..Event::default()
-            },
-            Settlement::Recalled { reason, .. } => Event {
-                kind: "recalled",
-                detail: reason.clone(),
-                ..Event::default()
-            },
-            Settlement::Dead { state, reason, .. } => Event {
-                kind: "dead_letter",
-                detail: format!(
-                    "{}: {reason}",
-                    if *state == DeliveryState::Refused {
-                        "refused"
-                    } else {
-                        "expired"
-                    }
-                ),
-                ..Event::default()
-            },
-        };
-        let mut head = self.chain.lock();
-        let audit_entry = head.chain(Event {
+        let item = Settle {
             message_id: message_id.to_owned(),
-            agency: recipient.to_owned(),
-            header_sha256,
-            at_ms,
-            ..event
-        });
-        let audit_key = audit_entry.seq.to_be_bytes();
-        let audit_bytes = audit_entry.encode_to_vec();
+            recipient: recipient.to_owned(),
+            settlement,
+        };
+        Ok(self
+            .settle_batch(std::slice::from_ref(&item), at_ms)?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// Ends many deliveries in ONE transaction, each exactly as [`Store::settle`] would
+    /// alone (in order: a second settlement of the same delivery finds it settled), with
+    /// their audit entries chained in order. Returns, per item, whether it settled.
+    pub fn settle_batch(&self, items: &[Settle], at_ms: i64) -> Result<Vec<bool>, StoreError> {
+        struct Prepared<'a> {
+            item: &'a Settle,
+            key: Vec<u8>,
+            dead_key: Vec<u8>,
+            sender: String,
+            event: Event,
+        }
+        let mut prepared = Vec::with_capacity(items.len());
+        for item in items {
+            let (header_sha256, sender) = self
+                .document(&item.message_id)?
+                .map(|d| (d.header_sha256, d.sender))
+                .unwrap_or_default();
+            let event = match &item.settlement {
+                Settlement::Delivered { .. } => Event {
+                    kind: "delivered",
+                    detail: "signed delivery receipt".into(),
+                    ..Event::default()
+                },
+                Settlement::Recalled { reason, .. } => Event {
+                    kind: "recalled",
+                    detail: reason.clone(),
+                    ..Event::default()
+                },
+                Settlement::Dead { state, reason, .. } => Event {
+                    kind: "dead_letter",
+                    detail: format!(
+                        "{}: {reason}",
+                        if *state == DeliveryState::Refused {
+                            "refused"
+                        } else {
+                            "expired"
+                        }
+                    ),
+                    ..Event::default()
+                },
+            };
+            prepared.push(Prepared {
+                item,
+                key: delivery_key(&item.message_id, &item.recipient),
+                dead_key: dead_letter_key(&item.recipient, &item.message_id),
+                sender,
+                event: Event {
+                    message_id: item.message_id.clone(),
+                    agency: item.recipient.clone(),
+                    header_sha256,
+                    at_ms,
+                    ..event
+                },
+            });
+        }
+        let mut head = self.chain.lock();
+        let start = *head;
         let result = (
             &self.queue,
             &self.deliveries,
@@ -1040,93 +1077,117 @@ impl Store {
             &self.audit,
         )
             .transaction(|(queue, deliveries, expiry, dead_letters, audit)| {
-                let Some(bytes) = deliveries.get(&key)? else {
-                    return Ok(None);
-                };
-                let mut record = DeliveryRecord::decode(bytes.as_ref())
-                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                let queued = record.state == DeliveryState::Queued as i32;
-                let dead = record.state == DeliveryState::Expired as i32
-                    || record.state == DeliveryState::Refused as i32
-                    || record.state == DeliveryState::Recalled as i32;
-                let mut freed = None;
-                match &settlement {
-                    Settlement::Delivered { receipt } if queued || dead => {
-                        record.state = DeliveryState::Delivered as i32;
-                        record.receipt = receipt.clone();
-                        record.delivered_at_ms = at_ms;
-                        resolve_last(&mut record, "acknowledged");
+                // Rebuilt on every try: a retried transaction starts from scratch.
+                let mut head = start;
+                let mut entries = Vec::new();
+                // Per item: None = nothing settled; Some(freed queue entry bytes).
+                let mut outcomes: Vec<Option<Option<u64>>> = Vec::with_capacity(prepared.len());
+                for p in &prepared {
+                    let Some(bytes) = deliveries.get(&p.key)? else {
+                        outcomes.push(None);
+                        continue;
+                    };
+                    let mut record = DeliveryRecord::decode(bytes.as_ref())
+                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    let queued = record.state == DeliveryState::Queued as i32;
+                    let dead = record.state == DeliveryState::Expired as i32
+                        || record.state == DeliveryState::Refused as i32
+                        || record.state == DeliveryState::Recalled as i32;
+                    let mut freed = None;
+                    match &p.item.settlement {
+                        Settlement::Delivered { receipt } if queued || dead => {
+                            record.state = DeliveryState::Delivered as i32;
+                            record.receipt = receipt.clone();
+                            record.delivered_at_ms = at_ms;
+                            resolve_last(&mut record, "acknowledged");
+                        }
+                        Settlement::Dead {
+                            state,
+                            reason,
+                            notice,
+                        } if queued => {
+                            record.state = *state as i32;
+                            record.reason = reason.clone();
+                            record.notice = notice.clone();
+                            record.dead_at_ms = at_ms;
+                            resolve_last(
+                                &mut record,
+                                if *state == DeliveryState::Refused {
+                                    "refused"
+                                } else {
+                                    "expired"
+                                },
+                            );
+                            dead_letters.insert(p.dead_key.as_slice(), &[] as &[u8])?;
+                        }
+                        Settlement::Recalled { reason, notice } if queued => {
+                            record.state = DeliveryState::Recalled as i32;
+                            record.reason = reason.clone();
+                            record.notice = notice.clone();
+                            record.dead_at_ms = at_ms;
+                            resolve_last(&mut record, "recalled");
+                        }
+                        _ => {
+                            outcomes.push(None);
+                            continue;
+                        }
                     }
-                    Settlement::Dead {
-                        state,
-                        reason,
-                        notice,
-                    } if queued => {
-                        record.state = *state as i32;
-                        record.reason = reason.clone();
-                        record.notice = notice.clone();
-                        record.dead_at_ms = at_ms;
-                        resolve_last(
-                            &mut record,
-                            if *state == DeliveryState::Refused {
-                                "refused"
-                            } else {
-                                "expired"
-                            },
-                        );
-                        dead_letters.insert(dead_key.as_slice(), &[] as &[u8])?;
+                    if queued {
+                        if let Some(entry) = queue.remove(record.queue_key.as_slice())? {
+                            let entry = QueueEntry::decode(entry.as_ref())
+                                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                            freed = Some(entry.bytes);
+                        }
+                        expiry.remove(record.expiry_key.as_slice())?;
+                        record.queue_key.clear();
+                        record.expiry_key.clear();
+                    } else {
+                        dead_letters.remove(p.dead_key.as_slice())?;
                     }
-                    Settlement::Recalled { reason, notice } if queued => {
-                        record.state = DeliveryState::Recalled as i32;
-                        record.reason = reason.clone();
-                        record.notice = notice.clone();
-                        record.dead_at_ms = at_ms;
-                        resolve_last(&mut record, "recalled");
-                    }
-                    _ => return Ok(None),
+                    deliveries.insert(p.key.as_slice(), record.encode_to_vec())?;
+                    let entry = head.chain(p.event.clone());
+                    audit.insert(&entry.seq.to_be_bytes(), entry.encode_to_vec())?;
+                    head.advance(&entry);
+                    entries.push(entry);
+                    outcomes.push(Some(freed));
                 }
-                if queued {
-                    if let Some(entry) = queue.remove(record.queue_key.as_slice())? {
-                        let entry = QueueEntry::decode(entry.as_ref())
-                            .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                        freed = Some(entry.bytes);
-                    }
-                    expiry.remove(record.expiry_key.as_slice())?;
-                    record.queue_key.clear();
-                    record.expiry_key.clear();
-                } else {
-                    dead_letters.remove(dead_key.as_slice())?;
-                }
-                deliveries.insert(key.as_slice(), record.encode_to_vec())?;
-                audit.insert(&audit_key, audit_bytes.as_slice())?;
-                Ok(Some(freed))
+                Ok((outcomes, entries))
             });
-        if matches!(result, Ok(Some(_))) {
-            head.advance(&audit_entry);
+        let (outcomes, entries) = match result {
+            Ok(done) => done,
+            Err(TransactionError::Abort(detail)) => return Err(StoreError::Corrupt(detail)),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        if let Some(last) = entries.last() {
+            head.advance(last);
         }
         drop(head);
-        match result {
-            Ok(Some(freed)) => {
-                if let Some(bytes) = freed {
-                    self.adjust_pending(&sender, recipient, bytes, false);
-                }
-                match settlement {
-                    Settlement::Delivered { .. } => {
-                        self.recent
-                            .record(recipient, crate::recent::Outcome::Delivered, at_ms);
-                    }
-                    Settlement::Dead { .. } => {
-                        self.recent
-                            .record(recipient, crate::recent::Outcome::DeadLettered, at_ms);
-                    }
-                    Settlement::Recalled { .. } => {}
-                }
-                Ok(true)
+        let mut settled = Vec::with_capacity(outcomes.len());
+        for (p, outcome) in prepared.iter().zip(outcomes) {
+            let Some(freed) = outcome else {
+                settled.push(false);
+                continue;
+            };
+            if let Some(bytes) = freed {
+                self.adjust_pending(&p.sender, &p.item.recipient, bytes, false);
             }
-            Ok(None) => Ok(false),
-            Err(TransactionError::Abort(detail)) => Err(StoreError::Corrupt(detail)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+            match p.item.settlement {
+                Settlement::Delivered { .. } => {
+                    self.recent
+                        .record(&p.item.recipient, crate::recent::Outcome::Delivered, at_ms);
+                }
+                Settlement::Dead { .. } => {
+                    self.recent.record(
+                        &p.item.recipient,
+                        crate::recent::Outcome::DeadLettered,
+                        at_ms,
+                    );
+                }
+                Settlement::Recalled { .. } => {}
+            }
+            settled.push(true);
         }
+        Ok(settled)
     }
 
     /// Adds (`queued`) or removes one document of `bytes` from `sender` to the counters
