@@ -104,7 +104,11 @@ impl ExchangeService {
                 declared,
                 size,
             } => (verified, declared, size),
-            Checked::Duplicate(response) => return Ok(response),
+            Checked::Duplicate(response) => {
+                // The original may still be in its group commit.
+                self.shared.store.durable().await?;
+                return Ok(response);
+            }
         };
         let header = &verified.header;
         let message_id = header.message_id.clone();
@@ -220,10 +224,10 @@ impl ExchangeService {
 
     /// Every check of a document that needs none of its attachment bytes, in the order
     /// Submit and SubmitBatch share: signature and chain, signer = sender = caller, the
-    /// same message id accepted before (its original receipt, once durable), recipients
-    /// registered and not suspended, business rules, times, declared sizes and the queue
-    /// limits. Returns the verified document with its declared attachment bytes and the
-    /// size its queue entries will count.
+    /// same message id accepted before (its original receipt, which the caller gives
+    /// once the store is durable), recipients registered and not suspended, business
+    /// rules, times, declared sizes and the queue limits. Returns the verified document
+    /// with its declared attachment bytes and the size its queue entries will count.
     async fn check_document(
         &self,
         caller: &lienthong_proto::AgencyCode,
@@ -238,10 +242,10 @@ impl ExchangeService {
             )));
         }
         if let Some(existing) = self.shared.store.document(&header.message_id)? {
-            return Ok(Checked::Duplicate(
-                self.answer_duplicate(existing, &verified.header_sha256)
-                    .await?,
-            ));
+            return Ok(Checked::Duplicate(duplicate_response(
+                existing,
+                &verified.header_sha256,
+            )?));
         }
         for recipient in &header.recipients {
             match self.shared.store.agency(recipient)? {
@@ -426,6 +430,9 @@ impl ExchangeService {
         let mut copies: Vec<(usize, usize, [u8; 32])> = Vec::new();
         let mut spaces = Vec::new();
         let mut claims = Vec::new();
+        // Accepted before: their originals may still be in a group commit, so one wait
+        // for durability covers them all before the call answers.
+        let mut answered_duplicates = false;
         for (index, document) in documents.into_iter().enumerate() {
             let claimed_id = claimed_message_id(document.envelope.as_ref());
             let staged = self
@@ -451,6 +458,7 @@ impl ExchangeService {
                     continue;
                 }
                 Ok(Staged::Answered(response)) => {
+                    answered_duplicates = true;
                     accepted_outcome(claimed_id, response, &self.shared, started)
                 }
                 Err(error) => refused_outcome(claimed_id, error, &self.shared),
@@ -547,6 +555,9 @@ impl ExchangeService {
                 *slot = Some(outcome);
             }
         }
+        if answered_duplicates {
+            self.shared.store.durable().await?;
+        }
         let outcomes: Vec<pb::SubmitOutcome> = outcomes
             .into_iter()
             .map(|o| {
@@ -620,10 +631,10 @@ impl ExchangeService {
         })?;
         // Accepted by a concurrent submission that finished before our claim.
         if let Some(existing) = self.shared.store.document(&message_id)? {
-            return Ok(Staged::Answered(
-                self.answer_duplicate(existing, &verified.header_sha256)
-                    .await?,
-            ));
+            return Ok(Staged::Answered(duplicate_response(
+                existing,
+                &verified.header_sha256,
+            )?));
         }
         Ok(Staged::Ready {
             ready: Box::new(Ready {
@@ -966,7 +977,7 @@ enum Staged<'s> {
         first: usize,
         header_sha256: [u8; 32],
     },
-    /// Answered already: accepted before (the original receipt).
+    /// Accepted before: the original receipt (answered once the store is durable).
     Answered(pb::SubmitResponse),
 }
 
@@ -1061,7 +1072,8 @@ enum Checked {
         /// What its queue entries count: attachments and the encoded envelope.
         size: u64,
     },
-    /// Accepted before with the same content: the original receipt (durable).
+    /// Accepted before with the same content: the original receipt, which the caller
+    /// gives only once the store is durable (the original may be in its group commit).
     Duplicate(pb::SubmitResponse),
 }
 

@@ -387,6 +387,11 @@ async fn broker_killed_with_batches_in_flight_accepts_and_delivers_each_document
             }
         }
     }
+    eprintln!(
+        "killed with batches in flight: {} of {} documents had a receipt",
+        receipts.len(),
+        batches.len() * 16
+    );
     broker.spawn().await;
     // Resubmit every batch until each document has its receipt; a receipt given
     // before the crash comes back unchanged.
