@@ -395,7 +395,7 @@ async fn broker_killed_with_batches_in_flight_accepts_and_delivers_each_document
     broker.spawn().await;
     // Resubmit every batch until each document has its receipt; a receipt given
     // before the crash comes back unchanged.
-    let mut client = client_of(&world, &broker.url, A).await;
+    let client = client_of(&world, &broker.url, A).await;
     for batch in &sealed {
         let mut last = None;
         let outcomes = wait_until(
