@@ -598,3 +598,52 @@ async fn a_session_asking_for_batches_gets_delivery_batches_and_one_ack_batch_se
     drop(tx);
     broker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submits_get_receipts_that_each_verify_alone() {
+    let world = World::new();
+    let broker = Broker::start(world.broker_config("broker")).await;
+    let key = world.agency_tls(A).signing_key().unwrap();
+    let headers: Vec<_> = (0..32).map(|i| doc(&[B], &format!("single {i}"))).collect();
+    let mut tasks = Vec::new();
+    for h in headers.clone() {
+        let mut client = client_of(&world, &broker.url, A).await;
+        let envelope = lienthong_proto::document::seal(&h, &key).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let body = body_of(&h.subject);
+            let response = submit(&mut client, envelope.clone(), &[&body])
+                .await
+                .unwrap();
+            (h.message_id, sha(&envelope), response)
+        }));
+    }
+    let anchors = anchors(&world);
+    let mut signatures = BTreeSet::new();
+    for task in tasks {
+        let (id, digest, response) = task.await.unwrap();
+        assert!(!response.duplicate);
+        let receipt = response.submission_receipt.unwrap();
+        signatures.insert(receipt.signature.to_vec());
+        verify_receipt(
+            &receipt,
+            &anchors,
+            &ExpectedReceipt {
+                kind: pb::ReceiptKind::Submission,
+                message_id: &id,
+                header_sha256: &digest,
+                recipient: None,
+                live: true,
+            },
+        )
+        .unwrap();
+    }
+    // How many signatures the receipts shared depends on timing; each verifies alone.
+    eprintln!(
+        "{} submissions, {} signatures",
+        headers.len(),
+        signatures.len()
+    );
+    let ids: BTreeSet<String> = headers.iter().map(|h| h.message_id.clone()).collect();
+    assert_inbox_exactly(&world, &broker.url, B, &ids).await;
+    broker.stop().await;
+}
