@@ -516,18 +516,16 @@ impl ExchangeService {
         // Later copies of a message id answer as a resubmission would: the first
         // copy's receipt as a duplicate, or its refusal.
         for (index, first, header_sha256) in copies {
-            let first = ready
-                .get(first)
+            let first_ready = ready.get(first);
+            let first = first_ready
                 .and_then(|r| outcomes.get(r.index))
                 .cloned()
                 .flatten();
             let outcome = match first {
                 Some(first) if first.code != 0 => first,
                 Some(first) if first.submission_receipt.is_some() => {
-                    let same = ready
-                        .iter()
-                        .find(|r| r.verified.header.message_id == first.message_id)
-                        .is_some_and(|r| r.verified.header_sha256 == header_sha256);
+                    let same =
+                        first_ready.is_some_and(|r| r.verified.header_sha256 == header_sha256);
                     if same {
                         self.shared
                             .metrics

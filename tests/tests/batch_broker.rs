@@ -317,7 +317,7 @@ async fn duplicates_within_a_batch_and_a_resubmitted_batch_get_the_original_rece
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_over_max_batch_documents_is_refused_whole() {
+async fn a_batch_over_max_batch_documents_is_refused_whole_and_streamed_documents_go_by_submit() {
     let world = World::new();
     let mut config = world.broker_config("broker");
     config.max_batch_documents = 4;
@@ -339,16 +339,53 @@ async fn a_batch_over_max_batch_documents_is_refused_whole() {
     for h in &headers {
         assert_not_stored(&mut client, &h.message_id).await;
     }
-    // Within the limit, the same documents are accepted.
-    let outcomes = client
+    // An empty batch is refused too.
+    let status = client
         .submit_batch(pb::SubmitBatchRequest {
-            documents: sealed_batch(&world, &headers[..4]),
+            documents: Vec::new(),
         })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Within the limit the documents are accepted, except one that must be streamed.
+    let big = vec![7u8; lienthong_proto::document::STREAMED_THRESHOLD as usize + 1];
+    let large = header(A, &[B], &[("lon.bin", &big)]);
+    let key = world.agency_tls(A).signing_key().unwrap();
+    let mut documents = sealed_batch(&world, &headers[..3]);
+    documents.insert(
+        1,
+        pb::BatchDocument {
+            envelope: Some(lienthong_proto::document::seal(&large, &key).unwrap()),
+            attachments: vec![big.clone()],
+        },
+    );
+    let outcomes = client
+        .submit_batch(pb::SubmitBatchRequest { documents })
         .await
         .unwrap()
         .into_inner()
         .outcomes;
-    assert!(outcomes.iter().all(|o| o.code == 0), "{outcomes:#?}");
+    let codes: Vec<i32> = outcomes.iter().map(|o| o.code).collect();
+    assert_eq!(
+        codes,
+        vec![0, Code::InvalidArgument as i32, 0, 0],
+        "{outcomes:#?}"
+    );
+    assert!(
+        outcomes[1].message.contains("use Submit"),
+        "{}",
+        outcomes[1].message
+    );
+    assert_not_stored(&mut client, &large.message_id).await;
+    // The same document through Submit is accepted.
+    let response = submit(
+        &mut client,
+        lienthong_proto::document::seal(&large, &key).unwrap(),
+        &[&big],
+    )
+    .await
+    .unwrap();
+    assert!(!response.duplicate);
     broker.stop().await;
 }
 
