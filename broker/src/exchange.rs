@@ -12,15 +12,16 @@
 //! (the queue limits checked again exactly), wait for the group commit, and only then
 //! answer with the signed submission receipt. Every RPC refuses a suspended agency.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use lienthong_proto::document::{AttachmentCheck, is_streamed, verify_document};
+use lienthong_proto::document::{AttachmentCheck, VerifiedDocument, is_streamed, verify_document};
 use lienthong_proto::pb::{
     self, ReceiptKind, Signed, exchange_server::Exchange, submit_frame::Frame,
 };
-use lienthong_proto::receipt::sign_receipt;
+use lienthong_proto::receipt::sign_receipts;
 use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use prost::Message;
@@ -33,7 +34,7 @@ use crate::deadletter;
 use crate::error::BrokerError;
 use crate::records::DocumentRecord;
 use crate::session;
-use crate::store::Accepted;
+use crate::store::{Accepted, NewDocument};
 
 pub struct ExchangeService {
     pub(crate) shared: Arc<Shared>,
@@ -97,50 +98,20 @@ impl ExchangeService {
             }
             None => return Err(BrokerError::InvalidArgument("empty submission".into())),
         };
-        let verified = verify_document(&envelope, &self.shared.document_anchors, VerifyTime::Now)?;
+        let (verified, declared, size) = match self.check_document(&caller, &envelope).await? {
+            Checked::Fresh {
+                verified,
+                declared,
+                size,
+            } => (verified, declared, size),
+            Checked::Duplicate(response) => {
+                // The original may still be in its group commit.
+                self.shared.store.durable().await?;
+                return Ok(response);
+            }
+        };
         let header = &verified.header;
         let message_id = header.message_id.clone();
-        if header.sender != caller.as_str() {
-            return Err(BrokerError::PermissionDenied(format!(
-                "the TLS identity is agency {caller} but the document's sender is {}",
-                header.sender
-            )));
-        }
-        if let Some(existing) = self.shared.store.document(&message_id)? {
-            return self
-                .answer_duplicate(existing, &verified.header_sha256)
-                .await;
-        }
-        for recipient in &header.recipients {
-            match self.shared.store.agency(recipient)? {
-                None => {
-                    return Err(BrokerError::InvalidArgument(format!(
-                        "recipient {recipient} is not a registered agency"
-                    )));
-                }
-                // INVALID_ARGUMENT like an unregistered recipient: the document as
-                // addressed cannot be accepted now; nothing is stored.
-                Some(record) if record.suspended => {
-                    return Err(BrokerError::InvalidArgument(format!(
-                        "recipient {recipient} is suspended: {}; the document was not accepted",
-                        record.suspended_reason
-                    )));
-                }
-                Some(_) => {}
-            }
-        }
-        self.check_business(header)?;
-        self.check_times(header)?;
-        let declared = declared_bytes(header, config.max_document_bytes)?;
-        // What the queue entry will count: attachments and the encoded envelope.
-        let size = declared
-            .checked_add(envelope.encoded_len() as u64)
-            .ok_or_else(|| {
-                BrokerError::InvalidArgument(
-                    "attachments.size: the document's size does not fit in 64 bits".into(),
-                )
-            })?;
-        self.check_queue_limits(header, size)?;
         let leftover = if is_streamed(header) {
             let root = self.shared.store.blob_root().join("partial");
             let resuming = self
@@ -217,19 +188,131 @@ impl ExchangeService {
         // The stored record is the truth (the token is replaced after a suspension).
         self.refuse_suspended(caller.as_str())?;
         let accepted_at_ms = lienthong_proto::now_ms();
-        let expires_at_ms = deadletter::expiry_for(&self.shared, header, accepted_at_ms);
-        let receipt = pb::Receipt {
+        let receipt = self.submission_receipt(&verified, accepted_at_ms);
+        // Shares one signature with the receipts of concurrent submissions.
+        let signed_receipt = self.shared.receipt_signer.sign(receipt).await?;
+        let record = self.document_record(
+            &envelope,
+            &verified,
+            &signed_receipt,
+            accepted_at_ms,
+            declared,
+            streamed,
+        );
+        let store = self.shared.store.clone();
+        let id = message_id.clone();
+        let limits = self.shared.config.queue_limits();
+        let outcome = tokio::task::spawn_blocking(move || {
+            store.accept_within(&record, &id, &attachments, &limits)
+        })
+        .await
+        .map_err(|e| BrokerError::Serve(e.to_string()))??;
+        if let Accepted::OverLimit(_) = &outcome
+            && streamed
+        {
+            self.shared.store.remove_blob_dir(&message_id);
+        }
+        // A duplicate's original may still be in its group commit.
+        if let Accepted::New | Accepted::Duplicate(_) = &outcome {
+            self.shared.store.durable().await?;
+        }
+        let response = self.answer_stored(outcome, &verified, signed_receipt)?;
+        if !response.duplicate {
+            self.after_accepted(header, declared)?;
+        }
+        Ok(response)
+    }
+
+    /// Every check of a document that needs none of its attachment bytes, in the order
+    /// Submit and SubmitBatch share: signature and chain, signer = sender = caller, the
+    /// same message id accepted before (its original receipt, which the caller gives
+    /// once the store is durable), recipients registered and not suspended, business
+    /// rules, times, declared sizes and the queue limits. Returns the verified document
+    /// with its declared attachment bytes and the size its queue entries will count.
+    async fn check_document(
+        &self,
+        caller: &lienthong_proto::AgencyCode,
+        envelope: &Signed,
+    ) -> Result<Checked, BrokerError> {
+        let verified = verify_document(envelope, &self.shared.document_anchors, VerifyTime::Now)?;
+        let header = &verified.header;
+        if header.sender != caller.as_str() {
+            return Err(BrokerError::PermissionDenied(format!(
+                "the TLS identity is agency {caller} but the document's sender is {}",
+                header.sender
+            )));
+        }
+        if let Some(existing) = self.shared.store.document(&header.message_id)? {
+            return Ok(Checked::Duplicate(duplicate_response(
+                existing,
+                &verified.header_sha256,
+            )?));
+        }
+        for recipient in &header.recipients {
+            match self.shared.store.agency(recipient)? {
+                None => {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "recipient {recipient} is not a registered agency"
+                    )));
+                }
+                // INVALID_ARGUMENT like an unregistered recipient: the document as
+                // addressed cannot be accepted now; nothing is stored.
+                Some(record) if record.suspended => {
+                    return Err(BrokerError::InvalidArgument(format!(
+                        "recipient {recipient} is suspended: {}; the document was not accepted",
+                        record.suspended_reason
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        self.check_business(header)?;
+        self.check_times(header)?;
+        let declared = declared_bytes(header, self.shared.config.max_document_bytes)?;
+        // What the queue entry will count: attachments and the encoded envelope.
+        let size = declared
+            .checked_add(envelope.encoded_len() as u64)
+            .ok_or_else(|| {
+                BrokerError::InvalidArgument(
+                    "attachments.size: the document's size does not fit in 64 bits".into(),
+                )
+            })?;
+        self.check_queue_limits(header, size)?;
+        Ok(Checked::Fresh {
+            verified: Box::new(verified),
+            declared,
+            size,
+        })
+    }
+
+    /// The submission receipt of a document accepted at `accepted_at_ms` (unsigned).
+    fn submission_receipt(&self, verified: &VerifiedDocument, accepted_at_ms: i64) -> pb::Receipt {
+        let header = &verified.header;
+        pb::Receipt {
             kind: ReceiptKind::Submission as i32,
-            message_id: message_id.clone(),
+            message_id: header.message_id.clone(),
             header_sha256: verified.header_sha256.to_vec(),
             at_ms: accepted_at_ms,
             issuer: format!("broker:{}", self.shared.config.name),
             business_id: header.business_id.clone(),
             sender: header.sender.clone(),
             ..Default::default()
-        };
-        let signed_receipt = sign_receipt(&receipt, &self.shared.signing_key)?;
-        let record = DocumentRecord {
+        }
+    }
+
+    /// The stored record of a document about to be accepted; it holds its signed
+    /// receipt, so a duplicate submission gets exactly the original one.
+    fn document_record(
+        &self,
+        envelope: &Signed,
+        verified: &VerifiedDocument,
+        signed_receipt: &Signed,
+        accepted_at_ms: i64,
+        declared: u64,
+        streamed: bool,
+    ) -> DocumentRecord {
+        let header = &verified.header;
+        DocumentRecord {
             envelope: envelope.encode_to_vec(),
             submission_receipt: signed_receipt.encode_to_vec(),
             header_sha256: verified.header_sha256.to_vec(),
@@ -244,43 +327,43 @@ impl ExchangeService {
             recipients: header.recipients.clone(),
             attachment_bytes: declared,
             attachment_count: u32::try_from(header.attachments.len()).unwrap_or(u32::MAX),
-            expires_at_ms,
+            expires_at_ms: deadletter::expiry_for(&self.shared, header, accepted_at_ms),
             streamed,
-        };
-        let store = self.shared.store.clone();
-        let id = message_id.clone();
-        let limits = self.shared.config.queue_limits();
-        let outcome = tokio::task::spawn_blocking(move || {
-            store.accept_within(&record, &id, &attachments, &limits)
-        })
-        .await
-        .map_err(|e| BrokerError::Serve(e.to_string()))??;
+        }
+    }
+
+    /// The answer for one document the store has taken (or refused), once everything
+    /// written for it is durable: the caller has waited for the group commit.
+    fn answer_stored(
+        &self,
+        outcome: Accepted,
+        verified: &VerifiedDocument,
+        signed_receipt: Signed,
+    ) -> Result<pb::SubmitResponse, BrokerError> {
         match outcome {
-            Accepted::New => {}
-            Accepted::OverLimit(detail) => {
-                if streamed {
-                    self.shared.store.remove_blob_dir(&message_id);
-                }
-                return Err(BrokerError::ResourceExhausted(detail));
-            }
-            Accepted::Duplicate(existing) => {
-                return self
-                    .answer_duplicate(existing, &verified.header_sha256)
-                    .await;
-            }
+            Accepted::New => Ok(pb::SubmitResponse {
+                submission_receipt: Some(signed_receipt),
+                duplicate: false,
+            }),
+            Accepted::OverLimit(detail) => Err(BrokerError::ResourceExhausted(detail)),
+            Accepted::Duplicate(existing) => duplicate_response(existing, &verified.header_sha256),
             Accepted::BusinessIdTaken { message_id: other } => {
-                return Err(BrokerError::AlreadyExists(format!(
+                Err(BrokerError::AlreadyExists(format!(
                     "business document id {} is already used by message {other} with other content",
-                    header.business_id
-                )));
+                    verified.header.business_id
+                )))
             }
         }
-        self.shared.store.durable().await?;
-        tracing::info!(
-            message_id = %message_id,
+    }
+
+    /// What follows a durable acceptance: a recall stops what is undelivered, and the
+    /// recipients' sessions are woken.
+    fn after_accepted(&self, header: &pb::DocumentHeader, bytes: u64) -> Result<(), BrokerError> {
+        tracing::debug!(
+            message_id = %header.message_id,
             sender = %header.sender,
             recipients = header.recipients.len(),
-            bytes = declared,
+            bytes,
             "document accepted"
         );
         if header.business_type == pb::BusinessType::Recall as i32 {
@@ -289,10 +372,351 @@ impl ExchangeService {
         for recipient in &header.recipients {
             self.shared.hub.wake(recipient);
         }
-        Ok(pb::SubmitResponse {
-            submission_receipt: Some(signed_receipt),
-            duplicate: false,
+        Ok(())
+    }
+
+    /// SubmitBatch: every document through the checks Submit makes ([`Self::check_document`],
+    /// then its whole attachments against their digests), the accepted ones stored in
+    /// one store batch ([`Store::accept_batch`]) after one batch signature over their
+    /// receipts, one group commit, then one outcome per document. Errors returned here
+    /// refuse the whole call (nothing of it stored, or nothing acknowledged).
+    ///
+    /// [`Store::accept_batch`]: crate::store::Store::accept_batch
+    async fn submit_batch_inner(
+        &self,
+        request: Request<pb::SubmitBatchRequest>,
+    ) -> Result<pb::SubmitBatchResponse, BrokerError> {
+        let started = std::time::Instant::now();
+        let caller = auth::agency(&request)?;
+        let config = &self.shared.config;
+        let documents = request.into_inner().documents;
+        if documents.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "a batch holds at least one document".into(),
+            ));
+        }
+        if documents.len() > config.max_batch_documents {
+            return Err(BrokerError::InvalidArgument(format!(
+                "the batch holds {} documents; the broker takes at most {} per call \
+                 (max_batch_documents); nothing was stored, split it",
+                documents.len(),
+                config.max_batch_documents
+            )));
+        }
+        // tonic's decode limit bounds the call already; counted again so that the sum
+        // of what is reserved below can never exceed what one message may hold.
+        let total = documents
+            .iter()
+            .try_fold(0usize, |sum, d| sum.checked_add(d.encoded_len()))
+            .filter(|total| *total <= config.max_message_bytes())
+            .ok_or_else(|| {
+                BrokerError::ResourceExhausted(format!(
+                    "the batch is larger than {} bytes, the largest message; nothing was \
+                     stored, split it",
+                    config.max_message_bytes()
+                ))
+            })?;
+        // One submission slot for the whole batch; its reserved bytes are the sum.
+        let mut call = self
+            .shared
+            .admission
+            .begin_submission(caller.as_str(), config.max_submissions_per_agency)?;
+        self.admit(caller.as_str())?;
+
+        let count = documents.len();
+        let mut outcomes: Vec<Option<pb::SubmitOutcome>> = vec![None; count];
+        let mut ready: Vec<Ready> = Vec::new();
+        // A message id's first fresh copy in this batch, and the later copies of it.
+        let mut firsts: HashMap<String, usize> = HashMap::new();
+        let mut copies: Vec<(usize, usize, [u8; 32])> = Vec::new();
+        let mut spaces = Vec::new();
+        let mut claims = Vec::new();
+        // Accepted before: their originals may still be in a group commit, so one wait
+        // for durability covers them all before the call answers.
+        let mut answered_duplicates = false;
+        for (index, document) in documents.into_iter().enumerate() {
+            let claimed_id = claimed_message_id(document.envelope.as_ref());
+            let staged = self
+                .stage_batch_document(&caller, &mut call, document, &firsts)
+                .await;
+            let outcome = match staged {
+                Ok(Staged::Ready {
+                    ready: item,
+                    space,
+                    claim,
+                }) => {
+                    firsts.insert(item.verified.header.message_id.clone(), ready.len());
+                    spaces.push(space);
+                    claims.push(claim);
+                    ready.push(Ready { index, ..*item });
+                    continue;
+                }
+                Ok(Staged::CopyOf {
+                    first,
+                    header_sha256,
+                }) => {
+                    copies.push((index, first, header_sha256));
+                    continue;
+                }
+                Ok(Staged::Answered(response)) => {
+                    answered_duplicates = true;
+                    accepted_outcome(claimed_id, response, &self.shared, started)
+                }
+                Err(error) => refused_outcome(claimed_id, error, &self.shared),
+            };
+            if let Some(slot) = outcomes.get_mut(index) {
+                *slot = Some(outcome);
+            }
+        }
+
+        let mut stored_bytes = 0u64;
+        if !ready.is_empty() {
+            let stored = self.store_batch(&caller, &call, &ready).await;
+            match stored {
+                Ok(results) => {
+                    for (item, result) in ready.iter().zip(results) {
+                        let id = item.verified.header.message_id.clone();
+                        let outcome = match result {
+                            Ok(response) => {
+                                if !response.duplicate {
+                                    stored_bytes = stored_bytes.saturating_add(item.declared);
+                                    // Durable and answered as accepted whatever follows:
+                                    // its receipt is owed (a recall's stop is retried
+                                    // by nothing, so it is logged loudly).
+                                    if let Err(error) =
+                                        self.after_accepted(&item.verified.header, item.declared)
+                                    {
+                                        tracing::error!(message_id = %id, %error, "accepted, but what follows acceptance failed");
+                                    }
+                                }
+                                accepted_outcome(id, response, &self.shared, started)
+                            }
+                            Err(error) => refused_outcome(id, error, &self.shared),
+                        };
+                        if let Some(slot) = outcomes.get_mut(item.index) {
+                            *slot = Some(outcome);
+                        }
+                    }
+                }
+                // Refused before anything was stored (the sender was suspended):
+                // each of these documents gets the refusal Submit would have given.
+                Err(BatchRefused::EachDocument(status)) => {
+                    for item in &ready {
+                        let id = item.verified.header.message_id.clone();
+                        if let Some(slot) = outcomes.get_mut(item.index) {
+                            *slot = Some(status_outcome(id, &status));
+                        }
+                    }
+                }
+                Err(BatchRefused::Whole(error)) => return Err(error),
+            }
+        }
+        drop(claims);
+        drop(spaces);
+        // Later copies of a message id answer as a resubmission would: the first
+        // copy's receipt as a duplicate, or its refusal.
+        for (index, first, header_sha256) in copies {
+            let first_ready = ready.get(first);
+            let first = first_ready
+                .and_then(|r| outcomes.get(r.index))
+                .cloned()
+                .flatten();
+            let outcome = match first {
+                Some(first) if first.code != 0 => first,
+                Some(first) if first.submission_receipt.is_some() => {
+                    let same =
+                        first_ready.is_some_and(|r| r.verified.header_sha256 == header_sha256);
+                    if same {
+                        self.shared
+                            .metrics
+                            .submission_accepted(true, started.elapsed());
+                        pb::SubmitOutcome {
+                            duplicate: true,
+                            ..first
+                        }
+                    } else {
+                        refused_outcome(
+                            first.message_id,
+                            BrokerError::AlreadyExists(
+                                "this message id was already accepted with other content".into(),
+                            ),
+                            &self.shared,
+                        )
+                    }
+                }
+                _ => refused_outcome(
+                    String::new(),
+                    BrokerError::Serve("a batch copy lost its first".into()),
+                    &self.shared,
+                ),
+            };
+            if let Some(slot) = outcomes.get_mut(index) {
+                *slot = Some(outcome);
+            }
+        }
+        if answered_duplicates {
+            self.shared.store.durable().await?;
+        }
+        let outcomes: Vec<pb::SubmitOutcome> = outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| pb::SubmitOutcome {
+                    code: tonic::Code::Internal as i32,
+                    message: "internal error".into(),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        let accepted = outcomes
+            .iter()
+            .filter(|o| o.code == 0 && !o.duplicate)
+            .count();
+        let duplicates = outcomes.iter().filter(|o| o.duplicate).count();
+        tracing::info!(
+            sender = %caller,
+            documents = count,
+            accepted,
+            duplicates,
+            refused = count.saturating_sub(accepted).saturating_sub(duplicates),
+            bytes = stored_bytes,
+            request_bytes = total,
+            "submission batch answered"
+        );
+        Ok(pb::SubmitBatchResponse { outcomes })
+    }
+
+    /// One document of a batch through Submit's checks, with its whole attachments,
+    /// its share of the call's reservation, disk space and its in-progress claim.
+    async fn stage_batch_document<'s>(
+        &'s self,
+        caller: &lienthong_proto::AgencyCode,
+        call: &mut Submission<'_>,
+        document: pb::BatchDocument,
+        firsts: &HashMap<String, usize>,
+    ) -> Result<Staged<'s>, BrokerError> {
+        let config = &self.shared.config;
+        let envelope = document.envelope.ok_or_else(|| {
+            BrokerError::InvalidArgument("a batch document without its signed envelope".into())
+        })?;
+        let (verified, declared, size) = match self.check_document(caller, &envelope).await? {
+            Checked::Fresh {
+                verified,
+                declared,
+                size,
+            } => (verified, declared, size),
+            Checked::Duplicate(response) => return Ok(Staged::Answered(response)),
+        };
+        if let Some(first) = firsts.get(&verified.header.message_id) {
+            return Ok(Staged::CopyOf {
+                first: *first,
+                header_sha256: verified.header_sha256,
+            });
+        }
+        if is_streamed(&verified.header) {
+            return Err(BrokerError::InvalidArgument(format!(
+                "the document's attachments total {declared} bytes, over the {} bytes sent \
+                 whole in a batch: its attachments must be streamed; use Submit",
+                lienthong_proto::document::STREAMED_THRESHOLD
+            )));
+        }
+        let attachments = check_whole_attachments(&verified.header, document.attachments)?;
+        call.reserve(size, 0, config.max_reserved_bytes_per_agency)?;
+        let space = self.reserve_space(size)?;
+        let message_id = verified.header.message_id.clone();
+        let claim = self.shared.in_progress.claim(&message_id).ok_or_else(|| {
+            BrokerError::Unavailable(
+                "the same message id is being submitted right now; retry".into(),
+            )
+        })?;
+        // Accepted by a concurrent submission that finished before our claim.
+        if let Some(existing) = self.shared.store.document(&message_id)? {
+            return Ok(Staged::Answered(duplicate_response(
+                existing,
+                &verified.header_sha256,
+            )?));
+        }
+        Ok(Staged::Ready {
+            ready: Box::new(Ready {
+                index: 0,
+                envelope,
+                verified: *verified,
+                declared,
+                attachments,
+            }),
+            space,
+            claim,
         })
+    }
+
+    /// Signs the receipts of `ready` with one batch signature, stores them in one store
+    /// batch, waits for one group commit; returns each document's answer in order.
+    async fn store_batch(
+        &self,
+        caller: &lienthong_proto::AgencyCode,
+        call: &Submission<'_>,
+        ready: &[Ready],
+    ) -> Result<Vec<Result<pb::SubmitResponse, BrokerError>>, BatchRefused> {
+        // From here until the batch is stored, a suspension of the sender waits; one
+        // written before now refuses every document of it.
+        let _held = match call.hold_off_suspension().await {
+            Ok(held) => held,
+            Err(error) => return Err(BatchRefused::EachDocument(error.into())),
+        };
+        // The stored record is the truth (the token is replaced after a suspension).
+        if let Err(error) = self.refuse_suspended(caller.as_str()) {
+            return Err(BatchRefused::EachDocument(error.into()));
+        }
+        let accepted_at_ms = lienthong_proto::now_ms();
+        let receipts: Vec<pb::Receipt> = ready
+            .iter()
+            .map(|r| self.submission_receipt(&r.verified, accepted_at_ms))
+            .collect();
+        let signed = sign_receipts(&receipts, &self.shared.signing_key)
+            .map_err(|e| BatchRefused::Whole(e.into()))?;
+        if signed.len() != ready.len() {
+            return Err(BatchRefused::Whole(BrokerError::Serve(
+                "the batch signer returned another number of receipts".into(),
+            )));
+        }
+        let documents: Vec<NewDocument> = ready
+            .iter()
+            .zip(&signed)
+            .map(|(r, receipt)| NewDocument {
+                record: self.document_record(
+                    &r.envelope,
+                    &r.verified,
+                    receipt,
+                    accepted_at_ms,
+                    r.declared,
+                    false,
+                ),
+                message_id: r.verified.header.message_id.clone(),
+                attachments: r.attachments.clone(),
+            })
+            .collect();
+        let store = self.shared.store.clone();
+        let limits = self.shared.config.queue_limits();
+        let stored = tokio::task::spawn_blocking(move || store.accept_batch(&documents, &limits))
+            .await
+            .map_err(|e| BatchRefused::Whole(BrokerError::Serve(e.to_string())))?
+            .map_err(|e| BatchRefused::Whole(e.into()))?;
+        // One group commit for the batch (duplicates' originals may still be in theirs).
+        if stored
+            .iter()
+            .any(|o| matches!(o, Accepted::New | Accepted::Duplicate(_)))
+        {
+            self.shared
+                .store
+                .durable()
+                .await
+                .map_err(|e| BatchRefused::Whole(e.into()))?;
+        }
+        Ok(ready
+            .iter()
+            .zip(signed)
+            .zip(stored)
+            .map(|((r, receipt), outcome)| self.answer_stored(outcome, &r.verified, receipt))
+            .collect())
     }
 
     /// A status report must come from a recipient of the document it is about and go
@@ -445,12 +869,7 @@ impl ExchangeService {
             ));
         }
         self.shared.store.durable().await?;
-        let receipt = Signed::decode(existing.submission_receipt.as_slice())
-            .map_err(|e| BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
-        Ok(pb::SubmitResponse {
-            submission_receipt: Some(receipt),
-            duplicate: true,
-        })
+        duplicate_response(existing, header_sha256)
     }
 
     async fn status_inner(
@@ -532,6 +951,148 @@ impl ExchangeService {
             envelope: Signed::decode(record.envelope.as_slice()).ok(),
         })
     }
+}
+
+/// A batch document that passed every check, with what it holds until answered.
+struct Ready {
+    /// Its place in the request.
+    index: usize,
+    envelope: Signed,
+    verified: VerifiedDocument,
+    declared: u64,
+    attachments: Vec<Bytes>,
+}
+
+/// Where one batch document stands after its checks.
+enum Staged<'s> {
+    Ready {
+        ready: Box<Ready>,
+        space: SpaceGuard<'s>,
+        claim: crate::InProgressGuard<'s>,
+    },
+    /// The same message id as an earlier fresh document of the batch (its index among
+    /// the ready ones), with this copy's header digest.
+    CopyOf {
+        first: usize,
+        header_sha256: [u8; 32],
+    },
+    /// Accepted before: the original receipt (answered once the store is durable).
+    Answered(pb::SubmitResponse),
+}
+
+/// Why the storing step of a batch did not run.
+enum BatchRefused {
+    /// Each remaining document gets this refusal (nothing of them was stored).
+    EachDocument(Status),
+    /// The call fails (storage or signing failure).
+    Whole(BrokerError),
+}
+
+/// The message id as the envelope claims it, for the outcome of a document that may
+/// not verify: read from the unverified header, never trusted for anything else.
+fn claimed_message_id(envelope: Option<&Signed>) -> String {
+    envelope
+        .and_then(|e| pb::DocumentHeader::decode(e.payload.as_ref()).ok())
+        .map(|h| h.message_id)
+        .filter(|id| id.len() <= 64)
+        .unwrap_or_default()
+}
+
+/// An accepted (or accepted before) document's outcome, counted.
+fn accepted_outcome(
+    message_id: String,
+    response: pb::SubmitResponse,
+    shared: &crate::Shared,
+    started: std::time::Instant,
+) -> pb::SubmitOutcome {
+    shared
+        .metrics
+        .submission_accepted(response.duplicate, started.elapsed());
+    tracing::debug!(message_id = %message_id, duplicate = response.duplicate, "batch document accepted");
+    pb::SubmitOutcome {
+        message_id,
+        submission_receipt: response.submission_receipt,
+        duplicate: response.duplicate,
+        code: 0,
+        message: String::new(),
+    }
+}
+
+/// A refused document's outcome: the code and client-safe text of the `Status` that
+/// Submit would have answered (the one mapping in `error`), counted.
+fn refused_outcome(
+    message_id: String,
+    error: BrokerError,
+    shared: &crate::Shared,
+) -> pb::SubmitOutcome {
+    shared.metrics.submission_refused(&error);
+    tracing::debug!(message_id = %message_id, %error, "batch document refused");
+    status_outcome(message_id, &Status::from(error))
+}
+
+fn status_outcome(message_id: String, status: &Status) -> pb::SubmitOutcome {
+    pb::SubmitOutcome {
+        message_id,
+        submission_receipt: None,
+        duplicate: false,
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+    }
+}
+
+/// A batch document's attachments, sent whole: one per header entry, each matching its
+/// declared size and digest.
+fn check_whole_attachments(
+    header: &pb::DocumentHeader,
+    attachments: Vec<Vec<u8>>,
+) -> Result<Vec<Bytes>, BrokerError> {
+    if attachments.len() != header.attachments.len() {
+        return Err(BrokerError::InvalidArgument(format!(
+            "the header lists {} attachments but the batch document carries {}",
+            header.attachments.len(),
+            attachments.len()
+        )));
+    }
+    for (index, (info, bytes)) in header.attachments.iter().zip(&attachments).enumerate() {
+        let mut check = AttachmentCheck::new(index, info);
+        check.update(bytes)?;
+        check.finish()?;
+    }
+    // Bytes takes each buffer over without copying it.
+    Ok(attachments.into_iter().map(Bytes::from).collect())
+}
+
+/// A document after the checks that need none of its attachment bytes.
+enum Checked {
+    Fresh {
+        verified: Box<VerifiedDocument>,
+        /// Its attachments' declared total.
+        declared: u64,
+        /// What its queue entries count: attachments and the encoded envelope.
+        size: u64,
+    },
+    /// Accepted before with the same content: the original receipt, which the caller
+    /// gives only once the store is durable (the original may be in its group commit).
+    Duplicate(pb::SubmitResponse),
+}
+
+/// The original receipt for the same message id again, if the content is the same.
+/// The caller makes sure the original is durable first.
+fn duplicate_response(
+    existing: DocumentRecord,
+    header_sha256: &[u8; 32],
+) -> Result<pb::SubmitResponse, BrokerError> {
+    if existing.header_sha256 != header_sha256 {
+        return Err(BrokerError::AlreadyExists(
+            "this message id was already accepted with other content".into(),
+        ));
+    }
+    let receipt = Signed::decode(existing.submission_receipt.as_slice())
+        .map_err(|e| BrokerError::Store(crate::store::StoreError::Corrupt(e.to_string())))?;
+    Ok(pb::SubmitResponse {
+        submission_receipt: Some(receipt),
+        duplicate: true,
+    })
 }
 
 /// PERMISSION_DENIED for a suspended agency.
@@ -892,12 +1453,16 @@ impl Exchange for ExchangeService {
 
     async fn submit_batch(
         &self,
-        _request: Request<pb::SubmitBatchRequest>,
+        request: Request<pb::SubmitBatchRequest>,
     ) -> Result<Response<pb::SubmitBatchResponse>, Status> {
-        // Interim: the batch path is being built; agents fall back to Submit.
-        Err(Status::unimplemented(
-            "SubmitBatch is not served by this broker yet",
-        ))
+        match self.submit_batch_inner(request).await {
+            Ok(response) => Ok(Response::new(response)),
+            Err(error) => {
+                self.shared.metrics.submission_refused(&error);
+                tracing::warn!(%error, "submission batch refused");
+                Err(error.into())
+            }
+        }
     }
 
     type SessionStream = SessionStream;

@@ -10,7 +10,9 @@
 //! - `hub`: which agencies have a live session (at most one each).
 //! - `listener`: accepting connections on both listeners with timeouts and caps (TLS
 //!   handshake done here, not by tonic), and the open-file limit.
-//! - [`store`]: sled trees and the submission transaction; `commit`: group commit.
+//! - [`store`]: sled trees and the submission transaction (one per SubmitBatch call);
+//!   `commit`: group commit.
+//! - `signer`: single Submits' receipts signed in batches (what queued meanwhile).
 //! - `auth`: the caller's identity from its TLS certificate.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
 //!
@@ -35,6 +37,7 @@ mod recall;
 mod recent;
 pub mod records;
 mod session;
+mod signer;
 pub mod store;
 
 use std::collections::HashSet;
@@ -99,6 +102,9 @@ pub struct BrokerConfig {
     /// `Authorization: Bearer <token>`; the page itself, `/metrics`, `/healthz` and
     /// `/readyz` stay open.
     pub admin_token: Option<String>,
+    /// Most documents in one SubmitBatch call; a larger batch is refused whole with
+    /// INVALID_ARGUMENT before anything is stored.
+    pub max_batch_documents: usize,
     /// Admission per sending agency: at most this many Submit streams open at once…
     pub max_submissions_per_agency: u32,
     /// …and at most this many bytes reserved by its open streams (declared sizes).
@@ -268,6 +274,7 @@ impl BrokerConfig {
             admin_tokens: Vec::new(),
             admin_insecure_bind: false,
             max_submissions_per_agency: 16,
+            max_batch_documents: 1024,
             max_reserved_bytes_per_agency: 4 * 1024 * 1024 * 1024,
             stall_timeout: Duration::from_secs(60),
             partial_sweep_interval: Duration::from_secs(60),
@@ -299,7 +306,7 @@ impl BrokerConfig {
     /// One gRPC message carries at most a whole small document (attachments up to the
     /// streaming threshold, a header, a certificate chain) or one chunk; larger
     /// documents are streamed, so no message needs to hold one.
-    fn max_message_bytes(&self) -> usize {
+    pub(crate) fn max_message_bytes(&self) -> usize {
         usize::try_from(lienthong_proto::document::STREAMED_THRESHOLD)
             .unwrap_or(usize::MAX)
             .saturating_add(8 * 1024 * 1024)
@@ -311,7 +318,7 @@ impl BrokerConfig {
 #[derive(Default)]
 struct InProgress(Mutex<HashSet<String>>);
 
-struct InProgressGuard<'a> {
+pub(crate) struct InProgressGuard<'a> {
     set: &'a InProgress,
     id: String,
 }
@@ -377,7 +384,9 @@ struct Shared {
     config: BrokerConfig,
     store: store::Store,
     hub: hub::Hub,
-    signing_key: SigningKey,
+    signing_key: Arc<SigningKey>,
+    /// Signs single Submits' receipts, many under one signature when they queue.
+    receipt_signer: signer::ReceiptSigner,
     document_anchors: TrustAnchors,
     in_progress: InProgress,
     /// Bytes of submissions being written now, counted against the free-space reserve
@@ -459,12 +468,15 @@ pub async fn run_with_admin(
     let session_bytes_max = u32::try_from(config.sessions_buffer_bytes)
         .unwrap_or(u32::MAX)
         .max(1);
+    let signing_key = Arc::new(signing_key);
+    let receipt_signer = signer::ReceiptSigner::start(signing_key.clone());
     let shared = Arc::new_cyclic(|weak| Shared {
         session_bytes: Arc::new(tokio::sync::Semaphore::new(session_bytes_max as usize)),
         session_bytes_max,
         store: store.clone(),
         hub: hub::Hub::default(),
         signing_key,
+        receipt_signer,
         document_anchors,
         in_progress: InProgress::default(),
         writing_bytes: std::sync::atomic::AtomicU64::new(0),

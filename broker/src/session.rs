@@ -22,8 +22,15 @@
 //!   memory. One live session per agency (see `hub`): a second is refused with
 //!   FAILED_PRECONDITION naming the live one.
 //! - A delivery is logged, counted and visible as delivered only once its settlement
-//!   (dequeue with the receipt) is durable: acknowledgements that arrive together share
-//!   one group commit.
+//!   (dequeue with the receipt) is durable: acknowledgements that arrive together (an
+//!   AckBatch, or several Acks already received) are settled in one store transaction
+//!   and share one group commit.
+//! - Batches (issue 11): to an agent whose Hello set `max_batch`, small deliveries go
+//!   out as DeliveryBatch messages of at most `max_batch`, gathered within one fill of
+//!   the window (never more than its free room) and kept under half a gRPC message in
+//!   bytes; no timer forms a batch. Each delivery in a batch is in flight on its own:
+//!   its attempt recorded, its own acknowledgement deadline and redelivery. Streamed
+//!   deliveries always go alone, after what was gathered before them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -48,7 +55,7 @@ use crate::Shared;
 use crate::deadletter;
 use crate::error::BrokerError;
 use crate::hub::SessionHandle;
-use crate::store::Settlement;
+use crate::store::{Settle, Settlement};
 
 struct InFlight {
     /// When to offer it again if no acknowledgement came.
@@ -135,6 +142,7 @@ pub fn start(
             handle,
             tx: outbox.clone(),
             window,
+            max_batch: 0,
             in_flight: HashMap::new(),
             partial: HashMap::new(),
             streamed_tx,
@@ -334,6 +342,9 @@ struct Session {
     handle: SessionHandle,
     tx: Outbox,
     window: usize,
+    /// Most deliveries per DeliveryBatch, from the agent's Hello; 0: one Delivery per
+    /// message (agents before batches).
+    max_batch: usize,
     in_flight: HashMap<String, InFlight>,
     /// Streamed deliveries the agent holds in part (from its Hello): bytes per attachment.
     partial: HashMap<String, Vec<u64>>,
@@ -356,6 +367,8 @@ impl Session {
                 if hello.window > 0 {
                     self.window = self.window.min(hello.window as usize);
                 }
+                // Never more than the window holds, whatever the agent asks for.
+                self.max_batch = (hello.max_batch as usize).min(self.window);
                 self.partial = hello
                     .partial
                     .into_iter()
@@ -381,17 +394,18 @@ impl Session {
                 message = inbound.message() => match message {
                     Ok(Some(message)) => {
                         self.handle.last_seen_ms.store(lienthong_proto::now_ms(), Ordering::Relaxed);
-                        let mut settled = Vec::new();
-                        self.on_message(message, &mut settled)?;
-                        // Whatever else has already arrived joins this group commit.
-                        while settled.len() < SETTLE_BATCH {
+                        let mut acks = Vec::new();
+                        self.on_message(message, &mut acks)?;
+                        // Whatever else has already arrived joins this store batch and
+                        // group commit.
+                        while acks.len() < SETTLE_BATCH {
                             match inbound.message().now_or_never() {
-                                Some(Ok(Some(message))) => self.on_message(message, &mut settled)?,
+                                Some(Ok(Some(message))) => self.on_message(message, &mut acks)?,
                                 // The end or an error shows again on the next read.
                                 _ => break,
                             }
                         }
-                        self.settled_durably(settled).await?;
+                        self.settle_acks(acks).await?;
                         Step::Continue
                     }
                     Ok(None) => Step::Stop,
@@ -416,26 +430,29 @@ impl Session {
         }
     }
 
-    /// Pushes queued documents until the window is full or the queue is exhausted.
+    /// Pushes queued documents until the window is full or the queue is exhausted; to
+    /// an agent that asked for batches, small deliveries go out as DeliveryBatch
+    /// messages of at most `max_batch` (and the window's free room).
     async fn fill_window(&mut self) -> Result<(), BrokerError> {
         let mut cursor: Option<Vec<u8>> = None;
+        let mut batch = Batch::default();
         while self.in_flight.len() < self.window {
             let next = self
                 .shared
                 .store
                 .next_queued(self.agency.as_str(), cursor.as_deref())?;
             let Some((key, entry)) = next else {
-                return Ok(());
+                break;
             };
             cursor = Some(key);
             if self.in_flight.contains_key(&entry.message_id) {
                 continue;
             }
-            if let Some(flight) = self.push(&entry.message_id).await? {
+            if let Some(flight) = self.push(&entry.message_id, &mut batch).await? {
                 self.in_flight.insert(entry.message_id, flight);
             }
         }
-        Ok(())
+        self.flush(&mut batch).await
     }
 
     /// A streamed delivery's last chunk went out: the acknowledgement wait starts now.
@@ -470,7 +487,13 @@ impl Session {
 
     /// Sends one delivery if it is still queued. Returns what is now in flight, or None
     /// when it is not deliverable (settled meanwhile, or missing).
-    async fn push(&mut self, message_id: &str) -> Result<Option<InFlight>, BrokerError> {
+    /// To an agent that takes batches, a small delivery joins `batch` (sent when full,
+    /// or by the caller's [`Self::flush`]); a streamed one goes alone, after the batch.
+    async fn push(
+        &mut self,
+        message_id: &str,
+        batch: &mut Batch,
+    ) -> Result<Option<InFlight>, BrokerError> {
         let queued = self
             .shared
             .store
@@ -502,23 +525,32 @@ impl Session {
         } else {
             Vec::new()
         };
-        let delivery = pb::BrokerMessage {
-            msg: Some(pb::broker_message::Msg::Delivery(pb::Delivery {
-                envelope: Some(envelope),
-                attachments,
-                attempt,
-                streamed: record.streamed,
-                start_offsets: start_offsets.clone(),
-                // Stored with the document when it was accepted; the recipient exports
-                // it as the trusted time of the document.
-                submission_receipt: Signed::decode(record.submission_receipt.as_slice()).ok(),
-            })),
+        let delivery = pb::Delivery {
+            envelope: Some(envelope),
+            attachments,
+            attempt,
+            streamed: record.streamed,
+            start_offsets: start_offsets.clone(),
+            // Stored with the document when it was accepted; the recipient exports
+            // it as the trusted time of the document.
+            submission_receipt: Signed::decode(record.submission_receipt.as_slice()).ok(),
         };
         tracing::debug!(agency = %self.agency, message_id, attempt, streamed = record.streamed, "delivery pushed");
-        self.tx
-            .send(Ok(delivery))
-            .await
-            .map_err(|closed| BrokerError::Unavailable(closed.0.into()))?;
+        if self.max_batch > 0 && !record.streamed {
+            let size = delivery.encoded_len();
+            let full = batch.deliveries.len() >= self.max_batch
+                || batch.bytes.saturating_add(size) > self.shared.config.max_message_bytes() / 2;
+            if full {
+                self.flush(batch).await?;
+            }
+            batch.bytes = batch.bytes.saturating_add(size);
+            batch.deliveries.push(delivery);
+        } else {
+            // Order kept: what was gathered before goes first.
+            self.flush(batch).await?;
+            self.send(pb::broker_message::Msg::Delivery(delivery))
+                .await?;
+        }
         self.shared.metrics.delivery_pushed(attempt);
         let mut flight = InFlight {
             deadline: Instant::now() + self.ack_wait(attempt),
@@ -549,8 +581,12 @@ impl Session {
             .filter(|(_, f)| f.deadline <= now)
             .map(|(id, f)| (id.clone(), f.attempt))
             .collect();
+        if !overdue.is_empty() {
+            tracing::info!(agency = %self.agency, deliveries = overdue.len(), "no acknowledgement in time; offering again");
+        }
+        let mut batch = Batch::default();
         for (message_id, attempt) in overdue {
-            tracing::info!(agency = %self.agency, message_id = %message_id, attempt, "no acknowledgement in time; offering again");
+            tracing::debug!(agency = %self.agency, message_id = %message_id, attempt, "no acknowledgement in time; offering again");
             self.shared.store.resolve_attempt(
                 &message_id,
                 self.agency.as_str(),
@@ -558,36 +594,84 @@ impl Session {
             )?;
             // Stops the chunks of the earlier attempt, if any still flow.
             self.in_flight.remove(&message_id);
-            if let Some(flight) = self.push(&message_id).await? {
+            if let Some(flight) = self.push(&message_id, &mut batch).await? {
                 self.in_flight.insert(message_id, flight);
             }
         }
-        Ok(())
+        self.flush(&mut batch).await
     }
 
-    /// Waits until the settlements just written are durable, then logs and counts them:
-    /// a delivery reported as delivered must not come back into the queue after a crash.
-    async fn settled_durably(&self, settled: Vec<(String, i64)>) -> Result<(), BrokerError> {
-        if settled.is_empty() {
+    /// Sends what `batch` gathered as one DeliveryBatch, if anything.
+    async fn flush(&self, batch: &mut Batch) -> Result<(), BrokerError> {
+        if batch.deliveries.is_empty() {
+            return Ok(());
+        }
+        let deliveries = std::mem::take(&mut batch.deliveries);
+        batch.bytes = 0;
+        self.send(pb::broker_message::Msg::Batch(pb::DeliveryBatch {
+            deliveries,
+        }))
+        .await
+    }
+
+    async fn send(&self, message: pb::broker_message::Msg) -> Result<(), BrokerError> {
+        self.tx
+            .send(Ok(pb::BrokerMessage { msg: Some(message) }))
+            .await
+            .map_err(|closed| BrokerError::Unavailable(closed.0.into()))
+    }
+
+    /// Settles the verified acknowledgements that arrived together in one store
+    /// transaction, waits until that is durable, then logs and counts them: a delivery
+    /// reported as delivered must not come back into the queue after a crash.
+    async fn settle_acks(&mut self, acks: Vec<VerifiedAck>) -> Result<(), BrokerError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let items: Vec<Settle> = acks
+            .iter()
+            .map(|ack| Settle {
+                message_id: ack.message_id.clone(),
+                recipient: self.agency.to_string(),
+                settlement: Settlement::Delivered {
+                    receipt: ack.receipt.clone(),
+                },
+            })
+            .collect();
+        let store = self.shared.store.clone();
+        let settled = tokio::task::spawn_blocking(move || {
+            store.settle_batch(&items, lienthong_proto::now_ms())
+        })
+        .await
+        .map_err(|e| BrokerError::Serve(e.to_string()))??;
+        for ack in &acks {
+            self.in_flight.remove(&ack.message_id);
+        }
+        if !settled.contains(&true) {
             return Ok(());
         }
         self.shared.store.durable().await?;
-        for (message_id, accepted_at_ms) in settled {
-            self.shared.metrics.acknowledged(accepted_at_ms);
-            tracing::info!(agency = %self.agency, message_id = %message_id, "delivered with receipt");
+        let mut count = 0usize;
+        for (ack, newly) in acks.iter().zip(settled) {
+            if newly {
+                count = count.saturating_add(1);
+                self.shared.metrics.acknowledged(ack.accepted_at_ms);
+                tracing::debug!(agency = %self.agency, message_id = %ack.message_id, "delivered with receipt");
+            }
         }
+        tracing::info!(agency = %self.agency, delivered = count, acknowledgements = acks.len(), "deliveries settled with receipts");
         Ok(())
     }
 
-    /// Handles one message from the agent; a settled delivery is added to `settled`
-    /// (message id, accepted at) to be reported once durable.
+    /// Handles one message from the agent; an acknowledgement whose receipt verifies
+    /// is added to `acks`, to be settled with the others that arrived together.
     fn on_message(
         &mut self,
         message: pb::AgentMessage,
-        settled: &mut Vec<(String, i64)>,
+        acks: &mut Vec<VerifiedAck>,
     ) -> Result<(), BrokerError> {
         match message.msg {
-            Some(Msg::Ack(ack)) => self.on_ack(ack, settled),
+            Some(Msg::Ack(ack)) => self.on_ack(ack, acks),
             Some(Msg::Refuse(refuse)) => {
                 let reason = format!(
                     "refused by {}: {}",
@@ -605,20 +689,17 @@ impl Session {
                 Ok(())
             }
             Some(Msg::Batch(batch)) => {
+                // Bounded by the decode limit of one message; each item is what its
+                // own Ack or Refuse would be.
                 for ack in batch.acks {
-                    self.on_message(
-                        pb::AgentMessage {
-                            msg: Some(Msg::Ack(ack)),
-                        },
-                        settled,
-                    )?;
+                    self.on_ack(ack, acks)?;
                 }
                 for refuse in batch.refusals {
                     self.on_message(
                         pb::AgentMessage {
                             msg: Some(Msg::Refuse(refuse)),
                         },
-                        settled,
+                        acks,
                     )?;
                 }
                 Ok(())
@@ -627,11 +708,7 @@ impl Session {
         }
     }
 
-    fn on_ack(
-        &mut self,
-        ack: pb::Ack,
-        settled: &mut Vec<(String, i64)>,
-    ) -> Result<(), BrokerError> {
+    fn on_ack(&mut self, ack: pb::Ack, acks: &mut Vec<VerifiedAck>) -> Result<(), BrokerError> {
         let Some(record) = self.shared.store.document(&ack.message_id)? else {
             tracing::warn!(agency = %self.agency, "acknowledgement for an unknown message id");
             return Ok(());
@@ -647,24 +724,34 @@ impl Session {
             recipient: Some(self.agency.as_str()),
             live: true,
         };
+        // A batch-signed receipt's root is checked once; its neighbours cost their path.
         if let Err(error) = verify_receipt(&receipt, &self.shared.document_anchors, &expected) {
             tracing::warn!(agency = %self.agency, message_id = %ack.message_id, %error, "delivery receipt rejected; will offer again");
             return Ok(());
         }
-        let newly_settled = self.shared.store.settle(
-            &ack.message_id,
-            self.agency.as_str(),
-            Settlement::Delivered {
-                receipt: receipt.encode_to_vec(),
-            },
-            lienthong_proto::now_ms(),
-        )?;
-        self.in_flight.remove(&ack.message_id);
-        if newly_settled {
-            settled.push((ack.message_id, record.accepted_at_ms));
-        }
+        acks.push(VerifiedAck {
+            message_id: ack.message_id,
+            receipt: receipt.encode_to_vec(),
+            accepted_at_ms: record.accepted_at_ms,
+        });
         Ok(())
     }
+}
+
+/// An acknowledgement whose delivery receipt verified, waiting to be settled.
+struct VerifiedAck {
+    message_id: String,
+    /// The receipt (`Signed`, encoded) as stored with the delivery.
+    receipt: Vec<u8>,
+    accepted_at_ms: i64,
+}
+
+/// Small deliveries gathered for one DeliveryBatch.
+#[derive(Default)]
+struct Batch {
+    deliveries: Vec<pb::Delivery>,
+    /// Their encoded size, kept well under one gRPC message.
+    bytes: usize,
 }
 
 /// Sends a streamed delivery's attachments from their files as `DeliveryChunk`s, each

@@ -43,7 +43,7 @@ use bytes::Bytes;
 use lienthong_proto::pb::DeliveryState;
 use prost::Message;
 use sled::Transactional;
-use sled::transaction::{ConflictableTransactionError, TransactionError, abort};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 
 use crate::audit::{self, Chain, Event, Head};
 use crate::commit::{CommitError, GroupCommit, sled_data_file};
@@ -78,6 +78,16 @@ impl From<prost::DecodeError> for StoreError {
     fn from(e: prost::DecodeError) -> Self {
         StoreError::Corrupt(e.to_string())
     }
+}
+
+/// A verified document for [`Store::accept_batch`].
+#[derive(Debug, Clone)]
+pub struct NewDocument {
+    pub record: DocumentRecord,
+    pub message_id: String,
+    /// Whole attachments in header order (empty for a streamed document, whose files
+    /// are in its blob folder already).
+    pub attachments: Vec<Bytes>,
 }
 
 /// The outcome of [`Store::accept`].
@@ -221,6 +231,14 @@ pub enum Settlement {
     /// Recalled by the sender before delivery: never delivered, not a dead letter (it
     /// must not be redriven), with the broker's signed notice.
     Recalled { reason: String, notice: Vec<u8> },
+}
+
+/// One delivery to end with [`Store::settle_batch`].
+#[derive(Debug, Clone)]
+pub struct Settle {
+    pub message_id: String,
+    pub recipient: String,
+    pub settlement: Settlement,
 }
 
 /// A dead letter as listed for operators.
@@ -511,9 +529,7 @@ impl Store {
         self.accept_within(record, message_id, attachments, &QueueLimits::none())
     }
 
-    /// [`Store::accept`] within queue limits. The limits are checked and the counters
-    /// reserved under one lock before the transaction (released again if it does not
-    /// commit), so concurrent submissions cannot together exceed a limit.
+    /// [`Store::accept`] within queue limits: [`Store::accept_batch`] of one document.
     pub fn accept_within(
         &self,
         record: &DocumentRecord,
@@ -521,23 +537,108 @@ impl Store {
         attachments: &[Bytes],
         limits: &QueueLimits,
     ) -> Result<Accepted, StoreError> {
-        if let Some(existing) = self.document(message_id)? {
-            return Ok(Accepted::Duplicate(existing));
+        let document = NewDocument {
+            record: record.clone(),
+            message_id: message_id.to_owned(),
+            attachments: attachments.to_vec(),
+        };
+        self.accept_batch(std::slice::from_ref(&document), limits)?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("the accept batch lost its document".into()))
+    }
+
+    /// Stores many verified documents in ONE transaction, each with exactly the
+    /// semantics it would have alone: a duplicate message id gets its original record,
+    /// a queue limit or a taken business id refuses that document only, and the audit
+    /// entries of the accepted ones are chained in the order of `documents`. The limits
+    /// are checked and the counters reserved under one lock before the transaction, in
+    /// order (so documents of the batch count against each other), and released again
+    /// for every document that is not stored. Returns one outcome per document, in order.
+    /// A message id given twice is stored once; its second copy is a duplicate.
+    pub fn accept_batch(
+        &self,
+        documents: &[NewDocument],
+        limits: &QueueLimits,
+    ) -> Result<Vec<Accepted>, StoreError> {
+        let mut outcomes: Vec<Option<Accepted>> = Vec::with_capacity(documents.len());
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(documents.len());
+        let mut seen = std::collections::HashSet::with_capacity(documents.len());
+        for (index, document) in documents.iter().enumerate() {
+            if let Some(existing) = self.document(&document.message_id)? {
+                outcomes.push(Some(Accepted::Duplicate(existing)));
+                continue;
+            }
+            let entry_bytes = document
+                .record
+                .attachment_bytes
+                .saturating_add(document.record.envelope.len() as u64);
+            // A second copy of an id in this batch: the transaction finds the first one
+            // and answers it as a duplicate; it is never counted nor its bytes written.
+            if seen.contains(document.message_id.as_str()) {
+                outcomes.push(None);
+                candidates.push(Candidate {
+                    index,
+                    entry_bytes,
+                    counted: false,
+                });
+                continue;
+            }
+            if let Some(refusal) = self.reserve_pending(&document.record, entry_bytes, limits) {
+                outcomes.push(Some(Accepted::OverLimit(refusal)));
+                continue;
+            }
+            seen.insert(document.message_id.as_str());
+            outcomes.push(None);
+            candidates.push(Candidate {
+                index,
+                entry_bytes,
+                counted: true,
+            });
         }
-        let entry_bytes = record
-            .attachment_bytes
-            .saturating_add(record.envelope.len() as u64);
-        if let Some(refusal) = self.reserve_pending(record, entry_bytes, limits) {
-            return Ok(Accepted::OverLimit(refusal));
-        }
-        let accepted = self.accept_reserved(record, message_id, attachments, entry_bytes);
-        if !matches!(accepted, Ok(Accepted::New)) {
-            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            for recipient in &record.recipients {
-                pending.remove(&record.sender, recipient, entry_bytes);
+        let stored = self.accept_reserved(documents, &candidates);
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(error) => {
+                self.unreserve(documents, &candidates, |_| true);
+                return Err(error);
+            }
+        };
+        let mut not_new = vec![false; documents.len()];
+        for (candidate, outcome) in candidates.iter().zip(stored) {
+            if !matches!(outcome, Accepted::New)
+                && let Some(flag) = not_new.get_mut(candidate.index)
+            {
+                *flag = true;
+            }
+            if let Some(slot) = outcomes.get_mut(candidate.index) {
+                *slot = Some(outcome);
             }
         }
-        accepted
+        self.unreserve(documents, &candidates, |index| {
+            not_new.get(index).copied().unwrap_or(true)
+        });
+        outcomes
+            .into_iter()
+            .map(|o| o.ok_or_else(|| StoreError::Corrupt("an accept outcome is missing".into())))
+            .collect()
+    }
+
+    /// Uncounts the candidates for which `release(index)` holds (not stored).
+    fn unreserve(
+        &self,
+        documents: &[NewDocument],
+        candidates: &[Candidate],
+        release: impl Fn(usize) -> bool,
+    ) {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        for candidate in candidates.iter().filter(|c| c.counted && release(c.index)) {
+            let Some(document) = documents.get(candidate.index) else {
+                continue;
+            };
+            for recipient in &document.record.recipients {
+                pending.remove(&document.record.sender, recipient, candidate.entry_bytes);
+            }
+        }
     }
 
     /// Counts the document in every recipient's queue, unless one limit refuses it.
@@ -569,48 +670,63 @@ impl Store {
         None
     }
 
+    /// Writes the candidates' attachments (one sled batch), then every candidate's
+    /// document, business id, queue entries, delivery records, expiry entries and audit
+    /// entry in one transaction. Returns one outcome per candidate, in order.
     fn accept_reserved(
         &self,
-        record: &DocumentRecord,
-        message_id: &str,
-        attachments: &[Bytes],
-        entry_bytes: u64,
-    ) -> Result<Accepted, StoreError> {
-        let mut batch = sled::Batch::default();
-        for key in self
-            .attachments
-            .scan_prefix(attachment_prefix(message_id))
-            .keys()
-        {
-            batch.remove(key?);
+        documents: &[NewDocument],
+        candidates: &[Candidate],
+    ) -> Result<Vec<Accepted>, StoreError> {
+        struct Prepared<'a> {
+            document: &'a NewDocument,
+            entry_bytes: u64,
+            counted: bool,
+            encoded: Vec<u8>,
+            sequences: Vec<u64>,
         }
-        for (index, bytes) in attachments.iter().enumerate() {
-            let index = u32::try_from(index)
-                .map_err(|_| StoreError::Corrupt("too many attachments".into()))?;
-            for (chunk, part) in bytes.chunks(CHUNK_BYTES).enumerate() {
-                let chunk = u32::try_from(chunk)
-                    .map_err(|_| StoreError::Corrupt("attachment too large".into()))?;
-                batch.insert(attachment_key(message_id, index, chunk), part);
+        let mut batch = sled::Batch::default();
+        let mut written = std::collections::HashSet::new();
+        let mut prepared = Vec::with_capacity(candidates.len());
+        for candidate in candidates {
+            let document = documents
+                .get(candidate.index)
+                .ok_or_else(|| StoreError::Corrupt("accept candidate out of range".into()))?;
+            let message_id = document.message_id.as_str();
+            if written.insert(message_id) {
+                for key in self
+                    .attachments
+                    .scan_prefix(attachment_prefix(message_id))
+                    .keys()
+                {
+                    batch.remove(key?);
+                }
+                for (index, bytes) in document.attachments.iter().enumerate() {
+                    let index = u32::try_from(index)
+                        .map_err(|_| StoreError::Corrupt("too many attachments".into()))?;
+                    for (chunk, part) in bytes.chunks(CHUNK_BYTES).enumerate() {
+                        let chunk = u32::try_from(chunk)
+                            .map_err(|_| StoreError::Corrupt("attachment too large".into()))?;
+                        batch.insert(attachment_key(message_id, index, chunk), part);
+                    }
+                }
             }
+            let mut sequences = Vec::with_capacity(document.record.recipients.len());
+            for _ in &document.record.recipients {
+                sequences.push(self.db.generate_id()?);
+            }
+            prepared.push(Prepared {
+                document,
+                entry_bytes: candidate.entry_bytes,
+                counted: candidate.counted,
+                encoded: document.record.encode_to_vec(),
+                sequences,
+            });
         }
         self.attachments.apply_batch(batch)?;
 
-        let mut sequences = Vec::with_capacity(record.recipients.len());
-        for _ in &record.recipients {
-            sequences.push(self.db.generate_id()?);
-        }
-        let encoded = record.encode_to_vec();
         let mut head = self.chain.lock();
-        let audit_entry = head.chain(Event {
-            kind: "accepted",
-            message_id: message_id.to_owned(),
-            agency: record.sender.clone(),
-            header_sha256: record.header_sha256.clone(),
-            detail: format!("to {}", record.recipients.join(", ")),
-            at_ms: record.accepted_at_ms,
-        });
-        let audit_key = audit_entry.seq.to_be_bytes();
-        let audit_bytes = audit_entry.encode_to_vec();
+        let start = *head;
         let result = (
             &self.documents,
             &self.business_ids,
@@ -622,68 +738,117 @@ impl Store {
         )
             .transaction(
                 |(documents, business_ids, queue, deliveries, expiry, audit, counters)| {
-                    if let Some(existing) = documents.get(message_id)? {
-                        return abort(AcceptAbort::Duplicate(existing.to_vec()));
-                    }
-                    if !record.business_id.is_empty()
-                        && let Some(other) = business_ids.get(record.business_id.as_bytes())?
-                        && other.as_ref() != message_id.as_bytes()
-                    {
-                        return abort(AcceptAbort::BusinessIdTaken(
-                            String::from_utf8_lossy(&other).into_owned(),
-                        ));
-                    }
-                    documents.insert(message_id.as_bytes(), encoded.as_slice())?;
-                    let held = counters
-                        .get(DOCUMENT_COUNT_KEY)?
-                        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                        .map_or(0, u64::from_be_bytes);
-                    counters.insert(DOCUMENT_COUNT_KEY, &held.saturating_add(1).to_be_bytes())?;
-                    if !record.business_id.is_empty() {
-                        business_ids
-                            .insert(record.business_id.as_bytes(), message_id.as_bytes())?;
-                    }
-                    for (recipient, seq) in record.recipients.iter().zip(&sequences) {
-                        let key = queue_key(recipient, *seq);
-                        let entry = QueueEntry {
+                    // Rebuilt on every try: a retried transaction starts from scratch.
+                    let mut head = start;
+                    let mut entries = Vec::new();
+                    let mut outcomes = Vec::with_capacity(prepared.len());
+                    let mut added = 0u64;
+                    for item in &prepared {
+                        let record = &item.document.record;
+                        let message_id = item.document.message_id.as_str();
+                        if let Some(existing) = documents.get(message_id)? {
+                            outcomes.push(TxOutcome::Duplicate(existing.to_vec()));
+                            continue;
+                        }
+                        // A second copy whose first was not stored: the same refusal
+                        // (it was never counted, so it must not be stored either).
+                        if !item.counted {
+                            let first = prepared
+                                .iter()
+                                .position(|p| p.document.message_id == message_id)
+                                .and_then(|at| outcomes.get(at).cloned())
+                                .unwrap_or(TxOutcome::Unstored);
+                            outcomes.push(first);
+                            continue;
+                        }
+                        if !record.business_id.is_empty()
+                            && let Some(other) = business_ids.get(record.business_id.as_bytes())?
+                            && other.as_ref() != message_id.as_bytes()
+                        {
+                            outcomes.push(TxOutcome::BusinessIdTaken(
+                                String::from_utf8_lossy(&other).into_owned(),
+                            ));
+                            continue;
+                        }
+                        documents.insert(message_id.as_bytes(), item.encoded.as_slice())?;
+                        added = added.saturating_add(1);
+                        if !record.business_id.is_empty() {
+                            business_ids
+                                .insert(record.business_id.as_bytes(), message_id.as_bytes())?;
+                        }
+                        for (recipient, seq) in record.recipients.iter().zip(&item.sequences) {
+                            let key = queue_key(recipient, *seq);
+                            let entry = QueueEntry {
+                                message_id: message_id.to_owned(),
+                                bytes: item.entry_bytes,
+                                enqueued_at_ms: record.accepted_at_ms,
+                                expires_at_ms: record.expires_at_ms,
+                                sender: record.sender.clone(),
+                            };
+                            queue.insert(key.as_slice(), entry.encode_to_vec())?;
+                            let pair = delivery_key(message_id, recipient);
+                            let expires = expiry_key(record.expires_at_ms, &key);
+                            expiry.insert(expires.as_slice(), pair.as_slice())?;
+                            let delivery = DeliveryRecord {
+                                state: DeliveryState::Queued as i32,
+                                queue_key: key,
+                                expires_at_ms: record.expires_at_ms,
+                                expiry_key: expires,
+                                ..Default::default()
+                            };
+                            deliveries.insert(pair, delivery.encode_to_vec())?;
+                        }
+                        let entry = head.chain(Event {
+                            kind: "accepted",
                             message_id: message_id.to_owned(),
-                            bytes: entry_bytes,
-                            enqueued_at_ms: record.accepted_at_ms,
-                            expires_at_ms: record.expires_at_ms,
-                            sender: record.sender.clone(),
-                        };
-                        queue.insert(key.as_slice(), entry.encode_to_vec())?;
-                        let pair = delivery_key(message_id, recipient);
-                        let expires = expiry_key(record.expires_at_ms, &key);
-                        expiry.insert(expires.as_slice(), pair.as_slice())?;
-                        let delivery = DeliveryRecord {
-                            state: DeliveryState::Queued as i32,
-                            queue_key: key,
-                            expires_at_ms: record.expires_at_ms,
-                            expiry_key: expires,
-                            ..Default::default()
-                        };
-                        deliveries.insert(pair, delivery.encode_to_vec())?;
+                            agency: record.sender.clone(),
+                            header_sha256: record.header_sha256.clone(),
+                            detail: format!("to {}", record.recipients.join(", ")),
+                            at_ms: record.accepted_at_ms,
+                        });
+                        audit.insert(&entry.seq.to_be_bytes(), entry.encode_to_vec())?;
+                        head.advance(&entry);
+                        entries.push(entry);
+                        outcomes.push(TxOutcome::New);
                     }
-                    audit.insert(&audit_key, audit_bytes.as_slice())?;
-                    Ok(())
+                    if added > 0 {
+                        let held = counters
+                            .get(DOCUMENT_COUNT_KEY)?
+                            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                            .map_or(0, u64::from_be_bytes);
+                        counters.insert(
+                            DOCUMENT_COUNT_KEY,
+                            &held.saturating_add(added).to_be_bytes(),
+                        )?;
+                    }
+                    Ok::<_, ConflictableTransactionError<()>>((outcomes, entries))
                 },
             );
-        if result.is_ok() {
-            head.advance(&audit_entry);
+        let (outcomes, entries) = match result {
+            Ok(done) => done,
+            Err(TransactionError::Abort(())) => {
+                return Err(StoreError::Corrupt("the accept transaction aborted".into()));
+            }
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        if let Some(last) = entries.last() {
+            head.advance(last);
         }
         drop(head);
-        match result {
-            // Counted in the pending counters by `reserve_pending` already.
-            Ok(()) => Ok(Accepted::New),
-            Err(TransactionError::Abort(AcceptAbort::Duplicate(bytes))) => {
-                Ok(Accepted::Duplicate(decode(&bytes)?))
-            }
-            Err(TransactionError::Abort(AcceptAbort::BusinessIdTaken(message_id))) => {
-                Ok(Accepted::BusinessIdTaken { message_id })
-            }
-            Err(TransactionError::Storage(e)) => Err(e.into()),
-        }
+        outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                // Counted in the pending counters by `reserve_pending` already.
+                TxOutcome::New => Ok(Accepted::New),
+                TxOutcome::Duplicate(bytes) => Ok(Accepted::Duplicate(decode(&bytes)?)),
+                TxOutcome::Unstored => Ok(Accepted::OverLimit(
+                    "the first copy of this message id in the batch was refused".into(),
+                )),
+                TxOutcome::BusinessIdTaken(message_id) => {
+                    Ok(Accepted::BusinessIdTaken { message_id })
+                }
+            })
+            .collect()
     }
 
     /// The attachments of a document, whole, in header order.
@@ -827,7 +992,7 @@ impl Store {
 
     /// Ends a delivery. `Delivered` is accepted while queued and also after it became a
     /// dead letter (a late receipt still proves delivery); `Dead` only while queued.
-    /// Returns false when there was nothing to settle.
+    /// Returns false when there was nothing to settle. [`Store::settle_batch`] of one.
     pub fn settle(
         &self,
         message_id: &str,
@@ -835,46 +1000,75 @@ impl Store {
         settlement: Settlement,
         at_ms: i64,
     ) -> Result<bool, StoreError> {
-        let key = delivery_key(message_id, recipient);
-        let dead_key = dead_letter_key(recipient, message_id);
-        let (header_sha256, sender) = self
-            .document(message_id)?
-            .map(|d| (d.header_sha256, d.sender))
-            .unwrap_or_default();
-        let event = match &settlement {
-            Settlement::Delivered { .. } => Event {
-                kind: "delivered",
-                detail: "signed delivery receipt".into(),
-                ..Event::default()
-            },
-            Settlement::Recalled { reason, .. } => Event {
-                kind: "recalled",
-                detail: reason.clone(),
-                ..Event::default()
-            },
-            Settlement::Dead { state, reason, .. } => Event {
-                kind: "dead_letter",
-                detail: format!(
-                    "{}: {reason}",
-                    if *state == DeliveryState::Refused {
-                        "refused"
-                    } else {
-                        "expired"
-                    }
-                ),
-                ..Event::default()
-            },
-        };
-        let mut head = self.chain.lock();
-        let audit_entry = head.chain(Event {
+        let item = Settle {
             message_id: message_id.to_owned(),
-            agency: recipient.to_owned(),
-            header_sha256,
-            at_ms,
-            ..event
-        });
-        let audit_key = audit_entry.seq.to_be_bytes();
-        let audit_bytes = audit_entry.encode_to_vec();
+            recipient: recipient.to_owned(),
+            settlement,
+        };
+        Ok(self
+            .settle_batch(std::slice::from_ref(&item), at_ms)?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
+
+    /// Ends many deliveries in ONE transaction, each exactly as [`Store::settle`] would
+    /// alone (in order: a second settlement of the same delivery finds it settled), with
+    /// their audit entries chained in order. Returns, per item, whether it settled.
+    pub fn settle_batch(&self, items: &[Settle], at_ms: i64) -> Result<Vec<bool>, StoreError> {
+        struct Prepared<'a> {
+            item: &'a Settle,
+            key: Vec<u8>,
+            dead_key: Vec<u8>,
+            sender: String,
+            event: Event,
+        }
+        let mut prepared = Vec::with_capacity(items.len());
+        for item in items {
+            let (header_sha256, sender) = self
+                .document(&item.message_id)?
+                .map(|d| (d.header_sha256, d.sender))
+                .unwrap_or_default();
+            let event = match &item.settlement {
+                Settlement::Delivered { .. } => Event {
+                    kind: "delivered",
+                    detail: "signed delivery receipt".into(),
+                    ..Event::default()
+                },
+                Settlement::Recalled { reason, .. } => Event {
+                    kind: "recalled",
+                    detail: reason.clone(),
+                    ..Event::default()
+                },
+                Settlement::Dead { state, reason, .. } => Event {
+                    kind: "dead_letter",
+                    detail: format!(
+                        "{}: {reason}",
+                        if *state == DeliveryState::Refused {
+                            "refused"
+                        } else {
+                            "expired"
+                        }
+                    ),
+                    ..Event::default()
+                },
+            };
+            prepared.push(Prepared {
+                item,
+                key: delivery_key(&item.message_id, &item.recipient),
+                dead_key: dead_letter_key(&item.recipient, &item.message_id),
+                sender,
+                event: Event {
+                    message_id: item.message_id.clone(),
+                    agency: item.recipient.clone(),
+                    header_sha256,
+                    at_ms,
+                    ..event
+                },
+            });
+        }
+        let mut head = self.chain.lock();
+        let start = *head;
         let result = (
             &self.queue,
             &self.deliveries,
@@ -883,93 +1077,117 @@ impl Store {
             &self.audit,
         )
             .transaction(|(queue, deliveries, expiry, dead_letters, audit)| {
-                let Some(bytes) = deliveries.get(&key)? else {
-                    return Ok(None);
-                };
-                let mut record = DeliveryRecord::decode(bytes.as_ref())
-                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                let queued = record.state == DeliveryState::Queued as i32;
-                let dead = record.state == DeliveryState::Expired as i32
-                    || record.state == DeliveryState::Refused as i32
-                    || record.state == DeliveryState::Recalled as i32;
-                let mut freed = None;
-                match &settlement {
-                    Settlement::Delivered { receipt } if queued || dead => {
-                        record.state = DeliveryState::Delivered as i32;
-                        record.receipt = receipt.clone();
-                        record.delivered_at_ms = at_ms;
-                        resolve_last(&mut record, "acknowledged");
+                // Rebuilt on every try: a retried transaction starts from scratch.
+                let mut head = start;
+                let mut entries = Vec::new();
+                // Per item: None = nothing settled; Some(freed queue entry bytes).
+                let mut outcomes: Vec<Option<Option<u64>>> = Vec::with_capacity(prepared.len());
+                for p in &prepared {
+                    let Some(bytes) = deliveries.get(&p.key)? else {
+                        outcomes.push(None);
+                        continue;
+                    };
+                    let mut record = DeliveryRecord::decode(bytes.as_ref())
+                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    let queued = record.state == DeliveryState::Queued as i32;
+                    let dead = record.state == DeliveryState::Expired as i32
+                        || record.state == DeliveryState::Refused as i32
+                        || record.state == DeliveryState::Recalled as i32;
+                    let mut freed = None;
+                    match &p.item.settlement {
+                        Settlement::Delivered { receipt } if queued || dead => {
+                            record.state = DeliveryState::Delivered as i32;
+                            record.receipt = receipt.clone();
+                            record.delivered_at_ms = at_ms;
+                            resolve_last(&mut record, "acknowledged");
+                        }
+                        Settlement::Dead {
+                            state,
+                            reason,
+                            notice,
+                        } if queued => {
+                            record.state = *state as i32;
+                            record.reason = reason.clone();
+                            record.notice = notice.clone();
+                            record.dead_at_ms = at_ms;
+                            resolve_last(
+                                &mut record,
+                                if *state == DeliveryState::Refused {
+                                    "refused"
+                                } else {
+                                    "expired"
+                                },
+                            );
+                            dead_letters.insert(p.dead_key.as_slice(), &[] as &[u8])?;
+                        }
+                        Settlement::Recalled { reason, notice } if queued => {
+                            record.state = DeliveryState::Recalled as i32;
+                            record.reason = reason.clone();
+                            record.notice = notice.clone();
+                            record.dead_at_ms = at_ms;
+                            resolve_last(&mut record, "recalled");
+                        }
+                        _ => {
+                            outcomes.push(None);
+                            continue;
+                        }
                     }
-                    Settlement::Dead {
-                        state,
-                        reason,
-                        notice,
-                    } if queued => {
-                        record.state = *state as i32;
-                        record.reason = reason.clone();
-                        record.notice = notice.clone();
-                        record.dead_at_ms = at_ms;
-                        resolve_last(
-                            &mut record,
-                            if *state == DeliveryState::Refused {
-                                "refused"
-                            } else {
-                                "expired"
-                            },
-                        );
-                        dead_letters.insert(dead_key.as_slice(), &[] as &[u8])?;
+                    if queued {
+                        if let Some(entry) = queue.remove(record.queue_key.as_slice())? {
+                            let entry = QueueEntry::decode(entry.as_ref())
+                                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                            freed = Some(entry.bytes);
+                        }
+                        expiry.remove(record.expiry_key.as_slice())?;
+                        record.queue_key.clear();
+                        record.expiry_key.clear();
+                    } else {
+                        dead_letters.remove(p.dead_key.as_slice())?;
                     }
-                    Settlement::Recalled { reason, notice } if queued => {
-                        record.state = DeliveryState::Recalled as i32;
-                        record.reason = reason.clone();
-                        record.notice = notice.clone();
-                        record.dead_at_ms = at_ms;
-                        resolve_last(&mut record, "recalled");
-                    }
-                    _ => return Ok(None),
+                    deliveries.insert(p.key.as_slice(), record.encode_to_vec())?;
+                    let entry = head.chain(p.event.clone());
+                    audit.insert(&entry.seq.to_be_bytes(), entry.encode_to_vec())?;
+                    head.advance(&entry);
+                    entries.push(entry);
+                    outcomes.push(Some(freed));
                 }
-                if queued {
-                    if let Some(entry) = queue.remove(record.queue_key.as_slice())? {
-                        let entry = QueueEntry::decode(entry.as_ref())
-                            .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                        freed = Some(entry.bytes);
-                    }
-                    expiry.remove(record.expiry_key.as_slice())?;
-                    record.queue_key.clear();
-                    record.expiry_key.clear();
-                } else {
-                    dead_letters.remove(dead_key.as_slice())?;
-                }
-                deliveries.insert(key.as_slice(), record.encode_to_vec())?;
-                audit.insert(&audit_key, audit_bytes.as_slice())?;
-                Ok(Some(freed))
+                Ok((outcomes, entries))
             });
-        if matches!(result, Ok(Some(_))) {
-            head.advance(&audit_entry);
+        let (outcomes, entries) = match result {
+            Ok(done) => done,
+            Err(TransactionError::Abort(detail)) => return Err(StoreError::Corrupt(detail)),
+            Err(TransactionError::Storage(e)) => return Err(e.into()),
+        };
+        if let Some(last) = entries.last() {
+            head.advance(last);
         }
         drop(head);
-        match result {
-            Ok(Some(freed)) => {
-                if let Some(bytes) = freed {
-                    self.adjust_pending(&sender, recipient, bytes, false);
-                }
-                match settlement {
-                    Settlement::Delivered { .. } => {
-                        self.recent
-                            .record(recipient, crate::recent::Outcome::Delivered, at_ms);
-                    }
-                    Settlement::Dead { .. } => {
-                        self.recent
-                            .record(recipient, crate::recent::Outcome::DeadLettered, at_ms);
-                    }
-                    Settlement::Recalled { .. } => {}
-                }
-                Ok(true)
+        let mut settled = Vec::with_capacity(outcomes.len());
+        for (p, outcome) in prepared.iter().zip(outcomes) {
+            let Some(freed) = outcome else {
+                settled.push(false);
+                continue;
+            };
+            if let Some(bytes) = freed {
+                self.adjust_pending(&p.sender, &p.item.recipient, bytes, false);
             }
-            Ok(None) => Ok(false),
-            Err(TransactionError::Abort(detail)) => Err(StoreError::Corrupt(detail)),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
+            match p.item.settlement {
+                Settlement::Delivered { .. } => {
+                    self.recent
+                        .record(&p.item.recipient, crate::recent::Outcome::Delivered, at_ms);
+                }
+                Settlement::Dead { .. } => {
+                    self.recent.record(
+                        &p.item.recipient,
+                        crate::recent::Outcome::DeadLettered,
+                        at_ms,
+                    );
+                }
+                Settlement::Recalled { .. } => {}
+            }
+            settled.push(true);
         }
+        Ok(settled)
     }
 
     /// Adds (`queued`) or removes one document of `bytes` from `sender` to the counters
@@ -1393,7 +1611,21 @@ fn count_pending(queue: &sled::Tree, documents: &sled::Tree) -> Result<PendingCo
     Ok(pending)
 }
 
-enum AcceptAbort {
+/// A document of an accept batch that goes into the transaction.
+struct Candidate {
+    index: usize,
+    /// What its queue entries count: attachments and the encoded envelope.
+    entry_bytes: u64,
+    /// Counted in the pending counters (false for a second copy of an id in the batch).
+    counted: bool,
+}
+
+/// One candidate's outcome inside the accept transaction.
+#[derive(Clone)]
+enum TxOutcome {
+    New,
+    /// A second copy of an id whose first copy was refused for its queue limit.
+    Unstored,
     Duplicate(Vec<u8>),
     BusinessIdTaken(String),
 }
