@@ -22,7 +22,7 @@
 //!   matches its digest; what is held is offered in the next Hello, so a broken link
 //!   resumes rather than restarts.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -31,7 +31,7 @@ use lienthong_proto::document::{
     VerifiedDocument, check_attachment, is_valid_message_id, verify_document,
 };
 use lienthong_proto::pb::{self, agent_message::Msg as Out, broker_message::Msg as In};
-use lienthong_proto::receipt::{ExpectedReceipt, sign_receipt, verify_receipt};
+use lienthong_proto::receipt::{ExpectedReceipt, sign_receipts, verify_receipt};
 use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use lienthong_proto::{ProtocolError, now_ms};
@@ -45,7 +45,16 @@ use tracing::{debug, error, info, warn};
 use crate::Agent;
 use crate::error::StoreError;
 use crate::export::{self, ExportDocument};
-use crate::store::InboxRecord;
+use crate::store::{InboxDocument, InboxRecord, InboxWrite};
+
+/// The most deliveries this agent asks for in one `DeliveryBatch`.
+const MAX_BATCH: u32 = 256;
+/// A group (one store transaction, one sync, one receipt signature) takes whole
+/// broker messages up to this many deliveries...
+const GROUP_MAX_DELIVERIES: usize = 512;
+/// ... and this many bytes of them (one message alone may be larger, up to the gRPC
+/// message limit).
+const GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// A failure on our side: the delivery is neither acknowledged nor refused.
 #[derive(Debug, thiserror::Error)]
@@ -98,17 +107,94 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
     }
 }
 
+/// How one queued unit of whole deliveries is answered.
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    /// A `Delivery` message: answered with `Ack` or `Refuse`.
+    Single,
+    /// A `DeliveryBatch`: answered with one `AckBatch`.
+    Batch,
+}
+
+/// Whole deliveries that arrived in one broker message.
+struct Unit {
+    form: Form,
+    deliveries: Vec<pb::Delivery>,
+    /// The (claimed) message ids, held in `in_progress` until answered.
+    ids: Vec<String>,
+    bytes: usize,
+}
+
+/// A group taken from the queue: the units' forms and sizes, to split the outcomes.
+type GroupDone = (
+    Vec<(Form, usize)>,
+    Vec<String>,
+    Result<Vec<Outcome>, LocalError>,
+);
+
+/// Takes whole units from the front of the queue for one group: at least one, then
+/// more while the group stays within [`GROUP_MAX_DELIVERIES`] and [`GROUP_MAX_BYTES`].
+fn take_group(queue: &mut VecDeque<Unit>) -> Vec<Unit> {
+    let mut group = Vec::new();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    while let Some(next) = queue.front() {
+        let more_count = count.checked_add(next.deliveries.len());
+        let more_bytes = bytes.checked_add(next.bytes);
+        let fits = matches!(
+            (more_count, more_bytes),
+            (Some(c), Some(b)) if c <= GROUP_MAX_DELIVERIES && b <= GROUP_MAX_BYTES
+        );
+        if !group.is_empty() && !fits {
+            break;
+        }
+        let Some(unit) = queue.pop_front() else { break };
+        count = count.saturating_add(unit.deliveries.len());
+        bytes = bytes.saturating_add(unit.bytes);
+        group.push(unit);
+    }
+    group
+}
+
+/// Starts the next group when none is running and something is queued: a group is
+/// whatever queued while the previous one ran (no timer).
+fn start_group(
+    agent: &Arc<Agent>,
+    queue: &mut VecDeque<Unit>,
+    queued: &mut usize,
+    running: &mut JoinSet<GroupDone>,
+) {
+    if !running.is_empty() || queue.is_empty() {
+        return;
+    }
+    let group = take_group(queue);
+    let mut forms = Vec::with_capacity(group.len());
+    let mut ids = Vec::new();
+    let mut deliveries = Vec::new();
+    for unit in group {
+        forms.push((unit.form, unit.deliveries.len()));
+        *queued = queued.saturating_sub(unit.deliveries.len());
+        ids.extend(unit.ids);
+        deliveries.extend(unit.deliveries);
+    }
+    let handling = Arc::clone(agent);
+    running.spawn(async move {
+        let result = handle_group(handling, deliveries).await;
+        (forms, ids, result)
+    });
+}
+
 async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEnd {
     let capacity = usize::try_from(agent.window)
         .unwrap_or(32)
         .saturating_add(8);
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(capacity);
     let partial = partial_deliveries(agent).await;
+    let max_batch = agent.window.clamp(1, MAX_BATCH);
     let hello = pb::AgentMessage {
         msg: Some(Out::Hello(pb::Hello {
             window: agent.window,
             partial,
-            max_batch: 0,
+            max_batch,
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -131,27 +217,35 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
             };
         }
     };
-    info!(agency = %agent.agency, window = agent.window, "broker session established");
+    info!(agency = %agent.agency, window = agent.window, max_batch, "broker session established");
     let _up = agent.metrics.session_up();
     let mut handled: u64 = 0;
     let mut receiving: HashMap<String, Receiving> = HashMap::new();
-    // Small deliveries are handled concurrently (the broker's window bounds how many),
-    // so that their fsyncs are shared by the store's group commit.
-    let mut handlers: JoinSet<(String, Result<pb::AgentMessage, LocalError>)> = JoinSet::new();
+    // Whole deliveries wait here while the previous group is stored; at most one group
+    // runs at a time, so the next one is whatever arrived meanwhile.
+    let mut queue: VecDeque<Unit> = VecDeque::new();
+    let mut queued: usize = 0;
+    // Unanswered deliveries never exceed the window the broker was given; a batch may
+    // straddle it once.
+    let queue_limit = usize::try_from(agent.window.saturating_add(max_batch)).unwrap_or(usize::MAX);
+    let mut running: JoinSet<GroupDone> = JoinSet::new();
     let mut in_progress: HashSet<String> = HashSet::new();
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
-            Some(joined) = handlers.join_next(), if !handlers.is_empty() => {
-                let (id, handled_result) = match joined {
+            Some(joined) = running.join_next(), if !running.is_empty() => {
+                let (forms, ids, result) = match joined {
                     Ok(done) => done,
-                    Err(e) => (String::new(), Err(LocalError::Task(e.to_string()))),
+                    Err(e) => (Vec::new(), Vec::new(), Err(LocalError::Task(e.to_string()))),
                 };
-                in_progress.remove(&id);
-                match reply_or_end(agent, &tx, handled_result, &mut handled).await {
-                    Some(end) => return end,
-                    None => continue,
+                for id in &ids {
+                    in_progress.remove(id);
                 }
+                if let Some(end) = send_group(agent, &tx, forms, result, &mut handled).await {
+                    return end;
+                }
+                start_group(agent, &mut queue, &mut queued, &mut running);
+                continue;
             }
             () = stop.cancelled() => return SessionEnd::Stopped,
         };
@@ -174,43 +268,160 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
                 };
             }
         };
-        let handling = match message {
+        let (form, deliveries) = match message {
             In::Delivery(delivery) if delivery.streamed => {
-                start_streamed(agent, delivery, &mut receiving).await
-            }
-            In::Delivery(delivery) => {
-                let id = delivery
-                    .envelope
-                    .as_ref()
-                    .map(untrusted_message_id)
-                    .unwrap_or_default();
-                // Offered again while still being handled: the first answer serves both.
-                if !id.is_empty() && !in_progress.insert(id.clone()) {
-                    continue;
+                let handling = start_streamed(agent, delivery, &mut receiving).await;
+                if let Some(end) = reply_streamed(agent, &tx, handling, &mut handled).await {
+                    return end;
                 }
-                let handling_agent = Arc::clone(agent);
-                handlers.spawn(async move {
-                    let result = handle_delivery(&handling_agent, delivery).await;
-                    (id, result)
-                });
                 continue;
             }
-            In::Chunk(chunk) => on_chunk(agent, chunk, &mut receiving).await,
-            In::Batch(_) => {
-                return SessionEnd::Ended {
-                    reason: "the broker sent a delivery batch this session did not ask for".into(),
-                    handled,
-                };
+            In::Delivery(delivery) => (Form::Single, vec![delivery]),
+            In::Chunk(chunk) => {
+                let handling = on_chunk(agent, chunk, &mut receiving).await;
+                if let Some(end) = reply_streamed(agent, &tx, handling, &mut handled).await {
+                    return end;
+                }
+                continue;
+            }
+            In::Batch(batch) => {
+                if batch.deliveries.len() > usize::try_from(max_batch).unwrap_or(usize::MAX) {
+                    return SessionEnd::Ended {
+                        reason: format!(
+                            "the broker sent a batch of {} deliveries; this agent asked for at most {max_batch}",
+                            batch.deliveries.len()
+                        ),
+                        handled,
+                    };
+                }
+                let mut whole = Vec::with_capacity(batch.deliveries.len());
+                for delivery in batch.deliveries {
+                    if delivery.streamed {
+                        // Its chunks follow on their own: taken like a streamed Delivery.
+                        let handling = start_streamed(agent, delivery, &mut receiving).await;
+                        if let Some(end) = reply_streamed(agent, &tx, handling, &mut handled).await
+                        {
+                            return end;
+                        }
+                    } else {
+                        whole.push(delivery);
+                    }
+                }
+                (Form::Batch, whole)
             }
         };
-        let handling = match handling {
-            Ok(Some(reply)) => Ok(reply),
-            Ok(None) => continue,
-            Err(e) => Err(e),
+        let mut unit = Unit {
+            form,
+            deliveries: Vec::with_capacity(deliveries.len()),
+            ids: Vec::new(),
+            bytes: 0,
         };
-        if let Some(end) = reply_or_end(agent, &tx, handling, &mut handled).await {
-            return end;
+        for delivery in deliveries {
+            let id = delivery
+                .envelope
+                .as_ref()
+                .map(untrusted_message_id)
+                .unwrap_or_default();
+            // Offered again while still being handled: the first answer serves both.
+            if !id.is_empty() {
+                if !in_progress.insert(id.clone()) {
+                    continue;
+                }
+                unit.ids.push(id);
+            }
+            unit.bytes = unit.bytes.saturating_add(delivery.encoded_len());
+            unit.deliveries.push(delivery);
         }
+        if unit.deliveries.is_empty() {
+            continue;
+        }
+        queued = queued.saturating_add(unit.deliveries.len());
+        if queued > queue_limit {
+            return SessionEnd::Ended {
+                reason: format!(
+                    "the broker pushed {queued} deliveries beyond the window of {}",
+                    agent.window
+                ),
+                handled,
+            };
+        }
+        queue.push_back(unit);
+        start_group(agent, &mut queue, &mut queued, &mut running);
+    }
+}
+
+/// Sends the answers of a group: `Ack`/`Refuse` for single deliveries, one `AckBatch`
+/// per delivery batch. A local failure or a closed stream ends the session (the
+/// broker redelivers whatever was not answered).
+async fn send_group(
+    agent: &Arc<Agent>,
+    tx: &tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    forms: Vec<(Form, usize)>,
+    result: Result<Vec<Outcome>, LocalError>,
+    handled: &mut u64,
+) -> Option<SessionEnd> {
+    let outcomes = match result {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            error!(agency = %agent.agency, error = %e, "cannot take the deliveries; dropping the session so the broker redelivers");
+            return Some(SessionEnd::Ended {
+                reason: format!("local failure: {e}"),
+                handled: *handled,
+            });
+        }
+    };
+    let mut outcomes = outcomes.into_iter();
+    for (form, count) in forms {
+        let mut messages = Vec::new();
+        let mut batch = pb::AckBatch::default();
+        for outcome in outcomes.by_ref().take(count) {
+            if matches!(outcome, Outcome::Refuse { .. }) {
+                agent.metrics.delivery_refused();
+            }
+            match (form, outcome) {
+                (Form::Single, outcome) => messages.push(outcome.into_message()),
+                (Form::Batch, Outcome::Ack { id, receipt }) => batch.acks.push(pb::Ack {
+                    message_id: id,
+                    delivery_receipt: Some(receipt),
+                }),
+                (Form::Batch, Outcome::Refuse { id, reason }) => {
+                    batch.refusals.push(pb::Refuse {
+                        message_id: id,
+                        reason,
+                    });
+                }
+            }
+        }
+        if matches!(form, Form::Batch) {
+            messages.push(pb::AgentMessage {
+                msg: Some(Out::Batch(batch)),
+            });
+        }
+        for message in messages {
+            if tx.send(message).await.is_err() {
+                return Some(SessionEnd::Ended {
+                    reason: "the outgoing stream closed".into(),
+                    handled: *handled,
+                });
+            }
+        }
+        *handled = handled.saturating_add(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+    None
+}
+
+/// Sends the answer to a streamed delivery, if it has one yet; a local failure or a
+/// closed stream ends the session.
+async fn reply_streamed(
+    agent: &Arc<Agent>,
+    tx: &tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    handling: Result<Option<pb::AgentMessage>, LocalError>,
+    handled: &mut u64,
+) -> Option<SessionEnd> {
+    match handling {
+        Ok(None) => None,
+        Ok(Some(reply)) => reply_or_end(agent, tx, Ok(reply), handled).await,
+        Err(e) => reply_or_end(agent, tx, Err(e), handled).await,
     }
 }
 
@@ -338,58 +549,403 @@ fn check_delivery(
     Ok(verified)
 }
 
-async fn handle_delivery(
-    agent: &Arc<Agent>,
-    delivery: pb::Delivery,
-) -> Result<pb::AgentMessage, LocalError> {
+/// The answer to one delivery.
+#[derive(Debug)]
+enum Outcome {
+    Ack { id: String, receipt: pb::Signed },
+    Refuse { id: String, reason: String },
+}
+
+impl Outcome {
+    fn into_message(self) -> pb::AgentMessage {
+        match self {
+            Outcome::Ack { id, receipt } => ack(id, receipt),
+            Outcome::Refuse { id, reason } => refuse(id, reason),
+        }
+    }
+}
+
+/// A delivery that passed every check and waits to be stored with its group.
+struct Accepting {
+    evidence: Evidence,
+    verified: VerifiedDocument,
+    attempt: u32,
+    body: Body,
+}
+
+/// Every check of one whole (not streamed) delivery; CPU only, no store access.
+/// A refusal: the (claimed) message id and the reason.
+type Refusal = (String, String);
+
+fn check_one(agent: &Agent, delivery: pb::Delivery) -> Result<Accepting, Refusal> {
+    let attempt = delivery.attempt;
     let Some(envelope) = delivery.envelope else {
-        warn!(agency = %agent.agency, "refusing a delivery without an envelope");
-        return Ok(refuse(
+        warn!(agency = %agent.agency, attempt, "refusing a delivery without an envelope");
+        return Err((
             String::new(),
             "the delivery carries no signed envelope".into(),
         ));
     };
-    let attachments = delivery.attachments;
-    let attempt = delivery.attempt;
     let submission_receipt = delivery.submission_receipt;
-    let checking = Arc::clone(agent);
-    let (envelope, submission_receipt, attachments, checked) =
-        tokio::task::spawn_blocking(move || {
-            let checked = check_delivery(
-                &checking,
-                &envelope,
-                submission_receipt.as_ref(),
-                &attachments,
-            );
-            (envelope, submission_receipt, attachments, checked)
-        })
-        .await
-        .map_err(|e| LocalError::Task(e.to_string()))?;
-    let verified = match checked {
-        Ok(verified) => verified,
-        Err(reason) => {
-            let message_id = untrusted_message_id(&envelope);
-            warn!(
-                agency = %agent.agency,
-                message_id = %message_id,
-                reason = %reason,
-                attempt,
-                "refusing delivery"
-            );
-            return Ok(refuse(message_id, reason));
-        }
-    };
-    accept(
+    match check_delivery(
         agent,
-        Evidence {
-            envelope,
-            submission_receipt: submission_receipt.unwrap_or_default(),
-        },
+        &envelope,
+        submission_receipt.as_ref(),
+        &delivery.attachments,
+    ) {
+        Ok(verified) => Ok(Accepting {
+            evidence: Evidence {
+                envelope,
+                submission_receipt: submission_receipt.unwrap_or_default(),
+            },
+            verified,
+            attempt,
+            body: Body::Inline(delivery.attachments),
+        }),
+        Err(reason) => {
+            let id = untrusted_message_id(&envelope);
+            warn!(agency = %agent.agency, message_id = %id, reason = %reason, attempt, "refusing delivery");
+            Err((id, reason))
+        }
+    }
+}
+
+/// A group of whole deliveries (one or more DeliveryBatch messages and single
+/// Deliveries that queued together): checked each on its own, the accepted ones
+/// stored in one transaction with one sync and one receipt signature. Outcomes are in
+/// the order of `deliveries`; a refusal never affects the others.
+async fn handle_group(
+    agent: Arc<Agent>,
+    deliveries: Vec<pb::Delivery>,
+) -> Result<Vec<Outcome>, LocalError> {
+    let checking = Arc::clone(&agent);
+    // Verification is the CPU cost of a delivery: off the async threads, in one go
+    // (a batch signature's root is checked once, then only each inclusion proof).
+    let checked: Vec<Result<Accepting, Refusal>> = tokio::task::spawn_blocking(move || {
+        deliveries
+            .into_iter()
+            .map(|d| check_one(&checking, d))
+            .collect()
+    })
+    .await
+    .map_err(|e| LocalError::Task(e.to_string()))?;
+    let mut accepting = Vec::new();
+    let mut slots = Vec::with_capacity(checked.len());
+    for result in checked {
+        match result {
+            Ok(item) => {
+                accepting.push(item);
+                slots.push(None);
+            }
+            Err((id, reason)) => slots.push(Some(Outcome::Refuse { id, reason })),
+        }
+    }
+    let mut accepted = accept_all(&agent, accepting).await?.into_iter();
+    let mut outcomes = Vec::with_capacity(slots.len());
+    for slot in slots {
+        match slot {
+            Some(refusal) => outcomes.push(refusal),
+            None => {
+                let outcome = accepted.next().ok_or_else(|| {
+                    LocalError::Task("an accepted delivery has no outcome".into())
+                })?;
+                outcomes.push(outcome);
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// What one verified delivery of a group needs before it can be answered.
+enum Plan {
+    Refuse(String),
+    /// Stored before with its receipt: answered with that receipt.
+    Stored(pb::Signed),
+    /// Its delivery receipt is signed with the group's.
+    Sign(pb::Receipt),
+}
+
+/// One verified delivery of a group on its way to its answer.
+struct Planned {
+    id: String,
+    header: pb::DocumentHeader,
+    plan: Plan,
+    write: InboxWrite,
+    /// Stored by this group (not a redelivery).
+    new: bool,
+    /// A document (not a status report) that belongs in the inbox folder.
+    exportable: bool,
+    body: Body,
+    record: Option<InboxRecord>,
+    envelope_bytes: Bytes,
+    header_sha256: Vec<u8>,
+}
+
+/// Decides what a verified delivery needs: refused (message id reused, unexpected
+/// status report), answered from the store (redelivery), or stored and signed.
+fn plan_one(agent: &Agent, item: Accepting) -> Result<Planned, LocalError> {
+    let Accepting {
+        evidence,
         verified,
         attempt,
-        Body::Inline(attachments),
-    )
+        body,
+    } = item;
+    let id = verified.header.message_id.clone();
+    let sha_hex = hex::encode(verified.header_sha256);
+    let envelope_bytes = Bytes::from(evidence.envelope.encode_to_vec());
+    let submission_bytes = Bytes::from(evidence.submission_receipt.encode_to_vec());
+    let exportable = verified.header.kind == pb::DocumentKind::Document as i32;
+    let receipt_at = |at_ms: i64| pb::Receipt {
+        kind: pb::ReceiptKind::Delivery as i32,
+        message_id: id.clone(),
+        header_sha256: verified.header_sha256.to_vec(),
+        at_ms,
+        issuer: agent.agency.to_string(),
+        business_id: verified.header.business_id.clone(),
+        sender: verified.header.sender.clone(),
+        recipient: agent.agency.to_string(),
+        ..Default::default()
+    };
+    let mut planned = Planned {
+        id: id.clone(),
+        header: verified.header.clone(),
+        plan: Plan::Refuse(String::new()),
+        write: InboxWrite {
+            message_id: id.clone(),
+            ..InboxWrite::default()
+        },
+        new: false,
+        exportable,
+        body,
+        record: None,
+        envelope_bytes: envelope_bytes.clone(),
+        header_sha256: verified.header_sha256.to_vec(),
+    };
+    match agent.store.inbox_record(&id)? {
+        Some(existing) if existing.header_sha256 != sha_hex => {
+            let reason =
+                "a different document with this message id was already received".to_owned();
+            warn!(agency = %agent.agency, message_id = %id, reason = %reason, "refusing delivery");
+            planned.plan = Plan::Refuse(reason);
+        }
+        Some(existing) => {
+            debug!(agency = %agent.agency, message_id = %id, attempt, "redelivery of a stored document");
+            agent.metrics.delivery_duplicate();
+            // A record stored before this agent kept submission receipts gets the one
+            // that came with this delivery, checked above.
+            if agent.store.received_submission_receipt(&id)?.is_none() {
+                planned.write.submission_receipt = Some(submission_bytes);
+            }
+            planned.plan = match agent.store.delivery_receipt(&id)? {
+                Some(stored) => Plan::Stored(pb::Signed::decode(stored.as_ref()).map_err(|e| {
+                    LocalError::Stored {
+                        id: id.clone(),
+                        detail: format!("delivery receipt: {e}"),
+                    }
+                })?),
+                // Stored by an earlier version that stopped before signing.
+                None => Plan::Sign(receipt_at(now_ms())),
+            };
+            planned.record = Some(existing);
+        }
+        None => {
+            let is_status = verified.header.kind == pb::DocumentKind::Status as i32;
+            if is_status
+                && let Err(reason) = crate::business::check_received_report(agent, &verified.header)
+            {
+                warn!(agency = %agent.agency, message_id = %id, reason = %reason, "refusing a status report");
+                planned.plan = Plan::Refuse(reason);
+                return Ok(planned);
+            }
+            let received_at_ms = now_ms();
+            let record = InboxRecord {
+                message_id: id.clone(),
+                received_at_ms,
+                sender: verified.header.sender.clone(),
+                subject: verified.header.subject.clone(),
+                business_id: verified.header.business_id.clone(),
+                header_sha256: sha_hex,
+                attachments: verified
+                    .header
+                    .attachments
+                    .iter()
+                    .map(|a| a.name.clone())
+                    .collect(),
+                // A status report is evidence, not a document for the gateway.
+                exported: is_status,
+                streamed: matches!(planned.body, Body::Files(_)),
+                kind: verified.header.kind,
+                business_type: verified.header.business_type,
+                refers_to: Some(verified.header.refers_to.clone()).filter(|r| !r.is_empty()),
+                ..InboxRecord::default()
+            };
+            let attachments = match &planned.body {
+                Body::Inline(attachments) => attachments.clone(),
+                Body::Files(_) => Vec::new(),
+            };
+            planned.write.document = Some(InboxDocument {
+                record: record.clone(),
+                envelope: envelope_bytes,
+                attachments,
+            });
+            planned.write.submission_receipt = Some(submission_bytes);
+            // The receipt states the time the record states: it is signed before the
+            // write so that document and both receipts are one transaction, and it
+            // leaves this agent only once that transaction is durable.
+            planned.plan = Plan::Sign(receipt_at(received_at_ms));
+            planned.record = Some(record);
+            planned.new = true;
+        }
+    }
+    Ok(planned)
+}
+
+/// Stores verified deliveries (once each) and answers each with its signed receipt:
+/// one transaction for the group's documents and receipts, one durable sync, one
+/// batch signature over the group's new delivery receipts.
+async fn accept_all(agent: &Arc<Agent>, items: Vec<Accepting>) -> Result<Vec<Outcome>, LocalError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let planning = Arc::clone(agent);
+    let mut planned = tokio::task::spawn_blocking(move || {
+        items
+            .into_iter()
+            .map(|item| plan_one(&planning, item))
+            .collect::<Result<Vec<_>, _>>()
+    })
     .await
+    .map_err(|e| LocalError::Task(e.to_string()))??;
+
+    let to_sign: Vec<pb::Receipt> = planned
+        .iter()
+        .filter_map(|p| match &p.plan {
+            Plan::Sign(receipt) => Some(receipt.clone()),
+            _ => None,
+        })
+        .collect();
+    if !to_sign.is_empty() {
+        let signing = Arc::clone(agent);
+        // One signature over the group's Merkle root (a hardware key may take long).
+        let signed =
+            tokio::task::spawn_blocking(move || sign_receipts(&to_sign, &signing.signing_key))
+                .await
+                .map_err(|e| LocalError::Task(e.to_string()))?
+                .map_err(LocalError::Sign)?;
+        let mut signed = signed.into_iter();
+        for p in planned.iter_mut() {
+            if matches!(p.plan, Plan::Sign(_)) {
+                let receipt = signed.next().ok_or_else(|| {
+                    LocalError::Task("the batch signature returned fewer receipts".into())
+                })?;
+                p.write.delivery_receipt = Some(Bytes::from(receipt.encode_to_vec()));
+                p.plan = Plan::Stored(receipt);
+            }
+        }
+    }
+
+    let writes: Vec<InboxWrite> = planned
+        .iter()
+        .filter(|p| !matches!(p.plan, Plan::Refuse(_)))
+        .filter(|p| {
+            p.write.document.is_some()
+                || p.write.submission_receipt.is_some()
+                || p.write.delivery_receipt.is_some()
+        })
+        .map(|p| p.write.clone())
+        .collect();
+    if !writes.is_empty() {
+        let storing = Arc::clone(agent);
+        tokio::task::spawn_blocking(move || storing.store.put_inbox_batch(&writes))
+            .await
+            .map_err(|e| LocalError::Task(e.to_string()))??;
+        // Acknowledge nothing before it is durable: one sync for the whole group.
+        agent.store.durable().await?;
+    }
+    let new = planned.iter().filter(|p| p.new).count();
+    if new > 0 {
+        for _ in 0..new {
+            agent.metrics.delivery_received();
+        }
+        let added = u64::try_from(new).unwrap_or(u64::MAX);
+        agent
+            .inbox_count
+            .send_modify(|n| *n = n.saturating_add(added));
+    }
+
+    let mut outcomes = Vec::with_capacity(planned.len());
+    let mut refused = 0usize;
+    for p in planned {
+        let receipt = match p.plan {
+            Plan::Refuse(reason) => {
+                refused += 1;
+                outcomes.push(Outcome::Refuse { id: p.id, reason });
+                continue;
+            }
+            Plan::Stored(receipt) => receipt,
+            Plan::Sign(_) => {
+                return Err(LocalError::Task(format!(
+                    "the delivery receipt of {} was not signed",
+                    p.id
+                )));
+            }
+        };
+        if p.new {
+            debug!(
+                agency = %agent.agency,
+                message_id = %p.id,
+                sender = %p.header.sender,
+                business_id = %p.header.business_id,
+                "document received"
+            );
+        }
+        if p.exportable
+            && let Some(record) = &p.record
+        {
+            ensure_exported(
+                agent,
+                record,
+                &p.envelope_bytes,
+                &p.header,
+                &p.header_sha256,
+                p.body,
+            )
+            .await?;
+        }
+        // Links and recall/update effects; idempotent, so a redelivery repeats them safely.
+        crate::business::on_received(agent, &p.header).await?;
+        outcomes.push(Outcome::Ack { id: p.id, receipt });
+    }
+    let acked = outcomes.len() - refused;
+    info!(
+        agency = %agent.agency,
+        new,
+        redelivered = acked - new,
+        refused,
+        "delivery group stored"
+    );
+    Ok(outcomes)
+}
+
+/// Stores one verified delivery (a streamed one, complete) like a group of one.
+async fn accept(
+    agent: &Arc<Agent>,
+    evidence: Evidence,
+    verified: VerifiedDocument,
+    attempt: u32,
+    body: Body,
+) -> Result<pb::AgentMessage, LocalError> {
+    let item = Accepting {
+        evidence,
+        verified,
+        attempt,
+        body,
+    };
+    accept_all(agent, vec![item])
+        .await?
+        .pop()
+        .map(Outcome::into_message)
+        .ok_or_else(|| LocalError::Task("a stored delivery has no outcome".into()))
 }
 
 /// What a verified delivery brings besides its attachments: the sender's envelope and
@@ -404,138 +960,6 @@ enum Body {
     Inline(Vec<Bytes>),
     /// Files `<dir>/<index>`, complete, checked and synced (a streamed delivery).
     Files(PathBuf),
-}
-
-/// Stores a verified delivery (once), exports it and answers with the signed receipt.
-async fn accept(
-    agent: &Arc<Agent>,
-    evidence: Evidence,
-    verified: VerifiedDocument,
-    attempt: u32,
-    body: Body,
-) -> Result<pb::AgentMessage, LocalError> {
-    let id = verified.header.message_id.clone();
-    let sha_hex = hex::encode(verified.header_sha256);
-    let envelope_bytes = Bytes::from(evidence.envelope.encode_to_vec());
-
-    let (record, durable_at) = match agent.store.inbox_record(&id)? {
-        Some(existing) if existing.header_sha256 != sha_hex => {
-            let reason =
-                "a different document with this message id was already received".to_owned();
-            warn!(agency = %agent.agency, message_id = %id, reason = %reason, "refusing delivery");
-            return Ok(refuse(id, reason));
-        }
-        Some(existing) => {
-            debug!(agency = %agent.agency, message_id = %id, attempt, "redelivery of a stored document");
-            agent.metrics.delivery_duplicate();
-            (existing, None)
-        }
-        None => {
-            let streamed = matches!(body, Body::Files(_));
-            let is_status = verified.header.kind == pb::DocumentKind::Status as i32;
-            if is_status
-                && let Err(reason) = crate::business::check_received_report(agent, &verified.header)
-            {
-                warn!(agency = %agent.agency, message_id = %id, reason = %reason, "refusing a status report");
-                return Ok(refuse(id, reason));
-            }
-            let record = InboxRecord {
-                message_id: id.clone(),
-                received_at_ms: now_ms(),
-                sender: verified.header.sender.clone(),
-                subject: verified.header.subject.clone(),
-                business_id: verified.header.business_id.clone(),
-                header_sha256: sha_hex,
-                attachments: verified
-                    .header
-                    .attachments
-                    .iter()
-                    .map(|a| a.name.clone())
-                    .collect(),
-                // A status report is evidence, not a document for the gateway.
-                exported: is_status,
-                streamed,
-                kind: verified.header.kind,
-                business_type: verified.header.business_type,
-                refers_to: Some(verified.header.refers_to.clone()).filter(|r| !r.is_empty()),
-                ..InboxRecord::default()
-            };
-            let storing = Arc::clone(agent);
-            let inline = match &body {
-                Body::Inline(attachments) => attachments.clone(),
-                Body::Files(_) => Vec::new(),
-            };
-            let (r, e) = (record.clone(), envelope_bytes.clone());
-            tokio::task::spawn_blocking(move || storing.store.put_inbox(&r, &e, &inline))
-                .await
-                .map_err(|e| LocalError::Task(e.to_string()))??;
-            agent.store.put_received_submission_receipt(
-                &id,
-                &evidence.submission_receipt.encode_to_vec(),
-            )?;
-            agent.store.durable().await?;
-            agent.metrics.delivery_received();
-            agent.inbox_count.send_modify(|n| *n += 1);
-            (record, Some(now_ms()))
-        }
-    };
-
-    // A record stored before this agent kept submission receipts (or a crash between
-    // the two writes) gets the one that came with this delivery, checked above.
-    if agent.store.received_submission_receipt(&id)?.is_none() {
-        agent
-            .store
-            .put_received_submission_receipt(&id, &evidence.submission_receipt.encode_to_vec())?;
-        agent.store.durable().await?;
-    }
-
-    let receipt = match agent.store.delivery_receipt(&id)? {
-        Some(stored) => pb::Signed::decode(stored.as_ref()).map_err(|e| LocalError::Stored {
-            id: id.clone(),
-            detail: format!("delivery receipt: {e}"),
-        })?,
-        None => {
-            let receipt = pb::Receipt {
-                kind: pb::ReceiptKind::Delivery as i32,
-                message_id: id.clone(),
-                header_sha256: verified.header_sha256.to_vec(),
-                at_ms: durable_at.unwrap_or_else(now_ms),
-                issuer: agent.agency.to_string(),
-                business_id: verified.header.business_id.clone(),
-                sender: verified.header.sender.clone(),
-                recipient: agent.agency.to_string(),
-                ..Default::default()
-            };
-            let signed = sign_receipt(&receipt, &agent.signing_key).map_err(LocalError::Sign)?;
-            agent
-                .store
-                .put_delivery_receipt(&id, &signed.encode_to_vec())?;
-            agent.store.durable().await?;
-            info!(
-                agency = %agent.agency,
-                message_id = %id,
-                sender = %verified.header.sender,
-                business_id = %verified.header.business_id,
-                "document received"
-            );
-            signed
-        }
-    };
-    // Exported after the delivery receipt, so the folder holds all three signatures.
-    if record.kind == pb::DocumentKind::Document as i32 {
-        ensure_exported(
-            agent,
-            &record,
-            &envelope_bytes,
-            &verified.header,
-            &verified.header_sha256,
-            body,
-        )
-        .await?;
-    }
-    // Links and recall/update effects; idempotent, so a redelivery repeats them safely.
-    crate::business::on_received(agent, &verified.header).await?;
-    Ok(ack(id, receipt))
 }
 
 /// A streamed delivery being received.

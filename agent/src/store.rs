@@ -15,7 +15,9 @@
 //!
 //! Invariants:
 //! - A document (record, envelope, attachments) is written in one transaction: it is
-//!   there whole or not at all.
+//!   there whole or not at all. A group of received deliveries is one transaction
+//!   ([`Store::put_inbox_batch`]): every new document of the group with its submission
+//!   and delivery receipts, so a stored document always has both receipts.
 //! - Nothing is acknowledged before [`Store::durable`] returned: sled's flush only
 //!   issues `sync_file_range`, so `durable` also `fdatasync`s the main data file and any
 //!   new blob file. Concurrent callers share one sync (group commit).
@@ -142,6 +144,27 @@ pub struct InboxRecord {
     /// The later version removed this agency from the recipients.
     #[serde(default)]
     pub removed_by: Option<String>,
+}
+
+/// What one delivery of a group writes (see [`Store::put_inbox_batch`]).
+#[derive(Debug, Clone, Default)]
+pub struct InboxWrite {
+    pub message_id: String,
+    /// A document not stored before.
+    pub document: Option<InboxDocument>,
+    /// The broker's submission receipt that came with it, when not stored yet.
+    pub submission_receipt: Option<Bytes>,
+    /// This agency's signed delivery receipt, when not stored yet.
+    pub delivery_receipt: Option<Bytes>,
+}
+
+/// A received document as stored: its record, the envelope exactly as received and
+/// its attachments (empty when they arrived streamed, as files).
+#[derive(Debug, Clone, Default)]
+pub struct InboxDocument {
+    pub record: InboxRecord,
+    pub envelope: Bytes,
+    pub attachments: Vec<Bytes>,
 }
 
 /// The agent's sled database and the files synced after each flush.
@@ -571,6 +594,55 @@ impl Store {
             attachments,
             None,
         )
+    }
+
+    /// Stores everything a group of deliveries brings, in ONE transaction over the
+    /// inbox, its attachments and the receipts: new documents whole (record, envelope,
+    /// attachments) and the receipts of new and earlier ones. One group, one commit:
+    /// call [`Store::durable`] once afterwards, before acknowledging any of them.
+    pub fn put_inbox_batch(&self, writes: &[InboxWrite]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        // Encoded outside the transaction: its closure may run more than once.
+        let mut documents: Vec<(IVec, IVec)> = Vec::new();
+        let mut attachments: Vec<(IVec, IVec)> = Vec::new();
+        let mut receipts: Vec<(IVec, IVec)> = Vec::new();
+        for write in writes {
+            let id = write.message_id.as_str();
+            if let Some(document) = &write.document {
+                documents.push((
+                    IVec::from(key(b'e', id)),
+                    IVec::from(document.envelope.as_ref()),
+                ));
+                documents.push((
+                    IVec::from(key(b'r', id)),
+                    IVec::from(encode_json(&document.record)?),
+                ));
+                attachments.extend(attachment_writes(id, &document.attachments));
+            }
+            if let Some(receipt) = &write.submission_receipt {
+                receipts.push((IVec::from(key(b'i', id)), IVec::from(receipt.as_ref())));
+            }
+            if let Some(receipt) = &write.delivery_receipt {
+                receipts.push((IVec::from(key(b'd', id)), IVec::from(receipt.as_ref())));
+            }
+        }
+        (&self.inbox, &self.inbox_attachments, &self.receipts).transaction(
+            |(inbox, atts, recs)| -> ConflictableTransactionResult<(), StoreError> {
+                for (k, v) in &attachments {
+                    atts.insert(k.clone(), v.clone())?;
+                }
+                for (k, v) in &documents {
+                    inbox.insert(k.clone(), v.clone())?;
+                }
+                for (k, v) in &receipts {
+                    recs.insert(k.clone(), v.clone())?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(())
     }
 
     pub fn inbox_record(&self, id: &str) -> Result<Option<InboxRecord>, StoreError> {
