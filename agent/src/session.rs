@@ -1,29 +1,38 @@
 //! The broker session: one long-lived bidirectional stream on which the broker pushes
-//! deliveries, and the handling of each delivery.
+//! deliveries (one per `Delivery`, many per `DeliveryBatch`), and their handling.
 //!
 //! Invariants:
 //! - Nothing from the broker is trusted: every delivery is verified end to end
 //!   (sender signature and chain, this agency among the recipients, every attachment's
 //!   size and digest, the broker's submission receipt bound to the header digest)
 //!   before anything is stored. A delivery that fails is refused with the reason and
-//!   nothing is exported.
-//! - `Ack` is sent only after the document and its submission receipt are durable in
-//!   the store, the signed delivery receipt is durable, and the document is exported
-//!   to the inbox folder with all three signatures (envelope, submission receipt,
-//!   delivery receipt).
-//! - A message id is stored and exported once; a redelivery is answered with the
-//!   stored receipt. A different document reusing a stored message id is refused.
-//! - A local failure (store, disk, signing) sends neither Ack nor Refuse: the session
-//!   is dropped and the broker redelivers after the reconnect.
-//! - Small deliveries are handled concurrently (at most the broker's window), a
-//!   message id at most once at a time. A streamed
-//!   delivery's envelope is verified when it arrives, its chunks are written to files
-//!   as they come (hashed as they pass) and it is stored only once every attachment
-//!   matches its digest; what is held is offered in the next Hello, so a broken link
-//!   resumes rather than restarts.
+//!   nothing of it is stored or exported; it never fails the other deliveries of its
+//!   batch or group.
+//! - `Ack` (alone or in an `AckBatch`) is sent only after the document, its submission
+//!   receipt and the signed delivery receipt are durable in the store. Export to the
+//!   inbox folder follows the acknowledgement (the exporter, fed once the group is
+//!   durable), so the folder is never a condition of the receipt.
+//! - Batches without timers: whole deliveries that queue while a group is being
+//!   stored form the next group (at most [`GROUP_MAX_DELIVERIES`] and
+//!   [`GROUP_MAX_BYTES`], whole broker messages): one store transaction, one durable
+//!   sync, one batch signature over the group's new delivery receipts, then one
+//!   `AckBatch` per `DeliveryBatch` (an `Ack`/`Refuse` per single `Delivery`).
+//! - Limits: a batch may hold at most the `max_batch` this agent announced, and the
+//!   broker may not push more unanswered deliveries than the window plus one batch;
+//!   either violation ends the session.
+//! - A message id is stored once; a redelivery is answered with the stored receipt. A
+//!   different document reusing a stored message id is refused. A message id is
+//!   handled at most once at a time (an offer of one in progress is dropped: the
+//!   first answer serves both).
+//! - A local failure (store, disk, signing) sends neither Ack nor Refuse for any
+//!   delivery of the group: the session is dropped and the broker redelivers.
+//! - A streamed delivery's envelope is verified when it arrives, its chunks are
+//!   written to files as they come (hashed as they pass) and it is stored only once
+//!   every attachment matches its digest; what is held is offered in the next Hello,
+//!   so a broken link resumes rather than restarts. Its files stay in `incoming/` until
+//!   the exporter links them into the inbox folder (or for good, without one).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -44,7 +53,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::Agent;
 use crate::error::StoreError;
-use crate::export::{self, ExportDocument};
+use crate::export;
 use crate::store::{InboxDocument, InboxRecord, InboxWrite};
 
 /// The most deliveries this agent asks for in one `DeliveryBatch`.
@@ -677,8 +686,6 @@ struct Planned {
     exportable: bool,
     body: Body,
     record: Option<InboxRecord>,
-    envelope_bytes: Bytes,
-    header_sha256: Vec<u8>,
 }
 
 /// Decides what a verified delivery needs: refused (message id reused, unexpected
@@ -718,8 +725,6 @@ fn plan_one(agent: &Agent, item: Accepting) -> Result<Planned, LocalError> {
         exportable,
         body,
         record: None,
-        envelope_bytes: envelope_bytes.clone(),
-        header_sha256: verified.header_sha256.to_vec(),
     };
     match agent.store.inbox_record(&id)? {
         Some(existing) if existing.header_sha256 != sha_hex => {
@@ -773,7 +778,7 @@ fn plan_one(agent: &Agent, item: Accepting) -> Result<Planned, LocalError> {
                     .collect(),
                 // A status report is evidence, not a document for the gateway.
                 exported: is_status,
-                streamed: matches!(planned.body, Body::Files(_)),
+                streamed: matches!(planned.body, Body::Files),
                 kind: verified.header.kind,
                 business_type: verified.header.business_type,
                 refers_to: Some(verified.header.refers_to.clone()).filter(|r| !r.is_empty()),
@@ -781,7 +786,7 @@ fn plan_one(agent: &Agent, item: Accepting) -> Result<Planned, LocalError> {
             };
             let attachments = match &planned.body {
                 Body::Inline(attachments) => attachments.clone(),
-                Body::Files(_) => Vec::new(),
+                Body::Files => Vec::new(),
             };
             planned.write.document = Some(InboxDocument {
                 record: record.clone(),
@@ -874,6 +879,7 @@ async fn accept_all(agent: &Arc<Agent>, items: Vec<Accepting>) -> Result<Vec<Out
     }
 
     let mut outcomes = Vec::with_capacity(planned.len());
+    let mut to_export = Vec::new();
     let mut refused = 0usize;
     for p in planned {
         let receipt = match p.plan {
@@ -899,22 +905,16 @@ async fn accept_all(agent: &Arc<Agent>, items: Vec<Accepting>) -> Result<Vec<Out
                 "document received"
             );
         }
-        if p.exportable
-            && let Some(record) = &p.record
-        {
-            ensure_exported(
-                agent,
-                record,
-                &p.envelope_bytes,
-                &p.header,
-                &p.header_sha256,
-                p.body,
-            )
-            .await?;
+        if p.exportable && p.record.as_ref().is_some_and(|r| !r.exported) {
+            to_export.push(p.id.clone());
         }
         // Links and recall/update effects; idempotent, so a redelivery repeats them safely.
         crate::business::on_received(agent, &p.header).await?;
         outcomes.push(Outcome::Ack { id: p.id, receipt });
+    }
+    // Durable now: the exporter writes the inbox folders after the answer, not before.
+    if agent.inbox.is_some() && !to_export.is_empty() {
+        agent.export_queue.push(to_export);
     }
     let acked = outcomes.len() - refused;
     info!(
@@ -958,8 +958,9 @@ struct Evidence {
 /// Where a verified delivery's attachment bytes are.
 enum Body {
     Inline(Vec<Bytes>),
-    /// Files `<dir>/<index>`, complete, checked and synced (a streamed delivery).
-    Files(PathBuf),
+    /// Files `incoming/<id>/<index>`, complete, checked and synced (a streamed
+    /// delivery); they stay there until the export links them into its folder.
+    Files,
 }
 
 /// A streamed delivery being received.
@@ -1049,15 +1050,9 @@ async fn start_streamed(
     if agent.store.inbox_record(&id)?.is_some() {
         // Stored before: no bytes needed (the chunks that follow are ignored).
         receiving.remove(&id);
-        return accept(
-            agent,
-            evidence,
-            verified,
-            delivery.attempt,
-            Body::Files(dir),
-        )
-        .await
-        .map(Some);
+        return accept(agent, evidence, verified, delivery.attempt, Body::Files)
+            .await
+            .map(Some);
     }
     let infos = verified.header.attachments.clone();
     let opening = dir.clone();
@@ -1177,115 +1172,12 @@ async fn complete_streamed(
         }
         Err(e) => return Err(LocalError::Files(e.to_string())),
     }
-    let dir = agent.files.incoming_dir(&id);
     accept(
         agent,
         state.evidence,
         state.verified,
         state.attempt,
-        Body::Files(dir),
+        Body::Files,
     )
     .await
-}
-
-/// Exports the document unless its complete folder exists and the record says so.
-async fn ensure_exported(
-    agent: &Arc<Agent>,
-    record: &InboxRecord,
-    envelope_bytes: &[u8],
-    header: &pb::DocumentHeader,
-    header_sha256: &[u8],
-    body: Body,
-) -> Result<(), LocalError> {
-    let id = record.message_id.as_str();
-    if record.exported && export::is_exported(&agent.inbox_dir, id) {
-        return Ok(());
-    }
-    let (attachments, files) = match body {
-        Body::Inline(attachments) => (attachments, None),
-        Body::Files(dir) => (Vec::new(), Some(dir)),
-    };
-    let inbox_dir = agent.inbox_dir.clone();
-    let id_owned = id.to_owned();
-    let envelope = envelope_bytes.to_vec();
-    let header = header.clone();
-    let sha = header_sha256.to_vec();
-    let received_at_ms = record.received_at_ms;
-    let submission_receipt = agent.store.received_submission_receipt(id)?;
-    let delivery_receipt = agent.store.delivery_receipt(id)?;
-    let exporting = Arc::clone(agent);
-    let path = tokio::task::spawn_blocking(move || {
-        export::export(
-            &inbox_dir,
-            &ExportDocument {
-                message_id: &id_owned,
-                envelope: &envelope,
-                header: &header,
-                header_sha256: &sha,
-                received_at_ms,
-                attachments: &attachments,
-                attachment_files: files.as_deref(),
-                submission_receipt: submission_receipt.as_deref(),
-                delivery_receipt: delivery_receipt.as_deref(),
-            },
-            &exporting.inbox_access,
-            &exporting.export_sync,
-        )
-    })
-    .await
-    .map_err(|e| LocalError::Task(e.to_string()))??;
-    agent.store.mark_exported(id)?;
-    info!(agency = %agent.agency, message_id = %id, path = %path.display(), "document exported");
-    Ok(())
-}
-
-/// On start-up: exports every stored document whose export did not complete.
-/// Failures are logged; the broker's redelivery retries them.
-pub(crate) async fn reexport_pending(agent: &Arc<Agent>) {
-    let records = match agent.store.inbox_records() {
-        Ok(records) => records,
-        Err(e) => {
-            error!(agency = %agent.agency, error = %e, "cannot read the inbox");
-            return;
-        }
-    };
-    for record in records.into_iter().filter(|r| !r.exported) {
-        if let Err(e) = reexport(agent, &record).await {
-            error!(agency = %agent.agency, message_id = %record.message_id, error = %e, "cannot export a stored document");
-        }
-    }
-}
-
-async fn reexport(agent: &Arc<Agent>, record: &InboxRecord) -> Result<(), LocalError> {
-    let id = record.message_id.as_str();
-    let stored = |detail: String| LocalError::Stored {
-        id: id.to_owned(),
-        detail,
-    };
-    if agent.store.delivery_receipt(id)?.is_none() {
-        // Stopped before the delivery receipt was signed: the broker redelivers, and
-        // that delivery signs it and exports the folder with all three signatures.
-        debug!(agency = %agent.agency, message_id = %id, "export waits for the redelivery");
-        return Ok(());
-    }
-    let envelope_bytes = agent
-        .store
-        .inbox_envelope(id)?
-        .ok_or_else(|| stored("no envelope".into()))?;
-    let envelope = pb::Signed::decode(envelope_bytes.as_ref())
-        .map_err(|e| stored(format!("envelope: {e}")))?;
-    // Verified before it was stored; decoded here only to write document.json.
-    let header = pb::DocumentHeader::decode(envelope.payload.as_ref())
-        .map_err(|e| stored(format!("header: {e}")))?;
-    let sha = lienthong_proto::sha256(&envelope.payload);
-    let body = if record.streamed {
-        Body::Files(agent.files.incoming_dir(id))
-    } else {
-        Body::Inline(
-            agent
-                .store
-                .inbox_attachments(id, header.attachments.len())?,
-        )
-    };
-    ensure_exported(agent, record, &envelope_bytes, &header, &sha, body).await
 }
