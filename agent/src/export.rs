@@ -323,9 +323,10 @@ fn partial_folder(inbox_dir: &Path, id: &str) -> PathBuf {
 /// place ([`publish`] does both for many at once). Returns `None` when the complete
 /// folder already exists. Blocking.
 ///
-/// Streamed attachments are hard-linked from their files when the inbox is on the same
-/// filesystem, so the received copy stays until the folder is published: a crash
-/// before then loses nothing (the partial folder is swept at start and written again).
+/// Streamed attachments are hard-linked from their received files (copied when the
+/// inbox is on another filesystem), so the received copy stays until the folder is
+/// published: a crash before then loses nothing (the partial folder is swept at start
+/// and written again).
 pub fn write_partial(
     inbox_dir: &Path,
     doc: &ExportDocument<'_>,
@@ -346,10 +347,9 @@ pub fn write_partial(
             let from = files.join(index.to_string());
             let to = partial.join(&info.name);
             if std::fs::hard_link(&from, &to).is_err() {
-                lienthong_proto::spool::move_file(&from, &to).map_err(|e| ExportError {
-                    path: to.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
+                // Another filesystem: a copy (synced by the publishing `syncfs`),
+                // never a move, so the received file outlives a crash meanwhile.
+                std::fs::copy(&from, &to).map_err(io_at(&to))?;
             }
             // A spool file keeps the mode it was made with; the inbox sets its own.
             access.apply(&to, false)?;
@@ -388,7 +388,9 @@ pub fn publish(inbox_dir: &Path, ids: &[&str], sync: &GroupSync) -> Result<(), E
         let partial = partial_folder(inbox_dir, id);
         let target = folder(inbox_dir, id);
         if target.is_dir() {
-            std::fs::remove_dir_all(&partial).map_err(io_at(&partial))?;
+            if partial.exists() {
+                std::fs::remove_dir_all(&partial).map_err(io_at(&partial))?;
+            }
             continue;
         }
         std::fs::rename(&partial, &target).map_err(io_at(&target))?;

@@ -133,7 +133,9 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                 () = stop.cancelled() => return,
             }
         }
-        ids.dedup();
+        // A redelivery may queue an id twice: export each once per batch.
+        let mut seen = std::collections::HashSet::new();
+        ids.retain(|id| seen.insert(id.clone()));
         let exporting = Arc::clone(&agent);
         let batch = ids.clone();
         let result = tokio::task::spawn_blocking(move || export_batch(&exporting, &batch)).await;
@@ -239,7 +241,9 @@ fn export_batch(agent: &Agent, ids: &[String]) -> Result<Summary, BatchError> {
         if let Some(files) = files {
             export::remove_attachment_files(files);
         }
-        place_if_recalled(agent, folder, id)?;
+        if let Err(e) = place_if_recalled(agent, folder, id) {
+            warn!(agency = %agent.agency, message_id = %id, error = %e, "cannot move a recalled document's folder");
+        }
         debug!(agency = %agent.agency, message_id = %id, "document exported");
     }
     summary.exported = written.len();
@@ -319,7 +323,31 @@ fn place_if_recalled(agent: &Agent, folder: &InboxFolder, id: &str) -> Result<()
     Ok(())
 }
 
-/// Whether `dir` is usable as an inbox folder path (for messages only).
+/// The inbox folder as logs show it.
 pub fn describe(dir: Option<&Path>) -> String {
     dir.map_or_else(|| "(none)".to_owned(), |d| d.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_is_bounded_and_asks_for_a_rescan_once_drained() {
+        let queue = ExportQueue::default();
+        queue.push((0..QUEUE_LIMIT + 10).map(|i| i.to_string()));
+        let mut taken = 0;
+        loop {
+            let (ids, rescan) = queue.take(EXPORT_BATCH);
+            if ids.is_empty() {
+                // Ids were dropped at the limit: the exporter must look at the store.
+                assert!(rescan);
+                break;
+            }
+            assert!(!rescan, "a rescan waits until the queue is drained");
+            taken += ids.len();
+        }
+        assert_eq!(taken, QUEUE_LIMIT);
+        assert_eq!(queue.take(EXPORT_BATCH), (Vec::new(), false));
+    }
 }

@@ -17,7 +17,7 @@
 //! - A document (record, envelope, attachments) is written in one transaction: it is
 //!   there whole or not at all. A group of received deliveries is one transaction
 //!   ([`Store::put_inbox_batch`]): every new document of the group with its submission
-//!   and delivery receipts, so a stored document always has both receipts.
+//!   and delivery receipts, so a document stored this way always has both receipts.
 //! - Nothing is acknowledged before [`Store::durable`] returned: sled's flush only
 //!   issues `sync_file_range`, so `durable` also `fdatasync`s the main data file and any
 //!   new blob file. Concurrent callers share one sync (group commit).
@@ -995,5 +995,72 @@ mod tests {
         std::fs::write(dir.path().join("conf"), b"garbage\0\0").unwrap();
         let err = Store::open(dir.path()).err().unwrap();
         assert!(matches!(err, AgentError::Corrupt { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_group_is_stored_whole_with_its_receipts() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Bytes = (0..(CHUNK_BYTES + 5)).map(|i| (i % 7) as u8).collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // An earlier document without receipts (stored by an older version).
+            store.put_inbox(&record("old"), b"env-old", &[]).unwrap();
+            let new = |id: &str, attachments: Vec<Bytes>| InboxWrite {
+                message_id: id.into(),
+                document: Some(InboxDocument {
+                    record: record(id),
+                    envelope: Bytes::from(format!("env-{id}")),
+                    attachments,
+                }),
+                submission_receipt: Some(Bytes::from(format!("sub-{id}"))),
+                delivery_receipt: Some(Bytes::from(format!("del-{id}"))),
+            };
+            let writes = vec![
+                new(
+                    "a",
+                    vec![Bytes::from_static(b"pdf"), Bytes::new(), big.clone()],
+                ),
+                InboxWrite {
+                    message_id: "old".into(),
+                    document: None,
+                    submission_receipt: None,
+                    delivery_receipt: Some(Bytes::from_static(b"del-old")),
+                },
+                new("b", Vec::new()),
+            ];
+            store.put_inbox_batch(&writes).unwrap();
+            store.put_inbox_batch(&[]).unwrap();
+            store.durable().await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.inbox_len().unwrap(), 3);
+        for id in ["a", "b"] {
+            assert_eq!(store.inbox_record(id).unwrap().unwrap().message_id, id);
+            assert_eq!(
+                store.inbox_envelope(id).unwrap().unwrap().as_ref(),
+                format!("env-{id}").as_bytes()
+            );
+            assert_eq!(
+                store
+                    .received_submission_receipt(id)
+                    .unwrap()
+                    .unwrap()
+                    .as_ref(),
+                format!("sub-{id}").as_bytes()
+            );
+            assert_eq!(
+                store.delivery_receipt(id).unwrap().unwrap().as_ref(),
+                format!("del-{id}").as_bytes()
+            );
+        }
+        let attachments = store.inbox_attachments("a", 3).unwrap();
+        assert_eq!(attachments[0].as_ref(), b"pdf");
+        assert!(attachments[1].is_empty());
+        assert_eq!(attachments[2], big);
+        assert_eq!(
+            store.delivery_receipt("old").unwrap().unwrap().as_ref(),
+            b"del-old"
+        );
+        assert!(store.received_submission_receipt("old").unwrap().is_none());
     }
 }

@@ -7,7 +7,6 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use base64::Engine as _;
 use lienthong_agent::api_types::{AttachmentUpload, SendRequest, StatusView};
@@ -190,7 +189,7 @@ async fn an_agent_without_an_inbox_folder_serves_documents_over_its_api() {
 
     // A small document (inline) and one over the streaming threshold (files).
     let small = b"Kinh gui So Tai chinh".to_vec();
-    let large: Vec<u8> = (0..(1_500_000u32)).map(|i| (i % 253) as u8).collect();
+    let large: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
     let small_id = a
         .client
         .send(&request("Nhỏ", "nho.txt", &small))
