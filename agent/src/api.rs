@@ -1213,9 +1213,10 @@ fn inbox_item(agent: &Agent, record: &crate::store::InboxRecord) -> InboxItem {
         subject: record.subject.clone(),
         business_id: record.business_id.clone(),
         received_at: rfc3339_ms(record.received_at_ms).unwrap_or_default(),
+        // Empty when the agent exports to no inbox folder.
         path: crate::business::folder_of(agent, record)
-            .display()
-            .to_string(),
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         attachments: record.attachments.clone(),
         business_type: match pb::BusinessType::try_from(record.business_type) {
             Ok(pb::BusinessType::Recall) => "recall",

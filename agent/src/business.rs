@@ -280,8 +280,12 @@ pub(crate) async fn on_received(
 
 /// `<inbox>/<id>` → `<inbox>/recalled/<id>`; logged, never fatal.
 async fn move_recalled(agent: &Arc<Agent>, id: &str) {
-    let from = agent.inbox_dir.join(id);
-    let dir = agent.inbox_dir.join(RECALLED_DIR);
+    // Without an inbox folder there is nothing to move.
+    let Some(inbox) = agent.inbox_dir() else {
+        return;
+    };
+    let from = inbox.join(id);
+    let dir = inbox.join(RECALLED_DIR);
     let to = dir.join(id);
     let access = agent.inbox_access;
     let moved = async {
@@ -303,8 +307,11 @@ async fn move_recalled(agent: &Arc<Agent>, id: &str) {
 
 /// `<inbox>/recalled/<id>` → `<inbox>/<id>` when the clerk keeps the document (16).
 async fn restore_recalled(agent: &Arc<Agent>, id: &str) {
-    let from = agent.inbox_dir.join(RECALLED_DIR).join(id);
-    let to = agent.inbox_dir.join(id);
+    let Some(inbox) = agent.inbox_dir() else {
+        return;
+    };
+    let from = inbox.join(RECALLED_DIR).join(id);
+    let to = inbox.join(id);
     let moved = async {
         if tokio::fs::try_exists(&from).await? && !tokio::fs::try_exists(&to).await? {
             tokio::fs::rename(&from, &to).await?;
@@ -317,13 +324,15 @@ async fn restore_recalled(agent: &Arc<Agent>, id: &str) {
     }
 }
 
-/// The folder a received document is in now.
-pub(crate) fn folder_of(agent: &Agent, record: &InboxRecord) -> std::path::PathBuf {
-    if record.recalled_by.is_some() {
-        agent.inbox_dir.join(RECALLED_DIR).join(&record.message_id)
+/// The folder a received document is in now (or will be, once exported); `None`
+/// when the agent has no inbox folder.
+pub(crate) fn folder_of(agent: &Agent, record: &InboxRecord) -> Option<std::path::PathBuf> {
+    let inbox = agent.inbox_dir()?;
+    Some(if record.recalled_by.is_some() {
+        inbox.join(RECALLED_DIR).join(&record.message_id)
     } else {
-        agent.inbox_dir.join(&record.message_id)
-    }
+        inbox.join(&record.message_id)
+    })
 }
 
 /// The trusted time of a received document or report: the time in the broker's

@@ -535,10 +535,10 @@ fn attachment_bytes(
     id: &str,
     header: &pb::DocumentHeader,
 ) -> Result<Vec<AttachmentBytes>, ApiError> {
-    let folders = [
-        agent.inbox_dir.join(id),
-        agent.inbox_dir.join("recalled").join(id),
-    ];
+    let folders: Vec<std::path::PathBuf> = agent
+        .inbox_dir()
+        .map(|inbox| vec![inbox.join(id), inbox.join("recalled").join(id)])
+        .unwrap_or_default();
     let mut stored: Option<Vec<bytes::Bytes>> = None;
     let mut out = Vec::with_capacity(header.attachments.len());
     for (index, info) in header.attachments.iter().enumerate() {
@@ -553,6 +553,16 @@ fn attachment_bytes(
                 })
             })
             .transpose()?;
+        // A streamed document not (yet) exported keeps its attachments as received.
+        let received = agent.files.incoming_dir(id).join(index.to_string());
+        let from_folder = match from_folder {
+            Some(bytes) => Some(bytes),
+            None if received.is_file() => Some(std::fs::read(&received).map_err(|e| {
+                error!(message_id = %id, path = %received.display(), error = %e, "cannot read a received attachment");
+                ApiError::Internal
+            })?),
+            None => None,
+        };
         let bytes = match from_folder {
             Some(bytes) => bytes,
             None => {

@@ -297,20 +297,47 @@ impl GroupSync {
 
 /// Writes the document's folder atomically. Does nothing when the complete folder
 /// already exists. Blocking: call from `spawn_blocking`. The files are made durable by
-/// `sync` (shared with concurrent exports) before the folder is renamed into place,
-/// and the rename before this returns.
+/// `sync` before the folder is renamed into place, and the rename before this returns.
 pub fn export(
     inbox_dir: &Path,
     doc: &ExportDocument<'_>,
     access: &InboxAccess,
     sync: &GroupSync,
 ) -> Result<PathBuf, ExportError> {
+    let target = folder(inbox_dir, doc.message_id);
+    if write_partial(inbox_dir, doc, access)?.is_some() {
+        publish(inbox_dir, &[doc.message_id], sync)?;
+    }
+    if let Some(files) = doc.attachment_files {
+        remove_attachment_files(files);
+    }
+    Ok(target)
+}
+
+/// The folder a document is written into before it is complete.
+fn partial_folder(inbox_dir: &Path, id: &str) -> PathBuf {
+    inbox_dir.join(format!("{PARTIAL_PREFIX}{id}"))
+}
+
+/// Writes the document's folder as `<inbox_dir>/.partial-<id>/`, not yet synced nor in
+/// place ([`publish`] does both for many at once). Returns `None` when the complete
+/// folder already exists. Blocking.
+///
+/// Streamed attachments are hard-linked from their received files (copied when the
+/// inbox is on another filesystem), so the received copy stays until the folder is
+/// published: a crash before then loses nothing (the partial folder is swept at start
+/// and written again).
+pub fn write_partial(
+    inbox_dir: &Path,
+    doc: &ExportDocument<'_>,
+    access: &InboxAccess,
+) -> Result<Option<PathBuf>, ExportError> {
     let access = *access;
     let target = folder(inbox_dir, doc.message_id);
     if target.is_dir() {
-        return Ok(target);
+        return Ok(None);
     }
-    let partial = inbox_dir.join(format!("{PARTIAL_PREFIX}{}", doc.message_id));
+    let partial = partial_folder(inbox_dir, doc.message_id);
     if partial.exists() {
         std::fs::remove_dir_all(&partial).map_err(io_at(&partial))?;
     }
@@ -319,10 +346,11 @@ pub fn export(
         for (index, info) in doc.header.attachments.iter().enumerate() {
             let from = files.join(index.to_string());
             let to = partial.join(&info.name);
-            lienthong_proto::spool::move_file(&from, &to).map_err(|e| ExportError {
-                path: to.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            if std::fs::hard_link(&from, &to).is_err() {
+                // Another filesystem: a copy (synced by the publishing `syncfs`),
+                // never a move, so the received file outlives a crash meanwhile.
+                std::fs::copy(&from, &to).map_err(io_at(&to))?;
+            }
             // A spool file keeps the mode it was made with; the inbox sets its own.
             access.apply(&to, false)?;
         }
@@ -345,14 +373,35 @@ pub fn export(
     })?;
     text.push(b'\n');
     write_new(&partial.join("document.json"), &text, access)?;
-    sync.sync()?;
-    std::fs::rename(&partial, &target).map_err(io_at(&target))?;
-    sync.sync()?;
-    if let Some(files) = doc.attachment_files {
-        // Emptied by the moves; removing it keeps it out of the next Hello.
-        let _ = std::fs::remove_dir(files);
+    Ok(Some(partial))
+}
+
+/// Publishes folders written by [`write_partial`]: one sync makes every file durable,
+/// then each folder is renamed into place (one already there wins: the partial copy
+/// is removed), then one more sync makes the renames durable. Blocking.
+pub fn publish(inbox_dir: &Path, ids: &[&str], sync: &GroupSync) -> Result<(), ExportError> {
+    if ids.is_empty() {
+        return Ok(());
     }
-    Ok(target)
+    sync.sync()?;
+    for id in ids {
+        let partial = partial_folder(inbox_dir, id);
+        let target = folder(inbox_dir, id);
+        if target.is_dir() {
+            if partial.exists() {
+                std::fs::remove_dir_all(&partial).map_err(io_at(&partial))?;
+            }
+            continue;
+        }
+        std::fs::rename(&partial, &target).map_err(io_at(&target))?;
+    }
+    sync.sync()
+}
+
+/// Removes a streamed delivery's received files once its folder is published (they
+/// were linked or moved into it); failures only leave files for the next sweep.
+pub fn remove_attachment_files(files: &Path) {
+    let _ = std::fs::remove_dir_all(files);
 }
 
 /// Removes folders left half-written by a crash. Returns how many were removed.

@@ -29,6 +29,7 @@ mod dropfolder;
 mod edxml_api;
 pub mod error;
 pub mod export;
+mod exporter;
 mod files;
 mod intake;
 mod metrics;
@@ -65,8 +66,9 @@ pub struct AgentConfig {
     pub document_anchors: Option<TrustAnchors>,
     /// The sled database lives here.
     pub data_dir: PathBuf,
-    /// Received documents are exported to `<inbox_dir>/<message-id>/`.
-    pub inbox_dir: PathBuf,
+    /// Received documents are exported to `<inbox_dir>/<message-id>/` after they are
+    /// acknowledged; `None`: no folder (a gateway that reads the API).
+    pub inbox_dir: Option<PathBuf>,
     /// Deliveries the agent accepts unacknowledged (default 128).
     pub window: u32,
     /// Backoff for session reconnects and outbox retries (default 200 ms .. 30 s).
@@ -163,7 +165,7 @@ impl AgentConfig {
             signing_key: None,
             document_anchors: None,
             data_dir: data_dir.into(),
-            inbox_dir: inbox_dir.into(),
+            inbox_dir: Some(inbox_dir.into()),
             window: 128,
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
@@ -200,8 +202,10 @@ pub(crate) struct Agent {
     /// Trusts document signers (documents, delivery receipts).
     pub document_anchors: TrustAnchors,
     pub client: ExchangeClient<Channel>,
-    /// Absolute.
-    pub inbox_dir: PathBuf,
+    /// The inbox folder documents are exported to, if any.
+    pub inbox: Option<exporter::InboxFolder>,
+    /// Documents durable in the store and waiting for export.
+    pub export_queue: exporter::ExportQueue,
     /// New outbox documents, for the submitter (which takes the receiver at start).
     pub outbox_tx: tokio::sync::mpsc::UnboundedSender<String>,
     pub outbox_new: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
@@ -217,8 +221,6 @@ pub(crate) struct Agent {
     /// The memory JSON and edXML bodies may take at once (4× the cap).
     pub body_budget: intake::BodyBudget,
     pub files: files::Files,
-    /// Shared syncs of the inbox folder's filesystem for concurrent exports.
-    pub export_sync: export::GroupSync,
     /// Modes and group of what is written to the inbox folder.
     pub inbox_access: export::InboxAccess,
     /// Documents in the inbox; bumped when a new one is stored.
@@ -226,6 +228,11 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
+    /// The inbox folder (absolute), if this agent exports to one.
+    pub(crate) fn inbox_dir(&self) -> Option<&std::path::Path> {
+        self.inbox.as_ref().map(|f| f.dir.as_path())
+    }
+
     pub(crate) fn backoff(&self, failures: u32) -> Duration {
         broker_client::backoff(failures, self.reconnect_min, self.reconnect_max)
     }
@@ -354,33 +361,14 @@ pub async fn run(
     })??;
     let certificates = held_certificates(&config.tls, &signing_key);
 
-    let inbox_io = |source| AgentError::Io {
-        path: config.inbox_dir.clone(),
-        source,
-    };
     let inbox_access = export::InboxAccess {
         group: config.inbox_group,
     };
-    inbox_access
-        .create_dir(&config.inbox_dir)
-        .map_err(|e| AgentError::Io {
-            path: e.path,
-            source: e.source,
-        })?;
-    let inbox_dir = std::fs::canonicalize(&config.inbox_dir).map_err(inbox_io)?;
-    let removed = export::remove_partials(&inbox_dir).map_err(|e| AgentError::Io {
-        path: e.path,
-        source: e.source,
-    })?;
-    if removed > 0 {
-        tracing::info!(agency = %config.agency, removed, "removed half-written inbox folders");
-    }
-
+    let inbox = match &config.inbox_dir {
+        Some(dir) => Some(open_inbox_folder(&config.agency, dir, inbox_access)?),
+        None => None,
+    };
     let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
-    let export_sync = export::GroupSync::new(&inbox_dir).map_err(|e| AgentError::Io {
-        path: e.path,
-        source: e.source,
-    })?;
     let agent = Arc::new(Agent {
         agency: config.agency.clone(),
         store,
@@ -388,7 +376,8 @@ pub async fn run(
         tls_anchors,
         document_anchors,
         client,
-        inbox_dir,
+        inbox,
+        export_queue: exporter::ExportQueue::default(),
         outbox_tx,
         outbox_new: std::sync::Mutex::new(Some(outbox_rx)),
         window: config.window.max(1),
@@ -407,17 +396,16 @@ pub async fn run(
             u64::try_from(config.api_max_body_bytes).unwrap_or(u64::MAX),
         ),
         files: files::Files::new(&config.data_dir),
-        export_sync,
         inbox_access,
         inbox_count: tokio::sync::watch::Sender::new(inbox_count),
     });
-
-    session::reexport_pending(&agent).await;
 
     let stop = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(outbox::run(Arc::clone(&agent), stop.clone()));
     tasks.spawn(session::run(Arc::clone(&agent), stop.clone()));
+    // Exports what the session stored, and at start what an earlier run left.
+    tasks.spawn(exporter::run(Arc::clone(&agent), stop.clone()));
     tasks.spawn(files::sweep_periodically(
         Arc::clone(&agent),
         config.upload_max_age,
@@ -435,7 +423,7 @@ pub async fn run(
         api_token_file = %config.api_token_path().display(),
         broker = %config.broker_url,
         data = %config.data_dir.display(),
-        inbox = %agent.inbox_dir.display(),
+        inbox = %exporter::describe(agent.inbox_dir()),
         "agent running"
     );
     let guard = api_guard::Guard::new(&api_token, api_addr, &config.api_hosts, api_tls.is_some());
@@ -460,4 +448,28 @@ pub async fn run(
     agent.store.durable().await?;
     tracing::info!(agency = %agent.agency, "agent stopped");
     served.map_err(AgentError::Api)
+}
+
+/// Creates the inbox folder (with its modes), removes folders a crash left half
+/// written, and opens its shared sync.
+fn open_inbox_folder(
+    agency: &AgencyCode,
+    dir: &std::path::Path,
+    access: export::InboxAccess,
+) -> Result<exporter::InboxFolder, AgentError> {
+    let from_export = |e: export::ExportError| AgentError::Io {
+        path: e.path,
+        source: e.source,
+    };
+    access.create_dir(dir).map_err(from_export)?;
+    let dir = std::fs::canonicalize(dir).map_err(|source| AgentError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let removed = export::remove_partials(&dir).map_err(from_export)?;
+    if removed > 0 {
+        tracing::info!(agency = %agency, removed, "removed half-written inbox folders");
+    }
+    let sync = export::GroupSync::new(&dir).map_err(from_export)?;
+    Ok(exporter::InboxFolder { dir, access, sync })
 }

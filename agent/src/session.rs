@@ -1,29 +1,38 @@
 //! The broker session: one long-lived bidirectional stream on which the broker pushes
-//! deliveries, and the handling of each delivery.
+//! deliveries (one per `Delivery`, many per `DeliveryBatch`), and their handling.
 //!
 //! Invariants:
 //! - Nothing from the broker is trusted: every delivery is verified end to end
 //!   (sender signature and chain, this agency among the recipients, every attachment's
 //!   size and digest, the broker's submission receipt bound to the header digest)
 //!   before anything is stored. A delivery that fails is refused with the reason and
-//!   nothing is exported.
-//! - `Ack` is sent only after the document and its submission receipt are durable in
-//!   the store, the signed delivery receipt is durable, and the document is exported
-//!   to the inbox folder with all three signatures (envelope, submission receipt,
-//!   delivery receipt).
-//! - A message id is stored and exported once; a redelivery is answered with the
-//!   stored receipt. A different document reusing a stored message id is refused.
-//! - A local failure (store, disk, signing) sends neither Ack nor Refuse: the session
-//!   is dropped and the broker redelivers after the reconnect.
-//! - Small deliveries are handled concurrently (at most the broker's window), a
-//!   message id at most once at a time. A streamed
-//!   delivery's envelope is verified when it arrives, its chunks are written to files
-//!   as they come (hashed as they pass) and it is stored only once every attachment
-//!   matches its digest; what is held is offered in the next Hello, so a broken link
-//!   resumes rather than restarts.
+//!   nothing of it is stored or exported; it never fails the other deliveries of its
+//!   batch or group.
+//! - `Ack` (alone or in an `AckBatch`) is sent only after the document, its submission
+//!   receipt and the signed delivery receipt are durable in the store. Export to the
+//!   inbox folder follows the acknowledgement (the exporter, fed once the group is
+//!   durable), so the folder is never a condition of the receipt.
+//! - Batches without timers: whole deliveries that queue while a group is being
+//!   stored form the next group (at most [`GROUP_MAX_DELIVERIES`] and
+//!   [`GROUP_MAX_BYTES`], whole broker messages): one store transaction, one durable
+//!   sync, one batch signature over the group's new delivery receipts, then one
+//!   `AckBatch` per `DeliveryBatch` (an `Ack`/`Refuse` per single `Delivery`).
+//! - Limits: a batch may hold at most the `max_batch` this agent announced, and the
+//!   broker may not push more unanswered deliveries than the window plus one batch;
+//!   either violation ends the session.
+//! - A message id is stored once; a redelivery is answered with the stored receipt. A
+//!   different document reusing a stored message id is refused. A message id is
+//!   handled at most once at a time (an offer of one in progress is dropped: the
+//!   first answer serves both).
+//! - A local failure (store, disk, signing) sends neither Ack nor Refuse for any
+//!   delivery of the group: the session is dropped and the broker redelivers.
+//! - A streamed delivery's envelope is verified when it arrives, its chunks are
+//!   written to files as they come (hashed as they pass) and it is stored only once
+//!   every attachment matches its digest; what is held is offered in the next Hello,
+//!   so a broken link resumes rather than restarts. Its files stay in `incoming/` until
+//!   the exporter links them into the inbox folder (or for good, without one).
 
-use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -31,7 +40,7 @@ use lienthong_proto::document::{
     VerifiedDocument, check_attachment, is_valid_message_id, verify_document,
 };
 use lienthong_proto::pb::{self, agent_message::Msg as Out, broker_message::Msg as In};
-use lienthong_proto::receipt::{ExpectedReceipt, sign_receipt, verify_receipt};
+use lienthong_proto::receipt::{ExpectedReceipt, sign_receipts, verify_receipt};
 use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use lienthong_proto::{ProtocolError, now_ms};
@@ -44,8 +53,17 @@ use tracing::{debug, error, info, warn};
 
 use crate::Agent;
 use crate::error::StoreError;
-use crate::export::{self, ExportDocument};
-use crate::store::InboxRecord;
+use crate::export;
+use crate::store::{InboxDocument, InboxRecord, InboxWrite};
+
+/// The most deliveries this agent asks for in one `DeliveryBatch`.
+const MAX_BATCH: u32 = 256;
+/// A group (one store transaction, one sync, one receipt signature) takes whole
+/// broker messages up to this many deliveries...
+const GROUP_MAX_DELIVERIES: usize = 512;
+/// ... and this many bytes of them (one message alone may be larger, up to the gRPC
+/// message limit).
+const GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// A failure on our side: the delivery is neither acknowledged nor refused.
 #[derive(Debug, thiserror::Error)]
@@ -98,17 +116,94 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
     }
 }
 
+/// How one queued unit of whole deliveries is answered.
+#[derive(Debug, Clone, Copy)]
+enum Form {
+    /// A `Delivery` message: answered with `Ack` or `Refuse`.
+    Single,
+    /// A `DeliveryBatch`: answered with one `AckBatch`.
+    Batch,
+}
+
+/// Whole deliveries that arrived in one broker message.
+struct Unit {
+    form: Form,
+    deliveries: Vec<pb::Delivery>,
+    /// The (claimed) message ids, held in `in_progress` until answered.
+    ids: Vec<String>,
+    bytes: usize,
+}
+
+/// A group taken from the queue: the units' forms and sizes, to split the outcomes.
+type GroupDone = (
+    Vec<(Form, usize)>,
+    Vec<String>,
+    Result<Vec<Outcome>, LocalError>,
+);
+
+/// Takes whole units from the front of the queue for one group: at least one, then
+/// more while the group stays within [`GROUP_MAX_DELIVERIES`] and [`GROUP_MAX_BYTES`].
+fn take_group(queue: &mut VecDeque<Unit>) -> Vec<Unit> {
+    let mut group = Vec::new();
+    let (mut count, mut bytes) = (0usize, 0usize);
+    while let Some(next) = queue.front() {
+        let more_count = count.checked_add(next.deliveries.len());
+        let more_bytes = bytes.checked_add(next.bytes);
+        let fits = matches!(
+            (more_count, more_bytes),
+            (Some(c), Some(b)) if c <= GROUP_MAX_DELIVERIES && b <= GROUP_MAX_BYTES
+        );
+        if !group.is_empty() && !fits {
+            break;
+        }
+        let Some(unit) = queue.pop_front() else { break };
+        count = count.saturating_add(unit.deliveries.len());
+        bytes = bytes.saturating_add(unit.bytes);
+        group.push(unit);
+    }
+    group
+}
+
+/// Starts the next group when none is running and something is queued: a group is
+/// whatever queued while the previous one ran (no timer).
+fn start_group(
+    agent: &Arc<Agent>,
+    queue: &mut VecDeque<Unit>,
+    queued: &mut usize,
+    running: &mut JoinSet<GroupDone>,
+) {
+    if !running.is_empty() || queue.is_empty() {
+        return;
+    }
+    let group = take_group(queue);
+    let mut forms = Vec::with_capacity(group.len());
+    let mut ids = Vec::new();
+    let mut deliveries = Vec::new();
+    for unit in group {
+        forms.push((unit.form, unit.deliveries.len()));
+        *queued = queued.saturating_sub(unit.deliveries.len());
+        ids.extend(unit.ids);
+        deliveries.extend(unit.deliveries);
+    }
+    let handling = Arc::clone(agent);
+    running.spawn(async move {
+        let result = handle_group(handling, deliveries).await;
+        (forms, ids, result)
+    });
+}
+
 async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEnd {
     let capacity = usize::try_from(agent.window)
         .unwrap_or(32)
         .saturating_add(8);
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::AgentMessage>(capacity);
     let partial = partial_deliveries(agent).await;
+    let max_batch = agent.window.clamp(1, MAX_BATCH);
     let hello = pb::AgentMessage {
         msg: Some(Out::Hello(pb::Hello {
             window: agent.window,
             partial,
-            max_batch: 0,
+            max_batch,
         })),
     };
     if tx.send(hello).await.is_err() {
@@ -131,27 +226,35 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
             };
         }
     };
-    info!(agency = %agent.agency, window = agent.window, "broker session established");
+    info!(agency = %agent.agency, window = agent.window, max_batch, "broker session established");
     let _up = agent.metrics.session_up();
     let mut handled: u64 = 0;
     let mut receiving: HashMap<String, Receiving> = HashMap::new();
-    // Small deliveries are handled concurrently (the broker's window bounds how many),
-    // so that their fsyncs are shared by the store's group commit.
-    let mut handlers: JoinSet<(String, Result<pb::AgentMessage, LocalError>)> = JoinSet::new();
+    // Whole deliveries wait here while the previous group is stored; at most one group
+    // runs at a time, so the next one is whatever arrived meanwhile.
+    let mut queue: VecDeque<Unit> = VecDeque::new();
+    let mut queued: usize = 0;
+    // Unanswered deliveries never exceed the window the broker was given; a batch may
+    // straddle it once.
+    let queue_limit = usize::try_from(agent.window.saturating_add(max_batch)).unwrap_or(usize::MAX);
+    let mut running: JoinSet<GroupDone> = JoinSet::new();
     let mut in_progress: HashSet<String> = HashSet::new();
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
-            Some(joined) = handlers.join_next(), if !handlers.is_empty() => {
-                let (id, handled_result) = match joined {
+            Some(joined) = running.join_next(), if !running.is_empty() => {
+                let (forms, ids, result) = match joined {
                     Ok(done) => done,
-                    Err(e) => (String::new(), Err(LocalError::Task(e.to_string()))),
+                    Err(e) => (Vec::new(), Vec::new(), Err(LocalError::Task(e.to_string()))),
                 };
-                in_progress.remove(&id);
-                match reply_or_end(agent, &tx, handled_result, &mut handled).await {
-                    Some(end) => return end,
-                    None => continue,
+                for id in &ids {
+                    in_progress.remove(id);
                 }
+                if let Some(end) = send_group(agent, &tx, forms, result, &mut handled).await {
+                    return end;
+                }
+                start_group(agent, &mut queue, &mut queued, &mut running);
+                continue;
             }
             () = stop.cancelled() => return SessionEnd::Stopped,
         };
@@ -174,43 +277,160 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
                 };
             }
         };
-        let handling = match message {
+        let (form, deliveries) = match message {
             In::Delivery(delivery) if delivery.streamed => {
-                start_streamed(agent, delivery, &mut receiving).await
-            }
-            In::Delivery(delivery) => {
-                let id = delivery
-                    .envelope
-                    .as_ref()
-                    .map(untrusted_message_id)
-                    .unwrap_or_default();
-                // Offered again while still being handled: the first answer serves both.
-                if !id.is_empty() && !in_progress.insert(id.clone()) {
-                    continue;
+                let handling = start_streamed(agent, delivery, &mut receiving).await;
+                if let Some(end) = reply_streamed(agent, &tx, handling, &mut handled).await {
+                    return end;
                 }
-                let handling_agent = Arc::clone(agent);
-                handlers.spawn(async move {
-                    let result = handle_delivery(&handling_agent, delivery).await;
-                    (id, result)
-                });
                 continue;
             }
-            In::Chunk(chunk) => on_chunk(agent, chunk, &mut receiving).await,
-            In::Batch(_) => {
-                return SessionEnd::Ended {
-                    reason: "the broker sent a delivery batch this session did not ask for".into(),
-                    handled,
-                };
+            In::Delivery(delivery) => (Form::Single, vec![delivery]),
+            In::Chunk(chunk) => {
+                let handling = on_chunk(agent, chunk, &mut receiving).await;
+                if let Some(end) = reply_streamed(agent, &tx, handling, &mut handled).await {
+                    return end;
+                }
+                continue;
+            }
+            In::Batch(batch) => {
+                if batch.deliveries.len() > usize::try_from(max_batch).unwrap_or(usize::MAX) {
+                    return SessionEnd::Ended {
+                        reason: format!(
+                            "the broker sent a batch of {} deliveries; this agent asked for at most {max_batch}",
+                            batch.deliveries.len()
+                        ),
+                        handled,
+                    };
+                }
+                let mut whole = Vec::with_capacity(batch.deliveries.len());
+                for delivery in batch.deliveries {
+                    if delivery.streamed {
+                        // Its chunks follow on their own: taken like a streamed Delivery.
+                        let handling = start_streamed(agent, delivery, &mut receiving).await;
+                        if let Some(end) = reply_streamed(agent, &tx, handling, &mut handled).await
+                        {
+                            return end;
+                        }
+                    } else {
+                        whole.push(delivery);
+                    }
+                }
+                (Form::Batch, whole)
             }
         };
-        let handling = match handling {
-            Ok(Some(reply)) => Ok(reply),
-            Ok(None) => continue,
-            Err(e) => Err(e),
+        let mut unit = Unit {
+            form,
+            deliveries: Vec::with_capacity(deliveries.len()),
+            ids: Vec::new(),
+            bytes: 0,
         };
-        if let Some(end) = reply_or_end(agent, &tx, handling, &mut handled).await {
-            return end;
+        for delivery in deliveries {
+            let id = delivery
+                .envelope
+                .as_ref()
+                .map(untrusted_message_id)
+                .unwrap_or_default();
+            // Offered again while still being handled: the first answer serves both.
+            if !id.is_empty() {
+                if !in_progress.insert(id.clone()) {
+                    continue;
+                }
+                unit.ids.push(id);
+            }
+            unit.bytes = unit.bytes.saturating_add(delivery.encoded_len());
+            unit.deliveries.push(delivery);
         }
+        if unit.deliveries.is_empty() {
+            continue;
+        }
+        queued = queued.saturating_add(unit.deliveries.len());
+        if queued > queue_limit {
+            return SessionEnd::Ended {
+                reason: format!(
+                    "the broker pushed {queued} deliveries beyond the window of {}",
+                    agent.window
+                ),
+                handled,
+            };
+        }
+        queue.push_back(unit);
+        start_group(agent, &mut queue, &mut queued, &mut running);
+    }
+}
+
+/// Sends the answers of a group: `Ack`/`Refuse` for single deliveries, one `AckBatch`
+/// per delivery batch. A local failure or a closed stream ends the session (the
+/// broker redelivers whatever was not answered).
+async fn send_group(
+    agent: &Arc<Agent>,
+    tx: &tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    forms: Vec<(Form, usize)>,
+    result: Result<Vec<Outcome>, LocalError>,
+    handled: &mut u64,
+) -> Option<SessionEnd> {
+    let outcomes = match result {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            error!(agency = %agent.agency, error = %e, "cannot take the deliveries; dropping the session so the broker redelivers");
+            return Some(SessionEnd::Ended {
+                reason: format!("local failure: {e}"),
+                handled: *handled,
+            });
+        }
+    };
+    let mut outcomes = outcomes.into_iter();
+    for (form, count) in forms {
+        let mut messages = Vec::new();
+        let mut batch = pb::AckBatch::default();
+        for outcome in outcomes.by_ref().take(count) {
+            if matches!(outcome, Outcome::Refuse { .. }) {
+                agent.metrics.delivery_refused();
+            }
+            match (form, outcome) {
+                (Form::Single, outcome) => messages.push(outcome.into_message()),
+                (Form::Batch, Outcome::Ack { id, receipt }) => batch.acks.push(pb::Ack {
+                    message_id: id,
+                    delivery_receipt: Some(receipt),
+                }),
+                (Form::Batch, Outcome::Refuse { id, reason }) => {
+                    batch.refusals.push(pb::Refuse {
+                        message_id: id,
+                        reason,
+                    });
+                }
+            }
+        }
+        if matches!(form, Form::Batch) {
+            messages.push(pb::AgentMessage {
+                msg: Some(Out::Batch(batch)),
+            });
+        }
+        for message in messages {
+            if tx.send(message).await.is_err() {
+                return Some(SessionEnd::Ended {
+                    reason: "the outgoing stream closed".into(),
+                    handled: *handled,
+                });
+            }
+        }
+        *handled = handled.saturating_add(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+    None
+}
+
+/// Sends the answer to a streamed delivery, if it has one yet; a local failure or a
+/// closed stream ends the session.
+async fn reply_streamed(
+    agent: &Arc<Agent>,
+    tx: &tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    handling: Result<Option<pb::AgentMessage>, LocalError>,
+    handled: &mut u64,
+) -> Option<SessionEnd> {
+    match handling {
+        Ok(None) => None,
+        Ok(Some(reply)) => reply_or_end(agent, tx, Ok(reply), handled).await,
+        Err(e) => reply_or_end(agent, tx, Err(e), handled).await,
     }
 }
 
@@ -338,110 +558,214 @@ fn check_delivery(
     Ok(verified)
 }
 
-async fn handle_delivery(
-    agent: &Arc<Agent>,
-    delivery: pb::Delivery,
-) -> Result<pb::AgentMessage, LocalError> {
-    let Some(envelope) = delivery.envelope else {
-        warn!(agency = %agent.agency, "refusing a delivery without an envelope");
-        return Ok(refuse(
-            String::new(),
-            "the delivery carries no signed envelope".into(),
-        ));
-    };
-    let attachments = delivery.attachments;
-    let attempt = delivery.attempt;
-    let submission_receipt = delivery.submission_receipt;
-    let checking = Arc::clone(agent);
-    let (envelope, submission_receipt, attachments, checked) =
-        tokio::task::spawn_blocking(move || {
-            let checked = check_delivery(
-                &checking,
-                &envelope,
-                submission_receipt.as_ref(),
-                &attachments,
-            );
-            (envelope, submission_receipt, attachments, checked)
-        })
-        .await
-        .map_err(|e| LocalError::Task(e.to_string()))?;
-    let verified = match checked {
-        Ok(verified) => verified,
-        Err(reason) => {
-            let message_id = untrusted_message_id(&envelope);
-            warn!(
-                agency = %agent.agency,
-                message_id = %message_id,
-                reason = %reason,
-                attempt,
-                "refusing delivery"
-            );
-            return Ok(refuse(message_id, reason));
+/// The answer to one delivery.
+#[derive(Debug)]
+enum Outcome {
+    Ack { id: String, receipt: pb::Signed },
+    Refuse { id: String, reason: String },
+}
+
+impl Outcome {
+    fn into_message(self) -> pb::AgentMessage {
+        match self {
+            Outcome::Ack { id, receipt } => ack(id, receipt),
+            Outcome::Refuse { id, reason } => refuse(id, reason),
         }
-    };
-    accept(
-        agent,
-        Evidence {
-            envelope,
-            submission_receipt: submission_receipt.unwrap_or_default(),
-        },
-        verified,
-        attempt,
-        Body::Inline(attachments),
-    )
-    .await
+    }
 }
 
-/// What a verified delivery brings besides its attachments: the sender's envelope and
-/// the broker's checked submission receipt.
-struct Evidence {
-    envelope: pb::Signed,
-    submission_receipt: pb::Signed,
-}
-
-/// Where a verified delivery's attachment bytes are.
-enum Body {
-    Inline(Vec<Bytes>),
-    /// Files `<dir>/<index>`, complete, checked and synced (a streamed delivery).
-    Files(PathBuf),
-}
-
-/// Stores a verified delivery (once), exports it and answers with the signed receipt.
-async fn accept(
-    agent: &Arc<Agent>,
+/// A delivery that passed every check and waits to be stored with its group.
+struct Accepting {
     evidence: Evidence,
     verified: VerifiedDocument,
     attempt: u32,
     body: Body,
-) -> Result<pb::AgentMessage, LocalError> {
+}
+
+/// Every check of one whole (not streamed) delivery; CPU only, no store access.
+/// A refusal: the (claimed) message id and the reason.
+type Refusal = (String, String);
+
+fn check_one(agent: &Agent, delivery: pb::Delivery) -> Result<Accepting, Refusal> {
+    let attempt = delivery.attempt;
+    let Some(envelope) = delivery.envelope else {
+        warn!(agency = %agent.agency, attempt, "refusing a delivery without an envelope");
+        return Err((
+            String::new(),
+            "the delivery carries no signed envelope".into(),
+        ));
+    };
+    let submission_receipt = delivery.submission_receipt;
+    match check_delivery(
+        agent,
+        &envelope,
+        submission_receipt.as_ref(),
+        &delivery.attachments,
+    ) {
+        Ok(verified) => Ok(Accepting {
+            evidence: Evidence {
+                envelope,
+                submission_receipt: submission_receipt.unwrap_or_default(),
+            },
+            verified,
+            attempt,
+            body: Body::Inline(delivery.attachments),
+        }),
+        Err(reason) => {
+            let id = untrusted_message_id(&envelope);
+            warn!(agency = %agent.agency, message_id = %id, reason = %reason, attempt, "refusing delivery");
+            Err((id, reason))
+        }
+    }
+}
+
+/// A group of whole deliveries (one or more DeliveryBatch messages and single
+/// Deliveries that queued together): checked each on its own, the accepted ones
+/// stored in one transaction with one sync and one receipt signature. Outcomes are in
+/// the order of `deliveries`; a refusal never affects the others.
+async fn handle_group(
+    agent: Arc<Agent>,
+    deliveries: Vec<pb::Delivery>,
+) -> Result<Vec<Outcome>, LocalError> {
+    let checking = Arc::clone(&agent);
+    // Verification is the CPU cost of a delivery: off the async threads, in one go
+    // (a batch signature's root is checked once, then only each inclusion proof).
+    let checked: Vec<Result<Accepting, Refusal>> = tokio::task::spawn_blocking(move || {
+        deliveries
+            .into_iter()
+            .map(|d| check_one(&checking, d))
+            .collect()
+    })
+    .await
+    .map_err(|e| LocalError::Task(e.to_string()))?;
+    let mut accepting = Vec::new();
+    let mut slots = Vec::with_capacity(checked.len());
+    for result in checked {
+        match result {
+            Ok(item) => {
+                accepting.push(item);
+                slots.push(None);
+            }
+            Err((id, reason)) => slots.push(Some(Outcome::Refuse { id, reason })),
+        }
+    }
+    let mut accepted = accept_all(&agent, accepting).await?.into_iter();
+    let mut outcomes = Vec::with_capacity(slots.len());
+    for slot in slots {
+        match slot {
+            Some(refusal) => outcomes.push(refusal),
+            None => {
+                let outcome = accepted.next().ok_or_else(|| {
+                    LocalError::Task("an accepted delivery has no outcome".into())
+                })?;
+                outcomes.push(outcome);
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// What one verified delivery of a group needs before it can be answered.
+enum Plan {
+    Refuse(String),
+    /// Stored before with its receipt: answered with that receipt.
+    Stored(pb::Signed),
+    /// Its delivery receipt is signed with the group's.
+    Sign(pb::Receipt),
+}
+
+/// One verified delivery of a group on its way to its answer.
+struct Planned {
+    id: String,
+    header: pb::DocumentHeader,
+    plan: Plan,
+    write: InboxWrite,
+    /// Stored by this group (not a redelivery).
+    new: bool,
+    /// A document (not a status report) that belongs in the inbox folder.
+    exportable: bool,
+    body: Body,
+    record: Option<InboxRecord>,
+}
+
+/// Decides what a verified delivery needs: refused (message id reused, unexpected
+/// status report), answered from the store (redelivery), or stored and signed.
+fn plan_one(agent: &Agent, item: Accepting) -> Result<Planned, LocalError> {
+    let Accepting {
+        evidence,
+        verified,
+        attempt,
+        body,
+    } = item;
     let id = verified.header.message_id.clone();
     let sha_hex = hex::encode(verified.header_sha256);
     let envelope_bytes = Bytes::from(evidence.envelope.encode_to_vec());
-
-    let (record, durable_at) = match agent.store.inbox_record(&id)? {
+    let submission_bytes = Bytes::from(evidence.submission_receipt.encode_to_vec());
+    let exportable = verified.header.kind == pb::DocumentKind::Document as i32;
+    let receipt_at = |at_ms: i64| pb::Receipt {
+        kind: pb::ReceiptKind::Delivery as i32,
+        message_id: id.clone(),
+        header_sha256: verified.header_sha256.to_vec(),
+        at_ms,
+        issuer: agent.agency.to_string(),
+        business_id: verified.header.business_id.clone(),
+        sender: verified.header.sender.clone(),
+        recipient: agent.agency.to_string(),
+        ..Default::default()
+    };
+    let mut planned = Planned {
+        id: id.clone(),
+        header: verified.header.clone(),
+        plan: Plan::Refuse(String::new()),
+        write: InboxWrite {
+            message_id: id.clone(),
+            ..InboxWrite::default()
+        },
+        new: false,
+        exportable,
+        body,
+        record: None,
+    };
+    match agent.store.inbox_record(&id)? {
         Some(existing) if existing.header_sha256 != sha_hex => {
             let reason =
                 "a different document with this message id was already received".to_owned();
             warn!(agency = %agent.agency, message_id = %id, reason = %reason, "refusing delivery");
-            return Ok(refuse(id, reason));
+            planned.plan = Plan::Refuse(reason);
         }
         Some(existing) => {
             debug!(agency = %agent.agency, message_id = %id, attempt, "redelivery of a stored document");
             agent.metrics.delivery_duplicate();
-            (existing, None)
+            // A record stored before this agent kept submission receipts gets the one
+            // that came with this delivery, checked above.
+            if agent.store.received_submission_receipt(&id)?.is_none() {
+                planned.write.submission_receipt = Some(submission_bytes);
+            }
+            planned.plan = match agent.store.delivery_receipt(&id)? {
+                Some(stored) => Plan::Stored(pb::Signed::decode(stored.as_ref()).map_err(|e| {
+                    LocalError::Stored {
+                        id: id.clone(),
+                        detail: format!("delivery receipt: {e}"),
+                    }
+                })?),
+                // Stored by an earlier version that stopped before signing.
+                None => Plan::Sign(receipt_at(now_ms())),
+            };
+            planned.record = Some(existing);
         }
         None => {
-            let streamed = matches!(body, Body::Files(_));
             let is_status = verified.header.kind == pb::DocumentKind::Status as i32;
             if is_status
                 && let Err(reason) = crate::business::check_received_report(agent, &verified.header)
             {
                 warn!(agency = %agent.agency, message_id = %id, reason = %reason, "refusing a status report");
-                return Ok(refuse(id, reason));
+                planned.plan = Plan::Refuse(reason);
+                return Ok(planned);
             }
+            let received_at_ms = now_ms();
             let record = InboxRecord {
                 message_id: id.clone(),
-                received_at_ms: now_ms(),
+                received_at_ms,
                 sender: verified.header.sender.clone(),
                 subject: verified.header.subject.clone(),
                 business_id: verified.header.business_id.clone(),
@@ -454,88 +778,189 @@ async fn accept(
                     .collect(),
                 // A status report is evidence, not a document for the gateway.
                 exported: is_status,
-                streamed,
+                streamed: matches!(planned.body, Body::Files),
                 kind: verified.header.kind,
                 business_type: verified.header.business_type,
                 refers_to: Some(verified.header.refers_to.clone()).filter(|r| !r.is_empty()),
                 ..InboxRecord::default()
             };
-            let storing = Arc::clone(agent);
-            let inline = match &body {
+            let attachments = match &planned.body {
                 Body::Inline(attachments) => attachments.clone(),
-                Body::Files(_) => Vec::new(),
+                Body::Files => Vec::new(),
             };
-            let (r, e) = (record.clone(), envelope_bytes.clone());
-            tokio::task::spawn_blocking(move || storing.store.put_inbox(&r, &e, &inline))
-                .await
-                .map_err(|e| LocalError::Task(e.to_string()))??;
-            agent.store.put_received_submission_receipt(
-                &id,
-                &evidence.submission_receipt.encode_to_vec(),
-            )?;
-            agent.store.durable().await?;
-            agent.metrics.delivery_received();
-            agent.inbox_count.send_modify(|n| *n += 1);
-            (record, Some(now_ms()))
+            planned.write.document = Some(InboxDocument {
+                record: record.clone(),
+                envelope: envelope_bytes,
+                attachments,
+            });
+            planned.write.submission_receipt = Some(submission_bytes);
+            // The receipt states the time the record states: it is signed before the
+            // write so that document and both receipts are one transaction, and it
+            // leaves this agent only once that transaction is durable.
+            planned.plan = Plan::Sign(receipt_at(received_at_ms));
+            planned.record = Some(record);
+            planned.new = true;
         }
-    };
+    }
+    Ok(planned)
+}
 
-    // A record stored before this agent kept submission receipts (or a crash between
-    // the two writes) gets the one that came with this delivery, checked above.
-    if agent.store.received_submission_receipt(&id)?.is_none() {
-        agent
-            .store
-            .put_received_submission_receipt(&id, &evidence.submission_receipt.encode_to_vec())?;
+/// Stores verified deliveries (once each) and answers each with its signed receipt:
+/// one transaction for the group's documents and receipts, one durable sync, one
+/// batch signature over the group's new delivery receipts.
+async fn accept_all(agent: &Arc<Agent>, items: Vec<Accepting>) -> Result<Vec<Outcome>, LocalError> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let planning = Arc::clone(agent);
+    let mut planned = tokio::task::spawn_blocking(move || {
+        items
+            .into_iter()
+            .map(|item| plan_one(&planning, item))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| LocalError::Task(e.to_string()))??;
+
+    let to_sign: Vec<pb::Receipt> = planned
+        .iter()
+        .filter_map(|p| match &p.plan {
+            Plan::Sign(receipt) => Some(receipt.clone()),
+            _ => None,
+        })
+        .collect();
+    if !to_sign.is_empty() {
+        let signing = Arc::clone(agent);
+        // One signature over the group's Merkle root (a hardware key may take long).
+        let signed =
+            tokio::task::spawn_blocking(move || sign_receipts(&to_sign, &signing.signing_key))
+                .await
+                .map_err(|e| LocalError::Task(e.to_string()))?
+                .map_err(LocalError::Sign)?;
+        let mut signed = signed.into_iter();
+        for p in planned.iter_mut() {
+            if matches!(p.plan, Plan::Sign(_)) {
+                let receipt = signed.next().ok_or_else(|| {
+                    LocalError::Task("the batch signature returned fewer receipts".into())
+                })?;
+                p.write.delivery_receipt = Some(Bytes::from(receipt.encode_to_vec()));
+                p.plan = Plan::Stored(receipt);
+            }
+        }
+    }
+
+    let writes: Vec<InboxWrite> = planned
+        .iter()
+        .filter(|p| !matches!(p.plan, Plan::Refuse(_)))
+        .filter(|p| {
+            p.write.document.is_some()
+                || p.write.submission_receipt.is_some()
+                || p.write.delivery_receipt.is_some()
+        })
+        .map(|p| p.write.clone())
+        .collect();
+    if !writes.is_empty() {
+        let storing = Arc::clone(agent);
+        tokio::task::spawn_blocking(move || storing.store.put_inbox_batch(&writes))
+            .await
+            .map_err(|e| LocalError::Task(e.to_string()))??;
+        // Acknowledge nothing before it is durable: one sync for the whole group.
         agent.store.durable().await?;
     }
+    let new = planned.iter().filter(|p| p.new).count();
+    if new > 0 {
+        for _ in 0..new {
+            agent.metrics.delivery_received();
+        }
+        let added = u64::try_from(new).unwrap_or(u64::MAX);
+        agent
+            .inbox_count
+            .send_modify(|n| *n = n.saturating_add(added));
+    }
 
-    let receipt = match agent.store.delivery_receipt(&id)? {
-        Some(stored) => pb::Signed::decode(stored.as_ref()).map_err(|e| LocalError::Stored {
-            id: id.clone(),
-            detail: format!("delivery receipt: {e}"),
-        })?,
-        None => {
-            let receipt = pb::Receipt {
-                kind: pb::ReceiptKind::Delivery as i32,
-                message_id: id.clone(),
-                header_sha256: verified.header_sha256.to_vec(),
-                at_ms: durable_at.unwrap_or_else(now_ms),
-                issuer: agent.agency.to_string(),
-                business_id: verified.header.business_id.clone(),
-                sender: verified.header.sender.clone(),
-                recipient: agent.agency.to_string(),
-                ..Default::default()
-            };
-            let signed = sign_receipt(&receipt, &agent.signing_key).map_err(LocalError::Sign)?;
-            agent
-                .store
-                .put_delivery_receipt(&id, &signed.encode_to_vec())?;
-            agent.store.durable().await?;
-            info!(
+    let mut outcomes = Vec::with_capacity(planned.len());
+    let mut to_export = Vec::new();
+    let mut refused = 0usize;
+    for p in planned {
+        let receipt = match p.plan {
+            Plan::Refuse(reason) => {
+                refused += 1;
+                outcomes.push(Outcome::Refuse { id: p.id, reason });
+                continue;
+            }
+            Plan::Stored(receipt) => receipt,
+            Plan::Sign(_) => {
+                return Err(LocalError::Task(format!(
+                    "the delivery receipt of {} was not signed",
+                    p.id
+                )));
+            }
+        };
+        if p.new {
+            debug!(
                 agency = %agent.agency,
-                message_id = %id,
-                sender = %verified.header.sender,
-                business_id = %verified.header.business_id,
+                message_id = %p.id,
+                sender = %p.header.sender,
+                business_id = %p.header.business_id,
                 "document received"
             );
-            signed
         }
-    };
-    // Exported after the delivery receipt, so the folder holds all three signatures.
-    if record.kind == pb::DocumentKind::Document as i32 {
-        ensure_exported(
-            agent,
-            &record,
-            &envelope_bytes,
-            &verified.header,
-            &verified.header_sha256,
-            body,
-        )
-        .await?;
+        if p.exportable && p.record.as_ref().is_some_and(|r| !r.exported) {
+            to_export.push(p.id.clone());
+        }
+        // Links and recall/update effects; idempotent, so a redelivery repeats them safely.
+        crate::business::on_received(agent, &p.header).await?;
+        outcomes.push(Outcome::Ack { id: p.id, receipt });
     }
-    // Links and recall/update effects; idempotent, so a redelivery repeats them safely.
-    crate::business::on_received(agent, &verified.header).await?;
-    Ok(ack(id, receipt))
+    // Durable now: the exporter writes the inbox folders after the answer, not before.
+    if agent.inbox.is_some() && !to_export.is_empty() {
+        agent.export_queue.push(to_export);
+    }
+    let acked = outcomes.len() - refused;
+    info!(
+        agency = %agent.agency,
+        new,
+        redelivered = acked - new,
+        refused,
+        "delivery group stored"
+    );
+    Ok(outcomes)
+}
+
+/// Stores one verified delivery (a streamed one, complete) like a group of one.
+async fn accept(
+    agent: &Arc<Agent>,
+    evidence: Evidence,
+    verified: VerifiedDocument,
+    attempt: u32,
+    body: Body,
+) -> Result<pb::AgentMessage, LocalError> {
+    let item = Accepting {
+        evidence,
+        verified,
+        attempt,
+        body,
+    };
+    accept_all(agent, vec![item])
+        .await?
+        .pop()
+        .map(Outcome::into_message)
+        .ok_or_else(|| LocalError::Task("a stored delivery has no outcome".into()))
+}
+
+/// What a verified delivery brings besides its attachments: the sender's envelope and
+/// the broker's checked submission receipt.
+struct Evidence {
+    envelope: pb::Signed,
+    submission_receipt: pb::Signed,
+}
+
+/// Where a verified delivery's attachment bytes are.
+enum Body {
+    Inline(Vec<Bytes>),
+    /// Files `incoming/<id>/<index>`, complete, checked and synced (a streamed
+    /// delivery); they stay there until the export links them into its folder.
+    Files,
 }
 
 /// A streamed delivery being received.
@@ -625,15 +1050,9 @@ async fn start_streamed(
     if agent.store.inbox_record(&id)?.is_some() {
         // Stored before: no bytes needed (the chunks that follow are ignored).
         receiving.remove(&id);
-        return accept(
-            agent,
-            evidence,
-            verified,
-            delivery.attempt,
-            Body::Files(dir),
-        )
-        .await
-        .map(Some);
+        return accept(agent, evidence, verified, delivery.attempt, Body::Files)
+            .await
+            .map(Some);
     }
     let infos = verified.header.attachments.clone();
     let opening = dir.clone();
@@ -753,115 +1172,12 @@ async fn complete_streamed(
         }
         Err(e) => return Err(LocalError::Files(e.to_string())),
     }
-    let dir = agent.files.incoming_dir(&id);
     accept(
         agent,
         state.evidence,
         state.verified,
         state.attempt,
-        Body::Files(dir),
+        Body::Files,
     )
     .await
-}
-
-/// Exports the document unless its complete folder exists and the record says so.
-async fn ensure_exported(
-    agent: &Arc<Agent>,
-    record: &InboxRecord,
-    envelope_bytes: &[u8],
-    header: &pb::DocumentHeader,
-    header_sha256: &[u8],
-    body: Body,
-) -> Result<(), LocalError> {
-    let id = record.message_id.as_str();
-    if record.exported && export::is_exported(&agent.inbox_dir, id) {
-        return Ok(());
-    }
-    let (attachments, files) = match body {
-        Body::Inline(attachments) => (attachments, None),
-        Body::Files(dir) => (Vec::new(), Some(dir)),
-    };
-    let inbox_dir = agent.inbox_dir.clone();
-    let id_owned = id.to_owned();
-    let envelope = envelope_bytes.to_vec();
-    let header = header.clone();
-    let sha = header_sha256.to_vec();
-    let received_at_ms = record.received_at_ms;
-    let submission_receipt = agent.store.received_submission_receipt(id)?;
-    let delivery_receipt = agent.store.delivery_receipt(id)?;
-    let exporting = Arc::clone(agent);
-    let path = tokio::task::spawn_blocking(move || {
-        export::export(
-            &inbox_dir,
-            &ExportDocument {
-                message_id: &id_owned,
-                envelope: &envelope,
-                header: &header,
-                header_sha256: &sha,
-                received_at_ms,
-                attachments: &attachments,
-                attachment_files: files.as_deref(),
-                submission_receipt: submission_receipt.as_deref(),
-                delivery_receipt: delivery_receipt.as_deref(),
-            },
-            &exporting.inbox_access,
-            &exporting.export_sync,
-        )
-    })
-    .await
-    .map_err(|e| LocalError::Task(e.to_string()))??;
-    agent.store.mark_exported(id)?;
-    info!(agency = %agent.agency, message_id = %id, path = %path.display(), "document exported");
-    Ok(())
-}
-
-/// On start-up: exports every stored document whose export did not complete.
-/// Failures are logged; the broker's redelivery retries them.
-pub(crate) async fn reexport_pending(agent: &Arc<Agent>) {
-    let records = match agent.store.inbox_records() {
-        Ok(records) => records,
-        Err(e) => {
-            error!(agency = %agent.agency, error = %e, "cannot read the inbox");
-            return;
-        }
-    };
-    for record in records.into_iter().filter(|r| !r.exported) {
-        if let Err(e) = reexport(agent, &record).await {
-            error!(agency = %agent.agency, message_id = %record.message_id, error = %e, "cannot export a stored document");
-        }
-    }
-}
-
-async fn reexport(agent: &Arc<Agent>, record: &InboxRecord) -> Result<(), LocalError> {
-    let id = record.message_id.as_str();
-    let stored = |detail: String| LocalError::Stored {
-        id: id.to_owned(),
-        detail,
-    };
-    if agent.store.delivery_receipt(id)?.is_none() {
-        // Stopped before the delivery receipt was signed: the broker redelivers, and
-        // that delivery signs it and exports the folder with all three signatures.
-        debug!(agency = %agent.agency, message_id = %id, "export waits for the redelivery");
-        return Ok(());
-    }
-    let envelope_bytes = agent
-        .store
-        .inbox_envelope(id)?
-        .ok_or_else(|| stored("no envelope".into()))?;
-    let envelope = pb::Signed::decode(envelope_bytes.as_ref())
-        .map_err(|e| stored(format!("envelope: {e}")))?;
-    // Verified before it was stored; decoded here only to write document.json.
-    let header = pb::DocumentHeader::decode(envelope.payload.as_ref())
-        .map_err(|e| stored(format!("header: {e}")))?;
-    let sha = lienthong_proto::sha256(&envelope.payload);
-    let body = if record.streamed {
-        Body::Files(agent.files.incoming_dir(id))
-    } else {
-        Body::Inline(
-            agent
-                .store
-                .inbox_attachments(id, header.attachments.len())?,
-        )
-    };
-    ensure_exported(agent, record, &envelope_bytes, &header, &sha, body).await
 }

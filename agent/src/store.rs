@@ -15,7 +15,9 @@
 //!
 //! Invariants:
 //! - A document (record, envelope, attachments) is written in one transaction: it is
-//!   there whole or not at all.
+//!   there whole or not at all. A group of received deliveries is one transaction
+//!   ([`Store::put_inbox_batch`]): every new document of the group with its submission
+//!   and delivery receipts, so a document stored this way always has both receipts.
 //! - Nothing is acknowledged before [`Store::durable`] returned: sled's flush only
 //!   issues `sync_file_range`, so `durable` also `fdatasync`s the main data file and any
 //!   new blob file. Concurrent callers share one sync (group commit).
@@ -142,6 +144,27 @@ pub struct InboxRecord {
     /// The later version removed this agency from the recipients.
     #[serde(default)]
     pub removed_by: Option<String>,
+}
+
+/// What one delivery of a group writes (see [`Store::put_inbox_batch`]).
+#[derive(Debug, Clone, Default)]
+pub struct InboxWrite {
+    pub message_id: String,
+    /// A document not stored before.
+    pub document: Option<InboxDocument>,
+    /// The broker's submission receipt that came with it, when not stored yet.
+    pub submission_receipt: Option<Bytes>,
+    /// This agency's signed delivery receipt, when not stored yet.
+    pub delivery_receipt: Option<Bytes>,
+}
+
+/// A received document as stored: its record, the envelope exactly as received and
+/// its attachments (empty when they arrived streamed, as files).
+#[derive(Debug, Clone, Default)]
+pub struct InboxDocument {
+    pub record: InboxRecord,
+    pub envelope: Bytes,
+    pub attachments: Vec<Bytes>,
 }
 
 /// The agent's sled database and the files synced after each flush.
@@ -573,6 +596,55 @@ impl Store {
         )
     }
 
+    /// Stores everything a group of deliveries brings, in ONE transaction over the
+    /// inbox, its attachments and the receipts: new documents whole (record, envelope,
+    /// attachments) and the receipts of new and earlier ones. One group, one commit:
+    /// call [`Store::durable`] once afterwards, before acknowledging any of them.
+    pub fn put_inbox_batch(&self, writes: &[InboxWrite]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        // Encoded outside the transaction: its closure may run more than once.
+        let mut documents: Vec<(IVec, IVec)> = Vec::new();
+        let mut attachments: Vec<(IVec, IVec)> = Vec::new();
+        let mut receipts: Vec<(IVec, IVec)> = Vec::new();
+        for write in writes {
+            let id = write.message_id.as_str();
+            if let Some(document) = &write.document {
+                documents.push((
+                    IVec::from(key(b'e', id)),
+                    IVec::from(document.envelope.as_ref()),
+                ));
+                documents.push((
+                    IVec::from(key(b'r', id)),
+                    IVec::from(encode_json(&document.record)?),
+                ));
+                attachments.extend(attachment_writes(id, &document.attachments));
+            }
+            if let Some(receipt) = &write.submission_receipt {
+                receipts.push((IVec::from(key(b'i', id)), IVec::from(receipt.as_ref())));
+            }
+            if let Some(receipt) = &write.delivery_receipt {
+                receipts.push((IVec::from(key(b'd', id)), IVec::from(receipt.as_ref())));
+            }
+        }
+        (&self.inbox, &self.inbox_attachments, &self.receipts).transaction(
+            |(inbox, atts, recs)| -> ConflictableTransactionResult<(), StoreError> {
+                for (k, v) in &attachments {
+                    atts.insert(k.clone(), v.clone())?;
+                }
+                for (k, v) in &documents {
+                    inbox.insert(k.clone(), v.clone())?;
+                }
+                for (k, v) in &receipts {
+                    recs.insert(k.clone(), v.clone())?;
+                }
+                Ok(())
+            },
+        )?;
+        Ok(())
+    }
+
     pub fn inbox_record(&self, id: &str) -> Result<Option<InboxRecord>, StoreError> {
         let k = key(b'r', id);
         self.inbox.get(&k)?.map(|v| decode_json(&k, &v)).transpose()
@@ -923,5 +995,72 @@ mod tests {
         std::fs::write(dir.path().join("conf"), b"garbage\0\0").unwrap();
         let err = Store::open(dir.path()).err().unwrap();
         assert!(matches!(err, AgentError::Corrupt { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_group_is_stored_whole_with_its_receipts() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Bytes = (0..(CHUNK_BYTES + 5)).map(|i| (i % 7) as u8).collect();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            // An earlier document without receipts (stored by an older version).
+            store.put_inbox(&record("old"), b"env-old", &[]).unwrap();
+            let new = |id: &str, attachments: Vec<Bytes>| InboxWrite {
+                message_id: id.into(),
+                document: Some(InboxDocument {
+                    record: record(id),
+                    envelope: Bytes::from(format!("env-{id}")),
+                    attachments,
+                }),
+                submission_receipt: Some(Bytes::from(format!("sub-{id}"))),
+                delivery_receipt: Some(Bytes::from(format!("del-{id}"))),
+            };
+            let writes = vec![
+                new(
+                    "a",
+                    vec![Bytes::from_static(b"pdf"), Bytes::new(), big.clone()],
+                ),
+                InboxWrite {
+                    message_id: "old".into(),
+                    document: None,
+                    submission_receipt: None,
+                    delivery_receipt: Some(Bytes::from_static(b"del-old")),
+                },
+                new("b", Vec::new()),
+            ];
+            store.put_inbox_batch(&writes).unwrap();
+            store.put_inbox_batch(&[]).unwrap();
+            store.durable().await.unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.inbox_len().unwrap(), 3);
+        for id in ["a", "b"] {
+            assert_eq!(store.inbox_record(id).unwrap().unwrap().message_id, id);
+            assert_eq!(
+                store.inbox_envelope(id).unwrap().unwrap().as_ref(),
+                format!("env-{id}").as_bytes()
+            );
+            assert_eq!(
+                store
+                    .received_submission_receipt(id)
+                    .unwrap()
+                    .unwrap()
+                    .as_ref(),
+                format!("sub-{id}").as_bytes()
+            );
+            assert_eq!(
+                store.delivery_receipt(id).unwrap().unwrap().as_ref(),
+                format!("del-{id}").as_bytes()
+            );
+        }
+        let attachments = store.inbox_attachments("a", 3).unwrap();
+        assert_eq!(attachments[0].as_ref(), b"pdf");
+        assert!(attachments[1].is_empty());
+        assert_eq!(attachments[2], big);
+        assert_eq!(
+            store.delivery_receipt("old").unwrap().unwrap().as_ref(),
+            b"del-old"
+        );
+        assert!(store.received_submission_receipt("old").unwrap().is_none());
     }
 }

@@ -329,6 +329,8 @@ async fn suspended_agency_neither_sends_nor_receives_and_resume_delivers_the_que
             .any(|e| e.event == "pushed" && e.detail == "session ended"),
         "{timeline:?}"
     );
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&queued.message_id)).await;
     assert_eq!(
         inbox_entries(&world.inbox_dir(B)),
         vec![queued.message_id.clone()]

@@ -224,6 +224,8 @@ async fn a_recall_that_reaches_the_broker_first_stops_the_delivery() {
     let inbox = b.client.inbox().await.unwrap();
     let ids: Vec<&str> = inbox.iter().map(|i| i.message_id.as_str()).collect();
     assert_eq!(ids, [later.as_str()]);
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&later)).await;
     assert_eq!(inbox_entries(&world.inbox_dir(B)), vec![later.clone()]);
     a.stop().await;
     b.stop().await;

@@ -78,6 +78,8 @@ async fn assert_all_delivered_exactly_once(
             assert!(done.is_some(), "{id} not delivered; last status {last:?}");
             for code in &doc.to {
                 let file = world.inbox_dir(code).join(id).join("noi-dung.bin");
+                // Exported after the acknowledgement (issue 11): wait for the file.
+                wait_for_path(&file).await;
                 assert_eq!(
                     std::fs::read(&file).unwrap(),
                     doc.body,

@@ -553,6 +553,10 @@ async fn dashboard_shows_queues_finds_documents_and_redrives_in_chromium() {
         })
         .await;
     }
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    for id in pending_ids.iter().chain([&dead_id]) {
+        wait_for_path(&world.inbox_dir(B).join(id)).await;
+    }
     assert_eq!(inbox_entries(&world.inbox_dir(B)).len(), 4);
     a.stop().await;
     b.stop().await;

@@ -91,6 +91,8 @@ async fn expired_delivery_gets_a_signed_notice_and_redrive_delivers_it_once() {
         b_view.attempt_log.iter().any(|a| a.outcome == "redriven"),
         "{b_view:?}"
     );
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&id)).await;
     assert_eq!(inbox_entries(&world.inbox_dir(B)), vec![id.clone()]);
 
     // Not a dead letter any more: a second redrive finds nothing.
@@ -160,6 +162,8 @@ async fn refused_delivery_is_a_dead_letter_and_redrive_after_the_fix_delivers_on
             .all(|r| r.state == "delivered" && r.receipt_verified == Some(true))
     })
     .await;
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&id)).await;
     assert_eq!(inbox_entries(&world.inbox_dir(B)), vec![id.clone()]);
     a.stop().await;
     b.stop().await;
@@ -256,6 +260,8 @@ async fn unacknowledged_delivery_is_offered_again_and_each_attempt_is_recorded()
     )
     .await;
     assert!(delivered.is_some(), "{last:?}");
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&header.message_id)).await;
     assert_eq!(
         inbox_entries(&world.inbox_dir(B)),
         vec![header.message_id.clone()]

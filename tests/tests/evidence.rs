@@ -681,6 +681,8 @@ async fn the_agent_refuses_deliveries_without_a_valid_submission_receipt() {
         "{refused:?}"
     );
     // Only the genuine one was stored and exported, with the broker's receipt as sent.
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&good_h.message_id)).await;
     assert_eq!(
         inbox_entries(&world.inbox_dir(B)),
         vec![good_h.message_id.clone()]

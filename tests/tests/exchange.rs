@@ -119,6 +119,8 @@ async fn recipient_offline_at_submission_receives_when_it_connects() {
 
     let b = Agent::start(world.agent_config(B, &broker.url)).await;
     a.wait_status(&id, "delivered to B", delivered).await;
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&id)).await;
     assert_eq!(inbox_entries(&world.inbox_dir(B)), vec![id.clone()]);
     assert_eq!(
         std::fs::read(world.inbox_dir(B).join(&id).join("a.txt")).unwrap(),
@@ -156,6 +158,8 @@ async fn broker_down_at_submission_document_waits_in_outbox_then_is_delivered() 
     let broker = Broker::start_on(world.broker_config("broker"), listener);
     a.wait_status(&id, "delivered after the broker came up", delivered)
         .await;
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&id)).await;
     assert_eq!(inbox_entries(&world.inbox_dir(B)), vec![id.clone()]);
     a.stop().await;
     b.stop().await;

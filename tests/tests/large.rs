@@ -119,6 +119,8 @@ async fn a_large_document_resumes_on_both_legs_after_the_link_breaks() {
         .await;
     assert!(status.submission_receipt_verified);
     let exported = world.inbox_dir(B).join(&id).join("scan.pdf");
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&exported).await;
     assert_eq!(std::fs::read(&exported).unwrap(), bytes, "byte-identical");
 
     // Resumed, not restarted: each link carried the document about once (plus

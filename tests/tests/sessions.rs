@@ -240,7 +240,7 @@ async fn two_agents_with_one_certificate_do_not_split_the_inbox() {
     // A copy of B's agent (say, a restored VM): same certificate, its own data and inbox.
     let mut copy = world.agent_config(B, &broker.url);
     copy.data_dir = world.path("copy-of-b/data");
-    copy.inbox_dir = world.path("copy-of-b/inbox");
+    copy.inbox_dir = Some(world.path("copy-of-b/inbox"));
     let second = Agent::start(copy).await;
     wait_metric(
         &admin_url,

@@ -255,6 +255,10 @@ async fn documents_survive_slow_cut_and_blackholed_links_and_arrive_exactly_once
     expected.sort();
     for (code, agent) in [(B, &b), (C, &c)] {
         let inbox = world.inbox_dir(code);
+        // Exported after the acknowledgement (issue 11): wait for the folders.
+        for id in &expected {
+            wait_for_path(&inbox.join(id)).await;
+        }
         assert_eq!(inbox_entries(&inbox), expected, "inbox of {code}");
         for doc in &sent {
             for (name, bytes) in &doc.files {
@@ -403,6 +407,8 @@ async fn blackhole_b_then_heal(cut_after_heal: bool) {
     let view = a
         .wait_status(&id, "delivered after healing", delivered_with_receipts)
         .await;
+    // Exported after the acknowledgement (issue 11): wait for the folder.
+    wait_for_path(&world.inbox_dir(B).join(&id)).await;
     assert_eq!(inbox_entries(&world.inbox_dir(B)), vec![id.clone()]);
     assert_eq!(
         std::fs::read(world.inbox_dir(B).join(&id).join("pl.pdf")).unwrap(),

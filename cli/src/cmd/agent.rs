@@ -49,7 +49,8 @@ pub struct AgentArgs {
     /// Local HTTP API address. Default 127.0.0.1:7180.
     #[arg(long)]
     api: Option<SocketAddr>,
-    /// Folder where received documents are exported.
+    /// Folder where received documents are exported, after they are acknowledged.
+    /// Absent: no folder (a gateway that reads documents over the API).
     #[arg(long)]
     inbox_dir: Option<PathBuf>,
     /// Most documents waiting in the outbox before new ones are refused (HTTP 429).
@@ -152,7 +153,7 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     let cert = path(args.cert, file.cert, "cert")?;
     let key = path(args.key, file.key, "key")?;
     let data = path(args.data, file.data, "data")?;
-    let inbox_dir = path(args.inbox_dir, file.inbox_dir, "inbox-dir")?;
+    let inbox_dir = optional_path(args.inbox_dir, file.inbox_dir);
     let api = args
         .api
         .or(file.api)
@@ -169,7 +170,8 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
             format!("the certificate is for {tls_identity}, not agency {agency}"),
         ));
     }
-    let mut config = AgentConfig::new(agency, broker, tls, data, inbox_dir);
+    let mut config = AgentConfig::new(agency, broker, tls, data, PathBuf::new());
+    config.inbox_dir = inbox_dir;
     if let Some(max) = args.max_outbox_documents.or(file.max_outbox_documents) {
         config.max_outbox_documents = max;
     }

@@ -1,0 +1,341 @@
+//! The recipient's batch path (issue 11): one `DeliveryBatch` in, one `AckBatch` out,
+//! a refusal for each bad delivery only, and batch-signed delivery receipts that
+//! verify one by one. A fake broker pushes the batch, since the real broker never
+//! sends a bad signature or a document addressed to someone else.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use lienthong_proto::document::seal_batch;
+use lienthong_proto::pb::{self, ReceiptKind, Signed};
+use lienthong_proto::receipt::{ExpectedReceipt, sign_receipt, verify_receipt};
+use lienthong_proto::{SigningKey, now_ms, sha256};
+use lienthong_tests::*;
+use prost::Message;
+
+/// Pushes the prepared broker messages on the first session and hands every message
+/// the agent sends to the test.
+struct BatchBroker {
+    pushes: std::sync::Mutex<Option<Vec<pb::BrokerMessage>>>,
+    answers: tokio::sync::mpsc::UnboundedSender<pb::AgentMessage>,
+}
+
+type Pushed = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::BrokerMessage, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl pb::exchange_server::Exchange for BatchBroker {
+    async fn submit(
+        &self,
+        _: tonic::Request<tonic::Streaming<pb::SubmitFrame>>,
+    ) -> Result<tonic::Response<pb::SubmitResponse>, tonic::Status> {
+        Err(tonic::Status::unavailable("test broker"))
+    }
+
+    async fn submit_batch(
+        &self,
+        _: tonic::Request<pb::SubmitBatchRequest>,
+    ) -> Result<tonic::Response<pb::SubmitBatchResponse>, tonic::Status> {
+        Err(tonic::Status::unavailable("test broker"))
+    }
+
+    type SessionStream = Pushed;
+
+    async fn session(
+        &self,
+        request: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
+    ) -> Result<tonic::Response<Pushed>, tonic::Status> {
+        use tokio_stream::StreamExt as _;
+        let mut from_agent = request.into_inner();
+        let answers = self.answers.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = from_agent.next().await {
+                let _ = answers.send(message);
+            }
+        });
+        let pushes = self.pushes.lock().unwrap().take().unwrap_or_default();
+        let stream = tokio_stream::iter(pushes.into_iter().map(Ok)).chain(tokio_stream::pending());
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    async fn status(
+        &self,
+        _: tonic::Request<pb::StatusRequest>,
+    ) -> Result<tonic::Response<pb::StatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test broker"))
+    }
+
+    async fn upload_status(
+        &self,
+        _: tonic::Request<pb::UploadStatusRequest>,
+    ) -> Result<tonic::Response<pb::UploadStatusResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("test broker"))
+    }
+
+    async fn directory(
+        &self,
+        _: tonic::Request<pb::DirectoryRequest>,
+    ) -> Result<tonic::Response<pb::DirectoryResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::DirectoryResponse::default()))
+    }
+}
+
+/// The broker's submission receipt for `envelope`, signed with `key`.
+fn submission(header: &pb::DocumentHeader, envelope: &Signed, key: &SigningKey) -> Signed {
+    let receipt = pb::Receipt {
+        kind: ReceiptKind::Submission as i32,
+        message_id: header.message_id.clone(),
+        header_sha256: sha256(&envelope.payload).to_vec(),
+        at_ms: now_ms(),
+        issuer: "broker:localhost".into(),
+        business_id: header.business_id.clone(),
+        sender: header.sender.clone(),
+        ..Default::default()
+    };
+    sign_receipt(&receipt, key).unwrap()
+}
+
+/// Starts the test broker with `pushes` on a TLS listener; returns its URL, the
+/// answers channel and the server task.
+async fn start_broker(
+    world: &World,
+    pushes: Vec<pb::BrokerMessage>,
+) -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<pb::AgentMessage>,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+) {
+    let (answers_tx, answers) = tokio::sync::mpsc::unbounded_channel();
+    let broker = BatchBroker {
+        pushes: std::sync::Mutex::new(Some(pushes)),
+        answers: answers_tx,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(world.broker_tls().server_config())
+            .unwrap()
+            .add_service(pb::exchange_server::ExchangeServer::new(broker))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (format!("https://localhost:{port}"), answers, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_batch_refuses_only_its_bad_deliveries_and_acks_the_rest_with_one_signature() {
+    let world = World::new();
+    let a_key = world.agency_tls(A).signing_key().unwrap();
+    let broker_key = world.broker_tls().signing_key().unwrap();
+
+    // Five documents sealed by A with one batch signature: three good ones for B, one
+    // for C only (not addressed to B), and one whose payload is swapped after sealing
+    // (its signature no longer matches).
+    let body = |n: u8| vec![n; 100 + usize::from(n)];
+    let bodies: Vec<Vec<u8>> = (0..5).map(body).collect();
+    let mut headers: Vec<pb::DocumentHeader> = (0..5)
+        .map(|i| {
+            let to: &[&str] = if i == 3 { &[C] } else { &[B] };
+            header(A, to, &[("noi-dung.bin", &bodies[i])])
+        })
+        .collect();
+    for (i, h) in headers.iter_mut().enumerate() {
+        h.subject = format!("Văn bản lô {i}");
+    }
+    let mut envelopes: Vec<Signed> = seal_batch(&headers, &a_key)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(envelopes[0].batch.is_some(), "sealed as one batch");
+    // The forged one claims another header (other id, addressed to B) under the
+    // batch's signature and proof.
+    let mut forged_header = header(A, &[B], &[("noi-dung.bin", &bodies[1])]);
+    forged_header.subject = "Không phải văn bản đã ký".into();
+    envelopes[1].payload = forged_header.encode_to_vec().into();
+    let forged_id = forged_header.message_id.clone();
+    let not_ours_id = headers[3].message_id.clone();
+    let good: Vec<usize> = vec![0, 2, 4];
+
+    let deliveries: Vec<pb::Delivery> = (0..5)
+        .map(|i| {
+            let h = if i == 1 { &forged_header } else { &headers[i] };
+            pb::Delivery {
+                envelope: Some(envelopes[i].clone()),
+                attachments: vec![bodies[i].clone().into()],
+                attempt: 1,
+                submission_receipt: Some(submission(h, &envelopes[i], &broker_key)),
+                ..Default::default()
+            }
+        })
+        .collect();
+    let pushes = vec![pb::BrokerMessage {
+        msg: Some(pb::broker_message::Msg::Batch(pb::DeliveryBatch {
+            deliveries,
+        })),
+    }];
+    let (url, mut answers, server) = start_broker(&world, pushes).await;
+    let b = Agent::start(world.agent_config(B, &url)).await;
+
+    // The Hello asks for batches; then exactly one AckBatch answers the batch.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut hello = None;
+    let mut batches = Vec::new();
+    while batches.is_empty() {
+        let message = tokio::time::timeout_at(deadline, answers.recv())
+            .await
+            .expect("the agent answers the batch within 30 s")
+            .expect("answers channel open");
+        match message.msg {
+            Some(pb::agent_message::Msg::Hello(h)) => hello = Some(h),
+            Some(pb::agent_message::Msg::Batch(batch)) => batches.push(batch),
+            other => panic!("a batch is answered by an AckBatch, got {other:?}"),
+        }
+    }
+    let hello = hello.expect("Hello first");
+    assert!(hello.max_batch >= 5 && hello.max_batch <= 256, "{hello:?}");
+    let batch = batches.pop().unwrap();
+
+    // Refusals for exactly the two bad ones, with reasons a person can act on.
+    let refused: HashMap<String, String> = batch
+        .refusals
+        .iter()
+        .map(|r| (r.message_id.clone(), r.reason.clone()))
+        .collect();
+    assert_eq!(
+        refused.keys().cloned().collect::<BTreeSet<_>>(),
+        BTreeSet::from([forged_id.clone(), not_ours_id.clone()]),
+        "{refused:?}"
+    );
+    assert!(refused[&forged_id].contains("signature"), "{refused:?}");
+    assert!(
+        refused[&not_ours_id].contains("not a recipient"),
+        "{refused:?}"
+    );
+
+    // Acks for the three good ones, each with its own delivery receipt: one batch
+    // signature (same signature bytes, a proof each) that verifies item by item.
+    let acked: BTreeSet<String> = batch.acks.iter().map(|a| a.message_id.clone()).collect();
+    let good_ids: BTreeSet<String> = good
+        .iter()
+        .map(|&i| headers[i].message_id.clone())
+        .collect();
+    assert_eq!(acked, good_ids);
+    let anchors = world.agency_tls(B).trust_anchors().unwrap();
+    let mut signatures = BTreeSet::new();
+    let mut leaves = BTreeSet::new();
+    for ack in &batch.acks {
+        let i = good
+            .iter()
+            .copied()
+            .find(|&i| headers[i].message_id == ack.message_id)
+            .unwrap();
+        let receipt = ack.delivery_receipt.as_ref().expect("a delivery receipt");
+        let proof = receipt.batch.as_ref().expect("a batch inclusion proof");
+        assert_eq!(proof.tree_size, 3);
+        leaves.insert(proof.leaf_index);
+        signatures.insert(receipt.signature.clone());
+        let header_sha256 = sha256(&envelopes[i].payload);
+        let decoded = verify_receipt(
+            receipt,
+            &anchors,
+            &ExpectedReceipt {
+                kind: ReceiptKind::Delivery,
+                message_id: &ack.message_id,
+                header_sha256: &header_sha256,
+                recipient: Some(B),
+                live: false,
+            },
+        )
+        .expect("the batch-signed delivery receipt verifies");
+        assert_eq!(decoded.issuer, B);
+    }
+    assert_eq!(signatures.len(), 1, "one signature for the whole batch");
+    assert_eq!(leaves, BTreeSet::from([0, 1, 2]));
+
+    // The good ones are stored and exported (after the acknowledgement) with the
+    // receipt that was sent; nothing of the bad ones is stored or exported.
+    for id in &good_ids {
+        wait_for_path(&world.inbox_dir(B).join(id)).await;
+    }
+    assert_eq!(
+        inbox_entries(&world.inbox_dir(B)),
+        good_ids.iter().cloned().collect::<Vec<_>>()
+    );
+    for ack in &batch.acks {
+        let folder = world.inbox_dir(B).join(&ack.message_id);
+        assert_eq!(
+            std::fs::read(folder.join("delivery-receipt.pb")).unwrap(),
+            ack.delivery_receipt.as_ref().unwrap().encode_to_vec()
+        );
+        assert!(folder.join("submission-receipt.pb").is_file());
+    }
+    let listed: BTreeSet<String> = b
+        .client
+        .inbox()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|item| item.message_id)
+        .collect();
+    assert_eq!(listed, good_ids);
+    for bad in [&forged_id, &not_ours_id] {
+        assert!(!world.inbox_dir(B).join(bad).exists());
+        let status = b.client.status(bad).await;
+        assert!(status.is_err(), "{bad} must be unknown to B: {status:?}");
+    }
+    b.stop().await;
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_larger_than_announced_ends_the_session_and_stores_nothing() {
+    let world = World::new();
+    let a_key = world.agency_tls(A).signing_key().unwrap();
+    let broker_key = world.broker_tls().signing_key().unwrap();
+    // The agent's window (and so its max_batch) is 2; the broker pushes 3.
+    let headers: Vec<pb::DocumentHeader> = (0..3).map(|_| header(A, &[B], &[])).collect();
+    let deliveries: Vec<pb::Delivery> = seal_batch(&headers, &a_key)
+        .into_iter()
+        .zip(&headers)
+        .map(|(envelope, h)| {
+            let envelope = envelope.unwrap();
+            pb::Delivery {
+                submission_receipt: Some(submission(h, &envelope, &broker_key)),
+                envelope: Some(envelope),
+                attempt: 1,
+                ..Default::default()
+            }
+        })
+        .collect();
+    let pushes = vec![pb::BrokerMessage {
+        msg: Some(pb::broker_message::Msg::Batch(pb::DeliveryBatch {
+            deliveries,
+        })),
+    }];
+    let (url, mut answers, server) = start_broker(&world, pushes).await;
+    let mut config = world.agent_config(B, &url);
+    config.window = 2;
+    let b = Agent::start(config).await;
+
+    // The session ends without an answer: the agent dials again and says Hello again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut hellos = 0;
+    while hellos < 2 {
+        let message = tokio::time::timeout_at(deadline, answers.recv())
+            .await
+            .expect("the agent reconnects within 30 s")
+            .expect("answers channel open");
+        match message.msg {
+            Some(pb::agent_message::Msg::Hello(h)) => {
+                assert_eq!(h.max_batch, 2);
+                hellos += 1;
+            }
+            other => panic!("an oversized batch gets no answer, got {other:?}"),
+        }
+    }
+    assert!(b.client.inbox().await.unwrap().is_empty());
+    b.stop().await;
+    server.abort();
+}
