@@ -106,6 +106,15 @@ impl OutboxRecord {
     }
 }
 
+/// How an outbox entry settles after a submission attempt (see [`Store::settle_outbox`]).
+#[derive(Debug, Clone, Copy)]
+pub enum OutboxSettle<'a> {
+    /// The broker accepted it: its submission receipt and the receipt's time.
+    Submitted { receipt: &'a [u8], at_ms: i64 },
+    /// The broker refused it for good.
+    Failed { reason: &'a str },
+}
+
 /// A document this agent received.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InboxRecord {
@@ -526,6 +535,64 @@ impl Store {
             r.failure_reason = None;
             r.submitted_at_ms = Some(at_ms);
         })
+    }
+
+    /// Records the outcomes of one submitted batch in ONE transaction (over the outbox
+    /// and the receipts): each entry becomes submitted (with its receipt) or failed and
+    /// stops waiting. Entries without a record are skipped. Call [`Store::durable`]
+    /// once afterwards, for the whole batch.
+    pub fn settle_outbox(&self, changes: &[(&str, OutboxSettle<'_>)]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        // Per change: (was waiting, is waiting, bytes) of the attempt that committed.
+        let transitions = std::cell::RefCell::new(Vec::with_capacity(changes.len()));
+        (&self.outbox, &self.receipts).transaction(
+            |(outbox, receipts)| -> ConflictableTransactionResult<(), StoreError> {
+                // A retried attempt starts over: only the last one's transitions count.
+                let mut seen = Vec::with_capacity(changes.len());
+                for (id, change) in changes {
+                    let rkey = key(b'r', id);
+                    let Some(current) = outbox.get(&rkey)? else {
+                        continue;
+                    };
+                    let mut record: OutboxRecord = decode_json(&rkey, &current)
+                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                    let was = record.state == OutboxState::Outbox;
+                    match change {
+                        OutboxSettle::Submitted { receipt, at_ms } => {
+                            record.state = OutboxState::Submitted;
+                            record.failure_reason = None;
+                            record.submitted_at_ms = Some(*at_ms);
+                            receipts.insert(key(b's', id), IVec::from(*receipt))?;
+                        }
+                        OutboxSettle::Failed { reason } => {
+                            record.state = OutboxState::Failed;
+                            record.failure_reason = Some((*reason).to_owned());
+                        }
+                    }
+                    seen.push((was, record.bytes));
+                    let value = encode_json(&record)
+                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                    outbox.insert(rkey, value)?;
+                    outbox.remove(key(b'p', id))?;
+                }
+                *transitions.borrow_mut() = seen;
+                Ok(())
+            },
+        )?;
+        let mut pending = self
+            .outbox_pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (was_waiting, bytes) in transitions.into_inner() {
+            // Both outcomes leave the outbox state: only a waiting entry changes counts.
+            if was_waiting {
+                pending.0 = pending.0.saturating_sub(1);
+                pending.1 = pending.1.saturating_sub(bytes);
+            }
+        }
+        Ok(())
     }
 
     /// The broker refused `id` for good.
