@@ -106,6 +106,17 @@ impl OutboxRecord {
     }
 }
 
+/// One document of [`Store::put_outbox_batch`].
+pub struct NewOutbox<'a> {
+    pub record: &'a OutboxRecord,
+    /// The sealed envelope, prost-encoded, exactly as sealed.
+    pub envelope: &'a [u8],
+    /// Kept in sled (empty for a streamed document: its files are in `files`).
+    pub attachments: &'a [Bytes],
+    /// A recall, update or replace: the message id it refers to (linked to it).
+    pub refers_to: Option<&'a str>,
+}
+
 /// How an outbox entry settles after a submission attempt (see [`Store::settle_outbox`]).
 #[derive(Debug, Clone, Copy)]
 pub enum OutboxSettle<'a> {
@@ -371,6 +382,44 @@ impl Store {
             .unwrap_or(1))
     }
 
+    /// Takes `count` consecutive document numbers at once (one counter update for a
+    /// group of documents); answers the first. Durable with the documents that use them.
+    pub fn take_numbers(&self, count: u64) -> Result<u64, StoreError> {
+        let overflow = || StoreError::Record {
+            key: "next_number".into(),
+            detail: "the document number counter would overflow".into(),
+        };
+        let mut overflowed = false;
+        let value = self.meta.update_and_fetch("next_number", |old| {
+            let current = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            match current.checked_add(count) {
+                Some(next) => {
+                    overflowed = false;
+                    Some(next.to_be_bytes().to_vec())
+                }
+                // Leave the counter as it is and refuse the numbers.
+                None => {
+                    overflowed = true;
+                    old.map(<[u8]>::to_vec)
+                }
+            }
+        })?;
+        if overflowed {
+            return Err(overflow());
+        }
+        let last = value
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(overflow)?;
+        // `last` counts `count` new numbers after the previous value: last - count + 1.
+        last.checked_sub(count)
+            .and_then(|before| before.checked_add(1))
+            .ok_or_else(overflow)
+    }
+
     // ---- outbox ----
 
     /// Stores a sealed document waiting for submission, in one transaction.
@@ -399,6 +448,60 @@ impl Store {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         pending.0 += 1;
+        pending.1 = pending.1.saturating_add(bytes);
+        Ok(())
+    }
+
+    /// Stores a group of sealed documents waiting for submission in ONE transaction
+    /// (records, envelopes, attachments, links to the documents they refer to): all of
+    /// them or none. Call [`Store::durable`] once before telling anyone they are accepted.
+    pub fn put_outbox_batch(&self, documents: &[NewOutbox<'_>]) -> Result<(), StoreError> {
+        if documents.is_empty() {
+            return Ok(());
+        }
+        let mut prepared = Vec::with_capacity(documents.len());
+        let mut bytes = 0u64;
+        for document in documents {
+            let id = document.record.message_id.as_str();
+            bytes = bytes.saturating_add(document.record.bytes);
+            let link = document.refers_to.map(|about| {
+                let mut k = about.as_bytes().to_vec();
+                k.push(0);
+                k.extend_from_slice(id.as_bytes());
+                IVec::from(k)
+            });
+            prepared.push((
+                id,
+                IVec::from(encode_json(document.record)?),
+                IVec::from(document.envelope),
+                attachment_writes(id, document.attachments),
+                link,
+            ));
+        }
+        (&self.outbox, &self.outbox_attachments, &self.links).transaction(
+            |(outbox, atts, links)| -> ConflictableTransactionResult<(), StoreError> {
+                for (id, record, envelope, writes, link) in &prepared {
+                    for (k, v) in writes {
+                        atts.insert(k.clone(), v.clone())?;
+                    }
+                    outbox.insert(key(b'e', id), envelope.clone())?;
+                    outbox.insert(key(b'r', id), record.clone())?;
+                    // The `p` key marks it pending submission.
+                    outbox.insert(key(b'p', id), IVec::default())?;
+                    if let Some(link) = link {
+                        links.insert(link.clone(), IVec::default())?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let mut pending = self
+            .outbox_pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.0 = pending
+            .0
+            .saturating_add(u64::try_from(documents.len()).unwrap_or(u64::MAX));
         pending.1 = pending.1.saturating_add(bytes);
         Ok(())
     }
