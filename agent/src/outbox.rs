@@ -215,6 +215,13 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                 if known.insert(id.clone()) {
                     queue.push_back(id);
                 }
+                // Take every id already announced (a sealed group arrives at once), so
+                // they go out together rather than one batch each.
+                while let Ok(id) = new_ids.try_recv() {
+                    if known.insert(id.clone()) {
+                        queue.push_back(id);
+                    }
+                }
             }
             () = sleep_until_or_forever(wake_at) => {}
             () = stop.cancelled() => return,
