@@ -424,7 +424,8 @@ pub async fn run(
     let stop = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(outbox::run(Arc::clone(&agent), stop.clone()));
-    tasks.spawn(sealer::run(Arc::clone(&agent), sealer_rx, stop.clone()));
+    // Not one of `tasks`: it ends with the agent, after the API drained its requests.
+    tokio::spawn(sealer::run(Arc::downgrade(&agent), sealer_rx));
     tasks.spawn(session::run(Arc::clone(&agent), stop.clone()));
     tasks.spawn(files::sweep_periodically(
         Arc::clone(&agent),

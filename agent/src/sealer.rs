@@ -19,7 +19,7 @@
 //!   accepted earlier in the same group.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use axum::http::StatusCode;
 use bytes::Bytes;
@@ -27,7 +27,6 @@ use lienthong_proto::document::{business_id, seal_batch};
 use lienthong_proto::pb;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info};
 
 use crate::Agent;
@@ -109,21 +108,18 @@ pub(crate) fn job(
     )
 }
 
-/// Runs until `stop` is cancelled or every sender is gone.
-pub(crate) async fn run(agent: Arc<Agent>, mut jobs: SealReceiver, stop: CancellationToken) {
-    loop {
-        let first = tokio::select! {
-            received = jobs.recv() => match received {
-                Some(group) => group,
-                None => return,
-            },
-            () = stop.cancelled() => return,
-        };
+/// Runs until the agent is gone (its sender with it). It holds the agent only while a
+/// group is sealed, and does not stop with the other tasks: the API drains its
+/// requests after shutdown was asked, and those still need their documents sealed.
+pub(crate) async fn run(weak: Weak<Agent>, mut jobs: SealReceiver) {
+    while let Some(first) = jobs.recv().await {
         // Everything that queued while the previous group was sealed.
         let mut group = first;
         while let Ok(more) = jobs.try_recv() {
             group.extend(more);
         }
+        // Gone: the jobs' answer channels close with them.
+        let Some(agent) = weak.upgrade() else { return };
         let sealing = Arc::clone(&agent);
         let sealed = tokio::task::spawn_blocking(move || seal_group(&sealing, group)).await;
         let answers = match sealed {

@@ -530,3 +530,88 @@ async fn the_outbox_submits_batches_and_stores_verified_receipts() {
     fake.server.abort();
     broker.stop().await;
 }
+
+/// Reads one HTTP/1.1 response (headers and a `Content-Length` body) from `stream`.
+async fn read_response(stream: &mut tokio::net::TcpStream) -> (u16, String, Vec<u8>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buffer.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.unwrap();
+        assert_eq!(n, 1, "the connection closed mid-response");
+        buffer.push(byte[0]);
+    }
+    let head = String::from_utf8(buffer).unwrap();
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .expect("a Content-Length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    (status, head, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_kept_alive_connection_carries_many_sends() {
+    use tokio::io::AsyncWriteExt as _;
+    let world = World::new();
+    let broker = Broker::start(world.broker_config("broker")).await;
+    let a = Agent::start(world.agent_config(A, &broker.url)).await;
+    let b = Agent::start(world.agent_config(B, &broker.url)).await;
+
+    let host = a.api.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (path, body) = if i % 2 == 0 {
+            ("/v1/documents", item(B, &format!("kept alive {i}")))
+        } else {
+            (
+                "/v1/documents/batch",
+                serde_json::json!({ "documents": [item(B, &format!("kept alive {i}"))] }),
+            )
+        };
+        let body = serde_json::to_vec(&body).unwrap();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            a.token,
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        stream.write_all(&body).await.unwrap();
+        let (status, head, body) = read_response(&mut stream).await;
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        if i % 2 == 0 {
+            assert_eq!(status, 202, "{body}");
+            ids.push(body["message_id"].as_str().unwrap().to_owned());
+        } else {
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["results"][0]["status"], 202, "{body}");
+            ids.push(
+                body["results"][0]["message_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+    }
+    let received = wait_inbox(&b, 5).await;
+    assert_eq!(
+        received.iter().collect::<HashSet<_>>(),
+        ids.iter().collect::<HashSet<_>>()
+    );
+    drop(stream);
+    a.stop().await;
+    b.stop().await;
+    broker.stop().await;
+}
