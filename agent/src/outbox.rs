@@ -16,7 +16,9 @@
 //!   answers `SubmitBatch` with UNIMPLEMENTED (older brokers) gets per-document `Submit`
 //!   calls, up to [`CONCURRENT_SUBMISSIONS`] at once, until the connection to it is lost
 //!   (a reconnect may reach a newer broker); so does a batch refused as a whole with a
-//!   permanent code: one refused call never fails its documents without their own answer.
+//!   permanent code (one refused call never fails its documents without their own
+//!   answer), and a document refused RESOURCE_EXHAUSTED in a batch (only `Submit`'s
+//!   answer carries the broker's mark that tells "too large" from "queue full").
 //! - A document is never submitted twice at the same time. New documents arrive on a
 //!   channel from the API; the outbox itself is re-read at start and every
 //!   [`RESCAN_EVERY`] as a safety net.
@@ -644,7 +646,10 @@ async fn submit_group(
                 continue;
             }
             match submit_batch(agent, call).await {
-                Batched::Done(done) => outcomes.extend(done),
+                Batched::Done(done, alone) => {
+                    outcomes.extend(done);
+                    singles.extend(alone);
+                }
                 Batched::Unsupported(ids) => {
                     if batches.swap(false, Ordering::Relaxed) {
                         info!(
@@ -673,8 +678,9 @@ async fn submit_group(
 
 /// What became of one `SubmitBatch` call.
 enum Batched {
-    /// One outcome per document.
-    Done(Vec<(String, Outcome)>),
+    /// Outcomes of documents, and the documents to ask again one by one with
+    /// `Submit` (over a limit: only Submit's answer says whether for good).
+    Done(Vec<(String, Outcome)>, Vec<String>),
     /// The broker does not know `SubmitBatch`: submit these one by one.
     Unsupported(Vec<String>),
     /// The call was refused as a whole with a permanent code: submit these one by one,
@@ -684,13 +690,14 @@ enum Batched {
 
 /// One `SubmitBatch` call; its accepted and refused documents are stored with one
 /// transaction and one `durable()`.
-async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
+async fn submit_batch(agent: &Agent, mut documents: Vec<Loaded>) -> Batched {
+    // The attachment bytes move into the request (no second copy is kept).
     let request = pb::SubmitBatchRequest {
         documents: documents
-            .iter()
+            .iter_mut()
             .map(|d| pb::BatchDocument {
                 envelope: Some(d.envelope.clone()),
-                attachments: d.attachments.clone(),
+                attachments: std::mem::take(&mut d.attachments),
             })
             .collect(),
     };
@@ -709,6 +716,7 @@ async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
                     ids.into_iter()
                         .map(|id| (id, Outcome::Unreachable(reason.clone())))
                         .collect(),
+                    Vec::new(),
                 ),
                 _ if is_permanent_status(&status) => {
                     warn!(agency = %agent.agency, documents = ids.len(), reason = %reason, "the broker refused a whole batch; submitting its documents one by one");
@@ -718,6 +726,7 @@ async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
                     ids.into_iter()
                         .map(|id| (id, Outcome::Retry(reason.clone())))
                         .collect(),
+                    Vec::new(),
                 ),
             };
         }
@@ -733,13 +742,19 @@ async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
                 .into_iter()
                 .map(|d| (d.id, Outcome::Retry(reason.clone())))
                 .collect(),
+            Vec::new(),
         );
     }
     // Decide each document's outcome first, then store every decision at once.
     enum Decided {
-        Submitted { receipt: Vec<u8>, at_ms: i64 },
+        Submitted {
+            receipt: Vec<u8>,
+            at_ms: i64,
+        },
         Failed(String),
         Other(Outcome),
+        /// Asked again with `Submit` (see below).
+        Alone,
     }
     let mut decided = Vec::with_capacity(documents.len());
     let mut duplicates = 0usize;
@@ -750,6 +765,12 @@ async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
                 "the broker's outcome names message {}",
                 lienthong_proto::agency::printable(&answer.message_id)
             ))));
+            continue;
+        }
+        if answer.code == tonic::Code::ResourceExhausted as i32 {
+            // Over a limit: a full queue passes, an oversized document does not, and only
+            // Submit's answer carries the broker's "permanent" mark that tells them apart.
+            decided.push(Decided::Alone);
             continue;
         }
         if answer.code != 0 {
@@ -818,7 +839,7 @@ async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
                 },
             )),
             Decided::Failed(reason) => Some((d.id.as_str(), OutboxSettle::Failed { reason })),
-            Decided::Other(_) => None,
+            Decided::Other(_) | Decided::Alone => None,
         })
         .collect();
     let stored = match agent.store.settle_outbox(&changes) {
@@ -832,11 +853,16 @@ async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
         error!(agency = %agent.agency, documents = documents.len(), error = %e, "cannot store a batch's outcomes");
     }
     let (mut submitted, mut refused, mut later) = (0usize, 0usize, 0usize);
+    let mut alone = Vec::new();
     let outcomes = documents
         .into_iter()
         .zip(decided)
-        .map(|(d, decision)| {
+        .filter_map(|(d, decision)| {
             let outcome = match (decision, &stored) {
+                (Decided::Alone, _) => {
+                    alone.push(d.id);
+                    return None;
+                }
                 (Decided::Other(outcome), _) => outcome,
                 (_, Err(e)) => Outcome::Unreachable(format!("local store: {e}")),
                 (Decided::Submitted { .. }, Ok(())) => Outcome::Submitted,
@@ -847,7 +873,7 @@ async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
                 Outcome::Failed => refused = refused.saturating_add(1),
                 Outcome::Unreachable(_) | Outcome::Retry(_) => later = later.saturating_add(1),
             }
-            (d.id, outcome)
+            Some((d.id, outcome))
         })
         .collect();
     info!(
@@ -856,8 +882,9 @@ async fn submit_batch(agent: &Agent, documents: Vec<Loaded>) -> Batched {
         duplicates,
         refused,
         retry = later,
+        resubmitted_alone = alone.len(),
         bytes,
         "batch submitted"
     );
-    Batched::Done(outcomes)
+    Batched::Done(outcomes, alone)
 }

@@ -867,6 +867,102 @@ impl Store {
     }
 }
 
+/// The group paths of the outbox: numbers, one-transaction writes and settlements.
+#[cfg(test)]
+mod outbox_batch_tests {
+    use super::*;
+
+    fn waiting(id: &str, bytes: u64) -> OutboxRecord {
+        OutboxRecord {
+            message_id: id.into(),
+            business_id: format!("b-{id}"),
+            recipients: vec![],
+            created_at_ms: 1,
+            header_sha256: "00".into(),
+            state: OutboxState::Outbox,
+            failure_reason: None,
+            submitted_at_ms: None,
+            bytes,
+            streamed: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn numbers_groups_and_settlements() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.next_number().unwrap(), 1);
+        assert_eq!(store.take_numbers(3).unwrap(), 2);
+        assert_eq!(store.next_number().unwrap(), 5);
+
+        let records = [waiting("a", 3), waiting("b", 0), waiting("c", 5)];
+        let atts = [Bytes::from_static(b"123")];
+        let docs: Vec<NewOutbox<'_>> = records
+            .iter()
+            .map(|r| NewOutbox {
+                record: r,
+                envelope: b"env",
+                attachments: if r.bytes == 3 { &atts } else { &[] },
+                refers_to: (r.message_id == "c").then_some("a"),
+            })
+            .collect();
+        store.put_outbox_batch(&docs).unwrap();
+        store.durable().await.unwrap();
+        assert_eq!(store.pending_outbox().unwrap(), vec!["a", "b", "c"]);
+        assert_eq!(store.outbox_pending().unwrap(), (3, 8));
+        assert_eq!(store.links("a").unwrap(), vec!["c"]);
+        assert_eq!(store.outbox_attachment_chunks("a").count(), 1);
+
+        store
+            .settle_outbox(&[
+                (
+                    "a",
+                    OutboxSettle::Submitted {
+                        receipt: b"receipt",
+                        at_ms: 7,
+                    },
+                ),
+                ("c", OutboxSettle::Failed { reason: "refused" }),
+                // Unknown ids are skipped, not errors.
+                ("zz", OutboxSettle::Failed { reason: "x" }),
+            ])
+            .unwrap();
+        store.durable().await.unwrap();
+        assert_eq!(store.pending_outbox().unwrap(), vec!["b"]);
+        assert_eq!(store.outbox_pending().unwrap(), (1, 0));
+        let a = store.outbox_record("a").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.submitted_at_ms),
+            (OutboxState::Submitted, Some(7))
+        );
+        assert_eq!(
+            store.submission_receipt("a").unwrap().unwrap().as_ref(),
+            b"receipt"
+        );
+        let c = store.outbox_record("c").unwrap().unwrap();
+        assert_eq!(c.state, OutboxState::Failed);
+        assert_eq!(c.failure_reason.as_deref(), Some("refused"));
+        // Settling again changes no count.
+        store
+            .settle_outbox(&[("c", OutboxSettle::Failed { reason: "again" })])
+            .unwrap();
+        assert_eq!(store.outbox_pending().unwrap(), (1, 0));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.outbox_pending().unwrap(), (1, 0));
+        assert_eq!(store.next_number().unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn the_counter_refuses_to_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.take_numbers(u64::MAX - 1).unwrap();
+        assert!(store.take_numbers(2).is_err());
+        assert_eq!(store.take_numbers(1).unwrap(), u64::MAX);
+    }
+}
+
 /// `fdatasync`s blob files in `dir` not in `known` (sled writes large values there
 /// without syncing), then the directory itself if any was new. Returns the names now
 /// present.
