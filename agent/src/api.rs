@@ -1,6 +1,7 @@
 //! The local HTTP JSON API for gateways and clerks (loopback by default).
 //!
 //! Routes: `POST /v1/uploads` (a file streamed to disk), `POST /v1/documents`,
+//! `POST /v1/documents/batch` (many documents, one outcome each),
 //! `GET /v1/documents/{id}/status` (with the business history),
 //! `POST /v1/documents/{id}/recall`, `GET /v1/inbox`, `GET /v1/inbox/count`,
 //! `GET /v1/inbox/{id}`, `POST /v1/inbox/{id}/status`, `GET /v1/directory`,
@@ -11,7 +12,8 @@
 //! - Every route is behind `api_guard` (token, Host/Origin/Sec-Fetch-Site, Content-Type)
 //!   and listed in `api_guard::ROUTES`; a route missing there is refused, not served.
 //! - `202 Accepted` is answered only after the sealed document is durable in the
-//!   outbox.
+//!   outbox (for a batch: every accepted document of it). Documents are drafted here and
+//!   sealed by `sealer` (one signature, one store write, one sync per group).
 //! - Bad input is a `400` whose message names the field and the rule; storage failures
 //!   are a `500` with a generic message (details go to the log, never to the client).
 //! - Every error body is an [`ErrorBody`].
@@ -29,7 +31,7 @@ use axum::routing::{get, post};
 use base64::Engine as _;
 use bytes::Bytes;
 use lienthong_proto::document::{
-    business_id, describe_attachment, is_valid_message_id, new_message_id, seal, vietnam_date_today,
+    business_id, describe_attachment, is_valid_message_id, new_message_id, vietnam_date_today,
 };
 use lienthong_proto::pb;
 use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
@@ -39,12 +41,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::Agent;
 use crate::api_types::{
-    AttemptView, ErrorBody, InboxDetail, InboxItem, Limits, RecipientView, SendRequest,
-    SendResponse, StatusView, UploadResponse,
+    AttemptView, ErrorBody, InboxDetail, InboxItem, Limits, RecipientView, SendBatchRequest,
+    SendBatchResponse, SendBatchResult, SendRequest, SendResponse, StatusView, UploadResponse,
 };
 use crate::error::StoreError;
 use crate::export::{document_json, rfc3339_ms};
-use crate::store::{OutboxRecord, OutboxState};
+use crate::store::OutboxState;
 
 /// How long a status query to the broker may take.
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,9 +63,10 @@ pub(crate) enum ApiError {
     Rejected(StatusCode, String),
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, error) = match self {
+impl ApiError {
+    /// The HTTP status and the client-safe message.
+    pub(crate) fn status_and_message(self) -> (StatusCode, String) {
+        match self {
             ApiError::BadRequest(e) => (StatusCode::BAD_REQUEST, e),
             ApiError::NotFound(e) => (StatusCode::NOT_FOUND, e),
             ApiError::Internal => (
@@ -71,7 +74,13 @@ impl IntoResponse for ApiError {
                 "internal error of the agent's store; see the agent's log".to_owned(),
             ),
             ApiError::Rejected(status, e) => (status, e),
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, error) = self.status_and_message();
         (status, Json(ErrorBody { error })).into_response()
     }
 }
@@ -92,6 +101,7 @@ pub(crate) fn router(
 ) -> Router {
     Router::new()
         .route("/v1/documents", post(send_document))
+        .route("/v1/documents/batch", post(send_documents_batch))
         .route(
             "/v1/uploads",
             post(upload).layer(DefaultBodyLimit::disable()),
@@ -185,26 +195,109 @@ pub(crate) fn protocol_error(e: ProtocolError) -> ApiError {
     }
 }
 
-/// A document sealed and stored, not yet durable.
-struct Prepared {
-    message_id: String,
-    business_id: String,
-}
+/// Drafting a request whose base64 attachments decode to at most this is small CPU
+/// work, done on the request's own task (no blocking-pool hop); larger ones and uploads
+/// (files to read or spool) are drafted on the blocking pool.
+const INLINE_DRAFT_BYTES: u64 = 256 * 1024;
 
-/// Builds the header, seals it and stores it in the outbox. Blocking.
+/// The most documents `POST /v1/documents/batch` takes in one call.
+pub const MAX_BATCH_DOCUMENTS: usize = 1000;
+
+/// A drafted request ready for the sealer, with its answer channel.
+type Job = (
+    crate::sealer::SealJob,
+    tokio::sync::oneshot::Receiver<Result<crate::sealer::Sealed, ApiError>>,
+);
+
+/// Drafts one request for the sealer; `spooled` collects the uploads spooled from its
+/// base64 attachments (removed once it is answered). Blocking unless
+/// [`drafts_inline`].
 ///
 /// Attachments given as base64 of a document that will be streamed (over
 /// `STREAMED_THRESHOLD` in total) are first spooled to upload files, synced, so that
-/// they take the path of uploaded files; whatever was spooled for a document that is
-/// then refused is removed again.
-fn prepare(agent: &Agent, req: SendRequest) -> Result<Prepared, ApiError> {
-    let mut spooled = Vec::new();
-    let prepared = prepare_spooled(agent, req, &mut spooled);
-    // Taken into the outbox (streamed), read inline, or refused: no longer needed.
-    for id in &spooled {
-        agent.files.remove_upload(id);
+/// they take the path of uploaded files.
+fn draft_job(agent: &Agent, req: SendRequest, spooled: &mut Vec<String>) -> Result<Job, ApiError> {
+    let sender = agent.agency.to_string();
+    let ctx = DraftContext {
+        sender: &sender,
+        max_document_bytes: agent.max_document_bytes,
+        message_id: new_message_id(),
+        created_at_ms: now_ms(),
+        today: vietnam_date_today(),
+    };
+    let Draft {
+        header,
+        given_number,
+        inline: mut attachments,
+        uploads,
+        streamed,
+    } = draft(
+        ctx,
+        req,
+        DraftStore {
+            sent: &mut |id| {
+                Ok(agent
+                    .store
+                    .outbox_record(id)
+                    .map_err(internal("cannot read the outbox"))?
+                    .map(|r| SentDocument {
+                        business_id: r.business_id,
+                        recipients: r.recipients,
+                    }))
+            },
+            upload: &mut |id| {
+                agent
+                    .files
+                    .upload(id)
+                    .map_err(internal("cannot read an upload"))
+            },
+            spool: &mut |index, text| {
+                let id = spool_base64(agent, index, text)?;
+                spooled.push(id.clone());
+                Ok(id)
+            },
+        },
+    )?;
+    let mut upload_paths = Vec::new();
+    let mut consumed = Vec::new();
+    if streamed {
+        // The sealer moves the files into the outbox.
+        upload_paths = uploads.iter().map(|(_, u)| u.path.clone()).collect();
+        attachments.clear();
+    } else {
+        // Small: kept inline in the store like a JSON upload.
+        for (id, upload) in &uploads {
+            let bytes = std::fs::read(&upload.path).map_err(|e| {
+                error!(error = %e, "cannot read an upload");
+                ApiError::Internal
+            })?;
+            attachments.push(Bytes::from(bytes));
+            consumed.push(id.clone());
+        }
     }
-    prepared
+    Ok(crate::sealer::job(
+        header,
+        given_number,
+        attachments,
+        streamed,
+        upload_paths,
+        consumed,
+    ))
+}
+
+/// Whether drafting `req` is small enough for the async thread: no files to read or
+/// spool, little base64 to decode and hash.
+fn drafts_inline(req: &SendRequest) -> bool {
+    let mut base64 = 0u64;
+    for attachment in &req.attachments {
+        if attachment.upload_id.is_some() {
+            return false;
+        }
+        base64 = base64.saturating_add(crate::intake::decoded_len(
+            attachment.content_base64.as_bytes(),
+        ));
+    }
+    base64 <= INLINE_DRAFT_BYTES
 }
 
 /// Spools base64 `text` (attachment `index`) to a new upload; returns its id.
@@ -462,129 +555,6 @@ pub(crate) fn draft(
 
 fn set_business_id(h: &mut pb::DocumentHeader) {
     h.business_id = business_id(&h.sender, &h.issue_date, &h.number, &h.notation);
-}
-
-fn prepare_spooled(
-    agent: &Agent,
-    req: SendRequest,
-    spooled: &mut Vec<String>,
-) -> Result<Prepared, ApiError> {
-    let sender = agent.agency.to_string();
-    let ctx = DraftContext {
-        sender: &sender,
-        max_document_bytes: agent.max_document_bytes,
-        message_id: new_message_id(),
-        created_at_ms: now_ms(),
-        today: vietnam_date_today(),
-    };
-    let Draft {
-        mut header,
-        given_number,
-        inline: mut attachments,
-        uploads,
-        streamed,
-    } = draft(
-        ctx,
-        req,
-        DraftStore {
-            sent: &mut |id| {
-                Ok(agent
-                    .store
-                    .outbox_record(id)
-                    .map_err(internal("cannot read the outbox"))?
-                    .map(|r| SentDocument {
-                        business_id: r.business_id,
-                        recipients: r.recipients,
-                    }))
-            },
-            upload: &mut |id| {
-                agent
-                    .files
-                    .upload(id)
-                    .map_err(internal("cannot read an upload"))
-            },
-            spool: &mut |index, text| {
-                let id = spool_base64(agent, index, text)?;
-                spooled.push(id.clone());
-                Ok(id)
-            },
-        },
-    )?;
-    if !uploads.is_empty() && !streamed {
-        // Small: kept inline in the store like a JSON upload.
-        for (_, upload) in &uploads {
-            let bytes = std::fs::read(&upload.path).map_err(|e| {
-                error!(error = %e, "cannot read an upload");
-                ApiError::Internal
-            })?;
-            attachments.push(Bytes::from(bytes));
-        }
-    }
-    if !given_number {
-        let number = agent
-            .store
-            .next_number()
-            .map_err(internal("cannot take the next document number"))?;
-        header.number = number.to_string();
-        set_business_id(&mut header);
-    }
-    let envelope = seal(&header, &agent.signing_key).map_err(protocol_error)?;
-    let bytes: u64 = header
-        .attachments
-        .iter()
-        .map(|a| a.size)
-        .fold(0, u64::saturating_add);
-    let (pending, pending_bytes) = agent
-        .store
-        .outbox_pending()
-        .map_err(internal("cannot read the outbox"))?;
-    if pending >= agent.max_outbox_documents {
-        return Err(ApiError::Rejected(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "the outbox holds {pending} documents not yet accepted by the broker, the limit \
-                 (max_outbox_documents); retry when the broker is reachable again"
-            ),
-        ));
-    }
-    if pending_bytes.saturating_add(bytes) > agent.max_outbox_bytes {
-        return Err(ApiError::Rejected(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "the outbox holds {pending_bytes} bytes not yet accepted by the broker; this \
-                 document would exceed the limit of {} (max_outbox_bytes)",
-                agent.max_outbox_bytes
-            ),
-        ));
-    }
-    let record = OutboxRecord::waiting(&header, &envelope, bytes, streamed);
-    if streamed {
-        let paths: Vec<std::path::PathBuf> = uploads.iter().map(|(_, u)| u.path.clone()).collect();
-        agent
-            .files
-            .take_into_outbox(&header.message_id, &paths)
-            .map_err(internal("cannot move the uploads into the outbox"))?;
-        attachments.clear();
-    }
-    agent
-        .store
-        .put_outbox(&record, &envelope.encode_to_vec(), &attachments)
-        .map_err(internal("cannot store the document in the outbox"))?;
-    if !header.refers_to.is_empty() {
-        agent
-            .store
-            .link(&header.refers_to, &header.message_id)
-            .map_err(internal("cannot link the document to the one it refers to"))?;
-    }
-    if !streamed {
-        for (id, _) in &uploads {
-            agent.files.remove_upload(id);
-        }
-    }
-    Ok(Prepared {
-        message_id: header.message_id,
-        business_id: header.business_id,
-    })
 }
 
 fn too_large(size: u64, limit: u64) -> ApiError {
@@ -912,39 +882,203 @@ pub(crate) async fn accept_send_request(
     agent: &Arc<Agent>,
     req: SendRequest,
 ) -> Result<SendResponse, ApiError> {
-    let preparing = Arc::clone(agent);
-    let prepared = tokio::task::spawn_blocking(move || prepare(&preparing, req))
+    accept_send_requests(agent, vec![req])
         .await
-        .map_err(|e| {
-            error!(error = %e, "preparing a document failed");
-            ApiError::Internal
-        })?;
-    let prepared = match prepared {
-        Ok(p) => p,
-        Err(e) => {
-            if let ApiError::BadRequest(reason) = &e {
-                info!(agency = %agent.agency, reason = %reason, "document refused");
+        .pop()
+        .unwrap_or(Err(ApiError::Internal))
+}
+
+/// [`accept_send_request`] for many requests at once, answered in order: drafted
+/// together (one blocking-pool hop at most), sealed as one group of the sealer (one
+/// batch signature, one store write, one `durable()`), each with its own outcome.
+pub(crate) async fn accept_send_requests(
+    agent: &Arc<Agent>,
+    requests: Vec<SendRequest>,
+) -> Vec<Result<SendResponse, ApiError>> {
+    let count = requests.len();
+    let drafted: Vec<Result<Job, ApiError>>;
+    let mut spooled = Vec::new();
+    if requests.iter().all(drafts_inline) {
+        // No file is touched: spooling happens only above the streaming threshold.
+        drafted = requests
+            .into_iter()
+            .map(|req| draft_job(agent, req, &mut spooled))
+            .collect();
+    } else {
+        let drafting = Arc::clone(agent);
+        match tokio::task::spawn_blocking(move || {
+            let mut spooled = Vec::new();
+            let drafted: Vec<_> = requests
+                .into_iter()
+                .map(|req| draft_job(&drafting, req, &mut spooled))
+                .collect();
+            (drafted, spooled)
+        })
+        .await
+        {
+            Ok((done, files)) => {
+                drafted = done;
+                spooled = files;
             }
-            return Err(e);
+            Err(e) => {
+                error!(error = %e, "drafting documents failed");
+                return (0..count).map(|_| Err(ApiError::Internal)).collect();
+            }
         }
-    };
-    agent
-        .store
-        .durable()
-        .await
-        .map_err(internal("cannot make the outbox durable"))?;
-    agent.metrics.outbox_added();
-    let _ = agent.outbox_tx.send(prepared.message_id.clone());
+    }
+    // Sealed (numbered, signed, stored, durable) as one group, answers in order.
+    let mut results: Vec<Option<Result<SendResponse, ApiError>>> = Vec::with_capacity(count);
+    let mut jobs = Vec::with_capacity(count);
+    for draft in drafted {
+        match draft {
+            Ok(job) => {
+                jobs.push(job);
+                results.push(None);
+            }
+            Err(e) => {
+                if let ApiError::BadRequest(reason) = &e {
+                    debug!(agency = %agent.agency, reason = %reason, "document refused");
+                }
+                results.push(Some(Err(e)));
+            }
+        }
+    }
+    let mut sealed = if jobs.is_empty() {
+        Vec::new()
+    } else {
+        crate::sealer::seal(agent, jobs).await
+    }
+    .into_iter();
+    let results = results
+        .into_iter()
+        .map(|slot| match slot {
+            Some(refused) => refused,
+            None => match sealed.next() {
+                Some(Ok(done)) => {
+                    agent.metrics.outbox_added();
+                    let _ = agent.outbox_tx.send(done.message_id.clone());
+                    debug!(
+                        agency = %agent.agency,
+                        message_id = %done.message_id,
+                        business_id = %done.business_id,
+                        "document accepted into the outbox"
+                    );
+                    Ok(SendResponse {
+                        message_id: done.message_id,
+                        business_id: done.business_id,
+                    })
+                }
+                Some(Err(e)) => Err(e),
+                None => Err(ApiError::Internal),
+            },
+        })
+        .collect();
+    // Taken into the outbox (streamed), read inline, or refused: no longer needed.
+    if !spooled.is_empty() {
+        let removing = Arc::clone(agent);
+        let _ = tokio::task::spawn_blocking(move || {
+            for id in &spooled {
+                removing.files.remove_upload(id);
+            }
+        })
+        .await;
+    }
+    results
+}
+
+/// `POST /v1/documents/batch`: `{"documents": [...]}`, each item the body
+/// `POST /v1/documents` takes, at most [`MAX_BATCH_DOCUMENTS`] of them within the body
+/// cap. Answers `200` with `{"results": [...]}` in order, once every accepted document
+/// is durable in the outbox: each result is `202` with the message id, or the status
+/// and error the single route would have answered for that item.
+async fn send_documents_batch(
+    State(agent): State<Arc<Agent>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<SendBatchResponse>), ApiError> {
+    let limit = agent.api_max_body_bytes;
+    let (body, _permit) =
+        crate::intake::read_capped(&headers, body, limit, &agent.body_budget, |size| {
+            ApiError::Rejected(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is {size} bytes or more; this agent reads at most {limit} \
+                     (api_max_body_bytes); split the batch, or send larger files with \
+                     POST /v1/uploads and refer to them by upload_id"
+                ),
+            )
+        })
+        .await?;
+    let batch: SendBatchRequest = crate::intake::json(&headers, &body)?;
+    drop(body);
+    let count = batch.documents.len();
+    if count > MAX_BATCH_DOCUMENTS {
+        return Err(ApiError::Rejected(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "documents: {count} documents in one call; this agent takes at most \
+                 {MAX_BATCH_DOCUMENTS} per call; split the batch (nothing was accepted)"
+            ),
+        ));
+    }
+    if count == 0 {
+        return Err(ApiError::BadRequest(
+            "documents: give at least one document".into(),
+        ));
+    }
+    // Each item is read on its own, so one malformed item fails only itself.
+    let mut parsed: Vec<Option<ApiError>> = Vec::with_capacity(count);
+    let mut requests = Vec::with_capacity(count);
+    for item in batch.documents {
+        match serde_json::from_value::<SendRequest>(item) {
+            Ok(req) => {
+                requests.push(req);
+                parsed.push(None);
+            }
+            Err(e) => parsed.push(Some(ApiError::BadRequest(format!(
+                "Failed to deserialize the JSON body into the target type: {e}"
+            )))),
+        }
+    }
+    let mut accepted = accept_send_requests(&agent, requests).await.into_iter();
+    let mut ok = 0usize;
+    let results: Vec<SendBatchResult> = parsed
+        .into_iter()
+        .map(|refused| {
+            let outcome = match refused {
+                Some(e) => Err(e),
+                None => accepted.next().unwrap_or(Err(ApiError::Internal)),
+            };
+            match outcome {
+                Ok(sent) => {
+                    ok = ok.saturating_add(1);
+                    SendBatchResult {
+                        status: StatusCode::ACCEPTED.as_u16(),
+                        message_id: Some(sent.message_id),
+                        business_id: Some(sent.business_id),
+                        error: None,
+                    }
+                }
+                Err(e) => {
+                    let (status, error) = e.status_and_message();
+                    SendBatchResult {
+                        status: status.as_u16(),
+                        message_id: None,
+                        business_id: None,
+                        error: Some(error),
+                    }
+                }
+            }
+        })
+        .collect();
     info!(
         agency = %agent.agency,
-        message_id = %prepared.message_id,
-        business_id = %prepared.business_id,
-        "document accepted into the outbox"
+        documents = count,
+        accepted = ok,
+        refused = count.saturating_sub(ok),
+        "batch of documents accepted into the outbox"
     );
-    Ok(SendResponse {
-        message_id: prepared.message_id,
-        business_id: prepared.business_id,
-    })
+    Ok((StatusCode::OK, Json(SendBatchResponse { results })))
 }
 
 pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {

@@ -90,6 +90,7 @@ const fn route(method: &'static str, path: &'static str, body: BodyKind) -> ApiR
 /// OpenAPI document must list exactly these (the tests check both).
 pub const ROUTES: &[ApiRoute] = &[
     route("POST", "/v1/documents", BodyKind::Json),
+    route("POST", "/v1/documents/batch", BodyKind::Json),
     route("POST", "/v1/uploads", BodyKind::OctetStream),
     route("GET", "/v1/limits", BodyKind::None),
     route("GET", "/v1/documents/{id}/status", BodyKind::None),

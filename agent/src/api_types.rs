@@ -118,6 +118,33 @@ pub struct SendResponse {
     pub business_id: String,
 }
 
+/// `POST /v1/documents/batch`: each item exactly the body `POST /v1/documents` takes
+/// (read one by one, so a malformed item fails only itself).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendBatchRequest {
+    pub documents: Vec<serde_json::Value>,
+}
+
+/// The answer to [`SendBatchRequest`]: one result per document, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendBatchResponse {
+    pub results: Vec<SendBatchResult>,
+}
+
+/// One document's outcome in a batch: `202` with its ids (durable in the outbox), or
+/// the status and error `POST /v1/documents` would have answered for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendBatchResult {
+    pub status: u16,
+    #[serde(default)]
+    pub message_id: Option<String>,
+    #[serde(default)]
+    pub business_id: Option<String>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
 /// `GET /v1/documents/{id}/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusView {

@@ -6,7 +6,8 @@
 //! answers with a signed delivery receipt; and it serves a local HTTP JSON API for the
 //! agency's gateways and clerks.
 //!
-//! Modules: [`store`] (sled, durability), `outbox` (submitter), `session` (broker
+//! Modules: [`store`] (sled, durability), `sealer` (numbers, batch-signs and stores
+//! drafted documents a group at a time), `outbox` (submitter), `session` (broker
 //! session, delivery handling), [`export`] (inbox folders), `api` and [`api_types`]
 //! (local HTTP API), [`api_guard`] (its token, Host/Origin and Content-Type rules and
 //! route table), [`api_server`] (its listener: timeouts, connection cap, TLS), `broker_client` (gRPC channel, retry policy), `metrics`
@@ -37,6 +38,7 @@ mod outbox;
 /// The API's request checks without an agent, for the fuzz target `api_json`.
 #[doc(hidden)]
 pub mod request_check;
+mod sealer;
 mod session;
 pub mod store;
 
@@ -209,6 +211,9 @@ pub(crate) struct Agent {
     /// New outbox documents, for the submitter (which takes the receiver at start).
     pub outbox_tx: tokio::sync::mpsc::UnboundedSender<String>,
     pub outbox_new: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<String>>>,
+    /// Drafted documents for the sealer task (numbers, one batch signature and one
+    /// store write per group).
+    pub sealer: sealer::SealSender,
     pub window: u32,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -369,6 +374,7 @@ pub async fn run(
         None => None,
     };
     let (outbox_tx, outbox_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (sealer_tx, sealer_rx) = tokio::sync::mpsc::unbounded_channel();
     let agent = Arc::new(Agent {
         agency: config.agency.clone(),
         store,
@@ -380,6 +386,7 @@ pub async fn run(
         export_queue: exporter::ExportQueue::default(),
         outbox_tx,
         outbox_new: std::sync::Mutex::new(Some(outbox_rx)),
+        sealer: sealer_tx,
         window: config.window.max(1),
         reconnect_min: config.reconnect_min,
         reconnect_max: config.reconnect_max.max(config.reconnect_min),
@@ -403,6 +410,8 @@ pub async fn run(
     let stop = shutdown.child_token();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(outbox::run(Arc::clone(&agent), stop.clone()));
+    // Not one of `tasks`: it ends with the agent, after the API drained its requests.
+    tokio::spawn(sealer::run(Arc::downgrade(&agent), sealer_rx));
     tasks.spawn(session::run(Arc::clone(&agent), stop.clone()));
     // Exports what the session stored, and at start what an earlier run left.
     tasks.spawn(exporter::run(Arc::clone(&agent), stop.clone()));

@@ -6,18 +6,32 @@
 //!   or `failed` (the broker refused it with a permanent gRPC code).
 //! - Retryable failures back off exponentially with full jitter: when the broker is
 //!   unreachable all submissions wait; other retryable errors delay only that entry.
-//! - Up to [`CONCURRENT_SUBMISSIONS`] documents are submitted at once, so they share
-//!   the broker's group commit; a document is never submitted twice at the same time.
-//!   New documents arrive on a channel from the API; the outbox itself is re-read at
-//!   start and every [`RESCAN_EVERY`] as a safety net.
-//! - A submission sends exactly the stored envelope and attachment bytes: the envelope
-//!   frame first, then each attachment's bytes in header order, in frames of at most
-//!   [`FRAME_BYTES`].
+//! - Documents kept whole in the store go to the broker in batches (`SubmitBatch`): a
+//!   batch is whatever waited while the previous ones ran (at most [`BATCH_DOCUMENTS`]
+//!   documents and [`BATCH_BYTES`] bytes), never formed by a timer; up to
+//!   [`CONCURRENT_BATCHES`] batches are in flight. Each document keeps its own outcome,
+//!   mapped exactly as a `Submit` answer is, and the outcomes of one batch are stored in
+//!   one store transaction made durable by one `durable()`.
+//! - Streamed documents (attachments in files) always use `Submit`. A broker that
+//!   answers `SubmitBatch` with UNIMPLEMENTED (older brokers) gets per-document `Submit`
+//!   calls, up to [`CONCURRENT_SUBMISSIONS`] at once, until the connection to it is lost
+//!   (a reconnect may reach a newer broker); so does a batch refused as a whole with a
+//!   permanent code (one refused call never fails its documents without their own
+//!   answer), and a document refused RESOURCE_EXHAUSTED in a batch (only `Submit`'s
+//!   answer carries the broker's mark that tells "too large" from "queue full").
+//! - A document is never submitted twice at the same time. New documents arrive on a
+//!   channel from the API; the outbox itself is re-read at start and every
+//!   [`RESCAN_EVERY`] as a safety net.
+//! - A submission sends exactly the stored envelope and attachment bytes: with `Submit`
+//!   the envelope frame first, then each attachment's bytes in header order, in frames
+//!   of at most [`FRAME_BYTES`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
+use futures_util::StreamExt as _;
 use lienthong_proto::document::MAX_ATTACHMENTS;
 use lienthong_proto::pb::{self, submit_frame::Frame};
 use lienthong_proto::receipt::{ExpectedReceipt, verify_receipt};
@@ -25,12 +39,13 @@ use prost::Message;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::Agent;
-use crate::broker_client::is_permanent_status;
+use crate::broker_client::{is_permanent, is_permanent_status};
 use crate::error::StoreError;
 use crate::metrics::SubmissionOutcome;
+use crate::store::{OutboxRecord, OutboxSettle};
 
 /// The largest attachment frame sent.
 pub const FRAME_BYTES: usize = 1024 * 1024;
@@ -47,6 +62,17 @@ enum Outcome {
 /// Submissions in flight at once. Each waits for the broker's group commit (and then
 /// our own), so many in flight share those fsyncs instead of queueing behind them.
 pub const CONCURRENT_SUBMISSIONS: usize = 128;
+
+/// The most documents sent in one `SubmitBatch` call (the broker's own limit is larger).
+pub const BATCH_DOCUMENTS: usize = 256;
+
+/// The most bytes (envelopes and attachments) sent in one `SubmitBatch` call, far below
+/// the gRPC message limit; a single larger document still goes, alone.
+pub const BATCH_BYTES: u64 = 16 * 1024 * 1024;
+
+/// `SubmitBatch` calls in flight at once. While they run, new documents queue up and
+/// form the next batches: this bound is what makes batches grow under load.
+pub const CONCURRENT_BATCHES: usize = 8;
 
 /// Safety net: the whole outbox is re-read this often even without news.
 const RESCAN_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
@@ -72,7 +98,9 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
     let mut queue: VecDeque<String> = VecDeque::new();
     // Queued or being submitted: never both, never twice.
     let mut known: HashSet<String> = HashSet::new();
-    let mut running: JoinSet<(String, Outcome)> = JoinSet::new();
+    let mut running: JoinSet<Vec<(String, Outcome)>> = JoinSet::new();
+    // Whether the broker serves SubmitBatch (assumed until it answers UNIMPLEMENTED).
+    let batches = Arc::new(AtomicBool::new(true));
     let mut rescan_at = Instant::now();
     loop {
         let now = Instant::now();
@@ -97,20 +125,33 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
         let mut next_due: Option<Instant> = None;
         if now >= not_before {
             let mut not_due = Vec::new();
-            while running.len() < CONCURRENT_SUBMISSIONS {
-                let Some(id) = queue.pop_front() else { break };
-                if let Some(&(_, due)) = retries.get(&id)
-                    && due > now
-                {
-                    next_due = Some(next_due.map_or(due, |n| n.min(due)));
-                    not_due.push(id);
-                    continue;
+            loop {
+                let (slots, group_max) = if batches.load(Ordering::Relaxed) {
+                    (CONCURRENT_BATCHES, BATCH_DOCUMENTS)
+                } else {
+                    (CONCURRENT_SUBMISSIONS, 1)
+                };
+                if running.len() >= slots {
+                    break;
+                }
+                let mut group = Vec::new();
+                while group.len() < group_max {
+                    let Some(id) = queue.pop_front() else { break };
+                    if let Some(&(_, due)) = retries.get(&id)
+                        && due > now
+                    {
+                        next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                        not_due.push(id);
+                        continue;
+                    }
+                    group.push(id);
+                }
+                if group.is_empty() {
+                    break;
                 }
                 let submitting = Arc::clone(&agent);
-                running.spawn(async move {
-                    let outcome = submit_one(&submitting, &id).await;
-                    (id, outcome)
-                });
+                let batches = Arc::clone(&batches);
+                running.spawn(async move { submit_group(&submitting, group, &batches).await });
             }
             queue.extend(not_due);
         }
@@ -121,7 +162,8 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
         };
         tokio::select! {
             Some(joined) = running.join_next(), if !running.is_empty() => {
-                let Ok((id, outcome)) = joined else { continue };
+                let Ok(outcomes) = joined else { continue };
+                for (id, outcome) in outcomes {
                 agent.metrics.submission(match outcome {
                     Outcome::Submitted => SubmissionOutcome::Ok,
                     Outcome::Failed => SubmissionOutcome::Refused,
@@ -134,6 +176,8 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                         global_failures = 0;
                     }
                     Outcome::Unreachable(reason) => {
+                        // The next connection may reach another (newer) broker.
+                        batches.store(true, Ordering::Relaxed);
                         // Concurrent submissions fail together: count one failure per
                         // backoff round, not one per document.
                         if Instant::now() >= not_before {
@@ -167,10 +211,18 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                         queue.push_back(id);
                     }
                 }
+                }
             }
             Some(id) = new_ids.recv() => {
                 if known.insert(id.clone()) {
                     queue.push_back(id);
+                }
+                // Take every id already announced (a sealed group arrives at once), so
+                // they go out together rather than one batch each.
+                while let Ok(id) = new_ids.try_recv() {
+                    if known.insert(id.clone()) {
+                        queue.push_back(id);
+                    }
                 }
             }
             () = sleep_until_or_forever(wake_at) => {}
@@ -370,7 +422,7 @@ async fn submit_one(agent: &Agent, id: &str) -> Outcome {
             warn!(agency = %agent.agency, message_id = %id, error = %e, "cannot remove a submitted document's files");
         }
     }
-    info!(
+    debug!(
         agency = %agent.agency,
         message_id = %id,
         business_id = %record.business_id,
@@ -474,4 +526,365 @@ fn streamed_frames(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A waiting document read from the store for a batch: what `SubmitBatch` sends.
+struct Loaded {
+    id: String,
+    record: OutboxRecord,
+    envelope: pb::Signed,
+    header_sha256: [u8; 32],
+    /// Attachment bytes in header order (an empty attachment has no stored chunk).
+    attachments: Vec<Vec<u8>>,
+    /// Envelope and attachment bytes: what the document weighs in a call.
+    weight: u64,
+}
+
+/// Why a document of a group could not be loaded: a store failure, handled as today.
+fn store_outcome(agent: &Agent, id: &str, e: StoreError) -> Outcome {
+    error!(agency = %agent.agency, message_id = %id, error = %e, "outbox store failure");
+    Outcome::Unreachable(format!("local store: {e}"))
+}
+
+/// Reads a waiting document whole. `Ok(None)`: it is streamed (it goes with `Submit`).
+fn load(agent: &Agent, id: &str) -> Result<Option<Loaded>, StoreError> {
+    let record_error = |detail: String| StoreError::Record {
+        key: id.to_owned(),
+        detail,
+    };
+    let record = agent
+        .store
+        .outbox_record(id)?
+        .ok_or_else(|| record_error("pending entry without a record".into()))?;
+    if record.streamed {
+        return Ok(None);
+    }
+    let bytes = agent
+        .store
+        .outbox_envelope(id)?
+        .ok_or_else(|| record_error("no stored envelope".into()))?;
+    let envelope = pb::Signed::decode(bytes.as_ref())
+        .map_err(|e| record_error(format!("stored envelope: {e}")))?;
+    // The header names how many attachments there are (empty ones have no chunk).
+    let count = pb::DocumentHeader::decode(envelope.payload.as_ref())
+        .map_err(|e| record_error(format!("stored header: {e}")))?
+        .attachments
+        .len();
+    if count > MAX_ATTACHMENTS {
+        return Err(record_error(format!(
+            "{count} attachments in a stored header"
+        )));
+    }
+    let mut attachments: Vec<Vec<u8>> = vec![Vec::new(); count];
+    for chunk in agent.store.outbox_attachment_chunks(id) {
+        let (index, part) = chunk?;
+        let slot = usize::try_from(index)
+            .ok()
+            .and_then(|i| attachments.get_mut(i))
+            .ok_or_else(|| record_error("attachment chunk outside the header's list".into()))?;
+        slot.extend_from_slice(&part);
+    }
+    let weight = attachments
+        .iter()
+        .try_fold(u64::try_from(bytes.len()).unwrap_or(u64::MAX), |sum, a| {
+            sum.checked_add(u64::try_from(a.len()).ok()?)
+        })
+        .unwrap_or(u64::MAX);
+    Ok(Some(Loaded {
+        id: id.to_owned(),
+        header_sha256: lienthong_proto::sha256(&envelope.payload),
+        record,
+        envelope,
+        attachments,
+        weight,
+    }))
+}
+
+/// Submits a group of waiting documents: whole ones in `SubmitBatch` calls of at most
+/// [`BATCH_BYTES`], streamed ones (and all of them when the broker has no batches) one
+/// by one with `Submit`. Answers one outcome per id.
+async fn submit_group(
+    agent: &Agent,
+    ids: Vec<String>,
+    batches: &AtomicBool,
+) -> Vec<(String, Outcome)> {
+    let mut outcomes = Vec::with_capacity(ids.len());
+    let mut singles = Vec::new();
+    if !batches.load(Ordering::Relaxed) {
+        singles = ids;
+    } else {
+        let mut loaded = Vec::with_capacity(ids.len());
+        for id in ids {
+            match load(agent, &id) {
+                Ok(Some(document)) => loaded.push(document),
+                Ok(None) => singles.push(id),
+                Err(e) => {
+                    let outcome = store_outcome(agent, &id, e);
+                    outcomes.push((id, outcome));
+                }
+            }
+        }
+        // Consecutive calls of at most BATCH_BYTES each, in outbox order.
+        let mut calls: Vec<Vec<Loaded>> = Vec::new();
+        let mut weight = 0u64;
+        for document in loaded {
+            let next = weight.saturating_add(document.weight);
+            match calls.last_mut() {
+                Some(call) if next <= BATCH_BYTES => {
+                    weight = next;
+                    call.push(document);
+                }
+                _ => {
+                    weight = document.weight;
+                    calls.push(vec![document]);
+                }
+            }
+        }
+        for call in calls {
+            if !batches.load(Ordering::Relaxed) {
+                singles.extend(call.into_iter().map(|d| d.id));
+                continue;
+            }
+            match submit_batch(agent, call).await {
+                Batched::Done(done, alone) => {
+                    outcomes.extend(done);
+                    singles.extend(alone);
+                }
+                Batched::Unsupported(ids) => {
+                    if batches.swap(false, Ordering::Relaxed) {
+                        info!(
+                            agency = %agent.agency,
+                            "the broker does not serve SubmitBatch; submitting one document per call"
+                        );
+                    }
+                    singles.extend(ids);
+                }
+                Batched::Individually(ids) => singles.extend(ids),
+            }
+        }
+    }
+    let one_by_one: Vec<(String, Outcome)> = futures_util::stream::iter(singles)
+        .map(|id| async move {
+            let outcome = submit_one(agent, &id).await;
+            (id, outcome)
+        })
+        // Groups share today's bound on Submit calls in flight.
+        .buffer_unordered(CONCURRENT_SUBMISSIONS / CONCURRENT_BATCHES)
+        .collect()
+        .await;
+    outcomes.extend(one_by_one);
+    outcomes
+}
+
+/// What became of one `SubmitBatch` call.
+enum Batched {
+    /// Outcomes of documents, and the documents to ask again one by one with
+    /// `Submit` (over a limit: only Submit's answer says whether for good).
+    Done(Vec<(String, Outcome)>, Vec<String>),
+    /// The broker does not know `SubmitBatch`: submit these one by one.
+    Unsupported(Vec<String>),
+    /// The call was refused as a whole with a permanent code: submit these one by one,
+    /// so each gets its own answer (a batch-level refusal says nothing about one).
+    Individually(Vec<String>),
+}
+
+/// One `SubmitBatch` call; its accepted and refused documents are stored with one
+/// transaction and one `durable()`.
+async fn submit_batch(agent: &Agent, mut documents: Vec<Loaded>) -> Batched {
+    // The attachment bytes move into the request (no second copy is kept).
+    let request = pb::SubmitBatchRequest {
+        documents: documents
+            .iter_mut()
+            .map(|d| pb::BatchDocument {
+                envelope: Some(d.envelope.clone()),
+                attachments: std::mem::take(&mut d.attachments),
+            })
+            .collect(),
+    };
+    let bytes = documents
+        .iter()
+        .fold(0u64, |sum, d| sum.saturating_add(d.weight));
+    let mut client = agent.client.clone();
+    let response = match client.submit_batch(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            let ids = documents.into_iter().map(|d| d.id).collect::<Vec<_>>();
+            let reason = format!("{:?}: {}", status.code(), status.message());
+            return match status.code() {
+                tonic::Code::Unimplemented => Batched::Unsupported(ids),
+                tonic::Code::Unavailable => Batched::Done(
+                    ids.into_iter()
+                        .map(|id| (id, Outcome::Unreachable(reason.clone())))
+                        .collect(),
+                    Vec::new(),
+                ),
+                _ if is_permanent_status(&status) => {
+                    warn!(agency = %agent.agency, documents = ids.len(), reason = %reason, "the broker refused a whole batch; submitting its documents one by one");
+                    Batched::Individually(ids)
+                }
+                _ => Batched::Done(
+                    ids.into_iter()
+                        .map(|id| (id, Outcome::Retry(reason.clone())))
+                        .collect(),
+                    Vec::new(),
+                ),
+            };
+        }
+    };
+    if response.outcomes.len() != documents.len() {
+        let reason = format!(
+            "the broker answered {} outcomes for a batch of {} documents",
+            response.outcomes.len(),
+            documents.len()
+        );
+        return Batched::Done(
+            documents
+                .into_iter()
+                .map(|d| (d.id, Outcome::Retry(reason.clone())))
+                .collect(),
+            Vec::new(),
+        );
+    }
+    // Decide each document's outcome first, then store every decision at once.
+    enum Decided {
+        Submitted {
+            receipt: Vec<u8>,
+            at_ms: i64,
+        },
+        Failed(String),
+        Other(Outcome),
+        /// Asked again with `Submit` (see below).
+        Alone,
+    }
+    let mut decided = Vec::with_capacity(documents.len());
+    let mut duplicates = 0usize;
+    for (document, answer) in documents.iter().zip(response.outcomes) {
+        let id = document.id.as_str();
+        if answer.message_id != id {
+            decided.push(Decided::Other(Outcome::Retry(format!(
+                "the broker's outcome names message {}",
+                lienthong_proto::agency::printable(&answer.message_id)
+            ))));
+            continue;
+        }
+        if answer.code == tonic::Code::ResourceExhausted as i32 {
+            // Over a limit: a full queue passes, an oversized document does not, and only
+            // Submit's answer carries the broker's "permanent" mark that tells them apart.
+            decided.push(Decided::Alone);
+            continue;
+        }
+        if answer.code != 0 {
+            let code = tonic::Code::from_i32(answer.code);
+            let reason = format!("{code:?}: {}", answer.message);
+            decided.push(if is_permanent(code) {
+                warn!(agency = %agent.agency, message_id = %id, reason = %reason, "the broker refused the document");
+                Decided::Failed(reason)
+            } else if code == tonic::Code::Unavailable {
+                Decided::Other(Outcome::Unreachable(reason))
+            } else {
+                Decided::Other(Outcome::Retry(reason))
+            });
+            continue;
+        }
+        let Some(receipt) = answer.submission_receipt else {
+            decided.push(Decided::Other(Outcome::Retry(
+                "the broker answered without a submission receipt".into(),
+            )));
+            continue;
+        };
+        let expected = ExpectedReceipt {
+            kind: pb::ReceiptKind::Submission,
+            message_id: id,
+            header_sha256: &document.header_sha256,
+            recipient: None,
+            live: true,
+        };
+        let at_ms = match verify_receipt(&receipt, &agent.tls_anchors, &expected) {
+            Ok(verified) => verified.at_ms,
+            Err(e) => {
+                // As with Submit: resubmitting would only return the same receipt.
+                error!(
+                    agency = %agent.agency,
+                    message_id = %id,
+                    error = %e,
+                    "the broker's submission receipt does not verify; kept as unverified"
+                );
+                lienthong_proto::now_ms()
+            }
+        };
+        if answer.duplicate {
+            duplicates = duplicates.saturating_add(1);
+        }
+        debug!(
+            agency = %agent.agency,
+            message_id = %id,
+            business_id = %document.record.business_id,
+            duplicate = answer.duplicate,
+            "document submitted"
+        );
+        decided.push(Decided::Submitted {
+            receipt: receipt.encode_to_vec(),
+            at_ms,
+        });
+    }
+    let changes: Vec<(&str, OutboxSettle<'_>)> = documents
+        .iter()
+        .zip(&decided)
+        .filter_map(|(d, decision)| match decision {
+            Decided::Submitted { receipt, at_ms } => Some((
+                d.id.as_str(),
+                OutboxSettle::Submitted {
+                    receipt,
+                    at_ms: *at_ms,
+                },
+            )),
+            Decided::Failed(reason) => Some((d.id.as_str(), OutboxSettle::Failed { reason })),
+            Decided::Other(_) | Decided::Alone => None,
+        })
+        .collect();
+    let stored = match agent.store.settle_outbox(&changes) {
+        Ok(()) => agent.store.durable().await,
+        Err(e) => Err(e),
+    };
+    drop(changes);
+    if let Err(e) = &stored {
+        // Nothing is lost: the documents still wait, and resubmitting them returns the
+        // broker's original receipts.
+        error!(agency = %agent.agency, documents = documents.len(), error = %e, "cannot store a batch's outcomes");
+    }
+    let (mut submitted, mut refused, mut later) = (0usize, 0usize, 0usize);
+    let mut alone = Vec::new();
+    let outcomes = documents
+        .into_iter()
+        .zip(decided)
+        .filter_map(|(d, decision)| {
+            let outcome = match (decision, &stored) {
+                (Decided::Alone, _) => {
+                    alone.push(d.id);
+                    return None;
+                }
+                (Decided::Other(outcome), _) => outcome,
+                (_, Err(e)) => Outcome::Unreachable(format!("local store: {e}")),
+                (Decided::Submitted { .. }, Ok(())) => Outcome::Submitted,
+                (Decided::Failed(_), Ok(())) => Outcome::Failed,
+            };
+            match outcome {
+                Outcome::Submitted => submitted = submitted.saturating_add(1),
+                Outcome::Failed => refused = refused.saturating_add(1),
+                Outcome::Unreachable(_) | Outcome::Retry(_) => later = later.saturating_add(1),
+            }
+            Some((d.id, outcome))
+        })
+        .collect();
+    info!(
+        agency = %agent.agency,
+        submitted,
+        duplicates,
+        refused,
+        retry = later,
+        resubmitted_alone = alone.len(),
+        bytes,
+        "batch submitted"
+    );
+    Batched::Done(outcomes, alone)
 }

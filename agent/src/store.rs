@@ -108,6 +108,26 @@ impl OutboxRecord {
     }
 }
 
+/// One document of [`Store::put_outbox_batch`].
+pub struct NewOutbox<'a> {
+    pub record: &'a OutboxRecord,
+    /// The sealed envelope, prost-encoded, exactly as sealed.
+    pub envelope: &'a [u8],
+    /// Kept in sled (empty for a streamed document: its files are in `files`).
+    pub attachments: &'a [Bytes],
+    /// A recall, update or replace: the message id it refers to (linked to it).
+    pub refers_to: Option<&'a str>,
+}
+
+/// How an outbox entry settles after a submission attempt (see [`Store::settle_outbox`]).
+#[derive(Debug, Clone, Copy)]
+pub enum OutboxSettle<'a> {
+    /// The broker accepted it: its submission receipt and the receipt's time.
+    Submitted { receipt: &'a [u8], at_ms: i64 },
+    /// The broker refused it for good.
+    Failed { reason: &'a str },
+}
+
 /// A document this agent received.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct InboxRecord {
@@ -385,6 +405,44 @@ impl Store {
             .unwrap_or(1))
     }
 
+    /// Takes `count` consecutive document numbers at once (one counter update for a
+    /// group of documents); answers the first. Durable with the documents that use them.
+    pub fn take_numbers(&self, count: u64) -> Result<u64, StoreError> {
+        let overflow = || StoreError::Record {
+            key: "next_number".into(),
+            detail: "the document number counter would overflow".into(),
+        };
+        let mut overflowed = false;
+        let value = self.meta.update_and_fetch("next_number", |old| {
+            let current = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            match current.checked_add(count) {
+                Some(next) => {
+                    overflowed = false;
+                    Some(next.to_be_bytes().to_vec())
+                }
+                // Leave the counter as it is and refuse the numbers.
+                None => {
+                    overflowed = true;
+                    old.map(<[u8]>::to_vec)
+                }
+            }
+        })?;
+        if overflowed {
+            return Err(overflow());
+        }
+        let last = value
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(overflow)?;
+        // `last` counts `count` new numbers after the previous value: last - count + 1.
+        last.checked_sub(count)
+            .and_then(|before| before.checked_add(1))
+            .ok_or_else(overflow)
+    }
+
     // ---- outbox ----
 
     /// Stores a sealed document waiting for submission, in one transaction.
@@ -413,6 +471,60 @@ impl Store {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         pending.0 += 1;
+        pending.1 = pending.1.saturating_add(bytes);
+        Ok(())
+    }
+
+    /// Stores a group of sealed documents waiting for submission in ONE transaction
+    /// (records, envelopes, attachments, links to the documents they refer to): all of
+    /// them or none. Call [`Store::durable`] once before telling anyone they are accepted.
+    pub fn put_outbox_batch(&self, documents: &[NewOutbox<'_>]) -> Result<(), StoreError> {
+        if documents.is_empty() {
+            return Ok(());
+        }
+        let mut prepared = Vec::with_capacity(documents.len());
+        let mut bytes = 0u64;
+        for document in documents {
+            let id = document.record.message_id.as_str();
+            bytes = bytes.saturating_add(document.record.bytes);
+            let link = document.refers_to.map(|about| {
+                let mut k = about.as_bytes().to_vec();
+                k.push(0);
+                k.extend_from_slice(id.as_bytes());
+                IVec::from(k)
+            });
+            prepared.push((
+                id,
+                IVec::from(encode_json(document.record)?),
+                IVec::from(document.envelope),
+                attachment_writes(id, document.attachments),
+                link,
+            ));
+        }
+        (&self.outbox, &self.outbox_attachments, &self.links).transaction(
+            |(outbox, atts, links)| -> ConflictableTransactionResult<(), StoreError> {
+                for (id, record, envelope, writes, link) in &prepared {
+                    for (k, v) in writes {
+                        atts.insert(k.clone(), v.clone())?;
+                    }
+                    outbox.insert(key(b'e', id), envelope.clone())?;
+                    outbox.insert(key(b'r', id), record.clone())?;
+                    // The `p` key marks it pending submission.
+                    outbox.insert(key(b'p', id), IVec::default())?;
+                    if let Some(link) = link {
+                        links.insert(link.clone(), IVec::default())?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        let mut pending = self
+            .outbox_pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        pending.0 = pending
+            .0
+            .saturating_add(u64::try_from(documents.len()).unwrap_or(u64::MAX));
         pending.1 = pending.1.saturating_add(bytes);
         Ok(())
     }
@@ -549,6 +661,64 @@ impl Store {
             r.failure_reason = None;
             r.submitted_at_ms = Some(at_ms);
         })
+    }
+
+    /// Records the outcomes of one submitted batch in ONE transaction (over the outbox
+    /// and the receipts): each entry becomes submitted (with its receipt) or failed and
+    /// stops waiting. Entries without a record are skipped. Call [`Store::durable`]
+    /// once afterwards, for the whole batch.
+    pub fn settle_outbox(&self, changes: &[(&str, OutboxSettle<'_>)]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        // Per change: (was waiting, is waiting, bytes) of the attempt that committed.
+        let transitions = std::cell::RefCell::new(Vec::with_capacity(changes.len()));
+        (&self.outbox, &self.receipts).transaction(
+            |(outbox, receipts)| -> ConflictableTransactionResult<(), StoreError> {
+                // A retried attempt starts over: only the last one's transitions count.
+                let mut seen = Vec::with_capacity(changes.len());
+                for (id, change) in changes {
+                    let rkey = key(b'r', id);
+                    let Some(current) = outbox.get(&rkey)? else {
+                        continue;
+                    };
+                    let mut record: OutboxRecord = decode_json(&rkey, &current)
+                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                    let was = record.state == OutboxState::Outbox;
+                    match change {
+                        OutboxSettle::Submitted { receipt, at_ms } => {
+                            record.state = OutboxState::Submitted;
+                            record.failure_reason = None;
+                            record.submitted_at_ms = Some(*at_ms);
+                            receipts.insert(key(b's', id), IVec::from(*receipt))?;
+                        }
+                        OutboxSettle::Failed { reason } => {
+                            record.state = OutboxState::Failed;
+                            record.failure_reason = Some((*reason).to_owned());
+                        }
+                    }
+                    seen.push((was, record.bytes));
+                    let value = encode_json(&record)
+                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                    outbox.insert(rkey, value)?;
+                    outbox.remove(key(b'p', id))?;
+                }
+                *transitions.borrow_mut() = seen;
+                Ok(())
+            },
+        )?;
+        let mut pending = self
+            .outbox_pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (was_waiting, bytes) in transitions.into_inner() {
+            // Both outcomes leave the outbox state: only a waiting entry changes counts.
+            if was_waiting {
+                pending.0 = pending.0.saturating_sub(1);
+                pending.1 = pending.1.saturating_sub(bytes);
+            }
+        }
+        Ok(())
     }
 
     /// The broker refused `id` for good.
@@ -766,6 +936,102 @@ impl Store {
 
     pub fn received_submission_receipt(&self, id: &str) -> Result<Option<IVec>, StoreError> {
         Ok(self.receipts.get(key(b'i', id))?)
+    }
+}
+
+/// The group paths of the outbox: numbers, one-transaction writes and settlements.
+#[cfg(test)]
+mod outbox_batch_tests {
+    use super::*;
+
+    fn waiting(id: &str, bytes: u64) -> OutboxRecord {
+        OutboxRecord {
+            message_id: id.into(),
+            business_id: format!("b-{id}"),
+            recipients: vec![],
+            created_at_ms: 1,
+            header_sha256: "00".into(),
+            state: OutboxState::Outbox,
+            failure_reason: None,
+            submitted_at_ms: None,
+            bytes,
+            streamed: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn numbers_groups_and_settlements() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.next_number().unwrap(), 1);
+        assert_eq!(store.take_numbers(3).unwrap(), 2);
+        assert_eq!(store.next_number().unwrap(), 5);
+
+        let records = [waiting("a", 3), waiting("b", 0), waiting("c", 5)];
+        let atts = [Bytes::from_static(b"123")];
+        let docs: Vec<NewOutbox<'_>> = records
+            .iter()
+            .map(|r| NewOutbox {
+                record: r,
+                envelope: b"env",
+                attachments: if r.bytes == 3 { &atts } else { &[] },
+                refers_to: (r.message_id == "c").then_some("a"),
+            })
+            .collect();
+        store.put_outbox_batch(&docs).unwrap();
+        store.durable().await.unwrap();
+        assert_eq!(store.pending_outbox().unwrap(), vec!["a", "b", "c"]);
+        assert_eq!(store.outbox_pending().unwrap(), (3, 8));
+        assert_eq!(store.links("a").unwrap(), vec!["c"]);
+        assert_eq!(store.outbox_attachment_chunks("a").count(), 1);
+
+        store
+            .settle_outbox(&[
+                (
+                    "a",
+                    OutboxSettle::Submitted {
+                        receipt: b"receipt",
+                        at_ms: 7,
+                    },
+                ),
+                ("c", OutboxSettle::Failed { reason: "refused" }),
+                // Unknown ids are skipped, not errors.
+                ("zz", OutboxSettle::Failed { reason: "x" }),
+            ])
+            .unwrap();
+        store.durable().await.unwrap();
+        assert_eq!(store.pending_outbox().unwrap(), vec!["b"]);
+        assert_eq!(store.outbox_pending().unwrap(), (1, 0));
+        let a = store.outbox_record("a").unwrap().unwrap();
+        assert_eq!(
+            (a.state, a.submitted_at_ms),
+            (OutboxState::Submitted, Some(7))
+        );
+        assert_eq!(
+            store.submission_receipt("a").unwrap().unwrap().as_ref(),
+            b"receipt"
+        );
+        let c = store.outbox_record("c").unwrap().unwrap();
+        assert_eq!(c.state, OutboxState::Failed);
+        assert_eq!(c.failure_reason.as_deref(), Some("refused"));
+        // Settling again changes no count.
+        store
+            .settle_outbox(&[("c", OutboxSettle::Failed { reason: "again" })])
+            .unwrap();
+        assert_eq!(store.outbox_pending().unwrap(), (1, 0));
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.outbox_pending().unwrap(), (1, 0));
+        assert_eq!(store.next_number().unwrap(), 6);
+    }
+
+    #[tokio::test]
+    async fn the_counter_refuses_to_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.take_numbers(u64::MAX - 1).unwrap();
+        assert!(store.take_numbers(2).is_err());
+        assert_eq!(store.take_numbers(1).unwrap(), u64::MAX);
     }
 }
 
