@@ -14,11 +14,12 @@ use lienthong_proto::{SigningKey, now_ms, sha256};
 use lienthong_tests::*;
 use prost::Message;
 
-/// Pushes the prepared broker messages on the first session and hands every message
-/// the agent sends to the test.
+/// Pushes the prepared broker messages, one list per session in turn, and hands every
+/// message the agent sends to the test. A session ends when the test notifies `end`.
 struct BatchBroker {
-    pushes: std::sync::Mutex<Option<Vec<pb::BrokerMessage>>>,
+    sessions: std::sync::Mutex<std::collections::VecDeque<Vec<pb::BrokerMessage>>>,
     answers: tokio::sync::mpsc::UnboundedSender<pb::AgentMessage>,
+    end: std::sync::Arc<tokio::sync::Notify>,
 }
 
 type Pushed = std::pin::Pin<
@@ -55,9 +56,26 @@ impl pb::exchange_server::Exchange for BatchBroker {
                 let _ = answers.send(message);
             }
         });
-        let pushes = self.pushes.lock().unwrap().take().unwrap_or_default();
-        let stream = tokio_stream::iter(pushes.into_iter().map(Ok)).chain(tokio_stream::pending());
-        Ok(tonic::Response::new(Box::pin(stream)))
+        let pushes = self
+            .sessions
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_default();
+        let (tx, rx) = tokio::sync::mpsc::channel(pushes.len().max(1));
+        let end = std::sync::Arc::clone(&self.end);
+        tokio::spawn(async move {
+            for message in pushes {
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            // Dropping the sender closes the session.
+            end.notified().await;
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn status(
@@ -97,20 +115,39 @@ fn submission(header: &pb::DocumentHeader, envelope: &Signed, key: &SigningKey) 
     sign_receipt(&receipt, key).unwrap()
 }
 
-/// Starts the test broker with `pushes` on a TLS listener; returns its URL, the
-/// answers channel and the server task.
+type Server = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Starts the test broker with `pushes` for its first session on a TLS listener;
+/// returns its URL, the answers channel and the server task.
 async fn start_broker(
     world: &World,
     pushes: Vec<pb::BrokerMessage>,
 ) -> (
     String,
     tokio::sync::mpsc::UnboundedReceiver<pb::AgentMessage>,
-    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    Server,
+) {
+    let (url, answers, server, _) = start_broker_sessions(world, vec![pushes]).await;
+    (url, answers, server)
+}
+
+/// Starts the test broker with one list of pushes per session; also returns the
+/// notify that ends the current session.
+async fn start_broker_sessions(
+    world: &World,
+    sessions: Vec<Vec<pb::BrokerMessage>>,
+) -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<pb::AgentMessage>,
+    Server,
+    std::sync::Arc<tokio::sync::Notify>,
 ) {
     let (answers_tx, answers) = tokio::sync::mpsc::unbounded_channel();
+    let end = std::sync::Arc::new(tokio::sync::Notify::new());
     let broker = BatchBroker {
-        pushes: std::sync::Mutex::new(Some(pushes)),
+        sessions: std::sync::Mutex::new(sessions.into()),
         answers: answers_tx,
+        end: std::sync::Arc::clone(&end),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -121,7 +158,7 @@ async fn start_broker(
             .add_service(pb::exchange_server::ExchangeServer::new(broker))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    (format!("https://localhost:{port}"), answers, server)
+    (format!("https://localhost:{port}"), answers, server, end)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,6 +373,101 @@ async fn a_batch_larger_than_announced_ends_the_session_and_stores_nothing() {
         }
     }
     assert!(b.client.inbox().await.unwrap().is_empty());
+    b.stop().await;
+    server.abort();
+}
+
+/// The next AckBatch the agent sends (Hellos are skipped).
+async fn next_ack_batch(
+    answers: &mut tokio::sync::mpsc::UnboundedReceiver<pb::AgentMessage>,
+) -> pb::AckBatch {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let message = tokio::time::timeout_at(deadline, answers.recv())
+            .await
+            .expect("the agent answers within 30 s")
+            .expect("answers channel open");
+        match message.msg {
+            Some(pb::agent_message::Msg::Hello(_)) => continue,
+            Some(pb::agent_message::Msg::Batch(batch)) => return batch,
+            other => panic!("a batch is answered by an AckBatch, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_batch_is_answered_with_the_stored_receipts_and_stored_once() {
+    let world = World::new();
+    let a_key = world.agency_tls(A).signing_key().unwrap();
+    let broker_key = world.broker_tls().signing_key().unwrap();
+    let headers: Vec<pb::DocumentHeader> = (0..3)
+        .map(|i| {
+            let body = vec![i as u8; 64];
+            header(A, &[B], &[("tep.bin", &body)])
+        })
+        .collect();
+    // Sealed once: a redelivery carries the very bytes the broker stored.
+    let envelopes: Vec<Signed> = seal_batch(&headers, &a_key)
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let deliveries = |attempt: u32| -> Vec<pb::Delivery> {
+        envelopes
+            .iter()
+            .zip(&headers)
+            .enumerate()
+            .map(|(i, (envelope, h))| pb::Delivery {
+                submission_receipt: Some(submission(h, envelope, &broker_key)),
+                envelope: Some(envelope.clone()),
+                attachments: vec![vec![i as u8; 64].into()],
+                attempt,
+                ..Default::default()
+            })
+            .collect()
+    };
+    let batch = |attempt: u32| {
+        vec![pb::BrokerMessage {
+            msg: Some(pb::broker_message::Msg::Batch(pb::DeliveryBatch {
+                deliveries: deliveries(attempt),
+            })),
+        }]
+    };
+    // The same documents twice, as a broker that lost the first AckBatch redelivers
+    // them on the next session.
+    let (url, mut answers, server, end) =
+        start_broker_sessions(&world, vec![batch(1), batch(2)]).await;
+    let b = Agent::start(world.agent_config(B, &url)).await;
+
+    let first = next_ack_batch(&mut answers).await;
+    assert_eq!(first.acks.len(), 3, "{first:?}");
+    assert!(first.refusals.is_empty(), "{first:?}");
+    end.notify_one();
+    let second = next_ack_batch(&mut answers).await;
+    assert!(second.refusals.is_empty(), "{second:?}");
+    let receipts = |batch: &pb::AckBatch| -> std::collections::BTreeMap<String, Vec<u8>> {
+        batch
+            .acks
+            .iter()
+            .map(|a| {
+                (
+                    a.message_id.clone(),
+                    a.delivery_receipt.as_ref().unwrap().encode_to_vec(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        receipts(&second),
+        receipts(&first),
+        "the stored receipts, unchanged"
+    );
+
+    let ids: Vec<String> = receipts(&first).into_keys().collect();
+    for id in &ids {
+        wait_for_path(&world.inbox_dir(B).join(id)).await;
+    }
+    assert_eq!(inbox_entries(&world.inbox_dir(B)), ids);
+    assert_eq!(b.client.inbox().await.unwrap().len(), 3);
     b.stop().await;
     server.abort();
 }
