@@ -237,6 +237,17 @@ async fn exchange(
             .join(code)
             .join("inbox")
             .join(&sent.message_id);
+        // The recipient exports after its receipt (issue 11): the folder follows shortly.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !folder.is_dir() {
+            if std::time::Instant::now() > deadline {
+                return Err(CliError::Failed(format!(
+                    "{code} acknowledged the document but did not export it to {} within 30 s",
+                    folder.display()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         outln!("7. {code} exported it to {}", folder.display());
     }
     if view.recipients.iter().any(|r| r.state != "delivered") {
