@@ -195,8 +195,8 @@ pub(crate) fn protocol_error(e: ProtocolError) -> ApiError {
     }
 }
 
-/// Drafting a request whose base64 attachments decode to at most this is small CPU
-/// work, done on the request's own task (no blocking-pool hop); larger ones and uploads
+/// Drafting requests whose base64 attachments decode to at most this in total is small
+/// CPU work, done on the request's own task (no blocking-pool hop); larger ones and uploads
 /// (files to read or spool) are drafted on the blocking pool.
 const INLINE_DRAFT_BYTES: u64 = 256 * 1024;
 
@@ -285,11 +285,11 @@ fn draft_job(agent: &Agent, req: SendRequest, spooled: &mut Vec<String>) -> Resu
     ))
 }
 
-/// Whether drafting `req` is small enough for the async thread: no files to read or
-/// spool, little base64 to decode and hash.
-fn drafts_inline(req: &SendRequest) -> bool {
+/// Whether drafting `requests` is small enough for the async thread: no files to read
+/// or spool, and little base64 to decode and hash in all of them together.
+fn drafts_inline(requests: &[SendRequest]) -> bool {
     let mut base64 = 0u64;
-    for attachment in &req.attachments {
+    for attachment in requests.iter().flat_map(|r| &r.attachments) {
         if attachment.upload_id.is_some() {
             return false;
         }
@@ -898,7 +898,7 @@ pub(crate) async fn accept_send_requests(
     let count = requests.len();
     let drafted: Vec<Result<Job, ApiError>>;
     let mut spooled = Vec::new();
-    if requests.iter().all(drafts_inline) {
+    if drafts_inline(&requests) {
         // No file is touched: spooling happens only above the streaming threshold.
         drafted = requests
             .into_iter()

@@ -163,54 +163,67 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
         tokio::select! {
             Some(joined) = running.join_next(), if !running.is_empty() => {
                 let Ok(outcomes) = joined else { continue };
+                let mut retried = 0usize;
+                let mut last_reason = None;
                 for (id, outcome) in outcomes {
-                agent.metrics.submission(match outcome {
-                    Outcome::Submitted => SubmissionOutcome::Ok,
-                    Outcome::Failed => SubmissionOutcome::Refused,
-                    Outcome::Unreachable(_) | Outcome::Retry(_) => SubmissionOutcome::Retried,
-                });
-                match outcome {
-                    Outcome::Submitted | Outcome::Failed => {
-                        known.remove(&id);
-                        retries.remove(&id);
-                        global_failures = 0;
-                    }
-                    Outcome::Unreachable(reason) => {
-                        // The next connection may reach another (newer) broker.
-                        batches.store(true, Ordering::Relaxed);
-                        // Concurrent submissions fail together: count one failure per
-                        // backoff round, not one per document.
-                        if Instant::now() >= not_before {
-                            global_failures = global_failures.saturating_add(1);
-                            let delay = agent.backoff(global_failures);
-                            not_before = Instant::now() + delay;
-                            warn!(
+                    agent.metrics.submission(match outcome {
+                        Outcome::Submitted => SubmissionOutcome::Ok,
+                        Outcome::Failed => SubmissionOutcome::Refused,
+                        Outcome::Unreachable(_) | Outcome::Retry(_) => SubmissionOutcome::Retried,
+                    });
+                    match outcome {
+                        Outcome::Submitted | Outcome::Failed => {
+                            known.remove(&id);
+                            retries.remove(&id);
+                            global_failures = 0;
+                        }
+                        Outcome::Unreachable(reason) => {
+                            // The next connection may reach another (newer) broker.
+                            batches.store(true, Ordering::Relaxed);
+                            // Concurrent submissions fail together: count one failure per
+                            // backoff round, not one per document.
+                            if Instant::now() >= not_before {
+                                global_failures = global_failures.saturating_add(1);
+                                let delay = agent.backoff(global_failures);
+                                not_before = Instant::now() + delay;
+                                warn!(
+                                    agency = %agent.agency,
+                                    message_id = %id,
+                                    reason = %reason,
+                                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                                    "broker unreachable; outbox waits"
+                                );
+                            }
+                            queue.push_front(id);
+                        }
+                        Outcome::Retry(reason) => {
+                            global_failures = 0;
+                            let entry = retries.entry(id.clone()).or_insert((0, Instant::now()));
+                            entry.0 = entry.0.saturating_add(1);
+                            let delay = agent.backoff(entry.0);
+                            entry.1 = Instant::now() + delay;
+                            debug!(
                                 agency = %agent.agency,
                                 message_id = %id,
                                 reason = %reason,
+                                attempts = entry.0,
                                 retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                                "broker unreachable; outbox waits"
+                                "submission failed; will retry"
                             );
+                            retried = retried.saturating_add(1);
+                            last_reason = Some(reason);
+                            queue.push_back(id);
                         }
-                        queue.push_front(id);
-                    }
-                    Outcome::Retry(reason) => {
-                        global_failures = 0;
-                        let entry = retries.entry(id.clone()).or_insert((0, Instant::now()));
-                        entry.0 = entry.0.saturating_add(1);
-                        let delay = agent.backoff(entry.0);
-                        entry.1 = Instant::now() + delay;
-                        warn!(
-                            agency = %agent.agency,
-                            message_id = %id,
-                            reason = %reason,
-                            attempts = entry.0,
-                            retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                            "submission failed; will retry"
-                        );
-                        queue.push_back(id);
                     }
                 }
+                // One line per group, not one per document (a batch fails together).
+                if let Some(reason) = last_reason {
+                    warn!(
+                        agency = %agent.agency,
+                        documents = retried,
+                        reason = %reason,
+                        "submissions failed; will retry with backoff"
+                    );
                 }
             }
             Some(id) = new_ids.recv() => {

@@ -33,6 +33,10 @@ use crate::Agent;
 use crate::api::{ApiError, protocol_error};
 use crate::store::{NewOutbox, OutboxRecord};
 
+/// A group grows from what waits until it holds at least this many drafts (a batch call
+/// of the API arrives whole, so a group may exceed it by one call's documents).
+const MAX_GROUP: usize = 2048;
+
 /// A document sealed and durable in the outbox.
 #[derive(Debug, Clone)]
 pub(crate) struct Sealed {
@@ -113,9 +117,11 @@ pub(crate) fn job(
 /// requests after shutdown was asked, and those still need their documents sealed.
 pub(crate) async fn run(weak: Weak<Agent>, mut jobs: SealReceiver) {
     while let Some(first) = jobs.recv().await {
-        // Everything that queued while the previous group was sealed.
+        // Everything that queued while the previous group was sealed, up to a bound that
+        // keeps one store transaction (and the memory it holds) in proportion.
         let mut group = first;
-        while let Ok(more) = jobs.try_recv() {
+        while group.len() < MAX_GROUP {
+            let Ok(more) = jobs.try_recv() else { break };
             group.extend(more);
         }
         // Gone: the jobs' answer channels close with them.

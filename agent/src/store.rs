@@ -392,17 +392,7 @@ impl Store {
     /// The next document number of this agent (1, 2, ...). Durable with the document
     /// that uses it.
     pub fn next_number(&self) -> Result<u64, StoreError> {
-        let value = self.meta.update_and_fetch("next_number", |old| {
-            let current = old
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
-            Some(current.saturating_add(1).to_be_bytes().to_vec())
-        })?;
-        Ok(value
-            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(1))
+        self.take_numbers(1)
     }
 
     /// Takes `count` consecutive document numbers at once (one counter update for a
