@@ -677,7 +677,7 @@ async fn concurrent_submits_get_receipts_that_each_verify_alone() {
         )
         .unwrap();
     }
-    // How many signatures the receipts shared depends on timing; each verifies alone.
+    // Each receipt verifies alone, whichever signature it carries.
     eprintln!(
         "{} submissions, {} signatures",
         headers.len(),
