@@ -11,6 +11,8 @@
 //! - `business_ids`: business document id → message id (a business id names one content).
 //! - `queue`: recipient code (13 bytes) ‖ sequence (u64 BE) → [`QueueEntry`]; per-recipient
 //!   FIFO order, sequences from `generate_id`, which only grows, even across restarts.
+//!   Sequences are taken under the audit chain's lock, which every transaction that adds
+//!   queue entries holds until it commits: entries commit in sequence order.
 //! - `deliveries`: message id ‖ 0 ‖ recipient → [`DeliveryRecord`].
 //! - `agencies`: code → [`AgencyRecord`].
 //! - `expiry`: expires-at (u64 BE ms) ‖ queue key → delivery key; the queued deliveries
@@ -725,21 +727,25 @@ impl Store {
                     }
                 }
             }
-            let mut sequences = Vec::with_capacity(document.record.recipients.len());
-            for _ in &document.record.recipients {
-                sequences.push(self.db.generate_id()?);
-            }
             prepared.push(Prepared {
                 document,
                 entry_bytes: candidate.entry_bytes,
                 counted: candidate.counted,
                 encoded: document.record.encode_to_vec(),
-                sequences,
+                sequences: Vec::new(),
             });
         }
         self.attachments.apply_batch(batch)?;
 
         let mut head = self.chain.lock();
+        // Sequences taken under the chain lock, which every queue-changing transaction
+        // holds: queue entries then commit in sequence order, which lets a session keep
+        // its place in the queue (see `session`).
+        for item in &mut prepared {
+            for _ in &item.document.record.recipients {
+                item.sequences.push(self.db.generate_id()?);
+            }
+        }
         let start = *head;
         let result = (
             &self.documents,
@@ -1293,11 +1299,12 @@ impl Store {
         let bytes = document
             .attachment_bytes
             .saturating_add(document.envelope.len() as u64);
+        let mut head = self.chain.lock();
+        // Under the chain lock: queue entries commit in sequence order (see accept).
         let seq = self.db.generate_id()?;
         let key = delivery_key(message_id, recipient);
         let dead_key = dead_letter_key(recipient, message_id);
         let queue_key = queue_key(recipient, seq);
-        let mut head = self.chain.lock();
         let audit_entry = head.chain(Event {
             kind: "redriven",
             message_id: message_id.to_owned(),
