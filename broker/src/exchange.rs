@@ -21,7 +21,7 @@ use lienthong_proto::document::{AttachmentCheck, VerifiedDocument, is_streamed, 
 use lienthong_proto::pb::{
     self, ReceiptKind, Signed, exchange_server::Exchange, submit_frame::Frame,
 };
-use lienthong_proto::receipt::sign_receipts;
+use lienthong_proto::receipt::{sign_receipt, sign_receipts};
 use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use prost::Message;
@@ -189,8 +189,7 @@ impl ExchangeService {
         self.refuse_suspended(caller.as_str())?;
         let accepted_at_ms = lienthong_proto::now_ms();
         let receipt = self.submission_receipt(&verified, accepted_at_ms);
-        // Shares one signature with the receipts of concurrent submissions.
-        let signed_receipt = self.shared.receipt_signer.sign(receipt).await?;
+        let signed_receipt = sign_receipt(&receipt, &self.shared.signing_key)?;
         let record = self.document_record(
             &envelope,
             &verified,

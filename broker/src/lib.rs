@@ -10,9 +10,7 @@
 //! - `hub`: which agencies have a live session (at most one each).
 //! - `listener`: accepting connections on both listeners with timeouts and caps (TLS
 //!   handshake done here, not by tonic), and the open-file limit.
-//! - [`store`]: sled trees and the submission transaction (one per SubmitBatch call);
-//!   `commit`: group commit.
-//! - `signer`: single Submits' receipts signed in batches (what queued meanwhile).
+//! - [`store`]: sled trees and the submission transaction; `commit`: group commit.
 //! - `auth`: the caller's identity from its TLS certificate.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
 //!
@@ -37,7 +35,6 @@ mod recall;
 mod recent;
 pub mod records;
 mod session;
-mod signer;
 pub mod store;
 
 use std::collections::HashSet;
@@ -384,9 +381,7 @@ struct Shared {
     config: BrokerConfig,
     store: store::Store,
     hub: hub::Hub,
-    signing_key: Arc<SigningKey>,
-    /// Signs single Submits' receipts, many under one signature when they queue.
-    receipt_signer: signer::ReceiptSigner,
+    signing_key: SigningKey,
     document_anchors: TrustAnchors,
     in_progress: InProgress,
     /// Bytes of submissions being written now, counted against the free-space reserve
@@ -468,15 +463,12 @@ pub async fn run_with_admin(
     let session_bytes_max = u32::try_from(config.sessions_buffer_bytes)
         .unwrap_or(u32::MAX)
         .max(1);
-    let signing_key = Arc::new(signing_key);
-    let receipt_signer = signer::ReceiptSigner::start(signing_key.clone());
     let shared = Arc::new_cyclic(|weak| Shared {
         session_bytes: Arc::new(tokio::sync::Semaphore::new(session_bytes_max as usize)),
         session_bytes_max,
         store: store.clone(),
         hub: hub::Hub::default(),
         signing_key,
-        receipt_signer,
         document_anchors,
         in_progress: InProgress::default(),
         writing_bytes: std::sync::atomic::AtomicU64::new(0),

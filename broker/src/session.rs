@@ -9,10 +9,15 @@
 //!   letter). Anything unacknowledged is offered again after `ack_timeout`, doubling
 //!   with each attempt up to `max_ack_timeout`, and from the start of the queue on the
 //!   next session. Every attempt is recorded with its time and outcome.
-//! - Each fill scans the queue from its head, skipping what is in flight: sequences are
-//!   taken before their transaction commits, so two concurrent submissions can commit
-//!   out of sequence order, and a cursor kept across fills would miss the earlier one.
-//!   The scan costs at most `window` skipped entries.
+//! - Each fill continues the queue scan from where the previous one stopped (the
+//!   session's cursor, from the head when the session starts), skipping what is in
+//!   flight. That is safe because the store takes sequences under the lock every
+//!   queue-adding transaction holds until it commits, so entries commit in sequence
+//!   order and none can appear before the cursor; what the session passed is in flight
+//!   (redelivered by its deadline) or settled. As a guard against any entry still
+//!   passed (a scan racing two commits across a page boundary), a fill that reaches the
+//!   end while the pending counters hold more than is in flight scans once from the
+//!   head, which costs at most `window` skipped entries, as every fill did before.
 //! - Memory: what waits for the transport is bounded in bytes, per session
 //!   (`session_buffer_bytes`) and for all sessions together (`sessions_buffer_bytes`),
 //!   besides the window's count: each message holds its encoded size of both budgets
@@ -143,6 +148,7 @@ pub fn start(
             tx: outbox.clone(),
             window,
             max_batch: 0,
+            cursor: None,
             in_flight: HashMap::new(),
             partial: HashMap::new(),
             streamed_tx,
@@ -345,6 +351,8 @@ struct Session {
     /// Most deliveries per DeliveryBatch, from the agent's Hello; 0: one Delivery per
     /// message (agents before batches).
     max_batch: usize,
+    /// The last queue key this session's scan reached (see the module header).
+    cursor: Option<Vec<u8>>,
     in_flight: HashMap<String, InFlight>,
     /// Streamed deliveries the agent holds in part (from its Hello): bytes per attachment.
     partial: HashMap<String, Vec<u64>>,
@@ -434,17 +442,25 @@ impl Session {
     /// an agent that asked for batches, small deliveries go out as DeliveryBatch
     /// messages of at most `max_batch` (and the window's free room).
     async fn fill_window(&mut self) -> Result<(), BrokerError> {
-        let mut cursor: Option<Vec<u8>> = None;
         let mut batch = Batch::default();
+        let mut from_head = self.cursor.is_none();
         while self.in_flight.len() < self.window {
             let next = self
                 .shared
                 .store
-                .next_queued(self.agency.as_str(), cursor.as_deref())?;
+                .next_queued(self.agency.as_str(), self.cursor.as_deref())?;
             let Some((key, entry)) = next else {
-                break;
+                let queued = self.shared.store.pending(self.agency.as_str()).documents;
+                if from_head || queued <= self.in_flight.len() as u64 {
+                    break;
+                }
+                // More queued than in flight, yet nothing after the cursor: look once
+                // from the head (see the module header).
+                from_head = true;
+                self.cursor = None;
+                continue;
             };
-            cursor = Some(key);
+            self.cursor = Some(key);
             if self.in_flight.contains_key(&entry.message_id) {
                 continue;
             }

@@ -11,11 +11,18 @@
 //! - `business_ids`: business document id → message id (a business id names one content).
 //! - `queue`: recipient code (13 bytes) ‖ sequence (u64 BE) → [`QueueEntry`]; per-recipient
 //!   FIFO order, sequences from `generate_id`, which only grows, even across restarts.
+//!   Sequences are taken under the audit chain's lock, which every transaction that adds
+//!   queue entries holds until it commits: entries commit in sequence order.
 //! - `deliveries`: message id ‖ 0 ‖ recipient → [`DeliveryRecord`].
 //! - `agencies`: code → [`AgencyRecord`].
 //! - `expiry`: expires-at (u64 BE ms) ‖ queue key → delivery key; the queued deliveries
 //!   in the order they expire.
 //! - `dead_letters`: recipient ‖ 0 ‖ message id → (); deliveries expired or refused.
+//! - `pending`: recipient ‖ 0 ‖ sender → documents (u64 BE) ‖ bytes (u64 BE): what the
+//!   queue tree holds per (sender, recipient), written in the same transaction as every
+//!   queue change (accept, settle, redrive), so a restart reads it instead of walking
+//!   every queue entry. Trusted only while the default tree holds `lienthong-pending`
+//!   (written once it was built from a walk of the queue tree).
 //! - `audit`: seq (u64 BE) → [`AuditRecord`], the hash-chained audit log (see `audit`):
 //!   an accepted document's, a settled or redriven delivery's entry is written in the
 //!   same transaction as the change; an agency's registration or suspension right after.
@@ -31,7 +38,8 @@
 //! [`Store::durable`] returns. A queue entry and an expiry entry exist exactly while the
 //! delivery record is `Queued`; a dead-letter entry exactly while it is `Expired` or
 //! `Refused`. The in-memory pending counters, per recipient and per (sender, recipient),
-//! mirror the queue tree (rebuilt at open; a queue entry names its sender). An accept
+//! mirror the queue tree (loaded at open from the `pending` tree, which mirrors it
+//! exactly; rebuilt from a walk when that is absent). An accept
 //! counts its document in them before its transaction and uncounts it if that does not
 //! commit, so the queue limits hold exactly under concurrent submissions.
 
@@ -57,6 +65,8 @@ const FORMAT_KEY: &[u8] = b"lienthong-format";
 /// Default tree: how many documents the store holds (u64 BE), kept in the accept
 /// transaction so that reading it costs nothing (counting the tree walks every page).
 const DOCUMENT_COUNT_KEY: &[u8] = b"lienthong-documents";
+/// Default tree: present once the `pending` tree mirrors the queue tree.
+const PENDING_TREE_KEY: &[u8] = b"lienthong-pending";
 /// Attachments are stored in chunks of this size.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 /// Attempts kept per delivery record.
@@ -261,6 +271,8 @@ pub struct Store {
     expiry: sled::Tree,
     dead_letters: sled::Tree,
     audit: sled::Tree,
+    /// The persisted pending counters per (sender, recipient); see the module header.
+    pending_tree: sled::Tree,
     /// The audit chain's head; its mutex serialises appends.
     chain: Arc<Chain>,
     pending: Arc<Mutex<PendingCounts>>,
@@ -385,7 +397,10 @@ impl Store {
         let commit = GroupCommit::start(db.clone(), dir)
             .map_err(|e| open_error(format!("cannot open the data file for syncing: {e}")))?;
         let queue = db.open_tree("queue")?;
-        let pending = Arc::new(Mutex::new(count_pending(
+        let pending_tree = db.open_tree("pending")?;
+        let pending = Arc::new(Mutex::new(load_pending(
+            &db,
+            &pending_tree,
             &queue,
             &db.open_tree("documents")?,
         )?));
@@ -403,6 +418,7 @@ impl Store {
             expiry: db.open_tree("expiry")?,
             dead_letters: db.open_tree("dead_letters")?,
             audit,
+            pending_tree,
             chain,
             pending,
             recent: Arc::default(),
@@ -711,21 +727,25 @@ impl Store {
                     }
                 }
             }
-            let mut sequences = Vec::with_capacity(document.record.recipients.len());
-            for _ in &document.record.recipients {
-                sequences.push(self.db.generate_id()?);
-            }
             prepared.push(Prepared {
                 document,
                 entry_bytes: candidate.entry_bytes,
                 counted: candidate.counted,
                 encoded: document.record.encode_to_vec(),
-                sequences,
+                sequences: Vec::new(),
             });
         }
         self.attachments.apply_batch(batch)?;
 
         let mut head = self.chain.lock();
+        // Sequences taken under the chain lock, which every queue-changing transaction
+        // holds: queue entries then commit in sequence order, which lets a session keep
+        // its place in the queue (see `session`).
+        for item in &mut prepared {
+            for _ in &item.document.record.recipients {
+                item.sequences.push(self.db.generate_id()?);
+            }
+        }
         let start = *head;
         let result = (
             &self.documents,
@@ -735,9 +755,10 @@ impl Store {
             &self.expiry,
             &self.audit,
             &*self.db,
+            &self.pending_tree,
         )
             .transaction(
-                |(documents, business_ids, queue, deliveries, expiry, audit, counters)| {
+                |(documents, business_ids, queue, deliveries, expiry, audit, counters, pending)| {
                     // Rebuilt on every try: a retried transaction starts from scratch.
                     let mut head = start;
                     let mut entries = Vec::new();
@@ -786,6 +807,7 @@ impl Store {
                                 sender: record.sender.clone(),
                             };
                             queue.insert(key.as_slice(), entry.encode_to_vec())?;
+                            count_in(pending, &record.sender, recipient, item.entry_bytes, true)?;
                             let pair = delivery_key(message_id, recipient);
                             let expires = expiry_key(record.expires_at_ms, &key);
                             expiry.insert(expires.as_slice(), pair.as_slice())?;
@@ -1075,84 +1097,96 @@ impl Store {
             &self.expiry,
             &self.dead_letters,
             &self.audit,
+            &self.pending_tree,
         )
-            .transaction(|(queue, deliveries, expiry, dead_letters, audit)| {
-                // Rebuilt on every try: a retried transaction starts from scratch.
-                let mut head = start;
-                let mut entries = Vec::new();
-                // Per item: None = nothing settled; Some(freed queue entry bytes).
-                let mut outcomes: Vec<Option<Option<u64>>> = Vec::with_capacity(prepared.len());
-                for p in &prepared {
-                    let Some(bytes) = deliveries.get(&p.key)? else {
-                        outcomes.push(None);
-                        continue;
-                    };
-                    let mut record = DeliveryRecord::decode(bytes.as_ref())
-                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                    let queued = record.state == DeliveryState::Queued as i32;
-                    let dead = record.state == DeliveryState::Expired as i32
-                        || record.state == DeliveryState::Refused as i32
-                        || record.state == DeliveryState::Recalled as i32;
-                    let mut freed = None;
-                    match &p.item.settlement {
-                        Settlement::Delivered { receipt } if queued || dead => {
-                            record.state = DeliveryState::Delivered as i32;
-                            record.receipt = receipt.clone();
-                            record.delivered_at_ms = at_ms;
-                            resolve_last(&mut record, "acknowledged");
-                        }
-                        Settlement::Dead {
-                            state,
-                            reason,
-                            notice,
-                        } if queued => {
-                            record.state = *state as i32;
-                            record.reason = reason.clone();
-                            record.notice = notice.clone();
-                            record.dead_at_ms = at_ms;
-                            resolve_last(
-                                &mut record,
-                                if *state == DeliveryState::Refused {
-                                    "refused"
-                                } else {
-                                    "expired"
-                                },
-                            );
-                            dead_letters.insert(p.dead_key.as_slice(), &[] as &[u8])?;
-                        }
-                        Settlement::Recalled { reason, notice } if queued => {
-                            record.state = DeliveryState::Recalled as i32;
-                            record.reason = reason.clone();
-                            record.notice = notice.clone();
-                            record.dead_at_ms = at_ms;
-                            resolve_last(&mut record, "recalled");
-                        }
-                        _ => {
+            .transaction(
+                |(queue, deliveries, expiry, dead_letters, audit, pending)| {
+                    // Rebuilt on every try: a retried transaction starts from scratch.
+                    let mut head = start;
+                    let mut entries = Vec::new();
+                    // Per item: None = nothing settled; Some(freed queue entry bytes).
+                    let mut outcomes: Vec<Option<Option<u64>>> = Vec::with_capacity(prepared.len());
+                    for p in &prepared {
+                        let Some(bytes) = deliveries.get(&p.key)? else {
                             outcomes.push(None);
                             continue;
+                        };
+                        let mut record = DeliveryRecord::decode(bytes.as_ref())
+                            .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                        let queued = record.state == DeliveryState::Queued as i32;
+                        let dead = record.state == DeliveryState::Expired as i32
+                            || record.state == DeliveryState::Refused as i32
+                            || record.state == DeliveryState::Recalled as i32;
+                        let mut freed = None;
+                        match &p.item.settlement {
+                            Settlement::Delivered { receipt } if queued || dead => {
+                                record.state = DeliveryState::Delivered as i32;
+                                record.receipt = receipt.clone();
+                                record.delivered_at_ms = at_ms;
+                                resolve_last(&mut record, "acknowledged");
+                            }
+                            Settlement::Dead {
+                                state,
+                                reason,
+                                notice,
+                            } if queued => {
+                                record.state = *state as i32;
+                                record.reason = reason.clone();
+                                record.notice = notice.clone();
+                                record.dead_at_ms = at_ms;
+                                resolve_last(
+                                    &mut record,
+                                    if *state == DeliveryState::Refused {
+                                        "refused"
+                                    } else {
+                                        "expired"
+                                    },
+                                );
+                                dead_letters.insert(p.dead_key.as_slice(), &[] as &[u8])?;
+                            }
+                            Settlement::Recalled { reason, notice } if queued => {
+                                record.state = DeliveryState::Recalled as i32;
+                                record.reason = reason.clone();
+                                record.notice = notice.clone();
+                                record.dead_at_ms = at_ms;
+                                resolve_last(&mut record, "recalled");
+                            }
+                            _ => {
+                                outcomes.push(None);
+                                continue;
+                            }
                         }
-                    }
-                    if queued {
-                        if let Some(entry) = queue.remove(record.queue_key.as_slice())? {
-                            let entry = QueueEntry::decode(entry.as_ref())
-                                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                            freed = Some(entry.bytes);
+                        if queued {
+                            if let Some(entry) = queue.remove(record.queue_key.as_slice())? {
+                                let entry = QueueEntry::decode(entry.as_ref()).map_err(|e| {
+                                    ConflictableTransactionError::Abort(e.to_string())
+                                })?;
+                                // The in-memory counters use the document's sender too.
+                                count_in(
+                                    pending,
+                                    &p.sender,
+                                    &p.item.recipient,
+                                    entry.bytes,
+                                    false,
+                                )?;
+                                freed = Some(entry.bytes);
+                            }
+                            expiry.remove(record.expiry_key.as_slice())?;
+                            record.queue_key.clear();
+                            record.expiry_key.clear();
+                        } else {
+                            dead_letters.remove(p.dead_key.as_slice())?;
                         }
-                        expiry.remove(record.expiry_key.as_slice())?;
-                        record.queue_key.clear();
-                        record.expiry_key.clear();
-                    } else {
-                        dead_letters.remove(p.dead_key.as_slice())?;
+                        deliveries.insert(p.key.as_slice(), record.encode_to_vec())?;
+                        let entry = head.chain(p.event.clone());
+                        audit.insert(&entry.seq.to_be_bytes(), entry.encode_to_vec())?;
+                        head.advance(&entry);
+                        entries.push(entry);
+                        outcomes.push(Some(freed));
                     }
-                    deliveries.insert(p.key.as_slice(), record.encode_to_vec())?;
-                    let entry = head.chain(p.event.clone());
-                    audit.insert(&entry.seq.to_be_bytes(), entry.encode_to_vec())?;
-                    head.advance(&entry);
-                    entries.push(entry);
-                    outcomes.push(Some(freed));
-                }
-                Ok((outcomes, entries))
-            });
+                    Ok((outcomes, entries))
+                },
+            );
         let (outcomes, entries) = match result {
             Ok(done) => done,
             Err(TransactionError::Abort(detail)) => return Err(StoreError::Corrupt(detail)),
@@ -1265,11 +1299,12 @@ impl Store {
         let bytes = document
             .attachment_bytes
             .saturating_add(document.envelope.len() as u64);
+        let mut head = self.chain.lock();
+        // Under the chain lock: queue entries commit in sequence order (see accept).
         let seq = self.db.generate_id()?;
         let key = delivery_key(message_id, recipient);
         let dead_key = dead_letter_key(recipient, message_id);
         let queue_key = queue_key(recipient, seq);
-        let mut head = self.chain.lock();
         let audit_entry = head.chain(Event {
             kind: "redriven",
             message_id: message_id.to_owned(),
@@ -1286,41 +1321,45 @@ impl Store {
             &self.expiry,
             &self.dead_letters,
             &self.audit,
+            &self.pending_tree,
         )
-            .transaction(|(queue, deliveries, expiry, dead_letters, audit)| {
-                let Some(current) = deliveries.get(&key)? else {
-                    return Ok(false);
-                };
-                let mut record = DeliveryRecord::decode(current.as_ref())
-                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
-                if record.state != DeliveryState::Expired as i32
-                    && record.state != DeliveryState::Refused as i32
-                {
-                    return Ok(false);
-                }
-                let entry = QueueEntry {
-                    message_id: message_id.to_owned(),
-                    bytes,
-                    enqueued_at_ms: now_ms,
-                    expires_at_ms,
-                    sender: document.sender.clone(),
-                };
-                queue.insert(queue_key.as_slice(), entry.encode_to_vec())?;
-                let expires = expiry_key(expires_at_ms, &queue_key);
-                expiry.insert(expires.as_slice(), key.as_slice())?;
-                dead_letters.remove(dead_key.as_slice())?;
-                record.state = DeliveryState::Queued as i32;
-                record.queue_key = queue_key.clone();
-                record.expiry_key = expires;
-                record.expires_at_ms = expires_at_ms;
-                record.reason.clear();
-                record.notice.clear();
-                record.dead_at_ms = 0;
-                push_attempt(&mut record, now_ms, "redriven");
-                deliveries.insert(key.as_slice(), record.encode_to_vec())?;
-                audit.insert(&audit_key, audit_bytes.as_slice())?;
-                Ok(true)
-            });
+            .transaction(
+                |(queue, deliveries, expiry, dead_letters, audit, pending)| {
+                    let Some(current) = deliveries.get(&key)? else {
+                        return Ok(false);
+                    };
+                    let mut record = DeliveryRecord::decode(current.as_ref())
+                        .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                    if record.state != DeliveryState::Expired as i32
+                        && record.state != DeliveryState::Refused as i32
+                    {
+                        return Ok(false);
+                    }
+                    let entry = QueueEntry {
+                        message_id: message_id.to_owned(),
+                        bytes,
+                        enqueued_at_ms: now_ms,
+                        expires_at_ms,
+                        sender: document.sender.clone(),
+                    };
+                    queue.insert(queue_key.as_slice(), entry.encode_to_vec())?;
+                    count_in(pending, &document.sender, recipient, bytes, true)?;
+                    let expires = expiry_key(expires_at_ms, &queue_key);
+                    expiry.insert(expires.as_slice(), key.as_slice())?;
+                    dead_letters.remove(dead_key.as_slice())?;
+                    record.state = DeliveryState::Queued as i32;
+                    record.queue_key = queue_key.clone();
+                    record.expiry_key = expires;
+                    record.expires_at_ms = expires_at_ms;
+                    record.reason.clear();
+                    record.notice.clear();
+                    record.dead_at_ms = 0;
+                    push_attempt(&mut record, now_ms, "redriven");
+                    deliveries.insert(key.as_slice(), record.encode_to_vec())?;
+                    audit.insert(&audit_key, audit_bytes.as_slice())?;
+                    Ok(true)
+                },
+            );
         if matches!(result, Ok(true)) {
             head.advance(&audit_entry);
         }
@@ -1586,6 +1625,101 @@ fn holds_no_data(db: &sled::Db) -> Result<bool, StoreError> {
     Ok(db.is_empty())
 }
 
+/// The `pending` tree's key of a (sender, recipient) pair.
+fn pending_key(sender: &str, recipient: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(recipient.len() + 1 + sender.len());
+    key.extend_from_slice(recipient.as_bytes());
+    key.push(0);
+    key.extend_from_slice(sender.as_bytes());
+    key
+}
+
+fn encode_pending(p: Pending) -> [u8; 16] {
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&p.documents.to_be_bytes());
+    value[8..].copy_from_slice(&p.bytes.to_be_bytes());
+    value
+}
+
+fn decode_pending(value: &[u8]) -> Option<Pending> {
+    let documents = <[u8; 8]>::try_from(value.get(..8)?).ok()?;
+    let bytes = <[u8; 8]>::try_from(value.get(8..16)?).ok()?;
+    Some(Pending {
+        documents: u64::from_be_bytes(documents),
+        bytes: u64::from_be_bytes(bytes),
+    })
+}
+
+/// Counts one queue entry of `bytes` in (`add`) or out of the persisted counter of
+/// (sender, recipient), inside the transaction that changes the queue tree; with the
+/// same saturating arithmetic as the in-memory counters, and a pair at zero removed.
+fn count_in(
+    pending: &sled::transaction::TransactionalTree,
+    sender: &str,
+    recipient: &str,
+    bytes: u64,
+    add: bool,
+) -> Result<(), sled::transaction::UnabortableTransactionError> {
+    let key = pending_key(sender, recipient);
+    let mut held = pending
+        .get(&key)?
+        .and_then(|v| decode_pending(&v))
+        .unwrap_or_default();
+    if add {
+        held.documents = held.documents.saturating_add(1);
+        held.bytes = held.bytes.saturating_add(bytes);
+    } else {
+        held.documents = held.documents.saturating_sub(1);
+        held.bytes = held.bytes.saturating_sub(bytes);
+    }
+    if held.documents == 0 {
+        pending.remove(key)?;
+    } else {
+        pending.insert(key, &encode_pending(held)[..])?;
+    }
+    Ok(())
+}
+
+/// The pending counters at open: read from the `pending` tree when it is marked as
+/// mirroring the queue tree; otherwise (a store from before it, or a crash while it
+/// was being built) from a walk of the queue tree, which is then written to the
+/// `pending` tree and marked, durably, before anything else can change the queue.
+fn load_pending(
+    db: &sled::Db,
+    pending_tree: &sled::Tree,
+    queue: &sled::Tree,
+    documents: &sled::Tree,
+) -> Result<PendingCounts, StoreError> {
+    if db.get(PENDING_TREE_KEY)?.is_some() {
+        let mut counts = PendingCounts::default();
+        for item in pending_tree.iter() {
+            let (key, value) = item?;
+            let (recipient, sender) = split_pair(&key)
+                .ok_or_else(|| StoreError::Corrupt("pending counter key".into()))?;
+            let held = decode_pending(&value)
+                .ok_or_else(|| StoreError::Corrupt("pending counter value".into()))?;
+            let total = counts.by_recipient.entry(recipient.clone()).or_default();
+            total.documents = total.documents.saturating_add(held.documents);
+            total.bytes = total.bytes.saturating_add(held.bytes);
+            counts.by_pair.insert((sender, recipient), held);
+        }
+        return Ok(counts);
+    }
+    let counts = count_pending(queue, documents)?;
+    pending_tree.clear()?;
+    let mut batch = sled::Batch::default();
+    for ((sender, recipient), held) in &counts.by_pair {
+        if held.documents > 0 {
+            batch.insert(pending_key(sender, recipient), &encode_pending(*held)[..]);
+        }
+    }
+    pending_tree.apply_batch(batch)?;
+    db.flush()?;
+    db.insert(PENDING_TREE_KEY, &[1u8][..])?;
+    db.flush()?;
+    Ok(counts)
+}
+
 /// Rebuilds the pending counters from the queue tree (entries written before the
 /// sender was kept in them find it in the document record).
 fn count_pending(queue: &sled::Tree, documents: &sled::Tree) -> Result<PendingCounts, StoreError> {
@@ -1714,5 +1848,97 @@ mod audit_tests {
         let (seq, detail) = store.audit_verify().unwrap().first_break.unwrap();
         assert_eq!(seq, 1);
         assert!(detail.contains("missing"), "{detail}");
+    }
+
+    fn record(sender: &str, recipients: &[&str], size: u64) -> DocumentRecord {
+        DocumentRecord {
+            envelope: vec![1; 100],
+            header_sha256: vec![2; 32],
+            accepted_at_ms: 1,
+            sender: sender.to_owned(),
+            recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+            attachment_bytes: size,
+            expires_at_ms: i64::MAX / 2,
+            ..Default::default()
+        }
+    }
+
+    fn counts(store: &Store) -> Vec<(String, Pending)> {
+        let mut out = Vec::new();
+        for r in ["000.00.12.H31", "000.00.15.H31"] {
+            out.push((r.to_owned(), store.pending(r)));
+            for s in ["000.00.00.H31", "000.00.15.H31"] {
+                out.push((format!("{s}->{r}"), store.pending_from(s, r)));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn pending_counters_persist_exactly_and_are_rebuilt_without_their_marker() {
+        let (a, b, c) = ("000.00.00.H31", "000.00.12.H31", "000.00.15.H31");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = Store::open(&path).unwrap();
+        let documents: Vec<NewDocument> = (0..6u64)
+            .map(|i| NewDocument {
+                record: record(if i % 2 == 0 { a } else { c }, &[b, c], 10 * i),
+                message_id: format!("m{i}"),
+                attachments: Vec::new(),
+            })
+            .collect();
+        let outcomes = store
+            .accept_batch(&documents, &QueueLimits::none())
+            .unwrap();
+        assert!(outcomes.iter().all(|o| matches!(o, Accepted::New)));
+        let settled = store
+            .settle_batch(
+                &[
+                    Settle {
+                        message_id: "m1".into(),
+                        recipient: b.into(),
+                        settlement: Settlement::Delivered { receipt: vec![3] },
+                    },
+                    Settle {
+                        message_id: "m2".into(),
+                        recipient: c.into(),
+                        settlement: Settlement::Dead {
+                            state: DeliveryState::Refused,
+                            reason: "no".into(),
+                            notice: vec![4],
+                        },
+                    },
+                    // Settled twice in one batch: the second finds nothing to settle.
+                    Settle {
+                        message_id: "m1".into(),
+                        recipient: b.into(),
+                        settlement: Settlement::Delivered { receipt: vec![3] },
+                    },
+                ],
+                2,
+            )
+            .unwrap();
+        assert_eq!(settled, vec![true, true, false]);
+        assert!(store.redrive("m2", c, i64::MAX / 2, 3, "test").unwrap());
+        let before = counts(&store);
+        assert_eq!(store.pending(b).documents, 5);
+        store.release().await.unwrap();
+
+        // Read back from the `pending` tree.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(counts(&store), before);
+        let walked = count_pending(&store.queue, &store.documents).unwrap();
+        assert_eq!(store.pending(b), walked.by_recipient[b]);
+        // Without the marker (a store from before the tree): rebuilt from a walk.
+        store.db.remove(PENDING_TREE_KEY).unwrap();
+        store.pending_tree.clear().unwrap();
+        store.release().await.unwrap();
+        let store = Store::open(&path).unwrap();
+        assert_eq!(counts(&store), before);
+        assert!(store.db.get(PENDING_TREE_KEY).unwrap().is_some());
+        store.release().await.unwrap();
+        let store = Store::open(&path).unwrap();
+        assert_eq!(counts(&store), before);
+        store.release().await.unwrap();
     }
 }
