@@ -22,7 +22,14 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// The methods this matrix knows how to call, per service. Checked against the
 /// descriptors: a new RPC fails the test until it is added here and to `call`.
-const EXCHANGE_METHODS: [&str; 5] = ["Submit", "Session", "Status", "UploadStatus", "Directory"];
+const EXCHANGE_METHODS: [&str; 6] = [
+    "Submit",
+    "SubmitBatch",
+    "Session",
+    "Status",
+    "UploadStatus",
+    "Directory",
+];
 const ADMIN_METHODS: [&str; 12] = [
     "Queues",
     "DeadLetters",
@@ -103,7 +110,8 @@ fn expected(caller: Caller, service: &str, method: &str) -> Expect {
         Caller::AgencyA => Expect::Served,
         Caller::AgencyBOnAsDocument => match method {
             // A's signed document over B's TLS identity.
-            "Submit" => Expect::Refused(Code::PermissionDenied),
+            // In a batch the refusal is the document's outcome (see `call`).
+            "Submit" | "SubmitBatch" => Expect::Refused(Code::PermissionDenied),
             // A's document to C is not B's to see: as if it did not exist.
             "Status" => Expect::Refused(Code::NotFound),
             // Answers only for B's own uploads: nothing about A's (checked below).
@@ -205,6 +213,34 @@ async fn call(
             submit(&mut exchange, seal(&h, &key).unwrap(), &[])
                 .await
                 .map(ok)
+        }
+        (pb::exchange_server::SERVICE_NAME, "SubmitBatch") => {
+            let sender = if caller == Caller::SuspendedAgency {
+                C
+            } else {
+                A
+            };
+            let key = world.agency_tls(sender).signing_key().unwrap();
+            let h = header(sender, &[B], &[]);
+            let answer = exchange
+                .submit_batch(pb::SubmitBatchRequest {
+                    documents: vec![pb::BatchDocument {
+                        envelope: Some(seal(&h, &key).unwrap()),
+                        attachments: Vec::new(),
+                    }],
+                })
+                .await?
+                .into_inner();
+            assert_eq!(
+                answer.outcomes.len(),
+                1,
+                "{caller:?} SubmitBatch: {answer:?}"
+            );
+            // A document refused inside the batch counts as the call's answer.
+            match &answer.outcomes[0] {
+                o if o.code == 0 => Ok(()),
+                o => Err(tonic::Status::new(Code::from(o.code), o.message.clone())),
+            }
         }
         (pb::exchange_server::SERVICE_NAME, "Session") => {
             let hello = pb::AgentMessage {
