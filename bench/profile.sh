@@ -47,12 +47,13 @@ while read -r pid args; do
   esac
 done < <(ps -o pid=,args= --ppid "$bench_pid")
 roles+=("-e" "s/^[^;]*-$bench_pid;/bench-driver;/")
-"$perf" script -i "$work/perf.data" 2>/dev/null \
+"$perf" script -F +pid -i "$work/perf.data" 2>/dev/null \
   | "$inferno/inferno-collapse-perf" --all --pid \
   | sed "${roles[@]}" > "$work/folded"
 "$inferno/inferno-flamegraph" --minwidth 0.1 \
   --title "lienthong bench scenario $scenario: all CPUs, ${seconds} s ($(date -u +%FT%TZ))" \
   < "$work/folded" > "$out"
+cp "$work/folded" "${out%.svg}.folded"
 # Shares per process, for the docs.
 awk '{ n = $NF; p = $0; sub(/;.*/, "", p); c[p] += n; t += n }
      END { for (k in c) printf "%6.1f%%  %s\n", 100 * c[k] / t, k }' "$work/folded" | sort -rn | head -12

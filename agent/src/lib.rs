@@ -71,7 +71,8 @@ pub struct AgentConfig {
     /// Received documents are exported to `<inbox_dir>/<message-id>/` after they are
     /// acknowledged; `None`: no folder (a gateway that reads the API).
     pub inbox_dir: Option<PathBuf>,
-    /// Deliveries the agent accepts unacknowledged (default 128).
+    /// Deliveries the agent accepts unacknowledged (default 512: a window is whole
+    /// batches in flight, and small deliveries cost the broker their ids only).
     pub window: u32,
     /// Backoff for session reconnects and outbox retries (default 200 ms .. 30 s).
     pub reconnect_min: Duration,
@@ -168,7 +169,7 @@ impl AgentConfig {
             document_anchors: None,
             data_dir: data_dir.into(),
             inbox_dir: Some(inbox_dir.into()),
-            window: 128,
+            window: 512,
             reconnect_min: Duration::from_millis(200),
             reconnect_max: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(20),

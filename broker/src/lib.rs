@@ -241,7 +241,7 @@ impl BrokerConfig {
             agencies: Vec::new(),
             auto_register: true,
             max_document_bytes: 2 * 1024 * 1024 * 1024,
-            window: 128,
+            window: 512,
             ack_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(20),
             keepalive_timeout: Duration::from_secs(10),

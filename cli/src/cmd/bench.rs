@@ -1069,7 +1069,7 @@ async fn measure(
                     STALL.as_secs()
                 )));
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     let cpu_after = cpu_snapshot(cluster)?;
