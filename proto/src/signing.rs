@@ -285,11 +285,15 @@ pub fn certs_from_pem(
 #[derive(Clone)]
 pub struct TrustAnchors {
     anchors: Vec<TrustAnchor<'static>>,
-    /// Chains already verified against these anchors for a verification "now": SHA-256
-    /// over the role and the DER chain → the earliest notAfter in the chain (Unix
-    /// seconds). A hit skips building the path again (one signature check per chain
-    /// link) until that time; the signature over the payload is always checked.
-    verified_chains: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], u64>>>,
+    /// Chains already verified against these anchors: SHA-256 over the role and the DER
+    /// chain → the span in which every certificate of the chain is valid (latest
+    /// notBefore, earliest notAfter; Unix seconds). A chain that verified at one time
+    /// verifies at any time in that span (its signatures do not depend on the time), so
+    /// a hit skips building the path again (one signature check per chain link), for a
+    /// verification now as for evidence checked at its receipt's time; the signature
+    /// over the payload is always checked.
+    verified_chains:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], (i64, i64)>>>,
     /// Batch signatures already checked (see [`TrustAnchors::root_key`]): the other
     /// items of a batch then cost their inclusion proof only.
     verified_roots: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
@@ -375,28 +379,40 @@ impl TrustAnchors {
         }
     }
 
-    fn chain_known_valid(&self, key: &[u8; 32], now_secs: u64) -> bool {
+    fn chain_known_valid(&self, key: &[u8; 32], at_secs: i64) -> bool {
         self.verified_chains
             .lock()
             .ok()
             .and_then(|cache| cache.get(key).copied())
-            .is_some_and(|not_after| now_secs < not_after)
+            .is_some_and(|(not_before, not_after)| not_before <= at_secs && at_secs < not_after)
     }
 
     fn remember_chain(&self, key: [u8; 32], chain: &[Vec<u8>]) {
-        let not_after = chain
+        let parsed: Vec<_> = chain
             .iter()
             .filter_map(|der| x509_parser::parse_x509_certificate(der).ok())
-            .map(|(_, cert)| cert.validity().not_after.timestamp())
-            .min()
-            .and_then(|t| u64::try_from(t).ok());
-        let (Some(not_after), Ok(mut cache)) = (not_after, self.verified_chains.lock()) else {
+            .map(|(_, cert)| {
+                (
+                    cert.validity().not_before.timestamp(),
+                    cert.validity().not_after.timestamp(),
+                )
+            })
+            .collect();
+        // A certificate that does not parse here is not remembered at all.
+        if parsed.len() != chain.len() {
+            return;
+        }
+        let not_before = parsed.iter().map(|(b, _)| *b).max();
+        let not_after = parsed.iter().map(|(_, a)| *a).min();
+        let (Some(not_before), Some(not_after), Ok(mut cache)) =
+            (not_before, not_after, self.verified_chains.lock())
+        else {
             return;
         };
         if cache.len() >= VERIFIED_CHAINS_MAX {
             cache.clear();
         }
-        cache.insert(key, not_after);
+        cache.insert(key, (not_before, not_after));
     }
 }
 
@@ -492,14 +508,13 @@ pub fn verify_signed<'a>(
         SignerRole::Agency => KeyUsage::client_auth(),
         SignerRole::Broker => KeyUsage::server_auth(),
     };
-    // Only a verification "now" uses the cache: evidence checked at a past time is rare
-    // and checked in full.
-    let now_secs = time.unix_time().as_secs();
-    let cache_key =
-        (time == VerifyTime::Now).then(|| TrustAnchors::chain_key(role, &signed.cert_chain));
+    // A recipient checks every delivery's submission receipt at the receipt's own time:
+    // the cache serves those checks as well as checks "now".
+    let at_secs = i64::try_from(time.unix_time().as_secs()).unwrap_or(i64::MAX);
+    let cache_key = Some(TrustAnchors::chain_key(role, &signed.cert_chain));
     let known = cache_key
         .as_ref()
-        .is_some_and(|key| anchors.chain_known_valid(key, now_secs));
+        .is_some_and(|key| anchors.chain_known_valid(key, at_secs));
     if !known {
         cert.verify_for_usage(
             CHAIN_ALGORITHMS,
