@@ -302,6 +302,9 @@ pub struct TrustAnchors {
 /// Checked batch signatures remembered at most; the cache is emptied when it is full.
 const VERIFIED_ROOTS_MAX: usize = 4096;
 
+/// Chain key → (latest notBefore, earliest notAfter) in Unix seconds.
+type ValiditySpans = std::collections::HashMap<[u8; 32], (i64, i64)>;
+
 /// Verified chains remembered at most; the cache is emptied when it is full.
 const VERIFIED_CHAINS_MAX: usize = 4096;
 
