@@ -292,8 +292,7 @@ pub struct TrustAnchors {
     /// a hit skips building the path again (one signature check per chain link), for a
     /// verification now as for evidence checked at its receipt's time; the signature
     /// over the payload is always checked.
-    verified_chains:
-        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<[u8; 32], (i64, i64)>>>,
+    verified_chains: std::sync::Arc<std::sync::Mutex<ValiditySpans>>,
     /// Batch signatures already checked (see [`TrustAnchors::root_key`]): the other
     /// items of a batch then cost their inclusion proof only.
     verified_roots: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
