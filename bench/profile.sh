@@ -50,7 +50,7 @@ roles+=("-e" "s/^[^;]*-$bench_pid;/bench-driver;/")
 "$perf" script -F +pid -i "$work/perf.data" 2>/dev/null \
   | "$inferno/inferno-collapse-perf" --all --pid \
   | sed "${roles[@]}" > "$work/folded"
-"$inferno/inferno-flamegraph" --minwidth 0.1 \
+"$inferno/inferno-flamegraph" --minwidth 0.25 \
   --title "lienthong bench scenario $scenario: all CPUs, ${seconds} s ($(date -u +%FT%TZ))" \
   < "$work/folded" > "$out"
 cp "$work/folded" "${out%.svg}.folded"
