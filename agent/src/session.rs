@@ -13,10 +13,13 @@
 //!   inbox folder follows the acknowledgement (the exporter, fed once the group is
 //!   durable), so the folder is never a condition of the receipt.
 //! - Batches without timers: whole deliveries that queue while a group is being
-//!   stored form the next group (at most [`GROUP_MAX_DELIVERIES`] and
+//!   checked and written form the next group (at most [`GROUP_MAX_DELIVERIES`] and
 //!   [`GROUP_MAX_BYTES`], whole broker messages): one store transaction, one durable
 //!   sync, one batch signature over the group's new delivery receipts, then one
-//!   `AckBatch` per `DeliveryBatch` (an `Ack`/`Refuse` per single `Delivery`).
+//!   `AckBatch` per `DeliveryBatch` (an `Ack`/`Refuse` per single `Delivery`). One
+//!   group at a time is checked and written; up to [`GROUPS_IN_FLIGHT`] written groups
+//!   wait for the disk meanwhile (their syncs coalesce in the store's group commit), and
+//!   each is answered only once its own sync has returned.
 //! - Limits: a batch may hold at most the `max_batch` this agent announced, and the
 //!   broker may not push more unanswered deliveries than the window plus one batch;
 //!   either violation ends the session.
@@ -45,6 +48,7 @@ use lienthong_proto::signing::VerifyTime;
 use lienthong_proto::spool::{PartialAttachment, SpoolError};
 use lienthong_proto::{ProtocolError, now_ms};
 use prost::Message;
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
@@ -64,6 +68,9 @@ const GROUP_MAX_DELIVERIES: usize = 512;
 /// ... and this many bytes of them (one message alone may be larger, up to the gRPC
 /// message limit).
 const GROUP_MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Groups written and waiting for their sync (one more may be checked and written
+/// meanwhile): bounds what a session holds besides its queue.
+const GROUPS_IN_FLIGHT: usize = 4;
 
 /// A failure on our side: the delivery is neither acknowledged nor refused.
 #[derive(Debug, thiserror::Error)]
@@ -164,15 +171,17 @@ fn take_group(queue: &mut VecDeque<Unit>) -> Vec<Unit> {
     group
 }
 
-/// Starts the next group when none is running and something is queued: a group is
-/// whatever queued while the previous one ran (no timer).
+/// Starts the next group when no group is being checked and written, fewer than
+/// [`GROUPS_IN_FLIGHT`] wait for their sync, and something is queued: a group is
+/// whatever queued while the previous one was written (no timer).
 fn start_group(
     agent: &Arc<Agent>,
     queue: &mut VecDeque<Unit>,
     queued: &mut usize,
     running: &mut JoinSet<GroupDone>,
+    writing: &mut Option<oneshot::Receiver<()>>,
 ) {
-    if !running.is_empty() || queue.is_empty() {
+    if writing.is_some() || running.len() >= GROUPS_IN_FLIGHT || queue.is_empty() {
         return;
     }
     let group = take_group(queue);
@@ -186,8 +195,10 @@ fn start_group(
         deliveries.extend(unit.deliveries);
     }
     let handling = Arc::clone(agent);
+    let (written_tx, written_rx) = oneshot::channel();
+    *writing = Some(written_rx);
     running.spawn(async move {
-        let result = handle_group(handling, deliveries).await;
+        let result = handle_group(handling, deliveries, written_tx).await;
         (forms, ids, result)
     });
 }
@@ -230,9 +241,11 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
     let _up = agent.metrics.session_up();
     let mut handled: u64 = 0;
     let mut receiving: HashMap<String, Receiving> = HashMap::new();
-    // Whole deliveries wait here while the previous group is stored; at most one group
-    // runs at a time, so the next one is whatever arrived meanwhile.
+    // Whole deliveries wait here while the previous group is checked and written; one
+    // group at a time does that, so the next one is whatever arrived meanwhile. Groups
+    // already written wait for their sync in `running` meanwhile (disks overlap CPU).
     let mut queue: VecDeque<Unit> = VecDeque::new();
+    let mut writing: Option<oneshot::Receiver<()>> = None;
     let mut queued: usize = 0;
     // Unanswered deliveries never exceed the window the broker was given; a batch may
     // straddle it once.
@@ -253,7 +266,13 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
                 if let Some(end) = send_group(agent, &tx, forms, result, &mut handled).await {
                     return end;
                 }
-                start_group(agent, &mut queue, &mut queued, &mut running);
+                start_group(agent, &mut queue, &mut queued, &mut running, &mut writing);
+                continue;
+            }
+            // The group being written is in the store (or failed): the next may start.
+            _ = async { if let Some(written) = writing.as_mut() { let _ = written.await; } }, if writing.is_some() => {
+                writing = None;
+                start_group(agent, &mut queue, &mut queued, &mut running, &mut writing);
                 continue;
             }
             () = stop.cancelled() => return SessionEnd::Stopped,
@@ -355,7 +374,7 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
             };
         }
         queue.push_back(unit);
-        start_group(agent, &mut queue, &mut queued, &mut running);
+        start_group(agent, &mut queue, &mut queued, &mut running, &mut writing);
     }
 }
 
@@ -623,9 +642,14 @@ fn check_one(agent: &Agent, delivery: pb::Delivery) -> Result<Accepting, Refusal
 /// Deliveries that queued together): checked each on its own, the accepted ones
 /// stored in one transaction with one sync and one receipt signature. Outcomes are in
 /// the order of `deliveries`; a refusal never affects the others.
+///
+/// `written` is answered (or dropped, on failure) once the group's writes are in the
+/// store, before its sync: the next group may then be checked and written while this
+/// one waits for the disk.
 async fn handle_group(
     agent: Arc<Agent>,
     deliveries: Vec<pb::Delivery>,
+    written: oneshot::Sender<()>,
 ) -> Result<Vec<Outcome>, LocalError> {
     let checking = Arc::clone(&agent);
     // Verification is the CPU cost of a delivery: off the async threads, in one go
@@ -649,7 +673,9 @@ async fn handle_group(
             Err((id, reason)) => slots.push(Some(Outcome::Refuse { id, reason })),
         }
     }
-    let mut accepted = accept_all(&agent, accepting).await?.into_iter();
+    let mut accepted = accept_all(&agent, accepting, Some(written))
+        .await?
+        .into_iter();
     let mut outcomes = Vec::with_capacity(slots.len());
     for slot in slots {
         match slot {
@@ -808,7 +834,11 @@ fn plan_one(agent: &Agent, item: Accepting) -> Result<Planned, LocalError> {
 /// Stores verified deliveries (once each) and answers each with its signed receipt:
 /// one transaction for the group's documents and receipts, one durable sync, one
 /// batch signature over the group's new delivery receipts.
-async fn accept_all(agent: &Arc<Agent>, items: Vec<Accepting>) -> Result<Vec<Outcome>, LocalError> {
+async fn accept_all(
+    agent: &Arc<Agent>,
+    items: Vec<Accepting>,
+    written: Option<oneshot::Sender<()>>,
+) -> Result<Vec<Outcome>, LocalError> {
     if items.is_empty() {
         return Ok(Vec::new());
     }
@@ -864,8 +894,14 @@ async fn accept_all(agent: &Arc<Agent>, items: Vec<Accepting>) -> Result<Vec<Out
         tokio::task::spawn_blocking(move || storing.store.put_inbox_batch(&writes))
             .await
             .map_err(|e| LocalError::Task(e.to_string()))??;
-        // Acknowledge nothing before it is durable: one sync for the whole group.
+        if let Some(written) = written {
+            let _ = written.send(());
+        }
+        // Acknowledge nothing before it is durable: one sync for the whole group (and
+        // for any group written before it that still waits).
         agent.store.durable().await?;
+    } else if let Some(written) = written {
+        let _ = written.send(());
     }
     let new = planned.iter().filter(|p| p.new).count();
     if new > 0 {
@@ -941,7 +977,7 @@ async fn accept(
         attempt,
         body,
     };
-    accept_all(agent, vec![item])
+    accept_all(agent, vec![item], None)
         .await?
         .pop()
         .map(Outcome::into_message)

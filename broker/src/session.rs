@@ -26,10 +26,15 @@
 //!   ends, and an ending session drops what it had queued, so a stalled agent cannot pin
 //!   memory. One live session per agency (see `hub`): a second is refused with
 //!   FAILED_PRECONDITION naming the live one.
-//! - A delivery is logged, counted and visible as delivered only once its settlement
-//!   (dequeue with the receipt) is durable: acknowledgements that arrive together (an
-//!   AckBatch, or several Acks already received) are settled in one store transaction
-//!   and share one group commit.
+//! - A delivery is logged and counted as delivered only once its settlement (dequeue
+//!   with the receipt) is durable: acknowledgements that arrive together (an AckBatch,
+//!   or several Acks already received) are settled in one store transaction and share
+//!   one group commit, which a separate task waits for while the session goes on
+//!   pushing (the settling transaction itself runs before the next fill, so a fill
+//!   never offers what was just acknowledged). A status read in between may already
+//!   show the delivery: that is true whatever happens next, since the recipient
+//!   acknowledged only once its own copy and receipt were durable; after a crash the
+//!   delivery is offered again and answered from the recipient's store.
 //! - Batches (issue 11): to an agent whose Hello set `max_batch`, small deliveries go
 //!   out as DeliveryBatch messages of at most `max_batch`, gathered within one fill of
 //!   the window (never more than its free room) and kept under half a gRPC message in
@@ -638,8 +643,9 @@ impl Session {
     }
 
     /// Settles the verified acknowledgements that arrived together in one store
-    /// transaction, waits until that is durable, then logs and counts them: a delivery
-    /// reported as delivered must not come back into the queue after a crash.
+    /// transaction; a task then waits until that is durable and logs and counts them (a
+    /// delivery reported as delivered must not come back into the queue after a crash),
+    /// while this session fills the window again.
     async fn settle_acks(&mut self, acks: Vec<VerifiedAck>) -> Result<(), BrokerError> {
         if acks.is_empty() {
             return Ok(());
@@ -666,16 +672,29 @@ impl Session {
         if !settled.contains(&true) {
             return Ok(());
         }
-        self.shared.store.durable().await?;
-        let mut count = 0usize;
-        for (ack, newly) in acks.iter().zip(settled) {
-            if newly {
-                count = count.saturating_add(1);
-                self.shared.metrics.acknowledged(ack.accepted_at_ms);
-                tracing::debug!(agency = %self.agency, message_id = %ack.message_id, "delivered with receipt");
+        // The settlement is written; the session goes on pushing while the group commit
+        // makes it durable, and only then are the deliveries counted and logged. A crash
+        // before that puts them back in the queue (redelivered, answered from the
+        // recipient's store); a failed commit poisons the store and ends the session.
+        let shared = self.shared.clone();
+        let agency = self.agency.clone();
+        let cancel = self.handle.cancel.clone();
+        tokio::spawn(async move {
+            if let Err(error) = shared.store.durable().await {
+                tracing::error!(agency = %agency, %error, "settled deliveries could not be made durable; ending the session");
+                cancel.cancel();
+                return;
             }
-        }
-        tracing::info!(agency = %self.agency, delivered = count, acknowledgements = acks.len(), "deliveries settled with receipts");
+            let mut count = 0usize;
+            for (ack, newly) in acks.iter().zip(settled) {
+                if newly {
+                    count = count.saturating_add(1);
+                    shared.metrics.acknowledged(ack.accepted_at_ms);
+                    tracing::debug!(agency = %agency, message_id = %ack.message_id, "delivered with receipt");
+                }
+            }
+            tracing::info!(agency = %agency, delivered = count, acknowledgements = acks.len(), "deliveries settled with receipts");
+        });
         Ok(())
     }
 

@@ -455,7 +455,11 @@ impl Proc {
             .map_err(|e| failed("creating a log file")(e.to_string()))?;
         let child = Command::new(&ctx.bin)
             .args(args)
-            .env("RUST_LOG", "warn")
+            // LIENTHONG_BENCH_CHILD_LOG (e.g. `info`) to study a run's groups and timings.
+            .env(
+                "RUST_LOG",
+                std::env::var("LIENTHONG_BENCH_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::from(file))
             .stderr(Stdio::from(err))
