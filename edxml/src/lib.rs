@@ -172,7 +172,12 @@ fn message_from(
             .flat_map(|holder| holder.all("AttachmentEncoded"))
             .flat_map(|list| list.all("Attachment"))
             .collect();
-        let known = ["edXMLEnvelope", "edXMLHeader", "edXMLBody", "AttachmentEncoded"];
+        let known = [
+            "edXMLEnvelope",
+            "edXMLHeader",
+            "edXMLBody",
+            "AttachmentEncoded",
+        ];
         let others: Vec<&xml::Element> = holders
             .iter()
             .flat_map(|holder| holder.children.iter())

@@ -174,7 +174,12 @@ pub(crate) fn document_notes(
         notes.walk(body, "edXMLBody", &carried, &reason);
     }
     for attachment in attachments {
-        notes.walk(attachment, "AttachmentEncoded/Attachment", &carried, &reason);
+        notes.walk(
+            attachment,
+            "AttachmentEncoded/Attachment",
+            &carried,
+            &reason,
+        );
     }
     for other in others {
         notes.walk(other, &other.name, &carried, &reason);

@@ -315,7 +315,11 @@ mod tests {
             ("2026-05-04T10:30:00.123+07:00", "2026/05/04 10:30:00"),
             ("2026-05-04T10:30:00+07:00", "2026/05/04 10:30:00"),
         ] {
-            assert_eq!(normalise_timestamp(given).as_deref(), Some(written), "{given}");
+            assert_eq!(
+                normalise_timestamp(given).as_deref(),
+                Some(written),
+                "{given}"
+            );
         }
         for bad in [
             "2026-05-04T10:30:00Z",

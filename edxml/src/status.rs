@@ -110,11 +110,13 @@ pub(crate) fn status_from_tree(root: &crate::xml::Element) -> Result<EdxmlStatus
         })?,
         from_name: from.value_or_empty("OrganName", p::FROM_ORGAN_NAME)?,
         response_for: read_response_for(response, p::RESPONSE_FOR)?,
-        status_code: normalise_status_code(&status.value("StatusCode", p::STATUS_CODE)?.ok_or_else(
-            || EdxmlError::MissingElement {
-                path: p::STATUS_CODE.into(),
-            },
-        )?),
+        status_code: normalise_status_code(
+            &status.value("StatusCode", p::STATUS_CODE)?.ok_or_else(|| {
+                EdxmlError::MissingElement {
+                    path: p::STATUS_CODE.into(),
+                }
+            })?,
+        ),
         description: status.value_non_empty("Description", p::DESCRIPTION)?,
         timestamp: {
             let written = status.value("Timestamp", p::TIMESTAMP)?.ok_or_else(|| {

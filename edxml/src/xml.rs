@@ -128,7 +128,9 @@ pub(crate) fn parse_tree(xml: &[u8], limits: &Limits) -> Result<Element, EdxmlEr
     }
     // .NET serialisers write UTF-16 when they write to a string: say so plainly rather
     // than report the first byte that is not UTF-8.
-    if xml.starts_with(&[0xFF, 0xFE]) || xml.starts_with(&[0xFE, 0xFF]) || xml.starts_with(b"<\0")
+    if xml.starts_with(&[0xFF, 0xFE])
+        || xml.starts_with(&[0xFE, 0xFF])
+        || xml.starts_with(b"<\0")
         || xml.starts_with(b"\0<")
     {
         return Err(syntax(

@@ -57,7 +57,11 @@ fn every_producer_package_gets_its_expected_outcome() {
         let parsed = parse_message_noted(&bytes, &limits);
         if want["outcome"] == "refused" {
             let error = parsed.expect_err(name);
-            assert_eq!(Some(error.to_string().as_str()), want["error"].as_str(), "{name}");
+            assert_eq!(
+                Some(error.to_string().as_str()),
+                want["error"].as_str(),
+                "{name}"
+            );
             continue;
         }
         let (message, notes) = parsed.unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -69,7 +73,11 @@ fn every_producer_package_gets_its_expected_outcome() {
         match message {
             EdxmlMessage::Document(doc) => {
                 assert_eq!(want["kind"], "document", "{name}");
-                assert_eq!(doc.business_id(), want["business_id"].as_str().unwrap(), "{name}");
+                assert_eq!(
+                    doc.business_id(),
+                    want["business_id"].as_str().unwrap(),
+                    "{name}"
+                );
                 assert_eq!(doc.subject, want["subject"].as_str().unwrap(), "{name}");
                 assert_eq!(
                     u64::from(doc.steering_type),
@@ -89,8 +97,16 @@ fn every_producer_package_gets_its_expected_outcome() {
             }
             EdxmlMessage::Status(status) => {
                 assert_eq!(want["kind"], "status", "{name}");
-                assert_eq!(status.status_code, want["status_code"].as_str().unwrap(), "{name}");
-                assert_eq!(status.timestamp, want["timestamp"].as_str().unwrap(), "{name}");
+                assert_eq!(
+                    status.status_code,
+                    want["status_code"].as_str().unwrap(),
+                    "{name}"
+                );
+                assert_eq!(
+                    status.timestamp,
+                    want["timestamp"].as_str().unwrap(),
+                    "{name}"
+                );
                 assert_eq!(
                     status.response_for.document_id,
                     want["response_for"].as_str().unwrap(),
@@ -118,7 +134,10 @@ fn steering_type_zero_is_kept_and_written_back() {
     );
     let header = doc.to_header("m", 1).header;
     assert_eq!(header.steering_type, 0);
-    assert_eq!(lienthong_edxml::from_header(&header, Vec::new()).steering_type, 0);
+    assert_eq!(
+        lienthong_edxml::from_header(&header, Vec::new()).steering_type,
+        0
+    );
 
     let text = String::from_utf8(bytes).unwrap();
     let start = text.find("<edXML:SteeringType>").unwrap();

@@ -4,7 +4,9 @@
 //! through the drop folder, and through `lienthong edxml check`: accepted with its
 //! business id, steering type and the list of fields not carried, or refused with the
 //! exact message. Accepted documents are delivered and their status messages (sent by
-//! the recipient in the vendors' forms) reach the sender.
+//! the recipient in the vendors' forms) reach the sender. A package the parser accepts
+//! but the agent refuses (`agent_error`) is accepted by `edxml check` and refused with
+//! that message by the API and the drop folder.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -37,6 +39,12 @@ impl Case {
 
     fn error(&self) -> &str {
         self.want["error"].as_str().unwrap()
+    }
+
+    /// A package the parser accepts but the agent refuses (e.g. status 01, which the
+    /// agent reports by itself on arrival): the exact message.
+    fn agent_error(&self) -> Option<&str> {
+        self.want["agent_error"].as_str()
     }
 
     fn not_carried(&self) -> Vec<String> {
@@ -96,9 +104,7 @@ fn corpus() -> Vec<Case> {
 /// Documents and refused packages (sent by A), then the accepted status messages (sent
 /// by B, in file order: their codes only go forward in that order).
 fn split(cases: &[Case]) -> (Vec<&Case>, Vec<&Case>) {
-    cases
-        .iter()
-        .partition(|c| !(c.accepted() && c.is_status()))
+    cases.iter().partition(|c| !(c.accepted() && c.is_status()))
 }
 
 fn delivered(view: &StatusView) -> bool {
@@ -143,9 +149,17 @@ async fn check_received(world: &World, b: &Agent, case: &Case, message_id: &str)
     wait_for_path(&folder.join("document.json")).await;
     let json: Value =
         serde_json::from_slice(&std::fs::read(folder.join("document.json")).unwrap()).unwrap();
-    assert_eq!(json["business_id"], case.want["business_id"], "{}", case.name);
+    assert_eq!(
+        json["business_id"], case.want["business_id"],
+        "{}",
+        case.name
+    );
     assert_eq!(json["subject"], case.want["subject"], "{}", case.name);
-    assert_eq!(json["steering_type"], case.want["steering_type"], "{}", case.name);
+    assert_eq!(
+        json["steering_type"], case.want["steering_type"],
+        "{}",
+        case.name
+    );
     let names: Vec<String> = json["attachments"]
         .as_array()
         .unwrap()
@@ -233,6 +247,11 @@ async fn corpus_through_the_api() {
     let answered = answered.expect("the answered document is in the corpus");
     for case in statuses {
         let (code, answer) = post_edxml(&b, std::fs::read(&case.path).unwrap()).await;
+        if let Some(error) = case.agent_error() {
+            assert_eq!(code, 400, "{}: {answer}", case.name);
+            assert_eq!(answer["error"], error, "{}", case.name);
+            continue;
+        }
         assert_eq!(code, 202, "{}: {answer}", case.name);
         check_status_answer(case, &answer);
         wait_business_status(&a, &answered, case.want["status_code"].as_str().unwrap()).await;
@@ -270,7 +289,11 @@ async fn drop_package(drop: &Path, case: &Case) -> Result<Value, String> {
         return Err(String::from_utf8(wait_file(&failed).await).unwrap());
     }
     // The package moves first, then its note appears whole.
-    assert!(drop.join("sent").join(&case.name).is_file(), "{}", case.name);
+    assert!(
+        drop.join("sent").join(&case.name).is_file(),
+        "{}",
+        case.name
+    );
     Ok(serde_json::from_slice(&wait_file(&sent).await).unwrap())
 }
 
@@ -311,9 +334,17 @@ async fn corpus_through_the_drop_folder() {
     }
     let answered = answered.expect("the answered document is in the corpus");
     for case in statuses {
-        let answer = drop_package(&drop_b, case)
-            .await
-            .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let outcome = drop_package(&drop_b, case).await;
+        if let Some(error) = case.agent_error() {
+            assert_eq!(
+                outcome.expect_err(&case.name).trim_end(),
+                error,
+                "{}",
+                case.name
+            );
+            continue;
+        }
+        let answer = outcome.unwrap_or_else(|e| panic!("{}: {e}", case.name));
         check_status_answer(case, &answer);
         wait_business_status(&a, &answered, case.want["status_code"].as_str().unwrap()).await;
     }
@@ -345,7 +376,11 @@ fn corpus_through_edxml_check() {
         assert_eq!(output.status.code(), Some(0), "{name}: {output:?}");
         let json: Value = serde_json::from_slice(&output.stdout).unwrap();
         assert_eq!(json["kind"], case.want["kind"], "{name}");
-        assert_eq!(note_paths(&json["not_carried"]), case.not_carried(), "{name}");
+        assert_eq!(
+            note_paths(&json["not_carried"]),
+            case.not_carried(),
+            "{name}"
+        );
         if case.is_status() {
             assert_eq!(json["status_code"], case.want["status_code"], "{name}");
             assert_eq!(json["timestamp"], case.want["timestamp"], "{name}");
