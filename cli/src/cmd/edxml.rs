@@ -19,7 +19,8 @@ use crate::output::outln;
 
 #[derive(Debug, Subcommand)]
 pub enum EdxmlCommand {
-    /// Validate a package offline and print the header it would send, as JSON.
+    /// Validate a package offline and print the header it would send, as JSON, with
+    /// the fields it reads but would not carry (`not_carried`).
     Check(CheckArgs),
     /// Write a received document as an edXML package.
     Export(ExportArgs),
