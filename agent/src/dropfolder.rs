@@ -3,7 +3,8 @@
 //! ([`crate::edxml_api::import_package`]).
 //!
 //! Layout: `<drop>/NAME.edxml` waiting; once accepted it moves to `<drop>/sent/NAME.edxml`
-//! next to `sent/NAME.edxml.json` (the `SendResponse`: message and business id); once
+//! next to `sent/NAME.edxml.json` (what `POST /v1/edxml` answers: message and business
+//! id, and the `edxml` object naming the fields read but not carried); once
 //! refused it moves to `<drop>/failed/NAME.edxml` next to `failed/NAME.edxml.error.txt`
 //! (the reason, naming the edXML field and rule). A name already taken there gets a
 //! `-1`, `-2`… suffix. A package accepted here but then refused for good by the broker
@@ -235,7 +236,7 @@ async fn take(agent: &Arc<Agent>, dir: &Path, name: &str) -> Outcome {
         }
     };
     let (folder, suffix, note) = match &outcome {
-        Ok(response) => (SENT_DIR, ".json", sent_note(response)),
+        Ok(imported) => (SENT_DIR, ".json", sent_note(imported)),
         Err((true, reason)) => (FAILED_DIR, ".error.txt", format!("{reason}\n").into_bytes()),
         Err((false, reason)) => {
             warn!(agency = %agent.agency, file = %name, reason = %reason, "dropped package not sent yet; will retry");
@@ -249,7 +250,7 @@ async fn take(agent: &Arc<Agent>, dir: &Path, name: &str) -> Outcome {
             .map_err(std::io::Error::other)
             .and_then(|r| r);
     match (&outcome, filed) {
-        (Ok(response), Ok(target)) => {
+        (Ok(crate::edxml_api::Imported { response, .. }), Ok(target)) => {
             info!(
                 agency = %agent.agency,
                 file = %name,
@@ -274,7 +275,7 @@ async fn take(agent: &Arc<Agent>, dir: &Path, name: &str) -> Outcome {
             reason = %reason,
             "dropped package refused"
         ),
-        (Ok(response), Err(e)) => {
+        (Ok(crate::edxml_api::Imported { response, .. }), Err(e)) => {
             error!(
                 agency = %agent.agency,
                 file = %name,
@@ -460,8 +461,8 @@ fn write_note(dir: &Path, name: &str, note: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-fn sent_note(response: &SendResponse) -> Vec<u8> {
-    let mut json = serde_json::to_vec_pretty(response).unwrap_or_default();
+fn sent_note(imported: &crate::edxml_api::Imported) -> Vec<u8> {
+    let mut json = serde_json::to_vec_pretty(&imported.json()).unwrap_or_default();
     json.push(b'\n');
     json
 }
@@ -545,9 +546,15 @@ mod tests {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         std::fs::write(dir.join(SENT_DIR).join(name), b"package").unwrap();
-        let note = sent_note(&SendResponse {
-            message_id: id.into(),
-            business_id: "b".into(),
+        let note = sent_note(&crate::edxml_api::Imported {
+            response: SendResponse {
+                message_id: id.into(),
+                business_id: "b".into(),
+            },
+            notes: crate::edxml_api::ReadNotes {
+                steering_type: Some(0),
+                not_carried: Vec::new(),
+            },
         });
         std::fs::write(dir.join(SENT_DIR).join(format!("{name}.json")), note).unwrap();
     }

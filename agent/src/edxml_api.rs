@@ -16,6 +16,11 @@
 //!   attachments read from the inbox folder are checked against the header's digests.
 //! - Package contents are never logged; refusals log the reason (a path and a rule,
 //!   with values shortened by the edXML crate).
+//! - Nothing accepted is dropped silently: the `202` answer (and the drop folder's
+//!   `sent/NAME.edxml.json`) adds to the message and business id an `edxml` object
+//!   naming every field accepted but not carried (`not_carried`, paths and reasons,
+//!   see [`lienthong_edxml::FieldNote`]) and, for a document, the steering type as
+//!   read (`0 (not stated)` included); the paths are logged too.
 
 use std::sync::Arc;
 
@@ -28,7 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
 use lienthong_edxml::{
-    AttachmentBytes, EdxmlDocument, EdxmlMessage, EdxmlStatus, ResponseFor, StaffInfo,
+    AttachmentBytes, EdxmlDocument, EdxmlMessage, EdxmlStatus, FieldNote, ResponseFor, StaffInfo,
 };
 use lienthong_proto::agency::printable;
 use lienthong_proto::document::is_valid_message_id;
@@ -93,7 +98,7 @@ async fn import(
     State(agent): State<Arc<Agent>>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
-) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let limit = package_limits(&agent).max_package_bytes;
     let (package, _permit) = crate::intake::read_capped(
         &headers,
@@ -103,8 +108,55 @@ async fn import(
         |size| package_too_large(size, limit),
     )
     .await?;
-    let response = import_package(&agent, package).await?;
-    Ok((StatusCode::ACCEPTED, Json(response)))
+    let imported = import_package(&agent, package).await?;
+    Ok((StatusCode::ACCEPTED, Json(imported.json())))
+}
+
+/// What an accepted package became, and what of it was read but not carried.
+#[derive(Debug, Clone)]
+pub(crate) struct Imported {
+    pub response: SendResponse,
+    pub notes: ReadNotes,
+}
+
+/// What the import read from a package besides the request it made.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ReadNotes {
+    /// `Some` for a document: its `SteeringType` as read (0 when not stated).
+    pub steering_type: Option<u32>,
+    /// Fields accepted but not carried.
+    pub not_carried: Vec<FieldNote>,
+}
+
+impl ReadNotes {
+    /// The `edxml` object of the answer.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let not_carried: Vec<serde_json::Value> = self
+            .not_carried
+            .iter()
+            .map(|n| serde_json::json!({ "path": n.path, "reason": n.reason }))
+            .collect();
+        let mut value = serde_json::json!({ "not_carried": not_carried });
+        if let (Some(steering), Some(map)) = (self.steering_type, value.as_object_mut()) {
+            map.insert("steering_type".into(), steering.into());
+            map.insert(
+                "steering_type_text".into(),
+                lienthong_edxml::steering_type_text(steering).into(),
+            );
+        }
+        value
+    }
+}
+
+impl Imported {
+    /// The answer: the `SendResponse` fields and `edxml` ([`ReadNotes::json`]).
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let mut value = serde_json::to_value(&self.response).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.insert("edxml".into(), self.notes.json());
+        }
+        value
+    }
 }
 
 /// What a package asks for, once parsed and resolved.
@@ -126,18 +178,27 @@ pub(crate) enum Planned {
 pub(crate) async fn import_package(
     agent: &Arc<Agent>,
     package: Bytes,
-) -> Result<SendResponse, ApiError> {
+) -> Result<Imported, ApiError> {
     let planning = Arc::clone(agent);
     let planned = tokio::task::spawn_blocking(move || {
         let mut spooled = Vec::new();
-        let planned = plan(&planning, &package, &mut spooled);
+        let mut notes = ReadNotes::default();
+        let planned = plan(&planning, &package, &mut spooled, &mut notes);
         // The package's copy goes before the document is prepared.
         drop(package);
-        (planned, spooled)
+        (planned, spooled, notes)
     })
     .await
     .map_err(join_failed)?;
-    let (planned, spooled) = planned;
+    let (planned, spooled, notes) = planned;
+    if planned.is_ok() && !notes.not_carried.is_empty() {
+        let paths: Vec<&str> = notes.not_carried.iter().map(|n| n.path.as_str()).collect();
+        info!(
+            agency = %agent.agency,
+            not_carried = %paths.join(", "),
+            "edXML package accepted; fields not carried"
+        );
+    }
     let outcome = match planned {
         Ok(Planned::Document(request)) => crate::api::accept_send_request(agent, *request).await,
         Ok(Planned::Status {
@@ -162,13 +223,18 @@ pub(crate) async fn import_package(
         })
         .await;
     }
-    outcome
+    outcome.map(|response| Imported { response, notes })
 }
 
 /// Parses the package and resolves what it refers to; each attachment is decoded into
-/// a new upload file (its id pushed to `spooled`). Blocking (parsing, files, store
-/// scans).
-fn plan(agent: &Agent, package: &[u8], spooled: &mut Vec<String>) -> Result<Planned, ApiError> {
+/// a new upload file (its id pushed to `spooled`); what was read but is not carried
+/// goes to `notes`. Blocking (parsing, files, store scans).
+fn plan(
+    agent: &Agent,
+    package: &[u8],
+    spooled: &mut Vec<String>,
+    notes: &mut ReadNotes,
+) -> Result<Planned, ApiError> {
     let mut writers: Vec<crate::files::SpoolWriter> = Vec::new();
     let mut store_failure: Option<StoreError> = None;
     let parsed = {
@@ -193,7 +259,11 @@ fn plan(agent: &Agent, package: &[u8], spooled: &mut Vec<String>) -> Result<Plan
     if let Some(e) = store_failure {
         return Err(internal("cannot spool an edXML attachment")(e));
     }
-    let message = parsed.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let (message, not_carried) = parsed.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    notes.not_carried = not_carried;
+    if let EdxmlMessage::Document(doc) = &message {
+        notes.steering_type = Some(doc.steering_type);
+    }
     let mut upload_ids = Vec::with_capacity(writers.len());
     for writer in writers {
         let (id, _) = writer

@@ -22,8 +22,22 @@ use crate::rules::{
 use crate::xml::{EDXML_NS, Element, Writer, parse_tree};
 use crate::{Limits, ResponseFor};
 
-/// Steering type used when the package has no `SteeringType`: 1, not a directive.
-pub const DEFAULT_STEERING_TYPE: u32 = 1;
+/// Steering type kept when the package has no (or an empty) `SteeringType`: 0, not
+/// stated, the value real producers write for the same thing (issue 16).
+pub const DEFAULT_STEERING_TYPE: u32 = 0;
+
+/// `SteeringType` as people read it: `0 (not stated)`, `1 (not a directive)`,
+/// `2 (directive)`, `3 (report on a directive)`; any other value as a bare number.
+pub fn steering_type_text(steering_type: u32) -> String {
+    let meaning = match steering_type {
+        0 => "not stated",
+        1 => "not a directive",
+        2 => "directive",
+        3 => "report on a directive",
+        other => return other.to_string(),
+    };
+    format!("{steering_type} ({meaning})")
+}
 /// Media type used when an attachment has no `ContentType`.
 pub const DEFAULT_MEDIA_TYPE: &str = "application/octet-stream";
 
@@ -90,7 +104,8 @@ pub struct EdxmlDocument {
     pub signer: Signer,
     /// `OtherInfo/Priority`, 0..=4.
     pub priority: u32,
-    /// `SteeringType`, 1..=3 ([`DEFAULT_STEERING_TYPE`] when absent).
+    /// `SteeringType`: 0 not stated ([`DEFAULT_STEERING_TYPE`], also when absent),
+    /// 1 not a directive, 2 directive, 3 report on a directive.
     pub steering_type: u32,
     /// `DueDate`, `yyyy/MM/dd`.
     pub due_date: Option<String>,
@@ -373,11 +388,13 @@ fn read_document(
                 .collect();
         }
     }
-    if let Some(response) = m.one("ResponseFor", p::RESPONSE_FOR)? {
+    // The national SDK keeps a list of `ResponseFor`; only the first is read (the
+    // others are reported as not carried, see `crate::notes`).
+    if let Some(response) = m.all("ResponseFor").next() {
         doc.response_for = Some(read_response_for(response, p::RESPONSE_FOR)?);
     }
     doc.steering_type =
-        opt_number(m, "SteeringType", p::STEERING_TYPE, 1, 3)?.unwrap_or(DEFAULT_STEERING_TYPE);
+        opt_number(m, "SteeringType", p::STEERING_TYPE, 0, 3)?.unwrap_or(DEFAULT_STEERING_TYPE);
     doc.document_id = m.value_non_empty("DocumentId", p::DOCUMENT_ID)?;
 
     if let Some(trace) = header.one("TraceHeaderList", p::TRACE_HEADER_LIST)?
@@ -654,7 +671,7 @@ pub fn validate_document(doc: &EdxmlDocument, limits: &Limits) -> Result<(), Edx
         one_line(p::TO_PLACES_PLACE, place, 150)?;
     }
     rules::in_range(p::PRIORITY, doc.priority, 0, 4)?;
-    rules::in_range(p::STEERING_TYPE, doc.steering_type, 1, 3)?;
+    rules::in_range(p::STEERING_TYPE, doc.steering_type, 0, 3)?;
     rules::in_range(p::BUSSINESS_DOC_TYPE, doc.business_type, 0, 3)?;
     if let Some(reason) = &doc.business_reason {
         max_chars(p::BUSSINESS_DOC_REASON, reason, 500)?;

@@ -121,7 +121,7 @@ impl EdxmlDocument {
 /// An edXML document for a header we received or sent, to export to a system that
 /// speaks edXML. `ResponseFor`, `Bussiness/DocumentId` and the reason of a recall are not
 /// in our header: set `response_for`, `business_document_id` and `business_reason` on
-/// the result when known. A steering type of 0 (not given) becomes 1.
+/// the result when known. A steering type of 0 (not stated) stays 0.
 pub fn from_header(header: &DocumentHeader, attachments: Vec<AttachmentBytes>) -> EdxmlDocument {
     let signer = header.signer.clone().unwrap_or_default();
     EdxmlDocument {
@@ -142,11 +142,7 @@ pub fn from_header(header: &DocumentHeader, attachments: Vec<AttachmentBytes>) -
             full_name: signer.full_name,
         },
         priority: header.priority,
-        steering_type: if header.steering_type == 0 {
-            crate::document::DEFAULT_STEERING_TYPE
-        } else {
-            header.steering_type
-        },
+        steering_type: header.steering_type,
         due_date: Some(header.due_date.clone()).filter(|d| !d.is_empty()),
         to_places: header.to_places.clone(),
         business_type: u32::try_from(header.business_type).unwrap_or(u32::MAX),

@@ -9,6 +9,7 @@
 //!   [`write_document`].
 //! - [`status`]: [`EdxmlStatus`], [`parse_status`], [`write_status`].
 //! - [`header`]: mapping to and from `lienthong_proto::pb::DocumentHeader`.
+//! - [`notes`]: [`FieldNote`], what a package holds that is accepted but not carried.
 //! - [`error`]: [`EdxmlError`], whose variants name the edXML path and the rule broken.
 //!
 //! Invariants: nothing here panics on any input; whatever a parser returns passed every
@@ -24,7 +25,8 @@
 //! `AttachmentEncoded/Attachment` (`ContentType`, `ContentId` without `cid:`,
 //! `Description`, `ContentTransferEncoded` base64, `AttachmentName`) under the root.
 //!
-//! Read leniently where implementations differ:
+//! Read leniently where implementations differ (each rule, its source and the producers
+//! it was checked against: docs/edxml.md):
 //! - the root may be `edXML` or a bare `edXMLEnvelope`; any prefix bound to the edXML
 //!   namespace is accepted, and so are unqualified elements with no namespace at all;
 //!   elements of other namespaces (e.g. XML signatures) are ignored;
@@ -33,34 +35,40 @@
 //!   `ContentId` child; an attachment without `AttachmentName` takes its reference's;
 //! - base64 may be wrapped over lines (whitespace is ignored);
 //! - `OtherInfo/TyperNotation` (seen in SDKs) is read as `TypistText`; status
-//!   `StaffInfo/EmailAddress` as `Email`.
+//!   `StaffInfo/EmailAddress` as `Email`;
+//! - `SteeringType` 0 (what provincial platforms write) means "not stated" and is kept
+//!   as 0, as is an absent or empty one; 1..=3 as the standard defines them;
+//! - the status element may be `Status` or `MessageStatus`; its `Timestamp` may be
+//!   `yyyy/MM/dd HH:mm:ss`, the legacy `dd/MM/yyyy HH:mm:ss` or ISO 8601 in Vietnam
+//!   time, and is normalised to the first; a one-digit `StatusCode` is padded;
+//! - several `ResponseFor` (the national SDK keeps a list): the first is read;
+//! - whatever is accepted but not carried in the signed header is reported
+//!   ([`FieldNote`], [`parse_message_noted`]), never dropped silently.
 //!
 //! Strict where the standard (and DESIGN §9) is clear:
-//! - `SteeringType` is 1..=3; when absent it is 1 (not a directive). Some systems write
-//!   0: it is refused, as the standard has no such value.
+//! - `SteeringType` above 3 is refused.
 //! - `PromulgationDate`, `DueDate` and `ResponseFor/PromulgationDate` are real dates
-//!   written `yyyy/MM/dd`; the status `Timestamp` is `yyyy/MM/dd HH:mm:ss` (the form the
-//!   SDK writes in `TraceHeader/Timestamp`; one legacy SOAP form writes
-//!   `dd/MM/yyyy HH:mm:ss`, which is refused).
+//!   written `yyyy/MM/dd`.
 //! - `DocumentId` is `{OrganId},{yyyy/MM/dd},{CodeNumber}/{CodeNotation}` and, in
 //!   `MessageHeader`, equals what the header fields give.
-//! - One `ResponseFor` per document (a second is a duplicate element).
 //! - Only UTF-8 input.
 #![forbid(unsafe_code)]
 
 pub mod document;
 pub mod error;
 pub mod header;
+pub mod notes;
 pub mod rules;
 pub mod status;
 pub mod xml;
 
 pub use document::{
-    AttachmentSink, EdxmlAttachment, EdxmlDocument, Signer, parse_document, validate_document,
-    write_document,
+    AttachmentSink, EdxmlAttachment, EdxmlDocument, Signer, parse_document, steering_type_text,
+    validate_document, write_document,
 };
 pub use error::EdxmlError;
 pub use header::{AttachmentBytes, ImportedHeader, from_header};
+pub use notes::FieldNote;
 pub use status::{EdxmlStatus, StaffInfo, parse_status, validate_status, write_status};
 
 /// `ResponseFor`: the document a package or status message answers.
@@ -111,8 +119,16 @@ pub enum EdxmlMessage {
 }
 
 /// Parses a package that may be a document or a status message: a status message is one
-/// whose `edXMLHeader` holds `Status` rather than `MessageHeader`.
+/// whose `edXMLHeader` holds `Status` (or `MessageStatus`) rather than `MessageHeader`.
 pub fn parse_message(xml: &[u8], limits: &Limits) -> Result<EdxmlMessage, EdxmlError> {
+    message_from(xml, limits, None).map(|(message, _)| message)
+}
+
+/// [`parse_message`], with the fields accepted but not carried ([`FieldNote`]).
+pub fn parse_message_noted(
+    xml: &[u8],
+    limits: &Limits,
+) -> Result<(EdxmlMessage, Vec<FieldNote>), EdxmlError> {
     message_from(xml, limits, None)
 }
 
@@ -120,11 +136,12 @@ pub fn parse_message(xml: &[u8], limits: &Limits) -> Result<EdxmlMessage, EdxmlE
 /// piece instead of kept in [`EdxmlAttachment::bytes`] (left empty): memory holds the
 /// package and its tree, never a decoded attachment whole. The sink may have received
 /// bytes even when the parse then fails on a later rule: its owner discards them.
+/// Returns the fields accepted but not carried too ([`FieldNote`]).
 pub fn parse_message_into(
     xml: &[u8],
     limits: &Limits,
     sink: &mut AttachmentSink<'_>,
-) -> Result<EdxmlMessage, EdxmlError> {
+) -> Result<(EdxmlMessage, Vec<FieldNote>), EdxmlError> {
     message_from(xml, limits, Some(sink))
 }
 
@@ -134,16 +151,39 @@ fn message_from(
     xml: &[u8],
     limits: &Limits,
     sink: Option<&mut AttachmentSink<'_>>,
-) -> Result<EdxmlMessage, EdxmlError> {
+) -> Result<(EdxmlMessage, Vec<FieldNote>), EdxmlError> {
     let root = xml::parse_tree(xml, limits)?;
-    let (envelope, _) = document::envelope(&root)?;
+    let (envelope, holders) = document::envelope(&root)?;
     let header = envelope.required("edXMLHeader", "edXMLHeader")?;
-    if header.one("Status", "Status")?.is_some()
-        && header.one("MessageHeader", "MessageHeader")?.is_none()
-    {
-        status::status_from_tree(&root).map(|s| EdxmlMessage::Status(Box::new(s)))
+    let is_status = header.one("MessageHeader", "MessageHeader")?.is_none()
+        && (header.one("Status", "Status")?.is_some()
+            || header.one("MessageStatus", "Status")?.is_some());
+    if is_status {
+        let status = status::status_from_tree(&root)?;
+        Ok((
+            EdxmlMessage::Status(Box::new(status)),
+            notes::status_notes(header),
+        ))
     } else {
-        document::document_from_tree(&root, limits, sink)
-            .map(|d| EdxmlMessage::Document(Box::new(d)))
+        let doc = document::document_from_tree(&root, limits, sink)?;
+        let body = envelope.one("edXMLBody", "edXMLBody")?;
+        let attachments: Vec<&xml::Element> = holders
+            .iter()
+            .flat_map(|holder| holder.all("AttachmentEncoded"))
+            .flat_map(|list| list.all("Attachment"))
+            .collect();
+        let known = [
+            "edXMLEnvelope",
+            "edXMLHeader",
+            "edXMLBody",
+            "AttachmentEncoded",
+        ];
+        let others: Vec<&xml::Element> = holders
+            .iter()
+            .flat_map(|holder| holder.children.iter())
+            .filter(|e| !(e.edxml && known.contains(&e.name.as_str())))
+            .collect();
+        let notes = notes::document_notes(header, body, &attachments, &others, &doc);
+        Ok((EdxmlMessage::Document(Box::new(doc)), notes))
     }
 }

@@ -127,6 +127,64 @@ pub fn is_valid_timestamp(value: &str) -> bool {
     is_valid_date(date) && h < 24 && m < 60 && s < 60
 }
 
+/// A status `Timestamp` in the written form `yyyy/MM/dd HH:mm:ss`, from the forms
+/// producers send: that form itself; `dd/MM/yyyy HH:mm:ss` (a legacy SOAP connector,
+/// Vietnamese day-first order); and ISO 8601 `yyyy-MM-ddTHH:mm:ss` with optional
+/// fraction of a second, without an offset or with `+07:00` (Vietnam time, what Java
+/// SDKs marshal a `Date` to). `None` for anything else, an offset other than Vietnam
+/// time included (it would change the wall-clock time the status shows).
+pub fn normalise_timestamp(value: &str) -> Option<String> {
+    if is_valid_timestamp(value) {
+        return Some(value.to_owned());
+    }
+    let b = value.as_bytes();
+    if b.len() == 19 && b[2] == b'/' && b[5] == b'/' && b[10] == b' ' {
+        let (day, month, year, time) = (
+            value.get(0..2)?,
+            value.get(3..5)?,
+            value.get(6..10)?,
+            value.get(11..19)?,
+        );
+        let written = format!("{year}/{month}/{day} {time}");
+        return is_valid_timestamp(&written).then_some(written);
+    }
+    if b.len() >= 19 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' {
+        let rest = value.get(19..)?;
+        let rest = match rest.strip_prefix('.') {
+            Some(fraction) => {
+                let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+                if digits == 0 {
+                    return None;
+                }
+                fraction.get(digits..)?
+            }
+            None => rest,
+        };
+        if !(rest.is_empty() || rest == "+07:00") {
+            return None;
+        }
+        let written = format!(
+            "{}/{}/{} {}",
+            value.get(0..4)?,
+            value.get(5..7)?,
+            value.get(8..10)?,
+            value.get(11..19)?
+        );
+        return is_valid_timestamp(&written).then_some(written);
+    }
+    None
+}
+
+/// A status code in its written two-digit form: `"1"` (an SDK that keeps the code
+/// as an integer) becomes `"01"`; anything else is returned unchanged.
+pub fn normalise_status_code(value: &str) -> String {
+    if value.len() == 1 && value.bytes().all(|b| b.is_ascii_digit()) {
+        format!("0{value}")
+    } else {
+        value.to_owned()
+    }
+}
+
 pub(crate) fn date(path: &str, value: &str) -> Result<(), EdxmlError> {
     if is_valid_date(value) {
         Ok(())
@@ -246,6 +304,37 @@ mod tests {
         assert!(!is_valid_timestamp("2026/05/01 24:00:00"));
         assert!(!is_valid_timestamp("01/05/2026 10:00:00"));
         assert!(!is_valid_timestamp("2026/05/01T10:00:00"));
+    }
+
+    #[test]
+    fn timestamps_are_normalised_from_the_forms_producers_send() {
+        for (given, written) in [
+            ("2026/05/04 10:30:00", "2026/05/04 10:30:00"),
+            ("04/05/2026 10:30:00", "2026/05/04 10:30:00"),
+            ("2026-05-04T10:30:00", "2026/05/04 10:30:00"),
+            ("2026-05-04T10:30:00.123+07:00", "2026/05/04 10:30:00"),
+            ("2026-05-04T10:30:00+07:00", "2026/05/04 10:30:00"),
+        ] {
+            assert_eq!(
+                normalise_timestamp(given).as_deref(),
+                Some(written),
+                "{given}"
+            );
+        }
+        for bad in [
+            "2026-05-04T10:30:00Z",
+            "2026-05-04T10:30:00+00:00",
+            "2026-05-04T10:30:00.",
+            "31/02/2026 10:30:00",
+            "04/05/26 10:30",
+            "2026/05/04",
+            "",
+        ] {
+            assert_eq!(normalise_timestamp(bad), None, "{bad}");
+        }
+        assert_eq!(normalise_status_code("1"), "01");
+        assert_eq!(normalise_status_code("03"), "03");
+        assert_eq!(normalise_status_code("x"), "x");
     }
 
     #[test]

@@ -4,10 +4,17 @@
 //! Invariants: the status code is one of [`STATUS_CODES`]; codes 02 (refused) and 16
 //! (recall/update refused) carry a non-empty `Description` giving the reason; the
 //! `Timestamp` is `yyyy/MM/dd HH:mm:ss`; `parse_status(write_status(s)) == s`.
+//!
+//! Read tolerantly (docs/edxml.md): the element may be `Status` (the standard's name,
+//! always written) or `MessageStatus` (vendors' SDKs); a one-digit status code is
+//! padded (`1` → `01`); the timestamp is normalised from the legacy day-first and the
+//! ISO 8601 forms ([`crate::rules::normalise_timestamp`]).
 
 use crate::document::{envelope, read_response_for, validate_response_for, write_response_for};
 use crate::error::{EdxmlError, shorten};
-use crate::rules::{agency, max_chars, one_line, timestamp};
+use crate::rules::{
+    agency, max_chars, normalise_status_code, normalise_timestamp, one_line, timestamp,
+};
 use crate::xml::{EDXML_NS, Writer, parse_tree};
 use crate::{Limits, ResponseFor};
 
@@ -75,7 +82,12 @@ pub(crate) fn status_from_tree(root: &crate::xml::Element) -> Result<EdxmlStatus
     use path as p;
     let (env, _) = envelope(root)?;
     let header = env.required("edXMLHeader", "edXMLHeader")?;
-    let status = header.required("Status", p::STATUS)?;
+    // QCVN 102:2016 and the SDK examples write `Status`; the vendors' SDKs name the
+    // same element after their `MessageStatus` class.
+    let status = match header.one("Status", p::STATUS)? {
+        Some(status) => status,
+        None => header.required("MessageStatus", p::STATUS)?,
+    };
     let response = status.required("ResponseFor", p::RESPONSE_FOR)?;
     let from = status.required("From", p::FROM)?;
     let staff = match status.one("StaffInfo", p::STAFF_INFO)? {
@@ -98,17 +110,23 @@ pub(crate) fn status_from_tree(root: &crate::xml::Element) -> Result<EdxmlStatus
         })?,
         from_name: from.value_or_empty("OrganName", p::FROM_ORGAN_NAME)?,
         response_for: read_response_for(response, p::RESPONSE_FOR)?,
-        status_code: status.value("StatusCode", p::STATUS_CODE)?.ok_or_else(|| {
-            EdxmlError::MissingElement {
-                path: p::STATUS_CODE.into(),
-            }
-        })?,
+        status_code: normalise_status_code(
+            &status.value("StatusCode", p::STATUS_CODE)?.ok_or_else(|| {
+                EdxmlError::MissingElement {
+                    path: p::STATUS_CODE.into(),
+                }
+            })?,
+        ),
         description: status.value_non_empty("Description", p::DESCRIPTION)?,
-        timestamp: status.value("Timestamp", p::TIMESTAMP)?.ok_or_else(|| {
-            EdxmlError::MissingElement {
-                path: p::TIMESTAMP.into(),
-            }
-        })?,
+        timestamp: {
+            let written = status.value("Timestamp", p::TIMESTAMP)?.ok_or_else(|| {
+                EdxmlError::MissingElement {
+                    path: p::TIMESTAMP.into(),
+                }
+            })?;
+            // Refused below (naming the value) when it is none of the known forms.
+            normalise_timestamp(&written).unwrap_or(written)
+        },
         staff,
     };
     validate_status(&parsed)?;

@@ -7,7 +7,9 @@
 //!   character references are refused ([`EdxmlError::EntityRefused`]). Nothing is ever
 //!   fetched or expanded: no XXE, no "billion laughs".
 //! - Nesting depth and element count are bounded ([`Limits`]).
-//! - Only UTF-8 input is accepted (an XML declaration naming another encoding is refused).
+//! - Only UTF-8 input is accepted (an XML declaration naming another encoding is refused,
+//!   and so is UTF-16 with or without a byte order mark); a UTF-8 byte order mark is
+//!   skipped.
 //! - Element names are resolved against namespaces: an element counts as edXML when it is
 //!   in `http://www.mic.gov.vn/TBT/QCVN_102_2016` under any prefix, or in no namespace at
 //!   all (some senders omit the declaration). Elements of other namespaces (e.g. an XML
@@ -123,6 +125,19 @@ pub(crate) fn parse_tree(xml: &[u8], limits: &Limits) -> Result<Element, EdxmlEr
             what: "package",
             limit: limits.max_package_bytes,
         });
+    }
+    // .NET serialisers write UTF-16 when they write to a string: say so plainly rather
+    // than report the first byte that is not UTF-8.
+    if xml.starts_with(&[0xFF, 0xFE])
+        || xml.starts_with(&[0xFE, 0xFF])
+        || xml.starts_with(b"<\0")
+        || xml.starts_with(b"\0<")
+    {
+        return Err(syntax(
+            xml,
+            0,
+            "only UTF-8 is supported and this package is UTF-16: save it as UTF-8",
+        ));
     }
     let mut reader = NsReader::from_reader(xml);
     {

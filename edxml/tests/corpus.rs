@@ -203,7 +203,7 @@ const INVALID: &[(&str, &str, Option<&str>)] = &[
         Some("Status/StatusCode"),
     ),
     (
-        "steering-type-zero",
+        "steering-type-out-of-range",
         "OutOfRange",
         Some("MessageHeader/SteeringType"),
     ),

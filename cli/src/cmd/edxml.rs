@@ -2,13 +2,15 @@
 //! exchange documents as files; and the package half of `send --edxml`.
 //!
 //! `check` needs no agent: it applies every edXML rule and prints, as JSON, the header
-//! the agent would sign (or the status message it would report). An invalid package
-//! exits 1 with the edXML path of the field and the rule it breaks.
+//! the agent would sign (or the status message it would report), the steering type as
+//! people read it (`steering_type_text`, e.g. `0 (not stated)`) and every field read but
+//! not carried (`not_carried`: path and reason). An invalid package exits 1 with the
+//! edXML path of the field and the rule it breaks.
 
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
-use lienthong_edxml::{EdxmlDocument, EdxmlMessage, EdxmlStatus, Limits};
+use lienthong_edxml::{EdxmlDocument, EdxmlMessage, EdxmlStatus, FieldNote, Limits};
 use serde_json::{Value, json};
 
 use crate::error::CliError;
@@ -17,7 +19,8 @@ use crate::output::outln;
 
 #[derive(Debug, Subcommand)]
 pub enum EdxmlCommand {
-    /// Validate a package offline and print the header it would send, as JSON.
+    /// Validate a package offline and print the header it would send, as JSON, with
+    /// the fields it reads but would not carry (`not_carried`).
     Check(CheckArgs),
     /// Write a received document as an edXML package.
     Export(ExportArgs),
@@ -59,12 +62,15 @@ fn read_package(path: &Path) -> Result<Vec<u8>, CliError> {
 
 fn check(path: &Path) -> Result<(), CliError> {
     let package = read_package(path)?;
-    let message = lienthong_edxml::parse_message(&package, &Limits::default())
+    let (message, notes) = lienthong_edxml::parse_message_noted(&package, &Limits::default())
         .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
-    let value = match message {
+    let mut value = match message {
         EdxmlMessage::Document(doc) => document_value(&doc),
         EdxmlMessage::Status(status) => status_value(&status),
     };
+    if let Some(map) = value.as_object_mut() {
+        map.insert("not_carried".into(), notes_value(&notes));
+    }
     let text = serde_json::to_string_pretty(&value)
         .map_err(|e| CliError::Failed(format!("encoding JSON: {e}")))?;
     outln!("{text}");
@@ -77,7 +83,21 @@ fn document_value(doc: &EdxmlDocument) -> Value {
     let header = doc.to_header("", 0).header;
     let mut map = lienthong_agent::export::header_json(&header);
     map.insert("kind".into(), json!("document"));
+    map.insert(
+        "steering_type_text".into(),
+        json!(lienthong_edxml::steering_type_text(doc.steering_type)),
+    );
     Value::Object(map)
+}
+
+/// Each field read but not carried, as `{"path", "reason"}`.
+fn notes_value(notes: &[FieldNote]) -> Value {
+    Value::Array(
+        notes
+            .iter()
+            .map(|n| json!({ "path": n.path, "reason": n.reason }))
+            .collect(),
+    )
 }
 
 /// The status report the agent would send for this status message, as JSON.
