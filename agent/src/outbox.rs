@@ -9,7 +9,8 @@
 //! - Documents kept whole in the store go to the broker in batches (`SubmitBatch`): a
 //!   batch is whatever waited while the previous ones ran (at most [`BATCH_DOCUMENTS`]
 //!   documents and [`BATCH_BYTES`] bytes), never formed by a timer; up to
-//!   [`CONCURRENT_BATCHES`] batches are in flight. Each document keeps its own outcome,
+//!   [`CONCURRENT_BATCHES`] batches are in flight, of which at most one is not full
+//!   (so under load the batches grow instead of each free slot taking a document). Each document keeps its own outcome,
 //!   mapped exactly as a `Submit` answer is, and the outcomes of one batch are stored in
 //!   one store transaction made durable by one `durable()`.
 //! - Streamed documents (attachments in files) always use `Submit`. A broker that
@@ -64,7 +65,7 @@ enum Outcome {
 pub const CONCURRENT_SUBMISSIONS: usize = 128;
 
 /// The most documents sent in one `SubmitBatch` call (the broker's own limit is larger).
-pub const BATCH_DOCUMENTS: usize = 256;
+pub const BATCH_DOCUMENTS: usize = 64;
 
 /// The most bytes (envelopes and attachments) sent in one `SubmitBatch` call, far below
 /// the gRPC message limit; a single larger document still goes, alone.
@@ -98,7 +99,9 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
     let mut queue: VecDeque<String> = VecDeque::new();
     // Queued or being submitted: never both, never twice.
     let mut known: HashSet<String> = HashSet::new();
-    let mut running: JoinSet<Vec<(String, Outcome)>> = JoinSet::new();
+    let mut running: JoinSet<(bool, Vec<(String, Outcome)>)> = JoinSet::new();
+    // Batches in flight that were not full: at most one at a time (see below).
+    let mut partial_in_flight = 0usize;
     // Whether the broker serves SubmitBatch (assumed until it answers UNIMPLEMENTED).
     let batches = Arc::new(AtomicBool::new(true));
     let mut rescan_at = Instant::now();
@@ -149,9 +152,26 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
                 if group.is_empty() {
                     break;
                 }
+                // A batch that is not full waits while another one that was not full
+                // runs: what queues meanwhile joins it. Without this, every free slot
+                // took the one or two documents just sealed and the broker paid a
+                // whole call per document (most of scenario 1's calls carried one).
+                // Full batches still go concurrently, up to the slots.
+                let partial = group.len() < group_max;
+                if partial && partial_in_flight > 0 {
+                    for id in group.into_iter().rev() {
+                        queue.push_front(id);
+                    }
+                    break;
+                }
+                if partial {
+                    partial_in_flight = partial_in_flight.saturating_add(1);
+                }
                 let submitting = Arc::clone(&agent);
                 let batches = Arc::clone(&batches);
-                running.spawn(async move { submit_group(&submitting, group, &batches).await });
+                running.spawn(async move {
+                    (partial, submit_group(&submitting, group, &batches).await)
+                });
             }
             queue.extend(not_due);
         }
@@ -162,7 +182,16 @@ pub(crate) async fn run(agent: Arc<Agent>, stop: CancellationToken) {
         };
         tokio::select! {
             Some(joined) = running.join_next(), if !running.is_empty() => {
-                let Ok(outcomes) = joined else { continue };
+                let Ok((partial, outcomes)) = joined else {
+                    // A submission task that panicked (a bug): whether it was the
+                    // partial batch is unknown; the count is right again at the latest
+                    // once nothing runs.
+                    partial_in_flight = running.len().min(partial_in_flight);
+                    continue;
+                };
+                if partial {
+                    partial_in_flight = partial_in_flight.saturating_sub(1);
+                }
                 let mut retried = 0usize;
                 let mut last_reason = None;
                 for (id, outcome) in outcomes {

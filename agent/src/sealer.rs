@@ -35,7 +35,7 @@ use crate::store::{NewOutbox, OutboxRecord};
 
 /// A group grows from what waits until it holds at least this many drafts (a batch call
 /// of the API arrives whole, so a group may exceed it by one call's documents).
-const MAX_GROUP: usize = 2048;
+const MAX_GROUP: usize = 64;
 
 /// A document sealed and durable in the outbox.
 #[derive(Debug, Clone)]

@@ -19,7 +19,8 @@
 //!   `AckBatch` per `DeliveryBatch` (an `Ack`/`Refuse` per single `Delivery`). One
 //!   group at a time is checked and written; up to [`GROUPS_IN_FLIGHT`] written groups
 //!   wait for the disk meanwhile (their syncs coalesce in the store's group commit), and
-//!   each is answered only once its own sync has returned.
+//!   each is answered only once its own sync has returned. Beside waiting groups only a
+//!   full batch's worth starts a group, so under load groups grow rather than split.
 //! - Limits: a batch may hold at most the `max_batch` this agent announced, and the
 //!   broker may not push more unanswered deliveries than the window plus one batch;
 //!   either violation ends the session.
@@ -61,7 +62,7 @@ use crate::export;
 use crate::store::{InboxDocument, InboxRecord, InboxWrite};
 
 /// The most deliveries this agent asks for in one `DeliveryBatch`.
-const MAX_BATCH: u32 = 256;
+const MAX_BATCH: u32 = 64;
 /// A group (one store transaction, one sync, one receipt signature) takes whole
 /// broker messages up to this many deliveries...
 const GROUP_MAX_DELIVERIES: usize = 512;
@@ -172,8 +173,9 @@ fn take_group(queue: &mut VecDeque<Unit>) -> Vec<Unit> {
 }
 
 /// Starts the next group when no group is being checked and written, fewer than
-/// [`GROUPS_IN_FLIGHT`] wait for their sync, and something is queued: a group is
-/// whatever queued while the previous one was written (no timer).
+/// [`GROUPS_IN_FLIGHT`] wait for their sync, and something is queued (a whole batch's
+/// worth, when groups are still waiting for their sync): a group is whatever queued
+/// meanwhile (no timer).
 fn start_group(
     agent: &Arc<Agent>,
     queue: &mut VecDeque<Unit>,
@@ -182,6 +184,12 @@ fn start_group(
     writing: &mut Option<oneshot::Receiver<()>>,
 ) {
     if writing.is_some() || running.len() >= GROUPS_IN_FLIGHT || queue.is_empty() {
+        return;
+    }
+    // Beside groups waiting for their sync, only a full one starts: a partial group
+    // waits for them, and what arrives meanwhile joins it (small groups each cost a
+    // signature, a transaction and an answer).
+    if !running.is_empty() && *queued < MAX_BATCH as usize {
         return;
     }
     let group = take_group(queue);
