@@ -846,6 +846,34 @@ async fn inbox_count(
     Json(crate::api_types::InboxCount { count })
 }
 
+/// Reads a JSON request body of at most `api_max_body_bytes` (within the agent's body
+/// budget) and parses it. A larger body is refused with `413` naming the limit and
+/// `advice`; the body's bytes are gone before this returns, the budget permit is held
+/// by the caller until the request is answered (the parsed request is about as large).
+async fn read_json_body<T: serde::de::DeserializeOwned>(
+    agent: &Agent,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Body,
+    advice: &str,
+) -> Result<(T, tokio::sync::OwnedSemaphorePermit), ApiError> {
+    let limit = agent.api_max_body_bytes;
+    let (body, permit) =
+        crate::intake::read_capped(headers, body, limit, &agent.body_budget, |size| {
+            ApiError::Rejected(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is {size} bytes or more; this agent reads at most {limit} \
+                     (api_max_body_bytes); {advice}"
+                ),
+            )
+        })
+        .await?;
+    let parsed = crate::intake::json(headers, &body)?;
+    // The request holds what it needs: the body's copy goes before the work.
+    drop(body);
+    Ok((parsed, permit))
+}
+
 /// `POST /v1/documents`: the body is read up to `api_max_body_bytes` (refused with
 /// `413` naming the limit and pointing to `/v1/uploads` for larger files).
 async fn send_document(
@@ -853,22 +881,13 @@ async fn send_document(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
-    let limit = agent.api_max_body_bytes;
-    let (body, _permit) =
-        crate::intake::read_capped(&headers, body, limit, &agent.body_budget, |size| {
-            ApiError::Rejected(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the request body is {size} bytes or more; this agent reads at most {limit} \
-                 (api_max_body_bytes); send larger files with POST /v1/uploads and refer to \
-                 them by upload_id"
-                ),
-            )
-        })
-        .await?;
-    let req: SendRequest = crate::intake::json(&headers, &body)?;
-    // The request holds what it needs: the body's copy goes before the work.
-    drop(body);
+    let (req, _permit): (SendRequest, _) = read_json_body(
+        &agent,
+        &headers,
+        body,
+        "send larger files with POST /v1/uploads and refer to them by upload_id",
+    )
+    .await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(accept_send_request(&agent, req).await?),
@@ -996,21 +1015,14 @@ async fn send_documents_batch(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<SendBatchResponse>), ApiError> {
-    let limit = agent.api_max_body_bytes;
-    let (body, _permit) =
-        crate::intake::read_capped(&headers, body, limit, &agent.body_budget, |size| {
-            ApiError::Rejected(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the request body is {size} bytes or more; this agent reads at most {limit} \
-                     (api_max_body_bytes); split the batch, or send larger files with \
-                     POST /v1/uploads and refer to them by upload_id"
-                ),
-            )
-        })
-        .await?;
-    let batch: SendBatchRequest = crate::intake::json(&headers, &body)?;
-    drop(body);
+    let (batch, _permit): (SendBatchRequest, _) = read_json_body(
+        &agent,
+        &headers,
+        body,
+        "split the batch, or send larger files with POST /v1/uploads and refer to them by \
+         upload_id",
+    )
+    .await?;
     let count = batch.documents.len();
     if count > MAX_BATCH_DOCUMENTS {
         return Err(ApiError::Rejected(

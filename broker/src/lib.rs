@@ -50,10 +50,6 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::BrokerError;
 
-/// HTTP/2 flow-control windows (bytes) for the Exchange service.
-pub const HTTP2_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const HTTP2_CONNECTION_WINDOW: u32 = 8 * 1024 * 1024;
-
 /// Everything the broker needs to run.
 #[derive(Debug, Clone)]
 pub struct BrokerConfig {
@@ -262,7 +258,9 @@ impl BrokerConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             http_header_timeout: Duration::from_secs(10),
             admin_idle_timeout: Duration::from_secs(30),
-            max_connections: 8192,
+            // Room for 10,000 idle agencies (issue 11's S5); `fit_caps` lowers it to
+            // the open-file limit.
+            max_connections: 16_384,
             max_handshakes: 256,
             max_admin_connections: 32,
             session_buffer_bytes: 16 * 1024 * 1024,
@@ -528,10 +526,12 @@ pub async fn run_with_admin(
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(shared.config.keepalive_interval))
         .http2_keepalive_timeout(Some(shared.config.keepalive_timeout))
-        // WAN links have large bandwidth-delay products: start with windows that fill
-        // ~100 Mbit/s at 300 ms round trip, and let h2 grow them from its BDP estimate.
-        .initial_stream_window_size(Some(crate::HTTP2_STREAM_WINDOW))
-        .initial_connection_window_size(Some(crate::HTTP2_CONNECTION_WINDOW))
+        // Flow control: adaptive windows. Each stream and the connection start at the
+        // protocol's 64 KiB and hyper grows them from its bandwidth-delay estimate (up to
+        // 16 MiB) while data flows, so a large document on a WAN link gets the window
+        // the link needs and an idle session keeps the initial one. A window is credit,
+        // not a buffer: nothing is allocated for it. (Fixed initial windows set here
+        // would be ignored: hyper resets both to 64 KiB in adaptive mode.)
         .http2_adaptive_window(Some(true))
         .add_service(exchange)
         .add_service(admin)

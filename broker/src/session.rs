@@ -227,8 +227,10 @@ impl Drop for Held {
 /// messages also hold bytes of the session's and the broker's budgets.
 #[derive(Clone)]
 struct Outbox {
-    tx: mpsc::Sender<Outgoing>,
-    rx: Arc<Mutex<mpsc::Receiver<Outgoing>>>,
+    /// Boxed messages: the channel allocates its slots in blocks of 32 when it is
+    /// made, and an idle session should not hold 32 unboxed messages' worth (~11 KiB).
+    tx: mpsc::Sender<Box<Outgoing>>,
+    rx: Arc<Mutex<mpsc::Receiver<Box<Outgoing>>>>,
     session_budget: Arc<Semaphore>,
     session_max: u32,
     global_budget: Arc<Semaphore>,
@@ -267,48 +269,57 @@ impl Outbox {
 
     /// Queues `message` once both budgets have room for its encoded size (a message
     /// larger than a whole budget takes all of it, alone).
-    async fn send(&self, message: Result<pb::BrokerMessage, Status>) -> Result<(), OutboxClosed> {
-        let bytes = message.as_ref().map_or(0, Message::encoded_len);
-        let want = u32::try_from(bytes).unwrap_or(u32::MAX);
-        let queue = async {
-            let session = self
-                .session_budget
-                .clone()
-                .acquire_many_owned(want.min(self.session_max))
-                .await
-                .map_err(|_| OutboxClosed("session ended"))?;
-            let global = self
-                .global_budget
-                .clone()
-                .acquire_many_owned(want.min(self.global_max))
-                .await
-                .map_err(|_| OutboxClosed("session ended"))?;
-            let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
-            self.gauge.inc_by(bytes);
-            let held = Held {
-                _session: session,
-                _global: global,
-                bytes,
-                gauge: self.gauge.clone(),
+    ///
+    /// The wait is boxed, so it is sized for one message only while one is queued:
+    /// inline, it (and the message) would be part of the session task's size for the
+    /// session's whole life, idle or not (issue 11's S5: memory per idle connection).
+    fn send(
+        &self,
+        message: Result<pb::BrokerMessage, Status>,
+    ) -> Pin<Box<dyn Future<Output = Result<(), OutboxClosed>> + Send + '_>> {
+        Box::pin(async move {
+            let bytes = message.as_ref().map_or(0, Message::encoded_len);
+            let want = u32::try_from(bytes).unwrap_or(u32::MAX);
+            let queue = async {
+                let session = self
+                    .session_budget
+                    .clone()
+                    .acquire_many_owned(want.min(self.session_max))
+                    .await
+                    .map_err(|_| OutboxClosed("session ended"))?;
+                let global = self
+                    .global_budget
+                    .clone()
+                    .acquire_many_owned(want.min(self.global_max))
+                    .await
+                    .map_err(|_| OutboxClosed("session ended"))?;
+                let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+                self.gauge.inc_by(bytes);
+                let held = Held {
+                    _session: session,
+                    _global: global,
+                    bytes,
+                    gauge: self.gauge.clone(),
+                };
+                self.tx
+                    .send(Box::new(Outgoing {
+                        message,
+                        _held: held,
+                    }))
+                    .await
+                    .map_err(|_| OutboxClosed("session ended"))
             };
-            self.tx
-                .send(Outgoing {
-                    message,
-                    _held: held,
-                })
-                .await
-                .map_err(|_| OutboxClosed("session ended"))
-        };
-        tokio::select! {
-            () = self.cancel.cancelled() => Err(OutboxClosed("session ended")),
-            () = self.tx.closed() => Err(OutboxClosed("the agent's stream ended")),
-            queued = tokio::time::timeout(self.stall, queue) => match queued {
-                Ok(result) => result,
-                Err(_) => Err(OutboxClosed(
-                    "the agent took nothing from its session for session_stall_timeout",
-                )),
-            },
-        }
+            tokio::select! {
+                () = self.cancel.cancelled() => Err(OutboxClosed("session ended")),
+                () = self.tx.closed() => Err(OutboxClosed("the agent's stream ended")),
+                queued = tokio::time::timeout(self.stall, queue) => match queued {
+                    Ok(result) => result,
+                    Err(_) => Err(OutboxClosed(
+                        "the agent took nothing from its session for session_stall_timeout",
+                    )),
+                },
+            }
+        })
     }
 
     /// Ends the stream: drops every message not yet taken (returning its bytes) so a
@@ -323,7 +334,7 @@ impl Outbox {
 /// The messages to the agent, for tonic; a message's budget bytes return as it is
 /// taken. Ends after the session closes its outbox.
 pub struct OutgoingStream {
-    rx: Arc<Mutex<mpsc::Receiver<Outgoing>>>,
+    rx: Arc<Mutex<mpsc::Receiver<Box<Outgoing>>>>,
 }
 
 /// The transport let go of the stream (the agent reset it, or its connection died):
@@ -397,7 +408,8 @@ impl Session {
             Err(status) => return Err(BrokerError::Unavailable(status.message().to_owned())),
         }
         loop {
-            self.fill_window().await?;
+            // Boxed (here and below): only while they run, not in every idle session.
+            Box::pin(self.fill_window()).await?;
             self.handle
                 .in_flight
                 .store(self.in_flight.len() as u64, Ordering::Relaxed);
@@ -433,7 +445,7 @@ impl Session {
                     Step::Continue
                 }
                 _ = sleep_until_or_forever(next_deadline) => {
-                    self.redeliver_overdue().await?;
+                    Box::pin(self.redeliver_overdue()).await?;
                     Step::Continue
                 }
             };

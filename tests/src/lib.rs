@@ -1,8 +1,13 @@
 //! The lienthong test harness: a fresh dev PKI per test, the real broker and agents on
 //! `127.0.0.1:0` (in-process, or the real binary as a child process that tests kill
 //! with SIGKILL and restart), and waiting on conditions with deadlines instead of sleeps.
+//!
+//! Modules: `fake_broker`, a configurable Exchange server that drives an agent with
+//! what the real broker never sends or forwards to a real broker and counts the calls;
+//! `proxy`, a WAN fault proxy (latency, bandwidth, blackhole, cut).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fake_broker;
 pub mod proxy;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -481,6 +486,14 @@ pub struct BrokerProcess {
 
 impl BrokerProcess {
     pub async fn start(bin: &Path, world: &World, data: &str) -> Self {
+        let mut broker = Self::prepare(bin, world, data);
+        broker.process.spawn().await;
+        broker
+    }
+
+    /// The broker's command line, not started yet: a test may add arguments to
+    /// `process.args` before [`BrokerProcess::spawn`].
+    pub fn prepare(bin: &Path, world: &World, data: &str) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let mut args: Vec<String> = vec![
@@ -502,11 +515,9 @@ impl BrokerProcess {
             args.push("--register".into());
             args.push(code.into());
         }
-        let mut process = Process::new(bin, args, addr);
-        process.spawn().await;
         Self {
             url: format!("https://localhost:{port}"),
-            process,
+            process: Process::new(bin, args, addr),
         }
     }
 

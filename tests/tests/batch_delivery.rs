@@ -11,94 +11,9 @@ use lienthong_proto::document::seal_batch;
 use lienthong_proto::pb::{self, ReceiptKind, Signed};
 use lienthong_proto::receipt::{ExpectedReceipt, sign_receipt, verify_receipt};
 use lienthong_proto::{SigningKey, now_ms, sha256};
+use lienthong_tests::fake_broker::{FakeExchange, FakeServer};
 use lienthong_tests::*;
 use prost::Message;
-
-/// Pushes the prepared broker messages, one list per session in turn, and hands every
-/// message the agent sends to the test. A session ends when the test notifies `end`.
-struct BatchBroker {
-    sessions: std::sync::Mutex<std::collections::VecDeque<Vec<pb::BrokerMessage>>>,
-    answers: tokio::sync::mpsc::UnboundedSender<pb::AgentMessage>,
-    end: std::sync::Arc<tokio::sync::Notify>,
-}
-
-type Pushed = std::pin::Pin<
-    Box<dyn tokio_stream::Stream<Item = Result<pb::BrokerMessage, tonic::Status>> + Send>,
->;
-
-#[tonic::async_trait]
-impl pb::exchange_server::Exchange for BatchBroker {
-    async fn submit(
-        &self,
-        _: tonic::Request<tonic::Streaming<pb::SubmitFrame>>,
-    ) -> Result<tonic::Response<pb::SubmitResponse>, tonic::Status> {
-        Err(tonic::Status::unavailable("test broker"))
-    }
-
-    async fn submit_batch(
-        &self,
-        _: tonic::Request<pb::SubmitBatchRequest>,
-    ) -> Result<tonic::Response<pb::SubmitBatchResponse>, tonic::Status> {
-        Err(tonic::Status::unavailable("test broker"))
-    }
-
-    type SessionStream = Pushed;
-
-    async fn session(
-        &self,
-        request: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
-    ) -> Result<tonic::Response<Pushed>, tonic::Status> {
-        use tokio_stream::StreamExt as _;
-        let mut from_agent = request.into_inner();
-        let answers = self.answers.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(message)) = from_agent.next().await {
-                let _ = answers.send(message);
-            }
-        });
-        let pushes = self
-            .sessions
-            .lock()
-            .unwrap()
-            .pop_front()
-            .unwrap_or_default();
-        let (tx, rx) = tokio::sync::mpsc::channel(pushes.len().max(1));
-        let end = std::sync::Arc::clone(&self.end);
-        tokio::spawn(async move {
-            for message in pushes {
-                if tx.send(Ok(message)).await.is_err() {
-                    return;
-                }
-            }
-            // Dropping the sender closes the session.
-            end.notified().await;
-        });
-        Ok(tonic::Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
-
-    async fn status(
-        &self,
-        _: tonic::Request<pb::StatusRequest>,
-    ) -> Result<tonic::Response<pb::StatusResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("test broker"))
-    }
-
-    async fn upload_status(
-        &self,
-        _: tonic::Request<pb::UploadStatusRequest>,
-    ) -> Result<tonic::Response<pb::UploadStatusResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("test broker"))
-    }
-
-    async fn directory(
-        &self,
-        _: tonic::Request<pb::DirectoryRequest>,
-    ) -> Result<tonic::Response<pb::DirectoryResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::DirectoryResponse::default()))
-    }
-}
 
 /// The broker's submission receipt for `envelope`, signed with `key`.
 fn submission(header: &pb::DocumentHeader, envelope: &Signed, key: &SigningKey) -> Signed {
@@ -115,50 +30,14 @@ fn submission(header: &pb::DocumentHeader, envelope: &Signed, key: &SigningKey) 
     sign_receipt(&receipt, key).unwrap()
 }
 
-type Server = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
-
-/// Starts the test broker with `pushes` for its first session on a TLS listener;
-/// returns its URL, the answers channel and the server task.
-async fn start_broker(
-    world: &World,
-    pushes: Vec<pb::BrokerMessage>,
-) -> (
-    String,
-    tokio::sync::mpsc::UnboundedReceiver<pb::AgentMessage>,
-    Server,
-) {
-    let (url, answers, server, _) = start_broker_sessions(world, vec![pushes]).await;
-    (url, answers, server)
-}
-
-/// Starts the test broker with one list of pushes per session; also returns the
-/// notify that ends the current session.
-async fn start_broker_sessions(
-    world: &World,
-    sessions: Vec<Vec<pb::BrokerMessage>>,
-) -> (
-    String,
-    tokio::sync::mpsc::UnboundedReceiver<pb::AgentMessage>,
-    Server,
-    std::sync::Arc<tokio::sync::Notify>,
-) {
-    let (answers_tx, answers) = tokio::sync::mpsc::unbounded_channel();
-    let end = std::sync::Arc::new(tokio::sync::Notify::new());
-    let broker = BatchBroker {
-        sessions: std::sync::Mutex::new(sessions.into()),
-        answers: answers_tx,
-        end: std::sync::Arc::clone(&end),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(world.broker_tls().server_config())
-            .unwrap()
-            .add_service(pb::exchange_server::ExchangeServer::new(broker))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    (format!("https://localhost:{port}"), answers, server, end)
+/// Serves a fake broker whose sessions push `sessions`, one list each in turn: the
+/// real broker never sends a bad signature or a document addressed to someone else.
+async fn start_broker(world: &World, sessions: Vec<Vec<pb::BrokerMessage>>) -> FakeServer {
+    sessions
+        .into_iter()
+        .fold(FakeExchange::new(), FakeExchange::session)
+        .serve(world)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,15 +91,15 @@ async fn a_delivery_batch_refuses_only_its_bad_deliveries_and_acks_the_rest_with
             deliveries,
         })),
     }];
-    let (url, mut answers, server) = start_broker(&world, pushes).await;
-    let b = Agent::start(world.agent_config(B, &url)).await;
+    let mut fake = start_broker(&world, vec![pushes]).await;
+    let b = Agent::start(world.agent_config(B, &fake.url)).await;
 
     // The Hello asks for batches; then exactly one AckBatch answers the batch.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut hello = None;
     let mut batches = Vec::new();
     while batches.is_empty() {
-        let message = tokio::time::timeout_at(deadline, answers.recv())
+        let message = tokio::time::timeout_at(deadline, fake.answers.recv())
             .await
             .expect("the agent answers the batch within 30 s")
             .expect("answers channel open");
@@ -323,7 +202,7 @@ async fn a_delivery_batch_refuses_only_its_bad_deliveries_and_acks_the_rest_with
         assert!(status.is_err(), "{bad} must be unknown to B: {status:?}");
     }
     b.stop().await;
-    server.abort();
+    fake.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -351,8 +230,8 @@ async fn a_batch_larger_than_announced_ends_the_session_and_stores_nothing() {
             deliveries,
         })),
     }];
-    let (url, mut answers, server) = start_broker(&world, pushes).await;
-    let mut config = world.agent_config(B, &url);
+    let mut fake = start_broker(&world, vec![pushes]).await;
+    let mut config = world.agent_config(B, &fake.url);
     config.window = 2;
     let b = Agent::start(config).await;
 
@@ -360,7 +239,7 @@ async fn a_batch_larger_than_announced_ends_the_session_and_stores_nothing() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut hellos = 0;
     while hellos < 2 {
-        let message = tokio::time::timeout_at(deadline, answers.recv())
+        let message = tokio::time::timeout_at(deadline, fake.answers.recv())
             .await
             .expect("the agent reconnects within 30 s")
             .expect("answers channel open");
@@ -374,7 +253,7 @@ async fn a_batch_larger_than_announced_ends_the_session_and_stores_nothing() {
     }
     assert!(b.client.inbox().await.unwrap().is_empty());
     b.stop().await;
-    server.abort();
+    fake.stop();
 }
 
 /// The next AckBatch the agent sends (Hellos are skipped).
@@ -434,15 +313,14 @@ async fn a_redelivered_batch_is_answered_with_the_stored_receipts_and_stored_onc
     };
     // The same documents twice, as a broker that lost the first AckBatch redelivers
     // them on the next session.
-    let (url, mut answers, server, end) =
-        start_broker_sessions(&world, vec![batch(1), batch(2)]).await;
-    let b = Agent::start(world.agent_config(B, &url)).await;
+    let mut fake = start_broker(&world, vec![batch(1), batch(2)]).await;
+    let b = Agent::start(world.agent_config(B, &fake.url)).await;
 
-    let first = next_ack_batch(&mut answers).await;
+    let first = next_ack_batch(&mut fake.answers).await;
     assert_eq!(first.acks.len(), 3, "{first:?}");
     assert!(first.refusals.is_empty(), "{first:?}");
-    end.notify_one();
-    let second = next_ack_batch(&mut answers).await;
+    fake.end_session();
+    let second = next_ack_batch(&mut fake.answers).await;
     assert!(second.refusals.is_empty(), "{second:?}");
     let receipts = |batch: &pb::AckBatch| -> std::collections::BTreeMap<String, Vec<u8>> {
         batch
@@ -469,5 +347,5 @@ async fn a_redelivered_batch_is_answered_with_the_stored_receipts_and_stored_onc
     assert_eq!(inbox_entries(&world.inbox_dir(B)), ids);
     assert_eq!(b.client.inbox().await.unwrap().len(), 3);
     b.stop().await;
-    server.abort();
+    fake.stop();
 }

@@ -6,8 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -15,6 +14,7 @@ use lienthong_agent::api_types::{SendBatchResponse, SendRequest};
 use lienthong_proto::document::verify_document;
 use lienthong_proto::pb;
 use lienthong_proto::signing::VerifyTime;
+use lienthong_tests::fake_broker::{BatchMode, FakeExchange, FakeServer};
 use lienthong_tests::*;
 use prost::Message as _;
 use reqwest::header::{CONTENT_TYPE, ORIGIN};
@@ -275,152 +275,19 @@ async fn the_batch_endpoint_refuses_over_1000_items_empty_lists_and_foreign_call
 /// sender's identity; `SubmitBatch` is answered UNIMPLEMENTED (an older broker) or, with
 /// `batches`, served by forwarding each document as a `Submit` and collecting the
 /// outcomes. The session is left idle (the sender receives nothing here).
-struct ForwardingBroker {
-    real: pb::exchange_client::ExchangeClient<tonic::transport::Channel>,
-    batches: bool,
-    batch_calls: Arc<AtomicUsize>,
-    batch_documents: Arc<AtomicUsize>,
-    largest_batch: Arc<AtomicUsize>,
-    submits: Arc<AtomicUsize>,
-}
-
-type BrokerStream = std::pin::Pin<
-    Box<dyn tokio_stream::Stream<Item = Result<pb::BrokerMessage, tonic::Status>> + Send>,
->;
-
-#[tonic::async_trait]
-impl pb::exchange_server::Exchange for ForwardingBroker {
-    async fn submit(
-        &self,
-        request: tonic::Request<tonic::Streaming<pb::SubmitFrame>>,
-    ) -> Result<tonic::Response<pb::SubmitResponse>, tonic::Status> {
-        use tokio_stream::StreamExt as _;
-        self.submits.fetch_add(1, Ordering::SeqCst);
-        let mut inbound = request.into_inner();
-        let mut frames = Vec::new();
-        while let Some(frame) = inbound.next().await {
-            frames.push(frame?);
-        }
-        self.real.clone().submit(tokio_stream::iter(frames)).await
-    }
-
-    async fn submit_batch(
-        &self,
-        request: tonic::Request<pb::SubmitBatchRequest>,
-    ) -> Result<tonic::Response<pb::SubmitBatchResponse>, tonic::Status> {
-        if !self.batches {
-            self.batch_calls.fetch_add(1, Ordering::SeqCst);
-            return Err(tonic::Status::unimplemented("an older broker"));
-        }
-        let documents = request.into_inner().documents;
-        self.batch_calls.fetch_add(1, Ordering::SeqCst);
-        self.batch_documents
-            .fetch_add(documents.len(), Ordering::SeqCst);
-        self.largest_batch
-            .fetch_max(documents.len(), Ordering::SeqCst);
-        let mut outcomes = Vec::new();
-        for document in documents {
-            let envelope = document.envelope.unwrap_or_default();
-            let message_id = pb::DocumentHeader::decode(envelope.payload.as_ref())
-                .map(|h| h.message_id)
-                .unwrap_or_default();
-            let attachments: Vec<&[u8]> = document.attachments.iter().map(Vec::as_slice).collect();
-            let mut real = self.real.clone();
-            outcomes.push(match submit(&mut real, envelope, &attachments).await {
-                Ok(answer) => pb::SubmitOutcome {
-                    message_id,
-                    submission_receipt: answer.submission_receipt,
-                    duplicate: answer.duplicate,
-                    code: 0,
-                    message: String::new(),
-                },
-                Err(status) => pb::SubmitOutcome {
-                    message_id,
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                    ..Default::default()
-                },
-            });
-        }
-        Ok(tonic::Response::new(pb::SubmitBatchResponse { outcomes }))
-    }
-
-    type SessionStream = BrokerStream;
-
-    async fn session(
-        &self,
-        _: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
-    ) -> Result<tonic::Response<BrokerStream>, tonic::Status> {
-        Ok(tonic::Response::new(Box::pin(tokio_stream::pending())))
-    }
-
-    async fn status(
-        &self,
-        request: tonic::Request<pb::StatusRequest>,
-    ) -> Result<tonic::Response<pb::StatusResponse>, tonic::Status> {
-        self.real.clone().status(request.into_inner()).await
-    }
-
-    async fn upload_status(
-        &self,
-        request: tonic::Request<pb::UploadStatusRequest>,
-    ) -> Result<tonic::Response<pb::UploadStatusResponse>, tonic::Status> {
-        self.real.clone().upload_status(request.into_inner()).await
-    }
-
-    async fn directory(
-        &self,
-        _: tonic::Request<pb::DirectoryRequest>,
-    ) -> Result<tonic::Response<pb::DirectoryResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::DirectoryResponse::default()))
-    }
-}
-
-struct Forwarded {
-    url: String,
-    batch_calls: Arc<AtomicUsize>,
-    batch_documents: Arc<AtomicUsize>,
-    largest_batch: Arc<AtomicUsize>,
-    submits: Arc<AtomicUsize>,
-    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-/// Serves a [`ForwardingBroker`] for sender A in front of the broker at `real_url`.
-async fn forwarding_broker(world: &World, real_url: &str, batches: bool) -> Forwarded {
+async fn forwarding_broker(world: &World, real_url: &str, batches: bool) -> FakeServer {
     let real = exchange_client(real_url, world.agency_tls(A).client_config("localhost"))
         .await
         .unwrap();
-    let (batch_calls, batch_documents, largest_batch, submits) = (
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-        Arc::new(AtomicUsize::new(0)),
-    );
-    let fake = ForwardingBroker {
-        real,
-        batches,
-        batch_calls: Arc::clone(&batch_calls),
-        batch_documents: Arc::clone(&batch_documents),
-        largest_batch: Arc::clone(&largest_batch),
-        submits: Arc::clone(&submits),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(world.broker_tls().server_config())
-            .unwrap()
-            .add_service(pb::exchange_server::ExchangeServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    Forwarded {
-        url: format!("https://localhost:{port}"),
-        batch_calls,
-        batch_documents,
-        largest_batch,
-        submits,
-        server,
-    }
+    FakeExchange::new()
+        .forward_to(real)
+        .batch_mode(if batches {
+            BatchMode::ForwardEach
+        } else {
+            BatchMode::Unimplemented
+        })
+        .serve(world)
+        .await
 }
 
 /// Sends `count` documents from A to B through the batch endpoint (many wait in the
@@ -460,15 +327,15 @@ async fn against_a_broker_without_submit_batch_documents_arrive_through_submit()
         .await;
     }
     // One refused SubmitBatch, then every document through its own Submit.
-    assert!(fake.batch_calls.load(Ordering::SeqCst) >= 1);
+    assert!(fake.calls.batch_calls.load(Ordering::SeqCst) >= 1);
     assert!(
-        fake.submits.load(Ordering::SeqCst) >= 30,
+        fake.calls.submits.load(Ordering::SeqCst) >= 30,
         "{} submits",
-        fake.submits.load(Ordering::SeqCst)
+        fake.calls.submits.load(Ordering::SeqCst)
     );
     a.stop().await;
     b.stop().await;
-    fake.server.abort();
+    fake.stop();
     broker.stop().await;
 }
 
@@ -494,12 +361,12 @@ async fn the_outbox_submits_batches_and_stores_verified_receipts() {
         .await;
     }
     // Whole documents went in SubmitBatch calls only, several per call.
-    assert_eq!(fake.submits.load(Ordering::SeqCst), 0);
-    assert_eq!(fake.batch_documents.load(Ordering::SeqCst), 120);
+    assert_eq!(fake.calls.submits.load(Ordering::SeqCst), 0);
+    assert_eq!(fake.calls.batch_documents.load(Ordering::SeqCst), 120);
     assert!(
-        fake.largest_batch.load(Ordering::SeqCst) >= 2,
+        fake.calls.largest_batch.load(Ordering::SeqCst) >= 2,
         "batches of {} at most",
-        fake.largest_batch.load(Ordering::SeqCst)
+        fake.calls.largest_batch.load(Ordering::SeqCst)
     );
     a.stop().await;
     // Each outbox entry holds the broker's receipt, verifiable for its own document.
@@ -527,7 +394,7 @@ async fn the_outbox_submits_batches_and_stores_verified_receipts() {
     }
     drop(store);
     b.stop().await;
-    fake.server.abort();
+    fake.stop();
     broker.stop().await;
 }
 

@@ -16,6 +16,7 @@ use lienthong_proto::pb::{self, ReceiptKind, Signed};
 use lienthong_proto::receipt::sign_receipt;
 use lienthong_proto::signing::{Domain, VerifyTime};
 use lienthong_proto::{SigningKey, TrustAnchors, now_ms, sha256};
+use lienthong_tests::fake_broker::FakeExchange;
 use lienthong_tests::*;
 use prost::Message;
 
@@ -523,80 +524,6 @@ async fn the_exported_folder_verifies_with_three_signatures_and_tampered_receipt
     broker.stop().await;
 }
 
-/// A broker that pushes prepared deliveries on the first session and records what the
-/// agent answers: to see the agent refuse deliveries whose submission receipt is
-/// missing or does not verify, which the real broker never sends.
-struct FakeBroker {
-    deliveries: std::sync::Mutex<Option<Vec<pb::Delivery>>>,
-    answers: tokio::sync::mpsc::UnboundedSender<pb::AgentMessage>,
-}
-
-type BrokerStream = std::pin::Pin<
-    Box<dyn tokio_stream::Stream<Item = Result<pb::BrokerMessage, tonic::Status>> + Send>,
->;
-
-#[tonic::async_trait]
-impl pb::exchange_server::Exchange for FakeBroker {
-    async fn submit(
-        &self,
-        _: tonic::Request<tonic::Streaming<pb::SubmitFrame>>,
-    ) -> Result<tonic::Response<pb::SubmitResponse>, tonic::Status> {
-        Err(tonic::Status::unavailable("fake broker"))
-    }
-
-    async fn submit_batch(
-        &self,
-        _: tonic::Request<pb::SubmitBatchRequest>,
-    ) -> Result<tonic::Response<pb::SubmitBatchResponse>, tonic::Status> {
-        Err(tonic::Status::unavailable("fake broker"))
-    }
-
-    type SessionStream = BrokerStream;
-
-    async fn session(
-        &self,
-        request: tonic::Request<tonic::Streaming<pb::AgentMessage>>,
-    ) -> Result<tonic::Response<BrokerStream>, tonic::Status> {
-        use tokio_stream::StreamExt as _;
-        let mut inbound = request.into_inner();
-        let answers = self.answers.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(message)) = inbound.next().await {
-                let _ = answers.send(message);
-            }
-        });
-        let deliveries = self.deliveries.lock().unwrap().take().unwrap_or_default();
-        let pushed = tokio_stream::iter(deliveries.into_iter().map(|d| {
-            Ok(pb::BrokerMessage {
-                msg: Some(pb::broker_message::Msg::Delivery(d)),
-            })
-        }))
-        .chain(tokio_stream::pending());
-        Ok(tonic::Response::new(Box::pin(pushed)))
-    }
-
-    async fn status(
-        &self,
-        _: tonic::Request<pb::StatusRequest>,
-    ) -> Result<tonic::Response<pb::StatusResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake broker"))
-    }
-
-    async fn upload_status(
-        &self,
-        _: tonic::Request<pb::UploadStatusRequest>,
-    ) -> Result<tonic::Response<pb::UploadStatusResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("fake broker"))
-    }
-
-    async fn directory(
-        &self,
-        _: tonic::Request<pb::DirectoryRequest>,
-    ) -> Result<tonic::Response<pb::DirectoryResponse>, tonic::Status> {
-        Ok(tonic::Response::new(pb::DirectoryResponse::default()))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_refuses_deliveries_without_a_valid_submission_receipt() {
     let world = World::new();
@@ -632,28 +559,20 @@ async fn the_agent_refuses_deliveries_without_a_valid_submission_receipt() {
         delivery(&agency, Some(submission_for(&agency_h, &agency, &a_key))),
         delivery(&good, Some(good_receipt.clone())),
     ];
-    let (answers_tx, mut answers) = tokio::sync::mpsc::unbounded_channel();
-    let fake = FakeBroker {
-        deliveries: std::sync::Mutex::new(Some(deliveries)),
-        answers: answers_tx,
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tls_config(world.broker_tls().server_config())
-            .unwrap()
-            .add_service(pb::exchange_server::ExchangeServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    let b = Agent::start(world.agent_config(B, &format!("https://localhost:{port}"))).await;
+    // A broker that pushes these on the first session and hands over what the agent
+    // answers: the real broker never sends such deliveries.
+    let mut fake = FakeExchange::new()
+        .session_deliveries(deliveries)
+        .serve(&world)
+        .await;
+    let b = Agent::start(world.agent_config(B, &fake.url)).await;
 
     // Hello, then one answer per delivery.
     let mut refused = std::collections::HashMap::new();
     let mut acked = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while refused.len() + acked.len() < 4 {
-        let message = tokio::time::timeout_at(deadline, answers.recv())
+        let message = tokio::time::timeout_at(deadline, fake.answers.recv())
             .await
             .expect("the agent answers every delivery within 30 s")
             .expect("answers channel open");
@@ -695,5 +614,5 @@ async fn the_agent_refuses_deliveries_without_a_valid_submission_receipt() {
     );
     assert!(exported.join("delivery-receipt.pb").is_file());
     b.stop().await;
-    server.abort();
+    fake.stop();
 }

@@ -99,6 +99,11 @@ pub struct AgentArgs {
     /// Seconds after which an upload not taken into a document is removed (24 h).
     #[arg(long)]
     upload_max_age_secs: Option<u64>,
+    /// Deliveries this agent takes unacknowledged at once, 1 to 16384 (default 512;
+    /// the broker's own window caps it). Its batches from the broker are at most this
+    /// large too.
+    #[arg(long, value_name = "N")]
+    window: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -129,11 +134,14 @@ struct AgentFile {
     api_max_connections: Option<usize>,
     api_max_body_bytes: Option<usize>,
     upload_max_age_secs: Option<u64>,
+    window: Option<u32>,
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     let cfg = args.config.as_deref();
     let file: AgentFile = config::load(cfg)?;
+    // Refused before any file is read.
+    let window = super::broker::window(args.window.or(file.window))?;
     let path = |flag: Option<PathBuf>, from_file: Option<PathBuf>, name: &str| {
         required(flag, from_file.map(|p| relative_to(cfg, p)), name)
     };
@@ -172,6 +180,9 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     }
     let mut config = AgentConfig::new(agency, broker, tls, data, PathBuf::new());
     config.inbox_dir = inbox_dir;
+    if let Some(window) = window {
+        config.window = window;
+    }
     if let Some(max) = args.max_outbox_documents.or(file.max_outbox_documents) {
         config.max_outbox_documents = max;
     }

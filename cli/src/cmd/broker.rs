@@ -81,6 +81,16 @@ pub struct BrokerArgs {
     /// Seconds to wait for an acknowledgement before offering a delivery again.
     #[arg(long)]
     ack_timeout_secs: Option<u64>,
+    /// Deliveries one agent session may have unacknowledged at once, 1 to 16384
+    /// (default 512); an agent's own, smaller window wins. A window holds whole batches
+    /// in flight; the broker's memory per busy session grows with it.
+    #[arg(long, value_name = "N")]
+    window: Option<u32>,
+    /// Most documents in one SubmitBatch call, 1 to 16384 (default 1024); a larger
+    /// batch is refused whole before anything is stored. Agents send up to 256 per
+    /// call: below that their batches are refused and go one document per Submit.
+    #[arg(long, value_name = "N")]
+    max_batch_documents: Option<usize>,
     /// Name used in the broker's receipts.
     #[arg(long)]
     name: Option<String>,
@@ -150,6 +160,8 @@ struct BrokerFile {
     no_auto_register: Option<bool>,
     max_document_bytes: Option<u64>,
     ack_timeout_secs: Option<u64>,
+    window: Option<u32>,
+    max_batch_documents: Option<usize>,
     name: Option<String>,
     expiry_hours: Option<Vec<u64>>,
     max_pending_documents: Option<u64>,
@@ -164,6 +176,41 @@ struct BrokerFile {
     max_expiry_hours: Option<u64>,
     max_clock_skew_secs: Option<u64>,
     max_document_age_hours: Option<u64>,
+}
+
+/// The largest `--window` (deliveries unacknowledged per session), for broker and agent.
+pub(crate) const MAX_WINDOW: u32 = 16_384;
+
+/// The largest `--max-batch-documents`.
+pub(crate) const MAX_BATCH_DOCUMENTS: usize = 16_384;
+
+/// `value` of `--name` if it lies in `min..=max`, else a usage error naming the flag,
+/// the bounds and what the number counts.
+pub(crate) fn in_range<T>(value: T, name: &str, min: T, max: T, counts: &str) -> Result<T, CliError>
+where
+    T: PartialOrd + std::fmt::Display + Copy,
+{
+    if value < min || value > max {
+        return Err(CliError::Usage(format!(
+            "--{name} must be from {min} to {max} ({counts}), not {value}"
+        )));
+    }
+    Ok(value)
+}
+
+/// A delivery window from a flag or a file, checked.
+pub(crate) fn window(value: Option<u32>) -> Result<Option<u32>, CliError> {
+    value
+        .map(|w| {
+            in_range(
+                w,
+                "window",
+                1,
+                MAX_WINDOW,
+                "deliveries unacknowledged per session",
+            )
+        })
+        .transpose()
 }
 
 fn parse_registration(value: &str) -> Result<(AgencyCode, String), CliError> {
@@ -289,6 +336,21 @@ fn read_admin_tokens(
 pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     let cfg = args.config.as_deref();
     let file: BrokerFile = config::load(cfg)?;
+    // Numbers with bounds first: a bad one is refused before any file is read.
+    let window = window(args.window.or(file.window))?;
+    let max_batch_documents = args
+        .max_batch_documents
+        .or(file.max_batch_documents)
+        .map(|n| {
+            in_range(
+                n,
+                "max-batch-documents",
+                1,
+                MAX_BATCH_DOCUMENTS,
+                "documents per SubmitBatch call",
+            )
+        })
+        .transpose()?;
     let path = |flag: Option<PathBuf>, from_file: Option<PathBuf>, name: &str| {
         required(flag, from_file.map(|p| relative_to(cfg, p)), name)
     };
@@ -320,6 +382,12 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     }
     if let Some(secs) = args.ack_timeout_secs.or(file.ack_timeout_secs) {
         broker.ack_timeout = Duration::from_secs(secs.max(1));
+    }
+    if let Some(window) = window {
+        broker.window = window;
+    }
+    if let Some(max) = max_batch_documents {
+        broker.max_batch_documents = max;
     }
     if let Some(name) = args.name.or(file.name) {
         broker.name = name;
