@@ -69,29 +69,29 @@ pub enum TokenError {
         module: PathBuf,
         present: String,
     },
-    #[error("token {token:?}: wrong PIN (the PIN in {pin_file} was refused)")]
+    #[error("token {token}: wrong PIN (the PIN in {pin_file} was refused)")]
     WrongPin { token: String, pin_file: PathBuf },
-    #[error("token {token:?}: the PIN is locked (too many wrong PINs)")]
+    #[error("token {token}: the PIN is locked (too many wrong PINs)")]
     PinLocked { token: String },
-    #[error("token {token:?}: no private key {object}")]
+    #[error("token {token}: no private key {object}")]
     ObjectNotFound { token: String, object: String },
-    #[error("token {token:?}: {count} private keys match {object}; name one with id=")]
+    #[error("token {token}: {count} private keys match {object}; name one with id=")]
     AmbiguousObject {
         token: String,
         object: String,
         count: usize,
     },
-    #[error("token {token:?}: the private key {object} is not an EC key")]
+    #[error("token {token}: the private key {object} is not an EC key")]
     NotEcKey { token: String, object: String },
-    #[error("token {token:?} is not reachable (was it removed?): {detail}")]
+    #[error("token {token} is not reachable (was it removed?): {detail}")]
     Removed { token: String, detail: String },
-    #[error("token {token:?}: {detail}")]
+    #[error("token {token}: {detail}")]
     Pkcs11 { token: String, detail: String },
-    #[error("token {token:?}: no answer within {secs} s")]
+    #[error("token {token}: no answer within {secs} s")]
     Timeout { token: String, secs: u64 },
-    #[error("token {token:?}: its signer thread has stopped")]
+    #[error("token {token}: its signer thread has stopped")]
     SignerGone { token: String },
-    #[error("token {token:?}: {source}")]
+    #[error("token {token}: {source}")]
     Certificate {
         token: String,
         source: ProtocolError,
@@ -460,25 +460,53 @@ fn signer_thread(
     if ready.send(Ok(())).is_err() {
         return;
     }
+    let mut context = Some(context);
     for request in queue {
-        let key = match open.take() {
-            Some(key) => Ok(key),
-            None => OpenKey::open(&context, &config, &pin),
-        };
-        let answer = key.and_then(|key| match key.sign(&request.digest) {
-            Ok(signature) => {
-                open = Some(key);
-                Ok(signature)
-            }
-            Err(e) => {
-                // The session is dropped (closed when it still can be); the next
-                // signature opens a new one.
-                warn!(token = %token, error = %e, "signing on the token failed");
-                Err(e)
-            }
-        });
+        let answer = sign_once(&mut context, &mut open, &config, &pin, &request.digest);
+        if let Err(e) = &answer {
+            warn!(token = %token, error = %e, "signing on the token failed");
+        }
         let _ = request.reply.send(answer);
     }
+}
+
+/// Signs on the open session, opening one first when there is none (the module is
+/// loaded again when it was finalized). After a failure the session is dropped, and
+/// the module finalized: some modules (SoftHSM2 among them) keep a stale view of a
+/// token that went away until they are initialised again.
+fn sign_once(
+    context: &mut Option<Pkcs11>,
+    open: &mut Option<OpenKey>,
+    config: &TokenConfig,
+    pin: &AuthPin,
+    digest: &[u8; 32],
+) -> Result<Vec<u8>, TokenError> {
+    let result = match open {
+        Some(key) => key.sign(digest),
+        None => {
+            let loaded = match context.take() {
+                Some(loaded) => loaded,
+                None => load_module(&config.module)?,
+            };
+            let opened = OpenKey::open(&loaded, config, pin);
+            *context = Some(loaded);
+            opened.and_then(|key| {
+                let signed = key.sign(digest);
+                *open = Some(key);
+                signed
+            })
+        }
+    };
+    if result.is_err() {
+        // The session goes first: it holds the module.
+        *open = None;
+        if let Some(loaded) = context.take()
+            && let Err(e) = loaded.finalize()
+        {
+            warn!(token = %config.uri.token_name(), error = %describe(&e), "cannot finalize the PKCS#11 module");
+        }
+    }
+    result
 }
 
 /// Loads and initialises the module. A module already initialised in this process

@@ -98,9 +98,9 @@ impl SoftHsm {
         ]);
     }
 
-    /// Puts the private key of `issued` on the token as `object` (id 01), then deletes
-    /// every copy of it outside the token.
-    fn import_key(&self, dir: &Path, token: &str, object: &str, issued: &IssuedCert) {
+    /// Puts the private key of `issued` on the token as `object` with CKA_ID `id`
+    /// (hex), then deletes every copy of it outside the token.
+    fn import_key(&self, dir: &Path, token: &str, object: &str, id: &str, issued: &IssuedCert) {
         let key = dir.join(format!("{object}-key.pem"));
         std::fs::write(&key, &issued.key_pem).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -112,7 +112,7 @@ impl SoftHsm {
             "--label",
             object,
             "--id",
-            "01",
+            id,
             "--pin",
             PIN,
         ]);
@@ -135,7 +135,7 @@ fn setup(world: &World) -> Option<Setup> {
     let issued = world.ca.issue(&LeafSpec::agency(A)).unwrap();
     let dir = world.path("seal");
     std::fs::create_dir_all(&dir).unwrap();
-    hsm.import_key(&dir, TOKEN, OBJECT, &issued);
+    hsm.import_key(&dir, TOKEN, OBJECT, "01", &issued);
     let cert = dir.join("seal-cert.pem");
     std::fs::write(&cert, &issued.cert_pem).unwrap();
     let pin_file = dir.join("pin");
@@ -186,8 +186,13 @@ fn token_agent(world: &World, setup: &Setup, broker_url: &str, extra: Vec<String
 /// Runs agent A with `extra` flags, expecting it to stop at start: (exit code, stderr).
 async fn start_fails(world: &World, setup: &Setup, extra: Vec<String>) -> (Option<i32>, String) {
     let agent = token_agent(world, setup, "https://localhost:9", extra);
-    let mut child = Command::new(&agent.process.bin)
-        .args(&agent.process.args)
+    exits_at_start(&agent.process.bin, &agent.process.args).await
+}
+
+/// Runs `bin args`, expecting it to exit by itself: (exit code, stderr).
+async fn exits_at_start(bin: &Path, args: &[String]) -> (Option<i32>, String) {
+    let mut child = Command::new(bin)
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -463,7 +468,7 @@ async fn a_wrong_pin_a_missing_key_or_token_stop_the_agent_at_start() {
     let stranger = world.ca.issue(&LeafSpec::agency(A)).unwrap();
     setup
         .hsm
-        .import_key(&dir, TOKEN, "stranger", &stranger);
+        .import_key(&dir, TOKEN, "stranger", "03", &stranger);
     assert_refused(
         &world,
         &setup,
@@ -480,15 +485,16 @@ async fn a_wrong_pin_a_missing_key_or_token_stop_the_agent_at_start() {
     .await;
 
     // The TLS key stays a file.
-    assert_refused(
-        &world,
-        &setup,
-        vec!["--key".into(), default_uri()],
-        "--key is the TLS key and must be a PEM file; a key on a token goes in --signing-key (with --signing-cert)",
-    )
-    .await;
+    let mut agent = AgentProcess::prepare(Path::new(BIN), &world, A, "https://localhost:9");
+    let key = agent.process.args.iter().position(|a| a == "--key").unwrap() + 1;
+    agent.process.args[key] = default_uri();
+    let (code, stderr) = exits_at_start(&agent.process.bin, &agent.process.args).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some("lienthong: --key is the TLS key and must be a PEM file; a key on a token goes in --signing-key (with --signing-cert)"),
+    );
 }
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_token_fails_the_next_send_and_stores_nothing() {
     let world = World::new();
@@ -552,7 +558,9 @@ async fn a_removed_token_fails_the_next_send_and_stores_nothing() {
 
     // The token is back: the next send opens a new session and signs.
     std::fs::rename(&away, &token_dirs[0]).unwrap();
-    let third = send_one(&a, "Token đã cắm lại").await;
+    let (status, body) = post(&a, "/v1/documents", &item("Token đã cắm lại")).await;
+    assert_eq!(status, 202, "{body} {}", log.lock().unwrap());
+    let third = body["message_id"].as_str().unwrap().to_owned();
     wait_for_path(&world.inbox_dir(B).join(&third)).await;
     exported_envelope(&world, &setup, &third);
     let mut expected_ids = vec![first, third];
