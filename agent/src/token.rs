@@ -59,9 +59,7 @@ pub enum TokenError {
     Module { module: PathBuf, detail: String },
     #[error("PIN file {path}: {detail}")]
     PinFile { path: PathBuf, detail: String },
-    #[error(
-        "PIN file {path} may be read by other users (mode {mode:04o}); run chmod 600 on it"
-    )]
+    #[error("PIN file {path} may be read by other users (mode {mode:04o}); run chmod 600 on it")]
     PinFileReadable { path: PathBuf, mode: u32 },
     #[error("no token {wanted} in the PKCS#11 module {module} (tokens present: {present})")]
     TokenNotFound {
@@ -180,7 +178,10 @@ impl TokenUri {
             match name {
                 "pin-source" => {
                     let path = value.strip_prefix("file:").ok_or_else(|| {
-                        bad("pin-source= must be file:PATH (other sources are not supported)".into())
+                        bad(
+                            "pin-source= must be file:PATH (other sources are not supported)"
+                                .into(),
+                        )
                     })?;
                     // `file:///etc/x` and `file:/etc/x` both name /etc/x.
                     let path = path.strip_prefix("//").unwrap_or(path);

@@ -150,7 +150,8 @@ impl SigningKey {
                 detail: e.to_string(),
             })?;
         let spki = &cert.tbs_certificate.subject_pki;
-        let is_p256 = spki.algorithm.algorithm == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        let is_p256 = spki.algorithm.algorithm
+            == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
             && spki
                 .algorithm
                 .parameters
@@ -704,9 +705,11 @@ mod tests {
     #[test]
     fn fixed_signatures_reencoded_verify_as_asn1() {
         let rng = SystemRandom::new();
-        let pkcs8 =
-            ring_sig::EcdsaKeyPair::generate_pkcs8(&ring_sig::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                .unwrap();
+        let pkcs8 = ring_sig::EcdsaKeyPair::generate_pkcs8(
+            &ring_sig::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .unwrap();
         let key = ring_sig::EcdsaKeyPair::from_pkcs8(
             &ring_sig::ECDSA_P256_SHA256_FIXED_SIGNING,
             pkcs8.as_ref(),
@@ -776,12 +779,16 @@ mod tests {
     #[test]
     fn a_token_key_is_checked_against_its_certificate() {
         let chain = agency_chain(&lienthong_certs_dev::LeafSpec::agency("000.00.00.H31"));
-        let short = SigningKey::from_digest_signer(chain.clone(), std::sync::Arc::new(Broken(vec![1; 10])));
+        let short =
+            SigningKey::from_digest_signer(chain.clone(), std::sync::Arc::new(Broken(vec![1; 10])));
         assert!(
             matches!(&short, Err(ProtocolError::Key { detail }) if detail.contains("10-byte")),
             "{short:?}"
         );
-        let other = SigningKey::from_digest_signer(chain.clone(), std::sync::Arc::new(Broken(vec![0x55; 64])));
+        let other = SigningKey::from_digest_signer(
+            chain.clone(),
+            std::sync::Arc::new(Broken(vec![0x55; 64])),
+        );
         assert_eq!(
             other.err(),
             Some(ProtocolError::Key {

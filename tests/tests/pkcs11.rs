@@ -267,7 +267,11 @@ fn item(subject: &str) -> serde_json::Value {
 }
 
 /// `POST path` with `body` to agent A's API: (status, JSON answer).
-async fn post(agent: &AgentProcess, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+async fn post(
+    agent: &AgentProcess,
+    path: &str,
+    body: &serde_json::Value,
+) -> (u16, serde_json::Value) {
     let (name, value) = bearer(&agent.token);
     let response = reqwest::Client::new()
         .post(format!("{}{path}", agent.api))
@@ -292,7 +296,12 @@ async fn send_one(agent: &AgentProcess, subject: &str) -> String {
 /// signed by A with the token key's certificate.
 fn exported_envelope(world: &World, setup: &Setup, id: &str) -> Signed {
     let folder = world.inbox_dir(B).join(id);
-    let envelope = Signed::decode(std::fs::read(folder.join("envelope.pb")).unwrap().as_slice()).unwrap();
+    let envelope = Signed::decode(
+        std::fs::read(folder.join("envelope.pb"))
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
     assert_eq!(envelope.cert_chain.first(), Some(&setup.issued.cert_der));
     let anchors = TrustAnchors::from_pem(&std::fs::read(&world.pki.ca_cert).unwrap()).unwrap();
     let verified = verify_document(&envelope, &anchors, VerifyTime::Now).unwrap();
@@ -377,7 +386,12 @@ async fn a_token_signed_document_verifies_at_the_recipient_and_offline() {
     assert_eq!(signatures.len(), 1, "one token signature for the batch");
     assert_eq!(b.client.inbox().await.unwrap().len(), 9);
 
-    assert!(a.process.terminate_within(Duration::from_secs(20)).await.is_some());
+    assert!(
+        a.process
+            .terminate_within(Duration::from_secs(20))
+            .await
+            .is_some()
+    );
     b.stop().await;
     broker.stop().await;
 }
@@ -423,7 +437,9 @@ async fn a_wrong_pin_a_missing_key_or_token_stop_the_agent_at_start() {
             MODULE,
             &setup.pin_file,
         ),
-        &format!("--signing-key: token \"{TOKEN}\": no private key with label \"{OBJECT}\" and id 02"),
+        &format!(
+            "--signing-key: token \"{TOKEN}\": no private key with label \"{OBJECT}\" and id 02"
+        ),
     )
     .await;
 
@@ -486,13 +502,21 @@ async fn a_wrong_pin_a_missing_key_or_token_stop_the_agent_at_start() {
 
     // The TLS key stays a file.
     let mut agent = AgentProcess::prepare(Path::new(BIN), &world, A, "https://localhost:9");
-    let key = agent.process.args.iter().position(|a| a == "--key").unwrap() + 1;
+    let key = agent
+        .process
+        .args
+        .iter()
+        .position(|a| a == "--key")
+        .unwrap()
+        + 1;
     agent.process.args[key] = default_uri();
     let (code, stderr) = exits_at_start(&agent.process.bin, &agent.process.args).await;
     assert_eq!(code, Some(2), "{stderr}");
     assert_eq!(
         stderr.lines().last(),
-        Some("lienthong: --key is the TLS key and must be a PEM file; a key on a token goes in --signing-key (with --signing-cert)"),
+        Some(
+            "lienthong: --key is the TLS key and must be a PEM file; a key on a token goes in --signing-key (with --signing-cert)"
+        ),
     );
 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -567,7 +591,12 @@ async fn a_removed_token_fails_the_next_send_and_stores_nothing() {
     expected_ids.sort();
     assert_eq!(inbox_entries(&world.inbox_dir(B)), expected_ids);
 
-    assert!(a.process.terminate_within(Duration::from_secs(20)).await.is_some());
+    assert!(
+        a.process
+            .terminate_within(Duration::from_secs(20))
+            .await
+            .is_some()
+    );
     b.stop().await;
     broker.stop().await;
 }
