@@ -480,6 +480,25 @@ async fn a_wrong_pin_a_missing_key_or_token_stop_the_agent_at_start() {
     )
     .await;
 
+    // The same keys in the configuration file: the URI is not taken for a path.
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "signing_cert = {:?}\nsigning_key = \"pkcs11:token={TOKEN};object=from-config\"\npkcs11_module = {MODULE:?}\npin_file = {:?}\n",
+            setup.cert.display().to_string(),
+            setup.pin_file.display().to_string(),
+        ),
+    )
+    .unwrap();
+    assert_refused(
+        &world,
+        &setup,
+        vec!["--config".into(), config.display().to_string()],
+        &format!("--signing-key: token \"{TOKEN}\": no private key with label \"from-config\""),
+    )
+    .await;
+
     // A key on the token that is not the certificate's.
     let stranger = world.ca.issue(&LeafSpec::agency(A)).unwrap();
     setup
