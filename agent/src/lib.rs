@@ -13,7 +13,7 @@
 //! route table), [`api_server`] (its listener: timeouts, connection cap, TLS), `broker_client` (gRPC channel, retry policy), `metrics`
 //! (Prometheus, served by the API at `/metrics`), `edxml_api` (edXML import and
 //! export over the API), `dropfolder` (sends `.edxml` files dropped in a folder),
-//! [`error`].
+//! [`token`] (a document-signing key on a PKCS#11 token), [`error`].
 //!
 //! Invariants: nothing is acknowledged (HTTP 202, delivery Ack) before it is durable;
 //! nothing received is trusted before `verify_document` passed; document bodies and
@@ -41,6 +41,7 @@ pub mod request_check;
 mod sealer;
 mod session;
 pub mod store;
+pub mod token;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -5,6 +5,12 @@
 //! and the other way round. Verification checks the signer's certificate chain against
 //! the configured trust anchors first, then the signature, and only then does any
 //! caller decode the payload.
+//!
+//! A private key lives in a PEM file (ring signs in this process) or on a hardware
+//! token behind a [`DigestSigner`]: the exact bytes a file key would sign are hashed
+//! here and only the SHA-256 digest goes to the token, whose raw `r || s` answer is
+//! re-encoded as the ASN.1 signature a file key produces, so verifiers cannot tell
+//! the two apart.
 
 use std::time::Duration;
 
@@ -43,10 +49,30 @@ pub enum SignerRole {
     Broker,
 }
 
+/// An ECDSA P-256 private key held outside this process (a PKCS#11 token): it signs a
+/// SHA-256 digest and answers the raw `r || s` (32 + 32 bytes, big-endian), as
+/// PKCS#11's `CKM_ECDSA` does. Implementations must be callable from any thread.
+pub trait DigestSigner: Send + Sync {
+    /// Signs `digest`. An error's text is shown to the operator: it should name the
+    /// device and say what failed, and never carry a PIN.
+    fn sign_digest(
+        &self,
+        digest: &[u8; 32],
+    ) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Where the key is, for logs (e.g. the token and object labels).
+    fn describe(&self) -> String;
+}
+
 enum KeyKind {
     Ed25519(ring_sig::Ed25519KeyPair),
     Ecdsa(ring_sig::EcdsaKeyPair, SignatureAlgorithm),
     Rsa(ring_sig::RsaKeyPair),
+    /// ECDSA P-256 on a token; the public key is the leaf certificate's.
+    External {
+        signer: std::sync::Arc<dyn DigestSigner>,
+        public_key: Vec<u8>,
+    },
 }
 
 /// A private key with its certificate chain (leaf first), able to produce [`Signed`].
@@ -110,6 +136,46 @@ impl SigningKey {
         Ok(key)
     }
 
+    /// A key held by `signer` (ECDSA P-256, e.g. on a PKCS#11 token) with its DER
+    /// certificate chain (leaf first). The leaf must hold a P-256 public key; one
+    /// signature is made at once to check that the key belongs to it.
+    pub fn from_digest_signer(
+        chain: Vec<CertificateDer<'static>>,
+        signer: std::sync::Arc<dyn DigestSigner>,
+    ) -> Result<Self, ProtocolError> {
+        let leaf = chain.first().ok_or(ProtocolError::NoCertificate)?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(leaf).map_err(|e| ProtocolError::Malformed {
+                what: "certificate",
+                detail: e.to_string(),
+            })?;
+        let spki = &cert.tbs_certificate.subject_pki;
+        let is_p256 = spki.algorithm.algorithm
+            == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+            && spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .is_some_and(|curve| curve == x509_parser::oid_registry::OID_EC_P256);
+        if !is_p256 {
+            return Err(ProtocolError::Key {
+                detail: format!(
+                    "a key on a token must be ECDSA P-256, and the certificate for {} holds another kind of key",
+                    signer.describe()
+                ),
+            });
+        }
+        let public_key = spki.subject_public_key.data.to_vec();
+        let key = Self {
+            kind: KeyKind::External { signer, public_key },
+            chain,
+            rng: SystemRandom::new(),
+        };
+        key.check_matches_certificate()?;
+        Ok(key)
+    }
+
     /// Refuses a key that does not belong to the leaf certificate: everything it signed
     /// would fail verification later, far from the mistake.
     fn check_matches_certificate(&self) -> Result<(), ProtocolError> {
@@ -131,6 +197,7 @@ impl SigningKey {
             KeyKind::Ed25519(_) => SignatureAlgorithm::Ed25519,
             KeyKind::Ecdsa(_, alg) => *alg,
             KeyKind::Rsa(_) => SignatureAlgorithm::RsaPssSha256,
+            KeyKind::External { .. } => SignatureAlgorithm::EcdsaP256Sha256,
         }
     }
 
@@ -151,6 +218,7 @@ impl SigningKey {
             KeyKind::Ed25519(k) => k.public_key().as_ref().to_vec(),
             KeyKind::Ecdsa(k, _) => k.public_key().as_ref().to_vec(),
             KeyKind::Rsa(k) => k.public_key().as_ref().to_vec(),
+            KeyKind::External { public_key, .. } => public_key.clone(),
         }
     }
 
@@ -175,6 +243,22 @@ impl SigningKey {
                 )
                 .map_err(failed)?;
                 Ok(signature)
+            }
+            KeyKind::External { signer, .. } => {
+                // The same bytes a file key signs, hashed here; the token signs the digest.
+                let digest = crate::sha256(message);
+                let fixed = signer
+                    .sign_digest(&digest)
+                    .map_err(|e| ProtocolError::Key {
+                        detail: e.to_string(),
+                    })?;
+                ecdsa_fixed_to_asn1(&fixed).ok_or_else(|| ProtocolError::Key {
+                    detail: format!(
+                        "{} answered a {}-byte signature, not the 64 bytes of r || s",
+                        signer.describe(),
+                        fixed.len()
+                    ),
+                })
             }
         }
     }
@@ -247,6 +331,41 @@ impl SigningKey {
             })
             .collect())
     }
+}
+
+/// Re-encodes a raw P-256 ECDSA signature `r || s` (64 bytes) as the DER
+/// `ECDSA-Sig-Value` (RFC 3279) that ring's `ECDSA_P256_SHA256_ASN1` produces and
+/// verifies. None when `fixed` is not 64 bytes.
+pub fn ecdsa_fixed_to_asn1(fixed: &[u8]) -> Option<Vec<u8>> {
+    if fixed.len() != 64 {
+        return None;
+    }
+    let (r, s) = fixed.split_at(32);
+    // Each INTEGER: minimal big-endian, with a 0x00 in front when the top bit is set
+    // (the value is positive). At most 2 + 33 bytes, so every length fits one byte.
+    let integer = |bytes: &[u8]| {
+        let start = bytes
+            .iter()
+            .position(|b| *b != 0)
+            .unwrap_or(bytes.len().saturating_sub(1));
+        let body = &bytes[start..];
+        let pad = body.first().is_some_and(|b| b & 0x80 != 0);
+        let mut out = Vec::with_capacity(35);
+        out.push(0x02);
+        out.push(u8::try_from(body.len() + usize::from(pad)).unwrap_or(u8::MAX));
+        if pad {
+            out.push(0);
+        }
+        out.extend_from_slice(body);
+        out
+    };
+    let (r, s) = (integer(r), integer(s));
+    let mut der = Vec::with_capacity(2 + r.len() + s.len());
+    der.push(0x30);
+    der.push(u8::try_from(r.len() + s.len()).ok()?);
+    der.extend_from_slice(&r);
+    der.extend_from_slice(&s);
+    Some(der)
 }
 
 /// What a batch signature covers: a prefix no single payload's signature uses, the
@@ -574,4 +693,125 @@ pub fn verify_signed<'a>(
         anchors.remember_root(key);
     }
     Ok(leaf)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// Raw `r || s` signatures from ring, re-encoded, verify as ring's own ASN.1 ones:
+    /// many signatures cover r and s with the top bit set and with leading zero bytes.
+    #[test]
+    fn fixed_signatures_reencoded_verify_as_asn1() {
+        let rng = SystemRandom::new();
+        let pkcs8 = ring_sig::EcdsaKeyPair::generate_pkcs8(
+            &ring_sig::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .unwrap();
+        let key = ring_sig::EcdsaKeyPair::from_pkcs8(
+            &ring_sig::ECDSA_P256_SHA256_FIXED_SIGNING,
+            pkcs8.as_ref(),
+            &rng,
+        )
+        .unwrap();
+        let public = ring_sig::UnparsedPublicKey::new(
+            &ring_sig::ECDSA_P256_SHA256_ASN1,
+            key.public_key().as_ref().to_vec(),
+        );
+        for i in 0..300u32 {
+            let message = i.to_be_bytes();
+            let fixed = key.sign(&rng, &message).unwrap();
+            let der = ecdsa_fixed_to_asn1(fixed.as_ref()).unwrap();
+            public.verify(&message, &der).unwrap();
+        }
+    }
+
+    #[test]
+    fn integers_are_minimal_and_positive() {
+        let mut fixed = [0u8; 64];
+        fixed[31] = 0x01; // r = 1
+        fixed[32] = 0x80; // s has its top bit set
+        let der = ecdsa_fixed_to_asn1(&fixed).unwrap();
+        assert_eq!(&der[..5], &[0x30, 3 + 35, 0x02, 0x01, 0x01]);
+        assert_eq!(&der[5..8], &[0x02, 33, 0x00]);
+        assert_eq!(der.len(), 2 + 3 + 35);
+        assert!(ecdsa_fixed_to_asn1(&[0u8; 63]).is_none());
+    }
+
+    /// A token that answers badly: the wrong length, or a signature by another key.
+    struct Broken(Vec<u8>);
+
+    impl DigestSigner for Broken {
+        fn sign_digest(
+            &self,
+            _digest: &[u8; 32],
+        ) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(self.0.clone())
+        }
+        fn describe(&self) -> String {
+            "the test token".into()
+        }
+    }
+
+    /// A token that is gone.
+    struct Gone;
+
+    impl DigestSigner for Gone {
+        fn sign_digest(
+            &self,
+            _digest: &[u8; 32],
+        ) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+            Err("token \"t\" is not reachable".into())
+        }
+        fn describe(&self) -> String {
+            "the test token".into()
+        }
+    }
+
+    fn agency_chain(spec: &lienthong_certs_dev::LeafSpec) -> Vec<CertificateDer<'static>> {
+        let ca = lienthong_certs_dev::DevCa::generate("test CA").unwrap();
+        let issued = ca.issue(spec).unwrap();
+        vec![CertificateDer::from(issued.cert_der)]
+    }
+
+    #[test]
+    fn a_token_key_is_checked_against_its_certificate() {
+        let chain = agency_chain(&lienthong_certs_dev::LeafSpec::agency("000.00.00.H31"));
+        let short =
+            SigningKey::from_digest_signer(chain.clone(), std::sync::Arc::new(Broken(vec![1; 10])));
+        assert!(
+            matches!(&short, Err(ProtocolError::Key { detail }) if detail.contains("10-byte")),
+            "{short:?}"
+        );
+        let other = SigningKey::from_digest_signer(
+            chain.clone(),
+            std::sync::Arc::new(Broken(vec![0x55; 64])),
+        );
+        assert_eq!(
+            other.err(),
+            Some(ProtocolError::Key {
+                detail: "the private key does not match the certificate".into()
+            })
+        );
+        let gone = SigningKey::from_digest_signer(chain, std::sync::Arc::new(Gone));
+        assert_eq!(
+            gone.err(),
+            Some(ProtocolError::Key {
+                detail: "token \"t\" is not reachable".into()
+            })
+        );
+    }
+
+    #[test]
+    fn a_token_key_must_be_p256() {
+        let spec = lienthong_certs_dev::LeafSpec::agency("000.00.00.H31")
+            .with_key_algorithm(lienthong_certs_dev::KeyAlgorithm::Ed25519);
+        let result = SigningKey::from_digest_signer(agency_chain(&spec), std::sync::Arc::new(Gone));
+        assert!(
+            matches!(&result, Err(ProtocolError::Key { detail }) if detail.contains("must be ECDSA P-256")),
+            "{result:?}"
+        );
+    }
 }

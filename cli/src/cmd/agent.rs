@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use lienthong_agent::AgentConfig;
+use lienthong_agent::token::{TokenConfig, TokenUri};
 use lienthong_proto::tls::TlsFiles;
 use lienthong_proto::{AgencyCode, SigningKey, TrustAnchors};
 use serde::Deserialize;
@@ -37,9 +38,16 @@ pub struct AgentArgs {
     /// A separate document-signing certificate chain (default: --cert).
     #[arg(long)]
     signing_cert: Option<PathBuf>,
-    /// A separate document-signing key (default: --key).
+    /// A separate document-signing key (default: --key): a PKCS#8 PEM file, or a key
+    /// on a PKCS#11 token named by its URI, `pkcs11:token=LABEL;object=LABEL`.
     #[arg(long)]
     signing_key: Option<PathBuf>,
+    /// The PKCS#11 module (.so) of the token holding --signing-key.
+    #[arg(long)]
+    pkcs11_module: Option<PathBuf>,
+    /// The file holding the token's user PIN (mode 0600; one line).
+    #[arg(long)]
+    pin_file: Option<PathBuf>,
     /// CA bundle for document signatures, when it differs from --ca.
     #[arg(long)]
     document_ca: Option<PathBuf>,
@@ -116,6 +124,8 @@ struct AgentFile {
     key: Option<PathBuf>,
     signing_cert: Option<PathBuf>,
     signing_key: Option<PathBuf>,
+    pkcs11_module: Option<PathBuf>,
+    pin_file: Option<PathBuf>,
     document_ca: Option<PathBuf>,
     data: Option<PathBuf>,
     api: Option<SocketAddr>,
@@ -166,6 +176,11 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         .api
         .or(file.api)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7180)));
+    if TokenUri::is_uri(&key.to_string_lossy()) {
+        return Err(CliError::Usage(
+            "--key is the TLS key and must be a PEM file; a key on a token goes in --signing-key (with --signing-cert)".into(),
+        ));
+    }
     crate::private::warn_if_key_readable(&key, "agent TLS key");
     let tls = TlsFiles::load(&ca, &cert, &key)?;
     let tls_identity = tls
@@ -205,10 +220,35 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
     if let Some(secs) = args.upload_max_age_secs.or(file.upload_max_age_secs) {
         config.upload_max_age = std::time::Duration::from_secs(secs);
     }
+    // A PKCS#11 URI in the file is not a path relative to it.
+    let signing_key = args.signing_key.or(file.signing_key.map(|key| {
+        if TokenUri::is_uri(&key.to_string_lossy()) {
+            key
+        } else {
+            relative_to(cfg, key)
+        }
+    }));
     match (
         optional_path(args.signing_cert, file.signing_cert),
-        optional_path(args.signing_key, file.signing_key),
+        signing_key,
     ) {
+        (Some(cert), Some(uri)) if TokenUri::is_uri(&uri.to_string_lossy()) => {
+            let token = TokenConfig::new(
+                &uri.to_string_lossy(),
+                optional_path(args.pkcs11_module, file.pkcs11_module),
+                optional_path(args.pin_file, file.pin_file),
+            )
+            .map_err(|e| CliError::Usage(format!("--signing-key: {e}")))?;
+            let cert_pem = std::fs::read(&cert).map_err(|e| CliError::config(&cert, e))?;
+            // Loads the module, logs in and signs once: it blocks for a moment.
+            let signing = tokio::task::spawn_blocking(move || {
+                lienthong_agent::token::open_signing_key(&cert_pem, token)
+            })
+            .await
+            .map_err(|e| CliError::Failed(format!("opening the token failed: {e}")))?
+            .map_err(|e| CliError::Usage(format!("--signing-key: {e}")))?;
+            config.signing_key = Some(Arc::new(signing));
+        }
         (Some(cert), Some(key)) => {
             crate::private::warn_if_key_readable(&key, "agent signing key");
             let cert_pem = std::fs::read(&cert).map_err(|e| CliError::config(&cert, e))?;
