@@ -29,10 +29,20 @@ pub(crate) enum SubmissionOutcome {
     Retried,
 }
 
+/// Which gRPC call carried a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SubmitCall {
+    /// `SubmitBatch`: any number of whole documents.
+    Batch,
+    /// `Submit`: one document (streamed ones, or a broker without batches).
+    Single,
+}
+
 pub(crate) struct Metrics {
     registry: Registry,
     outbox: Family<FixedLabel, Gauge>,
     submissions: Family<FixedLabel, Counter>,
+    submit_calls: Family<FixedLabel, Counter>,
     received: Counter,
     duplicates: Counter,
     refused: Counter,
@@ -73,6 +83,15 @@ impl Metrics {
             "Submission attempts to the broker, by outcome (ok, refused for good, retried later)",
             submissions.clone(),
         );
+        let submit_calls = Family::<FixedLabel, Counter>::default();
+        for call in ["batch", "single"] {
+            submit_calls.get_or_create_owned(&[("call", call)]);
+        }
+        registry.register(
+            "lienthong_agent_submit_calls",
+            "gRPC calls that carried submissions to the broker: batch (SubmitBatch) or single (Submit)",
+            submit_calls.clone(),
+        );
         let received = Counter::default();
         registry.register(
             "lienthong_agent_deliveries_received",
@@ -103,6 +122,7 @@ impl Metrics {
             registry,
             outbox,
             submissions,
+            submit_calls,
             received,
             duplicates,
             refused,
@@ -120,6 +140,15 @@ impl Metrics {
         self.outbox
             .get_or_create(&[("state", OutboxState::Outbox.as_str())])
             .inc();
+    }
+
+    /// A submission call is about to be made.
+    pub(crate) fn submit_call(&self, call: SubmitCall) {
+        let label = match call {
+            SubmitCall::Batch => "batch",
+            SubmitCall::Single => "single",
+        };
+        self.submit_calls.get_or_create(&[("call", label)]).inc();
     }
 
     /// A submission attempt ended; an outbox document moved when it was final.

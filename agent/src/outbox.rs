@@ -45,7 +45,7 @@ use tracing::{debug, error, info, warn};
 use crate::Agent;
 use crate::broker_client::{is_permanent, is_permanent_status};
 use crate::error::StoreError;
-use crate::metrics::SubmissionOutcome;
+use crate::metrics::{SubmissionOutcome, SubmitCall};
 use crate::store::{OutboxRecord, OutboxSettle};
 
 /// The largest attachment frame sent.
@@ -67,9 +67,10 @@ pub const CONCURRENT_SUBMISSIONS: usize = 128;
 /// The most documents sent in one `SubmitBatch` call (the broker's own limit is larger).
 pub const BATCH_DOCUMENTS: usize = 64;
 
-/// The most bytes (envelopes and attachments) sent in one `SubmitBatch` call, far below
-/// the gRPC message limit; a single larger document still goes, alone.
-pub const BATCH_BYTES: u64 = 16 * 1024 * 1024;
+/// The most bytes (envelopes and attachments) sent in one `SubmitBatch` call, the
+/// protocol's batch size (below the broker's gRPC message limit); a single larger
+/// document still goes, alone.
+pub const BATCH_BYTES: u64 = lienthong_proto::document::MAX_BATCH_BYTES;
 
 /// `SubmitBatch` calls in flight at once. While they run, new documents queue up and
 /// form the next batches: this bound is what makes batches grow under load.
@@ -397,6 +398,7 @@ async fn submit_one(agent: &Agent, id: &str) -> Outcome {
     let header_sha256 = lienthong_proto::sha256(&envelope.payload);
     let failure = Arc::new(Mutex::new(None));
     let mut client = agent.client.clone();
+    agent.metrics.submit_call(SubmitCall::Single);
     let result = if record.streamed {
         let offsets = match resume_offsets(agent, id, &header_sha256).await {
             Ok(offsets) => offsets,
@@ -747,6 +749,7 @@ async fn submit_batch(agent: &Agent, mut documents: Vec<Loaded>) -> Batched {
         .iter()
         .fold(0u64, |sum, d| sum.saturating_add(d.weight));
     let mut client = agent.client.clone();
+    agent.metrics.submit_call(SubmitCall::Batch);
     let response = match client.submit_batch(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => {

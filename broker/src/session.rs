@@ -37,8 +37,8 @@
 //!   delivery is offered again and answered from the recipient's store.
 //! - Batches (issue 11): to an agent whose Hello set `max_batch`, small deliveries go
 //!   out as DeliveryBatch messages of at most `max_batch`, gathered within one fill of
-//!   the window (never more than its free room) and kept under half a gRPC message in
-//!   bytes; no timer forms a batch. Each delivery in a batch is in flight on its own:
+//!   the window (never more than its free room) and of at most
+//!   `MAX_BATCH_BYTES` (the protocol's batch size); no timer forms a batch. Each delivery in a batch is in flight on its own:
 //!   its attempt recorded, its own acknowledgement deadline and redelivery. Streamed
 //!   deliveries always go alone, after what was gathered before them.
 
@@ -572,7 +572,8 @@ impl Session {
         if self.max_batch > 0 && !record.streamed {
             let size = delivery.encoded_len();
             let full = batch.deliveries.len() >= self.max_batch
-                || batch.bytes.saturating_add(size) > self.shared.config.max_message_bytes() / 2;
+                || u64::try_from(batch.bytes.saturating_add(size)).unwrap_or(u64::MAX)
+                    > lienthong_proto::document::MAX_BATCH_BYTES;
             if full {
                 self.flush(batch).await?;
             }

@@ -482,3 +482,68 @@ async fn one_kept_alive_connection_carries_many_sends() {
     b.stop().await;
     broker.stop().await;
 }
+
+/// The value of the agent metric line that starts with `prefix`.
+async fn agent_metric(agent: &Agent, prefix: &str) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", agent.api))
+        .bearer_auth(&agent.token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Forty documents of 256 KiB (10 MiB in all, under the streaming threshold each) wait in
+/// the outbox together: they go in `SubmitBatch` calls that fit the broker's message
+/// limit. Before the protocol named one batch size, the agent packed 16 MiB per call,
+/// the broker refused each such call whole (9 MiB limit) and every document was sent
+/// again in its own `Submit`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_whole_documents_go_in_batches_that_fit_the_brokers_message_limit() {
+    let world = World::new();
+    let broker = Broker::start(world.broker_config("broker")).await;
+    let a = Agent::start(world.agent_config(A, &broker.url)).await;
+    let b = Agent::start(world.agent_config(B, &broker.url)).await;
+
+    let content = vec![0x5a_u8; 256 * 1024];
+    let encoded = base64::engine::general_purpose::STANDARD.encode(&content);
+    let documents: Vec<serde_json::Value> = (0..40)
+        .map(|i| {
+            serde_json::json!({
+                "to": [B],
+                "subject": format!("large {i}"),
+                "attachments": [{ "name": "scan.pdf", "content_base64": encoded }],
+            })
+        })
+        .collect();
+    let (status, body) = post_batch(&a, &serde_json::json!({ "documents": documents })).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    let answer: SendBatchResponse = serde_json::from_value(body).unwrap();
+    let ids: HashSet<String> = answer
+        .results
+        .into_iter()
+        .map(|r| r.message_id.expect("accepted"))
+        .collect();
+    assert_eq!(ids.len(), 40);
+
+    let received = wait_inbox(&b, 40).await;
+    assert_eq!(received.into_iter().collect::<HashSet<_>>(), ids);
+    let single = agent_metric(&a, "lienthong_agent_submit_calls_total{call=\"single\"}").await;
+    let batch = agent_metric(&a, "lienthong_agent_submit_calls_total{call=\"batch\"}").await;
+    assert_eq!(single, 0.0, "no document needed its own Submit");
+    // 10 MiB in batches of at most MAX_BATCH_BYTES (4 MiB): at least three calls.
+    assert!(batch >= 3.0, "{batch} SubmitBatch calls");
+
+    a.stop().await;
+    b.stop().await;
+    broker.stop().await;
+}
