@@ -975,7 +975,6 @@ pub(crate) async fn accept_send_requests(
             None => match sealed.next() {
                 Some(Ok(done)) => {
                     agent.metrics.outbox_added();
-                    let _ = agent.outbox_tx.send(done.message_id.clone());
                     debug!(
                         agency = %agent.agency,
                         message_id = %done.message_id,

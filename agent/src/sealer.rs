@@ -12,7 +12,10 @@
 //! Invariants:
 //! - A draft is answered `Ok` only once its document is durable in the outbox; an error
 //!   answer means nothing of it is stored (a refused draft never fails its neighbours,
-//!   but a failed store write fails the whole group, as nothing of it was written).
+//!   but a failed store write fails the whole group, as nothing of it was written) or,
+//!   when the sync itself failed, that the store is poisoned: the outbox may already
+//!   have submitted the document, as it is told of each written document before the
+//!   sync so that this disk and the broker's overlap.
 //! - Numbers are unique: they come from one atomic counter update per group, in the
 //!   order the drafts arrived; a refused draft may leave a gap, as before.
 //! - The outbox limits (`max_outbox_documents`, `max_outbox_bytes`) count the drafts
@@ -137,6 +140,15 @@ pub(crate) async fn run(weak: Weak<Agent>, mut jobs: SealReceiver) {
                 continue;
             }
         };
+        // The outbox may submit before the sync returns ("overlap the disks"): the
+        // broker's receipt never reaches the gateway, whose 202 still waits for the
+        // sync below, so nothing is acknowledged upstream before it is durable here;
+        // the submission's own store writes follow these in sled's log.
+        for (_, answer) in &answers {
+            if let Ok(done) = answer {
+                let _ = agent.outbox_tx.send(done.message_id.clone());
+            }
+        }
         // The sync runs beside the next group's sealing; concurrent syncs share one.
         let syncing = Arc::clone(&agent);
         tokio::spawn(async move {
