@@ -114,9 +114,20 @@ pub struct AgentArgs {
     window: Option<u32>,
 }
 
+impl AgentArgs {
+    /// The `--config` file, read early for its `log_format`.
+    pub(crate) fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AgentFile {
+    /// Read before tracing starts (`logging::format_from_config`); declared here so
+    /// that the key is accepted and its value checked with the rest of the file.
+    #[allow(dead_code)]
+    log_format: Option<crate::logging::LogFormat>,
     broker: Option<String>,
     agency: Option<String>,
     ca: Option<PathBuf>,

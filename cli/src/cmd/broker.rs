@@ -138,9 +138,20 @@ pub struct BrokerArgs {
     max_document_age_hours: Option<u64>,
 }
 
+impl BrokerArgs {
+    /// The `--config` file, read early for its `log_format`.
+    pub(crate) fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BrokerFile {
+    /// Read before tracing starts (`logging::format_from_config`); declared here so
+    /// that the key is accepted and its value checked with the rest of the file.
+    #[allow(dead_code)]
+    log_format: Option<crate::logging::LogFormat>,
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
