@@ -11,7 +11,7 @@ use lienthong_proto::{AgencyCode, TrustAnchors};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, relative_to, required};
+use crate::config::{self, Problems, relative_to, required};
 use crate::error::CliError;
 
 #[derive(Debug, Args)]
@@ -19,6 +19,11 @@ pub struct BrokerArgs {
     /// TOML configuration file; keys are the long flag names.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Check the configuration (flags, file and the files it names: CA, certificate,
+    /// key and that they match, token files) without starting: print one OK line and
+    /// exit 0, or list every problem and exit 2.
+    #[arg(long)]
+    check_config: bool,
     /// Address for agents (gRPC over mutual TLS). Default 127.0.0.1:7443.
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -261,12 +266,14 @@ macro_rules! admission_settings {
     };
 }
 
-/// The per-agency admission and quota settings: flags win over the file.
+/// The per-agency admission and quota settings: flags win over the file. Every bad
+/// value goes into `problems`.
 fn apply_admission(
     broker: &mut BrokerConfig,
     args: &AdmissionSettings,
     file: &AdmissionSettings,
-) -> Result<(), CliError> {
+    problems: &mut Problems,
+) {
     let positive = |value: u64, name: &str| {
         if value == 0 {
             Err(CliError::Usage(format!("--{name} must be at least 1")))
@@ -283,49 +290,56 @@ fn apply_admission(
     if let Some(n) = args
         .max_submissions_per_agency
         .or(file.max_submissions_per_agency)
+        && let Some(n) = problems.take(positive(u64::from(n), "max-submissions-per-agency"))
     {
-        broker.max_submissions_per_agency =
-            u32::try_from(positive(u64::from(n), "max-submissions-per-agency")?).unwrap_or(n);
+        broker.max_submissions_per_agency = u32::try_from(n).unwrap_or(u32::MAX);
     }
     if let Some(n) = args
         .max_reserved_bytes_per_agency
         .or(file.max_reserved_bytes_per_agency)
+        && let Some(n) = problems.take(positive(n, "max-reserved-bytes-per-agency"))
     {
-        broker.max_reserved_bytes_per_agency = positive(n, "max-reserved-bytes-per-agency")?;
+        broker.max_reserved_bytes_per_agency = n;
     }
-    if let Some(secs) = args.stall_timeout_secs.or(file.stall_timeout_secs) {
-        broker.stall_timeout = Duration::from_secs(positive(secs, "stall-timeout-secs")?);
+    if let Some(secs) = args.stall_timeout_secs.or(file.stall_timeout_secs)
+        && let Some(secs) = problems.take(positive(secs, "stall-timeout-secs"))
+    {
+        broker.stall_timeout = Duration::from_secs(secs);
     }
     if let Some(secs) = args
         .partial_sweep_interval_secs
         .or(file.partial_sweep_interval_secs)
+        && let Some(secs) = problems.take(positive(secs, "partial-sweep-interval-secs"))
     {
-        broker.partial_sweep_interval =
-            Duration::from_secs(positive(secs, "partial-sweep-interval-secs")?);
+        broker.partial_sweep_interval = Duration::from_secs(secs);
     }
     if let Some(n) = args
         .max_pending_per_sender_documents
         .or(file.max_pending_per_sender_documents)
+        && let Some(n) = problems.take(positive(n, "max-pending-per-sender-documents"))
     {
-        broker.max_pending_per_sender_documents =
-            Some(positive(n, "max-pending-per-sender-documents")?);
+        broker.max_pending_per_sender_documents = Some(n);
     }
     if let Some(n) = args
         .max_pending_per_sender_bytes
         .or(file.max_pending_per_sender_bytes)
+        && let Some(n) = problems.take(positive(n, "max-pending-per-sender-bytes"))
     {
-        broker.max_pending_per_sender_bytes = Some(positive(n, "max-pending-per-sender-bytes")?);
+        broker.max_pending_per_sender_bytes = Some(n);
     }
-    if let Some(h) = args.max_expiry_hours.or(file.max_expiry_hours) {
-        broker.max_expiry = hours(h, "max-expiry-hours")?;
+    if let Some(h) = args.max_expiry_hours.or(file.max_expiry_hours)
+        && let Some(d) = problems.take(hours(h, "max-expiry-hours"))
+    {
+        broker.max_expiry = d;
     }
     if let Some(secs) = args.max_clock_skew_secs.or(file.max_clock_skew_secs) {
         broker.max_clock_skew = Duration::from_secs(secs);
     }
-    if let Some(h) = args.max_document_age_hours.or(file.max_document_age_hours) {
-        broker.max_document_age = hours(h, "max-document-age-hours")?;
+    if let Some(h) = args.max_document_age_hours.or(file.max_document_age_hours)
+        && let Some(d) = problems.take(hours(h, "max-document-age-hours"))
+    {
+        broker.max_document_age = d;
     }
-    Ok(())
 }
 
 /// Reads the admin token file, refusing one that other users can read.
@@ -344,48 +358,85 @@ fn read_admin_tokens(
     lienthong_broker::AdminToken::parse_file(&text).map_err(|e| CliError::config(path, e))
 }
 
-pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
+/// A checked configuration, ready to bind and run.
+struct Prepared {
+    broker: BrokerConfig,
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+}
+
+/// Reads flags and file and checks every value and every file named, gathering all
+/// problems before it fails. Creates, binds and writes nothing.
+fn prepare(args: BrokerArgs) -> Result<Prepared, CliError> {
     let cfg = args.config.as_deref();
     let file: BrokerFile = config::load(cfg)?;
-    // Numbers with bounds first: a bad one is refused before any file is read.
-    let window = window(args.window.or(file.window))?;
-    let max_batch_documents = args
-        .max_batch_documents
-        .or(file.max_batch_documents)
-        .map(|n| {
-            in_range(
-                n,
-                "max-batch-documents",
-                1,
-                MAX_BATCH_DOCUMENTS,
-                "documents per SubmitBatch call",
-            )
-        })
-        .transpose()?;
+    let mut problems = Problems::default();
+    let p = &mut problems;
+    let window = p.take(window(args.window.or(file.window))).flatten();
+    let max_batch_documents = p
+        .take(
+            args.max_batch_documents
+                .or(file.max_batch_documents)
+                .map(|n| {
+                    in_range(
+                        n,
+                        "max-batch-documents",
+                        1,
+                        MAX_BATCH_DOCUMENTS,
+                        "documents per SubmitBatch call",
+                    )
+                })
+                .transpose(),
+        )
+        .flatten();
     let path = |flag: Option<PathBuf>, from_file: Option<PathBuf>, name: &str| {
         required(flag, from_file.map(|p| relative_to(cfg, p)), name)
     };
-    let data = path(args.data, file.data, "data")?;
-    let ca = path(args.ca, file.ca, "ca")?;
-    let cert = path(args.cert, file.cert, "cert")?;
-    let key = path(args.key, file.key, "key")?;
+    let data = p.take(path(args.data, file.data, "data"));
+    let ca = p.take(path(args.ca, file.ca, "ca"));
+    let cert = p.take(path(args.cert, file.cert, "cert"));
+    let key = p.take(path(args.key, file.key, "key"));
     let listen = args
         .listen
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
-    crate::private::warn_if_key_readable(&key, "broker TLS key");
-    let tls = TlsFiles::load(&ca, &cert, &key)?;
-    let mut broker = BrokerConfig::new(tls, data);
+    // Each file on its own first, so that every unreadable one is named; then the
+    // three together (parse, and the key matches the certificate).
+    let mut tls = None;
+    if let (Some(ca), Some(cert), Some(key)) = (&ca, &cert, &key) {
+        // Every file is checked (no short circuit), so each unreadable one is named.
+        let unreadable = [ca, cert, key]
+            .into_iter()
+            .filter(|f| p.take(config::readable(f)).is_none())
+            .count();
+        if unreadable == 0 {
+            crate::private::warn_if_key_readable(key, "broker TLS key");
+            tls = p.take(TlsFiles::load(ca, cert, key).map_err(CliError::from));
+        }
+    }
+    // Without usable TLS files the other values are still checked, on a placeholder
+    // that is never run: `problems` is not empty then.
+    let tls = tls.unwrap_or(TlsFiles {
+        ca_pem: Vec::new(),
+        cert_pem: Vec::new(),
+        key_pem: Vec::new(),
+    });
+    let mut broker = BrokerConfig::new(tls, data.unwrap_or_default());
     if let Some(document_ca) = args
         .document_ca
         .or(file.document_ca.map(|p| relative_to(cfg, p)))
     {
-        let pem = std::fs::read(&document_ca).map_err(|e| CliError::config(&document_ca, e))?;
-        broker.document_anchors =
-            Some(TrustAnchors::from_pem(&pem).map_err(|e| CliError::config(&document_ca, e))?);
+        let anchors = std::fs::read(&document_ca)
+            .map_err(|e| CliError::config(&document_ca, e))
+            .and_then(|pem| {
+                TrustAnchors::from_pem(&pem).map_err(|e| CliError::config(&document_ca, e))
+            });
+        broker.document_anchors = p.take(anchors);
     }
     for value in file.register.iter().chain(&args.register) {
-        broker.agencies.push(parse_registration(value)?);
+        if let Some(registration) = p.take(parse_registration(value)) {
+            broker.agencies.push(registration);
+        }
     }
     broker.auto_register = !(args.no_auto_register || file.no_auto_register.unwrap_or(false));
     if let Some(max) = args.max_document_bytes.or(file.max_document_bytes) {
@@ -404,10 +455,15 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
         broker.name = name;
     }
     if let Some(hours) = args.expiry_hours.or(file.expiry_hours) {
-        let hours: [u64; 5] = hours.try_into().map_err(|_| {
-            CliError::Usage("--expiry-hours takes five values, for priorities 0 to 4".into())
-        })?;
-        broker.default_expiry = hours.map(|h| Duration::from_secs(h.max(1) * 3600));
+        match <[u64; 5]>::try_from(hours) {
+            Ok(hours) => {
+                broker.default_expiry =
+                    hours.map(|h| Duration::from_secs(h.clamp(1, u64::MAX / 3600) * 3600));
+            }
+            Err(_) => p.push(CliError::Usage(
+                "--expiry-hours takes five values, for priorities 0 to 4".into(),
+            )),
+        }
     }
     if let Some(max) = args.max_pending_documents.or(file.max_pending_documents) {
         broker.max_pending_documents = max;
@@ -420,7 +476,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     }
     let flags = admission_settings!(args);
     let from_file = admission_settings!(file);
-    apply_admission(&mut broker, &flags, &from_file)?;
+    apply_admission(&mut broker, &flags, &from_file, p);
     if let Some(token) = args
         .admin_token
         .or(file.admin_token)
@@ -435,11 +491,23 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     if let Some(token_file) = args
         .admin_token_file
         .or(file.admin_token_file.map(|p| relative_to(cfg, p)))
+        && let Some(tokens) = p.take(read_admin_tokens(&token_file))
     {
-        broker.admin_tokens = read_admin_tokens(&token_file)?;
+        broker.admin_tokens = tokens;
     }
     broker.admin_insecure_bind =
         args.admin_insecure_bind || file.admin_insecure_bind.unwrap_or(false);
+    let admin_listen = args.admin_listen.or(file.admin_listen);
+    if let Some(addr) = admin_listen
+        && !addr.ip().is_loopback()
+        && !(broker.admin_insecure_bind
+            && (!broker.admin_tokens.is_empty() || broker.admin_token.is_some()))
+    {
+        p.push(CliError::Usage(format!(
+            "--admin-listen {addr} is not a loopback address: give --admin-insecure-bind and \
+             --admin-token-file too, or a 127.0.0.1 address"
+        )));
+    }
     if let Some(secs) = args
         .tls_handshake_timeout_secs
         .or(file.tls_handshake_timeout_secs)
@@ -458,10 +526,37 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     if let Some(max) = args.max_handshakes.or(file.max_handshakes) {
         broker.max_handshakes = max.max(1);
     }
+    problems.finish()?;
+    Ok(Prepared {
+        broker,
+        listen,
+        admin_listen,
+    })
+}
+
+pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
+    let check_only = args.check_config;
+    let what = match &args.config {
+        Some(path) => path.display().to_string(),
+        None => "the broker's flags".to_owned(),
+    };
+    let Prepared {
+        broker,
+        listen,
+        admin_listen,
+    } = prepare(args)?;
+    if check_only {
+        crate::output::outln!(
+            "{what}: OK (broker on {listen}, data {}, {} agencies registered at start)",
+            broker.data_dir.display(),
+            broker.agencies.len()
+        );
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {listen}: {e}")))?;
-    let admin_listener = match args.admin_listen.or(file.admin_listen) {
+    let admin_listener = match admin_listen {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             CliError::Failed(format!("cannot listen on {addr} (--admin-listen): {e}"))
         })?),
