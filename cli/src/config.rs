@@ -132,3 +132,59 @@ pub fn relative_to(config: Option<&Path>, path: PathBuf) -> PathBuf {
         _ => path,
     }
 }
+
+/// The keys a configuration file struct accepts, in declaration order, read from its
+/// `Deserialize` implementation: serde's derive names every field when it asks for a
+/// struct, so the list cannot drift from the struct (`lienthong docs configuration`).
+pub fn keys<T: DeserializeOwned>() -> &'static [&'static str] {
+    let mut probe = KeyProbe(&[]);
+    // The probe always fails, after it has seen the field names.
+    let _ = T::deserialize(&mut probe);
+    probe.0
+}
+
+struct KeyProbe(&'static [&'static str]);
+
+#[derive(Debug)]
+struct ProbeDone;
+
+impl std::fmt::Display for ProbeDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("field names read")
+    }
+}
+
+impl std::error::Error for ProbeDone {}
+
+impl serde::de::Error for ProbeDone {
+    fn custom<M: std::fmt::Display>(_message: M) -> Self {
+        ProbeDone
+    }
+}
+
+impl<'de> serde::Deserializer<'de> for &mut KeyProbe {
+    type Error = ProbeDone;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(
+        self,
+        _visitor: V,
+    ) -> Result<V::Value, ProbeDone> {
+        Err(ProbeDone)
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, ProbeDone> {
+        self.0 = fields;
+        Err(ProbeDone)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+        identifier ignored_any
+    }
+}

@@ -9,6 +9,7 @@
 
 mod cmd;
 pub mod config;
+pub mod docs;
 pub mod error;
 pub mod http;
 pub mod logging;
@@ -68,6 +69,20 @@ enum Command {
     /// Measure this machine: throughput, latency, large documents, idle connections and
     /// restart time against a real broker and agents in child processes.
     Bench(cmd::bench::BenchArgs),
+    /// Generated documentation (for maintainers).
+    #[command(subcommand, hide = true)]
+    Docs(DocsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DocsCommand {
+    /// Print docs/configuration.md: every flag and config key, its default and help.
+    Configuration,
+}
+
+/// docs/configuration.md as this build would write it.
+pub fn configuration_markdown() -> String {
+    docs::configuration_markdown(&<Cli as clap::CommandFactory>::command())
 }
 
 /// Parses the command line, runs the command, and maps the outcome to an exit code.
@@ -119,6 +134,10 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Verify(args) => cmd::verify::run(args),
         Command::Admin(args) => cmd::admin::run(args).await,
         Command::Bench(args) => cmd::bench::run(args).await,
+        Command::Docs(DocsCommand::Configuration) => {
+            output::outln!("{}", configuration_markdown().trim_end());
+            Ok(())
+        }
     }
 }
 

@@ -25,19 +25,20 @@ pub struct AgentArgs {
     /// starting: print one OK line and exit 0, or list every problem and exit 2.
     #[arg(long)]
     check_config: bool,
-    /// The broker, e.g. https://localhost:7443.
+    /// The broker, e.g. https://localhost:7443. Required.
     #[arg(long)]
     broker: Option<String>,
-    /// This agency's code, e.g. 000.00.12.H31.
+    /// This agency's code, e.g. 000.00.12.H31; it must be the one in --cert. Required.
     #[arg(long)]
     agency: Option<String>,
-    /// CA bundle (PEM): trusts the broker and, by default, document signers.
+    /// CA bundle (PEM): trusts the broker and, unless --document-ca is given, document
+    /// signers. Required.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// This agency's TLS certificate chain (PEM).
+    /// This agency's TLS certificate chain (PEM). Required.
     #[arg(long)]
     cert: Option<PathBuf>,
-    /// This agency's TLS private key (PKCS#8 PEM).
+    /// This agency's TLS private key (PKCS#8 PEM), matching --cert. Required.
     #[arg(long)]
     key: Option<PathBuf>,
     /// A separate document-signing certificate chain (default: --cert).
@@ -56,7 +57,7 @@ pub struct AgentArgs {
     /// CA bundle for document signatures, when it differs from --ca.
     #[arg(long)]
     document_ca: Option<PathBuf>,
-    /// Data directory (sled outbox and inbox).
+    /// Data directory (sled outbox and inbox). Required.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Local HTTP API address. Default 127.0.0.1:7180.
@@ -66,10 +67,12 @@ pub struct AgentArgs {
     /// Absent: no folder (a gateway that reads documents over the API).
     #[arg(long)]
     inbox_dir: Option<PathBuf>,
-    /// Most documents waiting in the outbox before new ones are refused (HTTP 429).
+    /// Most documents waiting in the outbox before new ones are refused with HTTP 429
+    /// (default 10000).
     #[arg(long)]
     max_outbox_documents: Option<u64>,
-    /// Most attachment bytes waiting in the outbox before new documents are refused.
+    /// Most attachment bytes waiting in the outbox before new documents are refused
+    /// (default 10737418240, 10 GiB).
     #[arg(long)]
     max_outbox_bytes: Option<u64>,
     /// Largest document (sum of its attachments) taken from the gateway or the broker,
@@ -109,7 +112,8 @@ pub struct AgentArgs {
     /// larger files go through `POST /v1/uploads`.
     #[arg(long)]
     api_max_body_bytes: Option<usize>,
-    /// Seconds after which an upload not taken into a document is removed (24 h).
+    /// Seconds after which an upload not taken into a document is removed (default
+    /// 86400, 24 h).
     #[arg(long)]
     upload_max_age_secs: Option<u64>,
     /// Deliveries this agent takes unacknowledged at once, 1 to 16384 (default 512;
@@ -161,6 +165,11 @@ struct AgentFile {
     api_max_body_bytes: Option<usize>,
     upload_max_age_secs: Option<u64>,
     window: Option<u32>,
+}
+
+/// The keys the `--config` file takes (for `lienthong docs configuration`).
+pub(crate) fn config_keys() -> &'static [&'static str] {
+    crate::config::keys::<AgentFile>()
 }
 
 /// Reads flags and file and checks every value and every file named (opening the

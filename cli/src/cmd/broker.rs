@@ -52,22 +52,25 @@ pub struct BrokerArgs {
     /// (default 10).
     #[arg(long, value_name = "SECS")]
     http_header_timeout_secs: Option<u64>,
-    /// Most gRPC connections open at once (lowered to fit the open-file limit).
+    /// Most gRPC connections open at once (default 16384; lowered to fit the open-file
+    /// limit).
     #[arg(long)]
     max_connections: Option<usize>,
-    /// Most gRPC connections in their TLS handshake at once.
+    /// Most gRPC connections in their TLS handshake at once (default 256; lowered to
+    /// fit the open-file limit).
     #[arg(long)]
     max_handshakes: Option<usize>,
-    /// Data directory (sled store).
+    /// Data directory (sled store). Required.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// CA bundle (PEM) for client certificates and, by default, document signatures.
+    /// CA bundle (PEM) for client certificates and, unless --document-ca is given,
+    /// document signatures. Required.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Broker certificate chain (PEM).
+    /// Broker certificate chain (PEM). Required.
     #[arg(long)]
     cert: Option<PathBuf>,
-    /// Broker private key (PKCS#8 PEM).
+    /// Broker private key (PKCS#8 PEM), matching --cert. Required.
     #[arg(long)]
     key: Option<PathBuf>,
     /// CA bundle for document signatures, when it differs from --ca.
@@ -80,10 +83,12 @@ pub struct BrokerArgs {
     /// first authenticated connection.
     #[arg(long)]
     no_auto_register: bool,
-    /// Largest total attachment size of one document, in bytes.
+    /// Largest total attachment size of one document, in bytes (default 2147483648,
+    /// 2 GiB).
     #[arg(long)]
     max_document_bytes: Option<u64>,
-    /// Seconds to wait for an acknowledgement before offering a delivery again.
+    /// Seconds to wait for an acknowledgement before offering a delivery again (default
+    /// 30; doubled per attempt up to 5 minutes).
     #[arg(long)]
     ack_timeout_secs: Option<u64>,
     /// Deliveries one agent session may have unacknowledged at once, 1 to 16384
@@ -96,19 +101,22 @@ pub struct BrokerArgs {
     /// call: below that their batches are refused and go one document per Submit.
     #[arg(long, value_name = "N")]
     max_batch_documents: Option<usize>,
-    /// Name used in the broker's receipts.
+    /// Name used in the broker's receipts (default broker).
     #[arg(long)]
     name: Option<String>,
     /// Default expiry in hours by priority 0..4, comma separated (default 168,72,24,8,8).
     #[arg(long, value_delimiter = ',')]
     expiry_hours: Option<Vec<u64>>,
-    /// Most documents queued for one recipient before submissions to it are refused.
+    /// Most documents queued for one recipient before submissions to it are refused
+    /// (default 1000000).
     #[arg(long)]
     max_pending_documents: Option<u64>,
-    /// Most bytes queued for one recipient before submissions to it are refused.
+    /// Most bytes queued for one recipient before submissions to it are refused (default
+    /// 53687091200, 50 GiB).
     #[arg(long)]
     max_pending_bytes: Option<u64>,
-    /// Free disk space kept in reserve: submissions that would leave less are refused.
+    /// Free disk space kept in reserve: submissions that would leave less are refused
+    /// (default 536870912, 512 MiB).
     #[arg(long)]
     min_free_bytes: Option<u64>,
     /// Most submissions one agency may have open at once (default 16).
@@ -192,6 +200,11 @@ struct BrokerFile {
     max_expiry_hours: Option<u64>,
     max_clock_skew_secs: Option<u64>,
     max_document_age_hours: Option<u64>,
+}
+
+/// The keys the `--config` file takes (for `lienthong docs configuration`).
+pub(crate) fn config_keys() -> &'static [&'static str] {
+    crate::config::keys::<BrokerFile>()
 }
 
 /// The largest `--window` (deliveries unacknowledged per session), for broker and agent.
