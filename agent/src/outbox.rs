@@ -516,7 +516,11 @@ async fn resume_offsets(
         return Ok(vec![u64::MAX; MAX_ATTACHMENTS]);
     }
     if answer.stored_bytes.iter().any(|&n| n > 0) {
-        info!(agency = %agent.agency, message_id = %id, held = ?answer.stored_bytes, "resuming an interrupted upload");
+        let held_bytes = answer
+            .stored_bytes
+            .iter()
+            .fold(0u64, |sum, &n| sum.saturating_add(n));
+        info!(agency = %agent.agency, message_id = %id, held_bytes, "resuming an interrupted upload");
     }
     Ok(answer.stored_bytes)
 }

@@ -22,7 +22,9 @@
 //! dropped; the permits plus [`FD_RESERVE`] never exceed the process's `nofile` limit
 //! (raised to its hard limit at start, [`raise_nofile_limit`]); accept errors such as
 //! EMFILE back off instead of spinning; every refusal is counted in the metrics and
-//! logged (a WARN at most every few seconds, so a flood cannot flood the log too).
+//! logged: one WARN line per refusal, naming the peer and the reason, up to
+//! [`WARN_BURST`] lines per kind and [`WARN_EVERY_MS`] (a flood cannot flood the log
+//! too: the rest go to debug and the next WARN says how many were left out).
 
 use std::io;
 use std::net::SocketAddr;
@@ -58,8 +60,13 @@ pub(crate) const FD_RESERVE: u64 = 64;
 /// free descriptors; retrying at once would only spin on the same error.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// At most one WARN per listener and kind of refusal in this many milliseconds.
+/// The window of the WARN budget for refusals (and of the one accept-error WARN).
 const WARN_EVERY_MS: i64 = 10_000;
+
+/// At most this many WARN lines per listener and kind of refusal in [`WARN_EVERY_MS`]:
+/// enough that an operator sees every refused agent on a normal day, few enough that a
+/// scan or a flood cannot fill the disk with log lines.
+const WARN_BURST: u32 = 20;
 
 /// Listener names, used as the `listener` label.
 pub(crate) const GRPC: &str = "grpc";
@@ -176,13 +183,47 @@ impl WarnEvery {
     }
 }
 
+/// Up to [`WARN_BURST`] WARN lines per [`WARN_EVERY_MS`]; counts the ones left out.
+#[derive(Default)]
+struct WarnBudget(std::sync::Mutex<BudgetWindow>);
+
+#[derive(Default)]
+struct BudgetWindow {
+    start_ms: i64,
+    used: u32,
+    left_out: u64,
+}
+
+impl WarnBudget {
+    /// `Some(n)` when this refusal may be logged at WARN, `n` being how many refusals
+    /// were left out of the log (logged at debug) since the last WARN; None otherwise.
+    fn take(&self) -> Option<u64> {
+        let now = lienthong_proto::now_ms();
+        // A panic elsewhere while holding this lock leaves only counters behind.
+        let mut window = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if now.saturating_sub(window.start_ms) >= WARN_EVERY_MS {
+            window.start_ms = now;
+            window.used = 0;
+        }
+        if window.used >= WARN_BURST {
+            window.left_out = window.left_out.saturating_add(1);
+            return None;
+        }
+        window.used = window.used.saturating_add(1);
+        Some(std::mem::take(&mut window.left_out))
+    }
+}
+
 /// Rate-limited reporting of refusals for one listener.
 #[derive(Clone)]
 struct Refusals {
     listener: &'static str,
     metrics: ConnectionMetrics,
-    warn_limit: Arc<WarnEvery>,
-    warn_handshake: Arc<WarnEvery>,
+    warn_limit: Arc<WarnBudget>,
+    warn_handshake: Arc<WarnBudget>,
     warn_accept: Arc<WarnEvery>,
 }
 
@@ -200,21 +241,35 @@ impl Refusals {
     /// A connection closed before serving it; `reason` is a fixed label value.
     fn refused(&self, reason: &'static str, peer: SocketAddr, detail: &dyn std::fmt::Display) {
         self.metrics.refused(self.listener, reason);
-        let warn = match reason {
-            "connection_limit" | "handshake_evicted" => &self.warn_limit,
-            _ => &self.warn_handshake,
+        let (warn, what) = match reason {
+            "connection_limit" | "handshake_evicted" => (&self.warn_limit, "connection refused"),
+            _ => (&self.warn_handshake, "TLS handshake refused"),
         };
-        if warn.due() {
-            tracing::warn!(
-                listener = self.listener,
-                reason,
+        // `%` everywhere: a `&str` field would otherwise print as a quoted Rust literal.
+        match warn.take() {
+            Some(0) => tracing::warn!(
+                listener = %self.listener,
+                reason = %reason,
                 %peer,
                 %detail,
-                "connection refused (further refusals of this kind are logged at debug level \
-                 for a while; see lienthong_broker_connections_refused_total)"
-            );
-        } else {
-            tracing::debug!(listener = self.listener, reason, %peer, %detail, "connection refused");
+                "{what}"
+            ),
+            Some(left_out) => tracing::warn!(
+                listener = %self.listener,
+                reason = %reason,
+                %peer,
+                %detail,
+                left_out,
+                "{what} ({left_out} earlier refusals of this kind went to the debug level; \
+                 see lienthong_broker_connections_refused_total)"
+            ),
+            None => tracing::debug!(
+                listener = %self.listener,
+                reason = %reason,
+                %peer,
+                %detail,
+                "{what}"
+            ),
         }
     }
 }

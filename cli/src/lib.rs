@@ -9,8 +9,10 @@
 
 mod cmd;
 pub mod config;
+pub mod docs;
 pub mod error;
 pub mod http;
+pub mod logging;
 pub mod output;
 pub mod private;
 
@@ -24,6 +26,12 @@ use crate::error::CliError;
 #[derive(Debug, Parser)]
 #[command(name = "lienthong", version, about, propagate_version = true)]
 pub struct Cli {
+    /// How diagnostics are written to stderr: `text` (one readable line per event,
+    /// coloured only on a terminal) or `json` (one JSON object per line, for log
+    /// shippers). Broker and agent also take `log_format` in their --config file; the
+    /// flag wins. Default: text.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,6 +69,20 @@ enum Command {
     /// Measure this machine: throughput, latency, large documents, idle connections and
     /// restart time against a real broker and agents in child processes.
     Bench(cmd::bench::BenchArgs),
+    /// Generated documentation (for maintainers).
+    #[command(subcommand, hide = true)]
+    Docs(DocsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DocsCommand {
+    /// Print docs/configuration.md: every flag and config key, its default and help.
+    Configuration,
+}
+
+/// docs/configuration.md as this build would write it.
+pub fn configuration_markdown() -> String {
+    docs::configuration_markdown(&<Cli as clap::CommandFactory>::command())
 }
 
 /// Parses the command line, runs the command, and maps the outcome to an exit code.
@@ -75,7 +97,7 @@ pub fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
         }
     };
-    init_tracing(&cli.command);
+    init_tracing(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,28 +134,27 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Verify(args) => cmd::verify::run(args),
         Command::Admin(args) => cmd::admin::run(args).await,
         Command::Bench(args) => cmd::bench::run(args).await,
+        Command::Docs(DocsCommand::Configuration) => {
+            output::outln!("{}", configuration_markdown().trim_end());
+            Ok(())
+        }
     }
 }
 
 /// Servers log at info by default, the demo and client commands only warnings;
-/// `RUST_LOG` overrides.
-fn init_tracing(command: &Command) {
-    let default = match command {
+/// `RUST_LOG` overrides. The format: the flag, else the server's config file, else text.
+fn init_tracing(cli: &Cli) {
+    let (default, config) = match &cli.command {
+        Command::Broker(args) => ("info", args.config_path()),
+        Command::Agent(args) => ("info", args.config_path()),
         // The demo prints its own steps; its servers' logs would bury them.
-        Command::Broker(_) | Command::Agent(_) => "info",
-        _ => "warn",
+        _ => ("warn", None),
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    // A dead stderr (a log shipper that died, `2>&1 | head`) must not stop the
-    // program: the default writer's errors make tracing-subscriber `eprintln!`, which
-    // panics on a broken pipe in whatever task logged (the broker session, the signal
-    // handler...). Lines that cannot be written are dropped instead.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(output::QuietStderr)
-        .log_internal_errors(false)
-        .try_init();
+    let format = cli
+        .log_format
+        .or_else(|| config.and_then(logging::format_from_config))
+        .unwrap_or_default();
+    logging::init(format, default);
 }
 
 /// Waits for SIGINT or SIGTERM.

@@ -24,7 +24,7 @@ pub fn warn_if_key_readable(path: &Path, what: &'static str) {
     if mode & 0o077 != 0 {
         tracing::warn!(
             key = %path.display(),
-            what,
+            what = %what,
             mode = %format!("{mode:04o}"),
             "the private key file is readable by other users; run chmod 600 on it"
         );

@@ -115,6 +115,7 @@ enum AgenciesAction {
     List,
     /// Register an agency so that documents may be addressed to it.
     Register {
+        /// The agency's code, e.g. 000.00.12.H31.
         code: String,
         /// The agency's name.
         #[arg(long)]
@@ -123,13 +124,17 @@ enum AgenciesAction {
     /// Suspend an agency: it can neither send nor receive; its session is ended,
     /// documents to it are refused, deliveries already queued for it wait.
     Suspend {
+        /// The agency's code, e.g. 000.00.12.H31.
         code: String,
         /// Why (shown to the agency and to senders addressing it).
         #[arg(long)]
         reason: Option<String>,
     },
     /// Resume a suspended agency; its queued deliveries go out again.
-    Resume { code: String },
+    Resume {
+        /// The agency's code, e.g. 000.00.12.H31.
+        code: String,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +144,11 @@ struct AdminFile {
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
+}
+
+/// The keys the `--config` file takes (for `lienthong docs configuration`).
+pub(crate) fn config_keys() -> &'static [&'static str] {
+    crate::config::keys::<AdminFile>()
 }
 
 pub async fn run(args: AdminArgs) -> Result<(), CliError> {

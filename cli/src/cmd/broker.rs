@@ -11,7 +11,7 @@ use lienthong_proto::{AgencyCode, TrustAnchors};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, relative_to, required};
+use crate::config::{self, Problems, relative_to, required};
 use crate::error::CliError;
 
 #[derive(Debug, Args)]
@@ -19,6 +19,11 @@ pub struct BrokerArgs {
     /// TOML configuration file; keys are the long flag names.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Check the configuration (flags, file and the files it names: CA, certificate,
+    /// key and that they match, token files) without starting: print one OK line and
+    /// exit 0, or list every problem and exit 2.
+    #[arg(long)]
+    check_config: bool,
     /// Address for agents (gRPC over mutual TLS). Default 127.0.0.1:7443.
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -47,22 +52,25 @@ pub struct BrokerArgs {
     /// (default 10).
     #[arg(long, value_name = "SECS")]
     http_header_timeout_secs: Option<u64>,
-    /// Most gRPC connections open at once (lowered to fit the open-file limit).
+    /// Most gRPC connections open at once (default 16384; lowered to fit the open-file
+    /// limit).
     #[arg(long)]
     max_connections: Option<usize>,
-    /// Most gRPC connections in their TLS handshake at once.
+    /// Most gRPC connections in their TLS handshake at once (default 256; lowered to
+    /// fit the open-file limit).
     #[arg(long)]
     max_handshakes: Option<usize>,
-    /// Data directory (sled store).
+    /// Data directory (sled store). Required.
     #[arg(long)]
     data: Option<PathBuf>,
-    /// CA bundle (PEM) for client certificates and, by default, document signatures.
+    /// CA bundle (PEM) for client certificates and, unless --document-ca is given,
+    /// document signatures. Required.
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Broker certificate chain (PEM).
+    /// Broker certificate chain (PEM). Required.
     #[arg(long)]
     cert: Option<PathBuf>,
-    /// Broker private key (PKCS#8 PEM).
+    /// Broker private key (PKCS#8 PEM), matching --cert. Required.
     #[arg(long)]
     key: Option<PathBuf>,
     /// CA bundle for document signatures, when it differs from --ca.
@@ -75,10 +83,12 @@ pub struct BrokerArgs {
     /// first authenticated connection.
     #[arg(long)]
     no_auto_register: bool,
-    /// Largest total attachment size of one document, in bytes.
+    /// Largest total attachment size of one document, in bytes (default 2147483648,
+    /// 2 GiB).
     #[arg(long)]
     max_document_bytes: Option<u64>,
-    /// Seconds to wait for an acknowledgement before offering a delivery again.
+    /// Seconds to wait for an acknowledgement before offering a delivery again (default
+    /// 30; doubled per attempt up to 5 minutes).
     #[arg(long)]
     ack_timeout_secs: Option<u64>,
     /// Deliveries one agent session may have unacknowledged at once, 1 to 16384
@@ -91,19 +101,22 @@ pub struct BrokerArgs {
     /// call: below that their batches are refused and go one document per Submit.
     #[arg(long, value_name = "N")]
     max_batch_documents: Option<usize>,
-    /// Name used in the broker's receipts.
+    /// Name used in the broker's receipts (default broker).
     #[arg(long)]
     name: Option<String>,
     /// Default expiry in hours by priority 0..4, comma separated (default 168,72,24,8,8).
     #[arg(long, value_delimiter = ',')]
     expiry_hours: Option<Vec<u64>>,
-    /// Most documents queued for one recipient before submissions to it are refused.
+    /// Most documents queued for one recipient before submissions to it are refused
+    /// (default 1000000).
     #[arg(long)]
     max_pending_documents: Option<u64>,
-    /// Most bytes queued for one recipient before submissions to it are refused.
+    /// Most bytes queued for one recipient before submissions to it are refused (default
+    /// 53687091200, 50 GiB).
     #[arg(long)]
     max_pending_bytes: Option<u64>,
-    /// Free disk space kept in reserve: submissions that would leave less are refused.
+    /// Free disk space kept in reserve: submissions that would leave less are refused
+    /// (default 536870912, 512 MiB).
     #[arg(long)]
     min_free_bytes: Option<u64>,
     /// Most submissions one agency may have open at once (default 16).
@@ -138,9 +151,20 @@ pub struct BrokerArgs {
     max_document_age_hours: Option<u64>,
 }
 
+impl BrokerArgs {
+    /// The `--config` file, read early for its `log_format`.
+    pub(crate) fn config_path(&self) -> Option<&std::path::Path> {
+        self.config.as_deref()
+    }
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BrokerFile {
+    /// Read before tracing starts (`logging::format_from_config`); declared here so
+    /// that the key is accepted and its value checked with the rest of the file.
+    #[allow(dead_code)]
+    log_format: Option<crate::logging::LogFormat>,
     listen: Option<SocketAddr>,
     admin_listen: Option<SocketAddr>,
     admin_token: Option<String>,
@@ -176,6 +200,11 @@ struct BrokerFile {
     max_expiry_hours: Option<u64>,
     max_clock_skew_secs: Option<u64>,
     max_document_age_hours: Option<u64>,
+}
+
+/// The keys the `--config` file takes (for `lienthong docs configuration`).
+pub(crate) fn config_keys() -> &'static [&'static str] {
+    crate::config::keys::<BrokerFile>()
 }
 
 /// The largest `--window` (deliveries unacknowledged per session), for broker and agent.
@@ -250,12 +279,14 @@ macro_rules! admission_settings {
     };
 }
 
-/// The per-agency admission and quota settings: flags win over the file.
+/// The per-agency admission and quota settings: flags win over the file. Every bad
+/// value goes into `problems`.
 fn apply_admission(
     broker: &mut BrokerConfig,
     args: &AdmissionSettings,
     file: &AdmissionSettings,
-) -> Result<(), CliError> {
+    problems: &mut Problems,
+) {
     let positive = |value: u64, name: &str| {
         if value == 0 {
             Err(CliError::Usage(format!("--{name} must be at least 1")))
@@ -272,49 +303,56 @@ fn apply_admission(
     if let Some(n) = args
         .max_submissions_per_agency
         .or(file.max_submissions_per_agency)
+        && let Some(n) = problems.take(positive(u64::from(n), "max-submissions-per-agency"))
     {
-        broker.max_submissions_per_agency =
-            u32::try_from(positive(u64::from(n), "max-submissions-per-agency")?).unwrap_or(n);
+        broker.max_submissions_per_agency = u32::try_from(n).unwrap_or(u32::MAX);
     }
     if let Some(n) = args
         .max_reserved_bytes_per_agency
         .or(file.max_reserved_bytes_per_agency)
+        && let Some(n) = problems.take(positive(n, "max-reserved-bytes-per-agency"))
     {
-        broker.max_reserved_bytes_per_agency = positive(n, "max-reserved-bytes-per-agency")?;
+        broker.max_reserved_bytes_per_agency = n;
     }
-    if let Some(secs) = args.stall_timeout_secs.or(file.stall_timeout_secs) {
-        broker.stall_timeout = Duration::from_secs(positive(secs, "stall-timeout-secs")?);
+    if let Some(secs) = args.stall_timeout_secs.or(file.stall_timeout_secs)
+        && let Some(secs) = problems.take(positive(secs, "stall-timeout-secs"))
+    {
+        broker.stall_timeout = Duration::from_secs(secs);
     }
     if let Some(secs) = args
         .partial_sweep_interval_secs
         .or(file.partial_sweep_interval_secs)
+        && let Some(secs) = problems.take(positive(secs, "partial-sweep-interval-secs"))
     {
-        broker.partial_sweep_interval =
-            Duration::from_secs(positive(secs, "partial-sweep-interval-secs")?);
+        broker.partial_sweep_interval = Duration::from_secs(secs);
     }
     if let Some(n) = args
         .max_pending_per_sender_documents
         .or(file.max_pending_per_sender_documents)
+        && let Some(n) = problems.take(positive(n, "max-pending-per-sender-documents"))
     {
-        broker.max_pending_per_sender_documents =
-            Some(positive(n, "max-pending-per-sender-documents")?);
+        broker.max_pending_per_sender_documents = Some(n);
     }
     if let Some(n) = args
         .max_pending_per_sender_bytes
         .or(file.max_pending_per_sender_bytes)
+        && let Some(n) = problems.take(positive(n, "max-pending-per-sender-bytes"))
     {
-        broker.max_pending_per_sender_bytes = Some(positive(n, "max-pending-per-sender-bytes")?);
+        broker.max_pending_per_sender_bytes = Some(n);
     }
-    if let Some(h) = args.max_expiry_hours.or(file.max_expiry_hours) {
-        broker.max_expiry = hours(h, "max-expiry-hours")?;
+    if let Some(h) = args.max_expiry_hours.or(file.max_expiry_hours)
+        && let Some(d) = problems.take(hours(h, "max-expiry-hours"))
+    {
+        broker.max_expiry = d;
     }
     if let Some(secs) = args.max_clock_skew_secs.or(file.max_clock_skew_secs) {
         broker.max_clock_skew = Duration::from_secs(secs);
     }
-    if let Some(h) = args.max_document_age_hours.or(file.max_document_age_hours) {
-        broker.max_document_age = hours(h, "max-document-age-hours")?;
+    if let Some(h) = args.max_document_age_hours.or(file.max_document_age_hours)
+        && let Some(d) = problems.take(hours(h, "max-document-age-hours"))
+    {
+        broker.max_document_age = d;
     }
-    Ok(())
 }
 
 /// Reads the admin token file, refusing one that other users can read.
@@ -333,48 +371,85 @@ fn read_admin_tokens(
     lienthong_broker::AdminToken::parse_file(&text).map_err(|e| CliError::config(path, e))
 }
 
-pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
+/// A checked configuration, ready to bind and run.
+struct Prepared {
+    broker: BrokerConfig,
+    listen: SocketAddr,
+    admin_listen: Option<SocketAddr>,
+}
+
+/// Reads flags and file and checks every value and every file named, gathering all
+/// problems before it fails. Creates, binds and writes nothing.
+fn prepare(args: BrokerArgs) -> Result<Prepared, CliError> {
     let cfg = args.config.as_deref();
     let file: BrokerFile = config::load(cfg)?;
-    // Numbers with bounds first: a bad one is refused before any file is read.
-    let window = window(args.window.or(file.window))?;
-    let max_batch_documents = args
-        .max_batch_documents
-        .or(file.max_batch_documents)
-        .map(|n| {
-            in_range(
-                n,
-                "max-batch-documents",
-                1,
-                MAX_BATCH_DOCUMENTS,
-                "documents per SubmitBatch call",
-            )
-        })
-        .transpose()?;
+    let mut problems = Problems::default();
+    let p = &mut problems;
+    let window = p.take(window(args.window.or(file.window))).flatten();
+    let max_batch_documents = p
+        .take(
+            args.max_batch_documents
+                .or(file.max_batch_documents)
+                .map(|n| {
+                    in_range(
+                        n,
+                        "max-batch-documents",
+                        1,
+                        MAX_BATCH_DOCUMENTS,
+                        "documents per SubmitBatch call",
+                    )
+                })
+                .transpose(),
+        )
+        .flatten();
     let path = |flag: Option<PathBuf>, from_file: Option<PathBuf>, name: &str| {
         required(flag, from_file.map(|p| relative_to(cfg, p)), name)
     };
-    let data = path(args.data, file.data, "data")?;
-    let ca = path(args.ca, file.ca, "ca")?;
-    let cert = path(args.cert, file.cert, "cert")?;
-    let key = path(args.key, file.key, "key")?;
+    let data = p.take(path(args.data, file.data, "data"));
+    let ca = p.take(path(args.ca, file.ca, "ca"));
+    let cert = p.take(path(args.cert, file.cert, "cert"));
+    let key = p.take(path(args.key, file.key, "key"));
     let listen = args
         .listen
         .or(file.listen)
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7443)));
-    crate::private::warn_if_key_readable(&key, "broker TLS key");
-    let tls = TlsFiles::load(&ca, &cert, &key)?;
-    let mut broker = BrokerConfig::new(tls, data);
+    // Each file on its own first, so that every unreadable one is named; then the
+    // three together (parse, and the key matches the certificate).
+    let mut tls = None;
+    if let (Some(ca), Some(cert), Some(key)) = (&ca, &cert, &key) {
+        // Every file is checked (no short circuit), so each unreadable one is named.
+        let unreadable = [ca, cert, key]
+            .into_iter()
+            .filter(|f| p.take(config::readable(f)).is_none())
+            .count();
+        if unreadable == 0 {
+            crate::private::warn_if_key_readable(key, "broker TLS key");
+            tls = p.take(TlsFiles::load(ca, cert, key).map_err(CliError::from));
+        }
+    }
+    // Without usable TLS files the other values are still checked, on a placeholder
+    // that is never run: `problems` is not empty then.
+    let tls = tls.unwrap_or(TlsFiles {
+        ca_pem: Vec::new(),
+        cert_pem: Vec::new(),
+        key_pem: Vec::new(),
+    });
+    let mut broker = BrokerConfig::new(tls, data.unwrap_or_default());
     if let Some(document_ca) = args
         .document_ca
         .or(file.document_ca.map(|p| relative_to(cfg, p)))
     {
-        let pem = std::fs::read(&document_ca).map_err(|e| CliError::config(&document_ca, e))?;
-        broker.document_anchors =
-            Some(TrustAnchors::from_pem(&pem).map_err(|e| CliError::config(&document_ca, e))?);
+        let anchors = std::fs::read(&document_ca)
+            .map_err(|e| CliError::config(&document_ca, e))
+            .and_then(|pem| {
+                TrustAnchors::from_pem(&pem).map_err(|e| CliError::config(&document_ca, e))
+            });
+        broker.document_anchors = p.take(anchors);
     }
     for value in file.register.iter().chain(&args.register) {
-        broker.agencies.push(parse_registration(value)?);
+        if let Some(registration) = p.take(parse_registration(value)) {
+            broker.agencies.push(registration);
+        }
     }
     broker.auto_register = !(args.no_auto_register || file.no_auto_register.unwrap_or(false));
     if let Some(max) = args.max_document_bytes.or(file.max_document_bytes) {
@@ -393,10 +468,15 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
         broker.name = name;
     }
     if let Some(hours) = args.expiry_hours.or(file.expiry_hours) {
-        let hours: [u64; 5] = hours.try_into().map_err(|_| {
-            CliError::Usage("--expiry-hours takes five values, for priorities 0 to 4".into())
-        })?;
-        broker.default_expiry = hours.map(|h| Duration::from_secs(h.max(1) * 3600));
+        match <[u64; 5]>::try_from(hours) {
+            Ok(hours) => {
+                broker.default_expiry =
+                    hours.map(|h| Duration::from_secs(h.clamp(1, u64::MAX / 3600) * 3600));
+            }
+            Err(_) => p.push(CliError::Usage(
+                "--expiry-hours takes five values, for priorities 0 to 4".into(),
+            )),
+        }
     }
     if let Some(max) = args.max_pending_documents.or(file.max_pending_documents) {
         broker.max_pending_documents = max;
@@ -409,7 +489,7 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     }
     let flags = admission_settings!(args);
     let from_file = admission_settings!(file);
-    apply_admission(&mut broker, &flags, &from_file)?;
+    apply_admission(&mut broker, &flags, &from_file, p);
     if let Some(token) = args
         .admin_token
         .or(file.admin_token)
@@ -424,11 +504,23 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     if let Some(token_file) = args
         .admin_token_file
         .or(file.admin_token_file.map(|p| relative_to(cfg, p)))
+        && let Some(tokens) = p.take(read_admin_tokens(&token_file))
     {
-        broker.admin_tokens = read_admin_tokens(&token_file)?;
+        broker.admin_tokens = tokens;
     }
     broker.admin_insecure_bind =
         args.admin_insecure_bind || file.admin_insecure_bind.unwrap_or(false);
+    let admin_listen = args.admin_listen.or(file.admin_listen);
+    if let Some(addr) = admin_listen
+        && !addr.ip().is_loopback()
+        && !(broker.admin_insecure_bind
+            && (!broker.admin_tokens.is_empty() || broker.admin_token.is_some()))
+    {
+        p.push(CliError::Usage(format!(
+            "--admin-listen {addr} is not a loopback address: give --admin-insecure-bind and \
+             --admin-token-file too, or a 127.0.0.1 address"
+        )));
+    }
     if let Some(secs) = args
         .tls_handshake_timeout_secs
         .or(file.tls_handshake_timeout_secs)
@@ -447,10 +539,37 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
     if let Some(max) = args.max_handshakes.or(file.max_handshakes) {
         broker.max_handshakes = max.max(1);
     }
+    problems.finish()?;
+    Ok(Prepared {
+        broker,
+        listen,
+        admin_listen,
+    })
+}
+
+pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
+    let check_only = args.check_config;
+    let what = match &args.config {
+        Some(path) => path.display().to_string(),
+        None => "the broker's flags".to_owned(),
+    };
+    let Prepared {
+        broker,
+        listen,
+        admin_listen,
+    } = prepare(args)?;
+    if check_only {
+        crate::output::outln!(
+            "{what}: OK (broker on {listen}, data {}, {} agencies registered at start)",
+            broker.data_dir.display(),
+            broker.agencies.len()
+        );
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| CliError::Failed(format!("cannot listen on {listen}: {e}")))?;
-    let admin_listener = match args.admin_listen.or(file.admin_listen) {
+    let admin_listener = match admin_listen {
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             CliError::Failed(format!("cannot listen on {addr} (--admin-listen): {e}"))
         })?),

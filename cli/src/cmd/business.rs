@@ -13,8 +13,10 @@ use crate::output::{escape, outln};
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
+    /// TOML configuration file with `api` and `api_token_file`; flags win.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The local agent's API, default http://127.0.0.1:7180.
     #[arg(long)]
     api: Option<String>,
     /// The agent's API token file (the agent writes it to <data>/api-token).
@@ -57,8 +59,10 @@ pub async fn report(args: ReportArgs) -> Result<(), CliError> {
 
 #[derive(Debug, Args)]
 pub struct RecallArgs {
+    /// TOML configuration file with `api` and `api_token_file`; flags win.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The local agent's API, default http://127.0.0.1:7180.
     #[arg(long)]
     api: Option<String>,
     /// The agent's API token file (the agent writes it to <data>/api-token).
@@ -84,8 +88,10 @@ pub async fn recall(args: RecallArgs) -> Result<(), CliError> {
 
 #[derive(Debug, Args)]
 pub struct DirectoryArgs {
+    /// TOML configuration file with `api` and `api_token_file`; flags win.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The local agent's API, default http://127.0.0.1:7180.
     #[arg(long)]
     api: Option<String>,
     /// The agent's API token file (the agent writes it to <data>/api-token).

@@ -20,6 +20,11 @@ struct ClientFile {
     api_token_file: Option<PathBuf>,
 }
 
+/// The keys the `--config` file takes (for `lienthong docs configuration`).
+pub(crate) fn config_keys() -> &'static [&'static str] {
+    crate::config::keys::<ClientFile>()
+}
+
 /// The agent's API and its token for a client subcommand: flags (or the environment
 /// variable) first, then the `--config` file, then the default address.
 pub(crate) fn agent_client(
@@ -36,6 +41,7 @@ pub(crate) fn agent_client(
 
 #[derive(Debug, Args)]
 pub struct SendArgs {
+    /// TOML configuration file with `api` and `api_token_file`; flags win.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The local agent's API, default http://127.0.0.1:7180.
@@ -179,8 +185,10 @@ const PROGRESS_FROM_BYTES: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// TOML configuration file with `api` and `api_token_file`; flags win.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The local agent's API, default http://127.0.0.1:7180.
     #[arg(long)]
     api: Option<String>,
     /// The agent's API token file (the agent writes it to <data>/api-token).
@@ -273,8 +281,10 @@ fn print_status(view: &StatusView) {
 
 #[derive(Debug, Args)]
 pub struct InboxArgs {
+    /// TOML configuration file with `api` and `api_token_file`; flags win.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// The local agent's API, default http://127.0.0.1:7180.
     #[arg(long)]
     api: Option<String>,
     /// The agent's API token file (the agent writes it to <data>/api-token).

@@ -34,6 +34,7 @@ pub struct CheckArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
+    /// TOML configuration file with `api` and `api_token_file`; flags win.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The local agent's API, default http://127.0.0.1:7180.

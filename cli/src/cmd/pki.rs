@@ -33,6 +33,11 @@ struct PkiFile {
     agencies: Vec<String>,
 }
 
+/// The keys the `--config` file takes (for `lienthong docs configuration`).
+pub(crate) fn config_keys() -> &'static [&'static str] {
+    crate::config::keys::<PkiFile>()
+}
+
 pub fn run(command: PkiCommand) -> Result<(), CliError> {
     match command {
         PkiCommand::Dev {

@@ -66,6 +66,11 @@ struct VerifyFile {
     broker_ca: Option<PathBuf>,
 }
 
+/// The keys the `--config` file takes (for `lienthong docs configuration`).
+pub(crate) fn config_keys() -> &'static [&'static str] {
+    crate::config::keys::<VerifyFile>()
+}
+
 fn load_anchors(path: &Path) -> Result<TrustAnchors, CliError> {
     let pem = std::fs::read(path).map_err(|e| CliError::config(path, e))?;
     TrustAnchors::from_pem(&pem).map_err(|e| CliError::config(path, e))
