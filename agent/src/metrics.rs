@@ -116,7 +116,12 @@ impl Metrics {
             "1 while the session with the broker is established, else 0",
             session_connected.clone(),
         );
-        registry.register_collector(Box::new(CertificateCollector { certificates }));
+        registry.register_collector(Box::new(lienthong_proto::metrics::CertificateCollector {
+            certificates,
+        }));
+        registry.register_collector(Box::new(lienthong_proto::metrics::ProcessCollector {
+            role: "agent",
+        }));
         registry.register_collector(Box::new(SpoolCollector { files }));
         Self {
             registry,
@@ -194,36 +199,6 @@ pub(crate) struct SessionUp<'a>(&'a Gauge);
 impl Drop for SessionUp<'_> {
     fn drop(&mut self) {
         self.0.set(0);
-    }
-}
-
-/// notAfter of a DER certificate, in Unix seconds.
-pub(crate) fn not_after(der: &[u8]) -> Option<i64> {
-    x509_parser::parse_x509_certificate(der)
-        .ok()
-        .map(|(_, cert)| cert.validity().not_after.timestamp())
-}
-
-/// `lienthong_certificate_expiry_seconds`, computed on each scrape.
-#[derive(Debug)]
-struct CertificateCollector {
-    certificates: Vec<(&'static str, i64)>,
-}
-
-impl Collector for CertificateCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let now_s = lienthong_proto::now_ms() / 1000;
-        let mut metric = encoder.encode_descriptor(
-            "lienthong_certificate_expiry_seconds",
-            "Seconds until the certificate's notAfter (negative once expired), by role.",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for (role, at) in &self.certificates {
-            let labels = [("certificate", *role)];
-            ConstGauge::new(at.saturating_sub(now_s)).encode(metric.encode_family(&labels)?)?;
-        }
-        Ok(())
     }
 }
 

@@ -363,11 +363,15 @@ pub(crate) fn not_ready_reason(shared: &Shared) -> Option<String> {
 fn held_certificates(tls: &TlsFiles, signing_key: &SigningKey) -> Vec<(&'static str, i64)> {
     let tls_cert = lienthong_proto::signing::certs_from_pem(&tls.cert_pem, "certificate")
         .ok()
-        .and_then(|certs| certs.first().and_then(|c| metrics::not_after(c)));
+        .and_then(|certs| {
+            certs
+                .first()
+                .and_then(|c| lienthong_proto::metrics::not_after(c))
+        });
     let signing_cert = signing_key
         .chain()
         .first()
-        .and_then(|c| metrics::not_after(c));
+        .and_then(|c| lienthong_proto::metrics::not_after(c));
     [("tls", tls_cert), ("signing", signing_cert)]
         .into_iter()
         .filter_map(|(role, at)| at.map(|at| (role, at)))

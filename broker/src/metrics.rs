@@ -285,9 +285,12 @@ impl Metrics {
         );
         let connections = ConnectionMetrics::default();
         connections.register(&mut registry);
-        registry.register_collector(Box::new(StateCollector {
-            shared,
+        registry.register_collector(Box::new(StateCollector { shared }));
+        registry.register_collector(Box::new(lienthong_proto::metrics::CertificateCollector {
             certificates,
+        }));
+        registry.register_collector(Box::new(lienthong_proto::metrics::ProcessCollector {
+            role: "broker",
         }));
         Self {
             registry,
@@ -353,17 +356,9 @@ impl Metrics {
     }
 }
 
-/// notAfter of a DER certificate, in Unix seconds.
-pub(crate) fn not_after(der: &[u8]) -> Option<i64> {
-    x509_parser::parse_x509_certificate(der)
-        .ok()
-        .map(|(_, cert)| cert.validity().not_after.timestamp())
-}
-
 /// State metrics, read from the store and the hub on each scrape.
 struct StateCollector {
     shared: Weak<Shared>,
-    certificates: Vec<(&'static str, i64)>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -454,16 +449,6 @@ fn queue_rows(shared: &Shared) -> Vec<QueueRow> {
 
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
-        let now_s = lienthong_proto::now_ms() / 1000;
-        gauge_family(
-            &mut encoder,
-            "lienthong_certificate_expiry_seconds",
-            "Seconds until the certificate's notAfter (negative once expired), by role.",
-            "certificate",
-            self.certificates
-                .iter()
-                .map(|(role, not_after)| ((*role).to_owned(), not_after.saturating_sub(now_s))),
-        )?;
         let Some(shared) = self.shared.upgrade() else {
             return Ok(());
         };
@@ -492,6 +477,12 @@ impl Collector for StateCollector {
             "lienthong_broker_store_free_bytes",
             "Bytes free for the broker on the store's filesystem.",
             shared.store.free_bytes().unwrap_or(0),
+        )?;
+        gauge(
+            e,
+            "lienthong_broker_disk_reserve_bytes",
+            "Bytes the broker keeps free on the store's filesystem (min_free_bytes): below it, documents are refused and the broker is not ready.",
+            shared.config.min_free_bytes,
         )?;
         gauge(
             e,

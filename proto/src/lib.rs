@@ -19,6 +19,7 @@ pub mod agency;
 pub mod document;
 pub mod error;
 pub mod merkle;
+pub mod metrics;
 pub mod receipt;
 pub mod signing;
 pub mod spool;
