@@ -1,7 +1,8 @@
-//! The alert rules of `deploy/alerts.yml`: they pass their promtool unit tests
+//! The alert rules of `deploy/alerts.yml` pass their promtool unit tests
 //! (`deploy/alerts.test.yml`: each alert firing on its situation and quiet on the
-//! nearest other), and every metric they read is one the real broker and agent expose,
-//! so a renamed metric cannot silently turn an alert off.
+//! nearest other), and every metric they and the two Grafana dashboards read is one the
+//! real broker and agent expose, so a renamed metric cannot silently turn an alert off
+//! or blank a panel.
 //!
 //! promtool comes from Debian's `prometheus` package, which `.ci/run` installs; where it
 //! is missing the promtool test prints `SKIPPED: promtool not installed` and passes.
@@ -67,6 +68,31 @@ fn metrics_in_rules(rules: &str) -> BTreeSet<String> {
     names
 }
 
+/// The metric names the queries of a Grafana dashboard mention.
+fn metrics_in_dashboard(file: &str) -> BTreeSet<String> {
+    fn walk(value: &serde_json::Value, out: &mut BTreeSet<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    match (key.as_str(), value) {
+                        ("expr" | "definition", serde_json::Value::String(expr)) => {
+                            out.extend(metrics_in_rules(&format!("expr: {expr}")));
+                        }
+                        _ => walk(value, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let text = std::fs::read_to_string(deploy().join(file)).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut out = BTreeSet::new();
+    walk(&json, &mut out);
+    out
+}
+
 /// The metric names of a Prometheus text exposition.
 fn exposed(text: &str) -> BTreeSet<String> {
     text.lines()
@@ -77,13 +103,18 @@ fn exposed(text: &str) -> BTreeSet<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_alerts_read_is_exposed_by_the_broker_or_an_agent() {
+async fn every_metric_the_alerts_and_dashboards_read_is_exposed_by_the_broker_or_an_agent() {
     let rules = std::fs::read_to_string(deploy().join("alerts.yml")).unwrap();
-    let wanted = metrics_in_rules(&rules);
+    let mut wanted = metrics_in_rules(&rules);
     assert!(
         wanted.len() >= 10,
         "the rules should read many metrics: {wanted:?}"
     );
+    for dashboard in ["grafana-dashboard.json", "grafana-agent-dashboard.json"] {
+        let read = metrics_in_dashboard(dashboard);
+        assert!(read.len() >= 5, "{dashboard} reads {read:?}");
+        wanted.extend(read);
+    }
 
     let world = World::new();
     let (broker, admin) = Broker::start_with_admin(world.broker_config("broker")).await;
@@ -117,7 +148,7 @@ async fn every_metric_the_alerts_read_is_exposed_by_the_broker_or_an_agent() {
     let missing: Vec<&String> = wanted.iter().filter(|name| !all.contains(*name)).collect();
     assert!(
         missing.is_empty(),
-        "alerts read metrics nobody exposes: {missing:?}"
+        "alerts or dashboards read metrics nobody exposes: {missing:?}"
     );
     for text in [&broker_text, &agent_text] {
         assert!(text.contains("lienthong_build_info{"), "{text}");
