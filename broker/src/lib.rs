@@ -492,7 +492,7 @@ pub async fn run_with_admin(
         shared: shared.clone(),
     });
     tracing::info!(
-        addr = ?local_addr,
+        addr = local_addr.map(tracing::field::display),
         data_dir = %shared.config.data_dir.display(),
         documents = store.document_count(),
         "broker listening"
@@ -505,8 +505,8 @@ pub async fn run_with_admin(
         shared.config.max_admin_connections,
     );
     tracing::info!(
-        nofile_soft = ?nofile.soft,
-        nofile_hard = ?nofile.hard,
+        nofile_soft = nofile.soft,
+        nofile_hard = nofile.hard,
         max_connections,
         max_handshakes,
         max_admin_connections,
@@ -566,7 +566,7 @@ pub async fn run_with_admin(
     let result = tokio::select! {
         served = serve => served.map_err(|e| BrokerError::Serve(e.to_string())),
         _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(?grace, "in-flight calls did not finish within the grace period");
+            tracing::warn!(grace_seconds = grace.as_secs_f64(), "in-flight calls did not finish within the grace period");
             Ok(())
         }
     };

@@ -118,7 +118,7 @@ pub fn start(
         Err(conflict) => {
             shared.metrics.connections.session_conflict();
             let message = conflict_message(&agency, peer, conflict);
-            tracing::warn!(agency = %agency, peer = ?peer, live_peer = ?conflict.peer, "{message}");
+            tracing::warn!(agency = %agency, peer = peer.map(tracing::field::display), live_peer = conflict.peer.map(tracing::field::display), "{message}");
             return Err(Status::failed_precondition(message));
         }
     };
@@ -145,7 +145,7 @@ pub fn start(
     };
     tokio::spawn(async move {
         let session_id = handle.id;
-        tracing::info!(agency = %agency, session = session_id, peer = ?peer, "agent session opened");
+        tracing::info!(agency = %agency, session = session_id, peer = peer.map(tracing::field::display), "agent session opened");
         let mut session = Session {
             shared: shared.clone(),
             agency: agency.clone(),

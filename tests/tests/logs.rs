@@ -168,7 +168,15 @@ async fn text_logs_to_a_pipe_have_no_colours_and_plain_fields() {
     let lines = stderr.all();
     for line in &lines {
         assert!(!line.contains("\x1b["), "ANSI escape in {line:?}");
+        // No Rust debug formatting of optional values (`addr=Some(127.0.0.1:…)`).
+        assert!(!line.contains("Some("), "debug formatting in {line:?}");
     }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("broker listening") && l.contains("addr=127.0.0.1:")),
+        "{lines:#?}"
+    );
     // Not JSON: the default is text.
     assert!(
         lines

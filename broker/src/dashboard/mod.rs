@@ -489,7 +489,7 @@ pub(crate) async fn redrive(
         Some(agency(body.agency.trim())?)
     };
     let message_id = body.message_id.trim();
-    tracing::info!(message_id, agency = ?agency.as_ref().map(AgencyCode::as_str), %operator, "redrive requested from the dashboard");
+    tracing::info!(message_id, agency = agency.as_ref().map(AgencyCode::as_str), %operator, "redrive requested from the dashboard");
     let redriven = crate::deadletter::redrive(
         &shared,
         message_id,
