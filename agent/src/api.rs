@@ -3,8 +3,9 @@
 //! Routes: `POST /v1/uploads` (a file streamed to disk), `POST /v1/documents`,
 //! `POST /v1/documents/batch` (many documents, one outcome each),
 //! `GET /v1/documents/{id}/status` (with the business history),
-//! `POST /v1/documents/{id}/recall`, `GET /v1/inbox`, `GET /v1/inbox/count`,
-//! `GET /v1/inbox/{id}`, `POST /v1/inbox/{id}/status`, `GET /v1/directory`,
+//! `POST /v1/documents/{id}/recall`, `GET /v1/inbox` and `GET /v1/sent` (pages, see
+//! `listing`), `GET /v1/inbox/count`, `GET /v1/inbox/{id}`,
+//! `GET /v1/inbox/{id}/attachments/{name}`, `POST /v1/inbox/{id}/status`, `GET /v1/directory`,
 //! `GET /v1/limits`, the edXML routes of `edxml_api`, `GET /healthz`, `GET /readyz`,
 //! `GET /metrics` (Prometheus), `GET /openapi.json`.
 //!
@@ -52,6 +53,9 @@ use crate::store::OutboxState;
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 const OPENAPI: &str = include_str!("openapi.json");
+
+pub(crate) mod idempotency;
+mod listing;
 
 /// An API failure and its HTTP answer.
 #[derive(Debug)]
@@ -108,7 +112,12 @@ pub(crate) fn router(
         )
         .route("/v1/limits", get(limits))
         .route("/v1/documents/{id}/status", get(document_status))
-        .route("/v1/inbox", get(list_inbox))
+        .route("/v1/inbox", get(listing::list_inbox))
+        .route("/v1/sent", get(listing::list_sent))
+        .route(
+            "/v1/inbox/{id}/attachments/{name}",
+            get(listing::attachment),
+        )
         .route("/v1/inbox/count", get(inbox_count))
         .route("/v1/inbox/{id}/status", post(report_status))
         .route("/v1/documents/{id}/recall", post(recall_document))
@@ -846,52 +855,53 @@ async fn inbox_count(
     Json(crate::api_types::InboxCount { count })
 }
 
-/// Reads a JSON request body of at most `api_max_body_bytes` (within the agent's body
-/// budget) and parses it. A larger body is refused with `413` naming the limit and
-/// `advice`; the body's bytes are gone before this returns, the budget permit is held
-/// by the caller until the request is answered (the parsed request is about as large).
-async fn read_json_body<T: serde::de::DeserializeOwned>(
+/// Reads a request body of at most `api_max_body_bytes` (within the agent's body
+/// budget). A larger body is refused with `413` naming the limit and `advice`; the
+/// budget permit is held by the caller until the request is answered (the parsed
+/// request is about as large).
+async fn read_body(
     agent: &Agent,
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
     advice: &str,
-) -> Result<(T, tokio::sync::OwnedSemaphorePermit), ApiError> {
+) -> Result<(Bytes, tokio::sync::OwnedSemaphorePermit), ApiError> {
     let limit = agent.api_max_body_bytes;
-    let (body, permit) =
-        crate::intake::read_capped(headers, body, limit, &agent.body_budget, |size| {
-            ApiError::Rejected(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "the request body is {size} bytes or more; this agent reads at most {limit} \
-                     (api_max_body_bytes); {advice}"
-                ),
-            )
-        })
-        .await?;
-    let parsed = crate::intake::json(headers, &body)?;
-    // The request holds what it needs: the body's copy goes before the work.
-    drop(body);
-    Ok((parsed, permit))
+    crate::intake::read_capped(headers, body, limit, &agent.body_budget, |size| {
+        ApiError::Rejected(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is {size} bytes or more; this agent reads at most {limit} \
+                 (api_max_body_bytes); {advice}"
+            ),
+        )
+    })
+    .await
 }
 
 /// `POST /v1/documents`: the body is read up to `api_max_body_bytes` (refused with
-/// `413` naming the limit and pointing to `/v1/uploads` for larger files).
+/// `413` naming the limit and pointing to `/v1/uploads` for larger files). With an
+/// `Idempotency-Key`, a retry gets the first answer (see [`idempotency`]).
 async fn send_document(
     State(agent): State<Arc<Agent>>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
-) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
-    let (req, _permit): (SendRequest, _) = read_json_body(
+) -> Result<Response, ApiError> {
+    let (body, _permit) = read_body(
         &agent,
         &headers,
         body,
         "send larger files with POST /v1/uploads and refer to them by upload_id",
     )
     .await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(accept_send_request(&agent, req).await?),
-    ))
+    let claim = match idempotency::begin(&agent, &headers, "POST /v1/documents", &body)? {
+        idempotency::Begin::Replay(answer) => return Ok(answer),
+        idempotency::Begin::Run(claim) => claim,
+    };
+    let req: SendRequest = crate::intake::json(&headers, &body)?;
+    // The request holds what it needs: the body's copy goes before the work.
+    drop(body);
+    let sent = accept_send_request(&agent, req).await?;
+    Ok(idempotency::finish(claim, StatusCode::ACCEPTED, &sent).await)
 }
 
 /// Prepares a document (header, seal, outbox), makes it durable and hands it to the
@@ -1013,8 +1023,8 @@ async fn send_documents_batch(
     State(agent): State<Arc<Agent>>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
-) -> Result<(StatusCode, Json<SendBatchResponse>), ApiError> {
-    let (batch, _permit): (SendBatchRequest, _) = read_json_body(
+) -> Result<Response, ApiError> {
+    let (body, _permit) = read_body(
         &agent,
         &headers,
         body,
@@ -1022,6 +1032,12 @@ async fn send_documents_batch(
          upload_id",
     )
     .await?;
+    let claim = match idempotency::begin(&agent, &headers, "POST /v1/documents/batch", &body)? {
+        idempotency::Begin::Replay(answer) => return Ok(answer),
+        idempotency::Begin::Run(claim) => claim,
+    };
+    let batch: SendBatchRequest = crate::intake::json(&headers, &body)?;
+    drop(body);
     let count = batch.documents.len();
     if count > MAX_BATCH_DOCUMENTS {
         return Err(ApiError::Rejected(
@@ -1041,14 +1057,12 @@ async fn send_documents_batch(
     let mut parsed: Vec<Option<ApiError>> = Vec::with_capacity(count);
     let mut requests = Vec::with_capacity(count);
     for item in batch.documents {
-        match serde_json::from_value::<SendRequest>(item) {
+        match crate::intake::json_value::<SendRequest>(item) {
             Ok(req) => {
                 requests.push(req);
                 parsed.push(None);
             }
-            Err(e) => parsed.push(Some(ApiError::BadRequest(format!(
-                "Failed to deserialize the JSON body into the target type: {e}"
-            )))),
+            Err(e) => parsed.push(Some(e)),
         }
     }
     let mut accepted = accept_send_requests(&agent, requests).await.into_iter();
@@ -1089,7 +1103,7 @@ async fn send_documents_batch(
         refused = count.saturating_sub(ok),
         "batch of documents accepted into the outbox"
     );
-    Ok((StatusCode::OK, Json(SendBatchResponse { results })))
+    Ok(idempotency::finish(claim, StatusCode::OK, &SendBatchResponse { results }).await)
 }
 
 pub(crate) fn check_id(id: &str) -> Result<(), ApiError> {
@@ -1377,25 +1391,6 @@ fn inbox_item(agent: &Agent, record: &crate::store::InboxRecord) -> InboxItem {
     }
 }
 
-async fn list_inbox(State(agent): State<Arc<Agent>>) -> Result<Json<Vec<InboxItem>>, ApiError> {
-    let mut records = agent
-        .store
-        .inbox_records()
-        .map_err(internal("cannot read the inbox"))?;
-    records.sort_by(|a, b| {
-        b.received_at_ms
-            .cmp(&a.received_at_ms)
-            .then_with(|| b.message_id.cmp(&a.message_id))
-    });
-    Ok(Json(
-        records
-            .iter()
-            .filter(|r| r.kind == pb::DocumentKind::Document as i32)
-            .map(|r| inbox_item(&agent, r))
-            .collect(),
-    ))
-}
-
 async fn inbox_document(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
@@ -1435,6 +1430,101 @@ mod tests {
         assert_eq!(guess_media_type("a.b.docx"), guess_media_type("x.docx"));
         assert_eq!(guess_media_type("noext"), "application/octet-stream");
         assert_eq!(guess_media_type("a.jpg"), "image/jpeg");
+    }
+
+    /// Each documented request schema names exactly the fields of its Rust type, and
+    /// every required one exists there (the types deny unknown fields, so a documented
+    /// field missing in Rust would be refused).
+    #[test]
+    fn openapi_request_schemas_match_the_rust_types() {
+        use crate::api_types::{
+            AttachmentUpload, RecallRequest, ReportRequest, SendBatchRequest, SignerJson,
+        };
+        let value: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let schemas = &value["components"]["schemas"];
+        let types: Vec<(&str, serde_json::Value)> = vec![
+            (
+                "SendRequest",
+                serde_json::to_value(SendRequest::default()).unwrap(),
+            ),
+            (
+                "Signer",
+                serde_json::to_value(SignerJson::default()).unwrap(),
+            ),
+            (
+                "Attachment",
+                serde_json::to_value(AttachmentUpload::default()).unwrap(),
+            ),
+            (
+                "ReportRequest",
+                serde_json::to_value(ReportRequest::default()).unwrap(),
+            ),
+            (
+                "RecallRequest",
+                serde_json::to_value(RecallRequest::default()).unwrap(),
+            ),
+            (
+                "SendBatchRequest",
+                serde_json::to_value(SendBatchRequest::default()).unwrap(),
+            ),
+        ];
+        for (name, rust) in types {
+            let schema = &schemas[name];
+            let rust: std::collections::BTreeSet<&str> = rust
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            let documented: std::collections::BTreeSet<&str> = schema["properties"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{name} has no properties"))
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(documented, rust, "{name}: documented vs Rust fields");
+            for required in schema["required"].as_array().into_iter().flatten() {
+                let required = required.as_str().unwrap();
+                assert!(rust.contains(required), "{name}.{required} is not in Rust");
+            }
+            assert_eq!(
+                schema["additionalProperties"],
+                serde_json::Value::Bool(false),
+                "{name}: unknown fields are refused"
+            );
+        }
+        // Uploads need no base64.
+        let attachment_required = &schemas["Attachment"]["required"];
+        assert_eq!(attachment_required, &serde_json::json!(["name"]));
+        // The inbox detail describes its document.
+        assert!(schemas["Document"]["properties"]["subject"].is_object());
+    }
+
+    /// The documented paths and methods are exactly the routes the guard serves (a
+    /// route missing from `api_guard::ROUTES` is refused, so that table is what the
+    /// router serves; the live check is in tests/tests/gateway_openapi.rs).
+    #[test]
+    fn openapi_paths_are_the_guarded_routes() {
+        let value: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut documented = std::collections::BTreeSet::new();
+        for (path, item) in value["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                    documented.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        let routed: std::collections::BTreeSet<(String, String)> = crate::api_guard::ROUTES
+            .iter()
+            .map(|r| (r.method.to_owned(), r.path.to_owned()))
+            .collect();
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let missing: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            undocumented.is_empty(),
+            "routes not in openapi.json: {undocumented:?}"
+        );
+        assert!(missing.is_empty(), "documented but not routed: {missing:?}");
     }
 
     #[test]

@@ -98,6 +98,8 @@ pub const ROUTES: &[ApiRoute] = &[
     route("GET", "/v1/inbox", BodyKind::None),
     route("GET", "/v1/inbox/count", BodyKind::None),
     route("GET", "/v1/inbox/{id}", BodyKind::None),
+    route("GET", "/v1/inbox/{id}/attachments/{name}", BodyKind::None),
+    route("GET", "/v1/sent", BodyKind::None),
     route("POST", "/v1/inbox/{id}/status", BodyKind::Json),
     route("GET", "/v1/inbox/{id}/edxml", BodyKind::None),
     route("POST", "/v1/edxml", BodyKind::Xml),

@@ -3,11 +3,17 @@
 //! Invariant: these are the only shapes the API reads and writes; `openapi.json`
 //! describes exactly these. Optional request fields may be omitted; optional response
 //! fields are `null` when unknown.
+//!
+//! Every request type denies unknown fields: a misspelt optional field (`subjct`,
+//! `priorty`) would otherwise be dropped silently and the document sent without it.
+//! The refusal is a `400` naming the field. (serde cannot combine `deny_unknown_fields`
+//! with `flatten`, so request types never flatten; only the `InboxDetail` answer does.)
 
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/documents`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SendRequest {
     /// Recipient agency codes.
     pub to: Vec<String>,
@@ -68,6 +74,7 @@ pub struct SendRequest {
 
 /// Who signed the document on paper.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SignerJson {
     #[serde(default)]
     pub competence: String,
@@ -79,6 +86,7 @@ pub struct SignerJson {
 
 /// One attachment of a [`SendRequest`].
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AttachmentUpload {
     /// Plain file name, no directory part.
     pub name: String,
@@ -232,6 +240,7 @@ pub struct BusinessEntry {
 
 /// `POST /v1/inbox/{id}/status`: report a business status to the document's sender.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReportRequest {
     /// 02, 03, 04, 05, 06, 15 or 16.
     pub status: String,
@@ -245,6 +254,7 @@ pub struct ReportRequest {
 
 /// `POST /v1/documents/{id}/recall`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RecallRequest {
     pub reason: String,
 }
@@ -317,4 +327,37 @@ pub struct ErrorBody {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboxCount {
     pub count: u64,
+}
+
+/// `GET /v1/inbox` and `GET /v1/sent`: one page, oldest arrival first. Pass
+/// `next_cursor` as `cursor` for the next page (also later, to get only what arrived
+/// since): a cursor never repeats or skips an entry, however many arrive meanwhile.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// The position after this page; `null` while nothing has been read (start over
+    /// from the beginning).
+    #[serde(default)]
+    pub next_cursor: Option<String>,
+    /// More entries follow right now: ask again with `next_cursor`.
+    pub more: bool,
+}
+
+/// `GET /v1/sent` entries: a document this agency sent and where it stands locally
+/// (per-recipient delivery: `GET /v1/documents/{id}/status`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SentItem {
+    pub message_id: String,
+    pub business_id: String,
+    /// Empty for documents stored before the subject was kept.
+    pub subject: String,
+    pub recipients: Vec<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// `outbox` (not yet at the broker), `submitted` or `failed`.
+    pub state: String,
+    #[serde(default)]
+    pub failure_reason: Option<String>,
+    #[serde(default)]
+    pub submitted_at: Option<String>,
 }

@@ -24,7 +24,6 @@
 
 use std::sync::Arc;
 
-use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -98,7 +97,7 @@ async fn import(
     State(agent): State<Arc<Agent>>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     let limit = package_limits(&agent).max_package_bytes;
     let (package, _permit) = crate::intake::read_capped(
         &headers,
@@ -108,8 +107,14 @@ async fn import(
         |size| package_too_large(size, limit),
     )
     .await?;
+    // With an Idempotency-Key, a retry of the same package gets the first answer.
+    let claim = match crate::api::idempotency::begin(&agent, &headers, "POST /v1/edxml", &package)?
+    {
+        crate::api::idempotency::Begin::Replay(answer) => return Ok(answer),
+        crate::api::idempotency::Begin::Run(claim) => claim,
+    };
     let imported = import_package(&agent, package).await?;
-    Ok((StatusCode::ACCEPTED, Json(imported.json())))
+    Ok(crate::api::idempotency::finish(claim, StatusCode::ACCEPTED, &imported.json()).await)
 }
 
 /// What an accepted package became, and what of it was read but not carried.

@@ -164,11 +164,34 @@ pub(crate) fn json<T: serde::de::DeserializeOwned>(
             "Expected request with `Content-Type: application/json`".into(),
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "Failed to deserialize the JSON body into the target type: {e}"
-        ))
-    })
+    let mut reader = serde_json::Deserializer::from_slice(body);
+    let parsed: T = serde_path_to_error::deserialize(&mut reader).map_err(json_refusal)?;
+    reader.end().map_err(|e| json_refusal_at(".", e))?;
+    Ok(parsed)
+}
+
+/// Reads a JSON value already parsed (an item of a batch) into `T`, refused like a
+/// body.
+pub(crate) fn json_value<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(json_refusal)
+}
+
+/// A `400` naming where in the body the value was wrong (`signer.fullname`,
+/// `attachments[0].name`) and serde's reason (for an unknown field, its name and the
+/// fields allowed).
+fn json_refusal<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> ApiError {
+    let path = e.path().to_string();
+    json_refusal_at(&path, e.into_inner())
+}
+
+fn json_refusal_at(path: &str, e: impl std::fmt::Display) -> ApiError {
+    if path == "." {
+        ApiError::BadRequest(format!("Failed to deserialize the JSON body: {e}"))
+    } else {
+        ApiError::BadRequest(format!("Failed to deserialize the JSON body: {path}: {e}"))
+    }
 }
 
 /// The exact decoded length of valid padded base64 `text` (an invalid text is refused

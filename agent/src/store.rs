@@ -12,6 +12,10 @@
 //!   at most [`CHUNK_BYTES`] of the attachment (small values stay inline in sled's log).
 //! - `receipts`: `s<id>` → the broker's submission receipt, `d<id>` → our own delivery
 //!   receipt (both prost-encoded `Signed`).
+//! - `inbox` and `outbox` also hold `o<seq u64 BE>` → message id: documents in the
+//!   order they were stored, for listing page by page (see [`listing`]).
+//! - `idempotency`: the answers kept for `Idempotency-Key` retries (see
+//!   [`idempotency`]).
 //!
 //! Invariants:
 //! - A document (record, envelope, attachments) is written in one transaction: it is
@@ -36,16 +40,22 @@ use sled::{IVec, Transactional};
 
 use crate::error::{AgentError, StoreError};
 
+mod idempotency;
+mod listing;
+pub use idempotency::{IDEMPOTENCY_MAX_AGE_MS, IDEMPOTENCY_MAX_ENTRIES, IdempotencyRecord};
+pub use listing::{AttachmentChunks, Page};
+
 /// The value of `meta/format` in an agent store.
 pub const FORMAT: &str = "lienthong-agent/1";
 /// The largest attachment chunk stored in one sled value.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 
 /// Where a document this agent sent stands locally.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OutboxState {
     /// Accepted locally, not yet accepted by the broker.
+    #[default]
     Outbox,
     /// The broker returned a submission receipt.
     Submitted,
@@ -64,7 +74,7 @@ impl OutboxState {
 }
 
 /// A document this agent sent.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct OutboxRecord {
     pub message_id: String,
     pub business_id: String,
@@ -83,6 +93,12 @@ pub struct OutboxRecord {
     /// The attachments are files (see `files`), not chunks in sled.
     #[serde(default)]
     pub streamed: bool,
+    /// Trích yếu (empty in records written before it was kept).
+    #[serde(default)]
+    pub subject: String,
+    /// `DocumentKind`: 0 a document (listed as sent), 1 a status report.
+    #[serde(default)]
+    pub kind: i32,
 }
 
 impl OutboxRecord {
@@ -104,6 +120,8 @@ impl OutboxRecord {
             submitted_at_ms: None,
             bytes,
             streamed,
+            subject: header.subject.clone(),
+            kind: header.kind,
         }
     }
 }
@@ -200,6 +218,15 @@ pub struct Store {
     /// `<about id> \0 <other id>` → (): status reports, recalls, updates and replaces
     /// about a document, sent or received.
     links: sled::Tree,
+    /// Answers kept for `Idempotency-Key` retries.
+    idempotency: sled::Tree,
+    /// Entries in `idempotency` (counted on first write), guarded for exact pruning.
+    idempotency_count: std::sync::Mutex<Option<u64>>,
+    /// Idempotency keys of send requests running now.
+    idempotency_running: std::sync::Mutex<HashSet<String>>,
+    /// Held while a sequence number of the `o` indexes is taken and committed, so
+    /// entries become visible in sequence order (see [`listing`]).
+    order_lock: std::sync::Mutex<()>,
     /// Documents and bytes in the outbox state, mirrored from the records.
     outbox_pending: std::sync::Mutex<(u64, u64)>,
     data_file: Arc<File>,
@@ -339,7 +366,7 @@ impl Store {
         })?;
         let outbox = db.open_tree("outbox").map_err(sled_err)?;
         let pending = Self::count_outbox_pending(&outbox).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Self {
+        let store = Self {
             path: dir.to_owned(),
             outbox,
             outbox_pending: std::sync::Mutex::new(pending),
@@ -348,12 +375,20 @@ impl Store {
             inbox_attachments: db.open_tree("inbox_attachments").map_err(sled_err)?,
             receipts: db.open_tree("receipts").map_err(sled_err)?,
             links: db.open_tree("links").map_err(sled_err)?,
+            idempotency: db.open_tree("idempotency").map_err(sled_err)?,
+            idempotency_count: std::sync::Mutex::new(None),
+            idempotency_running: std::sync::Mutex::new(HashSet::new()),
+            order_lock: std::sync::Mutex::new(()),
             meta,
             db,
             data_file: Arc::new(data_file),
             requested: AtomicU64::new(0),
             sync_state: tokio::sync::Mutex::new(SyncState::default()),
-        })
+        };
+        store
+            .backfill_order()
+            .map_err(|e| corrupt(format!("cannot index the documents for listing: {e}")))?;
+        Ok(store)
     }
 
     /// The data directory.
@@ -474,6 +509,12 @@ impl Store {
         }
         let mut prepared = Vec::with_capacity(documents.len());
         let mut bytes = 0u64;
+        // Sequence numbers are taken and committed under the lock (see `listing`).
+        let _order = self
+            .order_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut order = Vec::new();
         for document in documents {
             let id = document.record.message_id.as_str();
             bytes = bytes.saturating_add(document.record.bytes);
@@ -483,6 +524,9 @@ impl Store {
                 k.extend_from_slice(id.as_bytes());
                 IVec::from(k)
             });
+            if document.record.kind == 0 {
+                order.push((listing::order_key(self.db.generate_id()?), id));
+            }
             prepared.push((
                 id,
                 IVec::from(encode_json(document.record)?),
@@ -504,6 +548,9 @@ impl Store {
                     if let Some(link) = link {
                         links.insert(link.clone(), IVec::default())?;
                     }
+                }
+                for (k, id) in &order {
+                    outbox.insert(&k[..], id.as_bytes())?;
                 }
                 Ok(())
             },
@@ -768,6 +815,11 @@ impl Store {
         let mut documents: Vec<(IVec, IVec)> = Vec::new();
         let mut attachments: Vec<(IVec, IVec)> = Vec::new();
         let mut receipts: Vec<(IVec, IVec)> = Vec::new();
+        // Sequence numbers are taken and committed under the lock (see `listing`).
+        let _order = self
+            .order_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for write in writes {
             let id = write.message_id.as_str();
             if let Some(document) = &write.document {
@@ -780,6 +832,12 @@ impl Store {
                     IVec::from(encode_json(&document.record)?),
                 ));
                 attachments.extend(attachment_writes(id, &document.attachments));
+                if document.record.kind == 0 {
+                    documents.push((
+                        IVec::from(&listing::order_key(self.db.generate_id()?)[..]),
+                        IVec::from(id.as_bytes()),
+                    ));
+                }
             }
             if let Some(receipt) = &write.submission_receipt {
                 receipts.push((IVec::from(key(b'i', id)), IVec::from(receipt.as_ref())));
@@ -946,6 +1004,7 @@ mod outbox_batch_tests {
             submitted_at_ms: None,
             bytes,
             streamed: false,
+            ..OutboxRecord::default()
         }
     }
 
@@ -1190,6 +1249,7 @@ mod tests {
                 submitted_at_ms: None,
                 bytes: 5,
                 streamed: false,
+                ..OutboxRecord::default()
             };
             store
                 .put_outbox(&rec, b"env", &[Bytes::from_static(b"12345")])

@@ -203,14 +203,31 @@ impl AgentClient {
         Self::decode(response).await
     }
 
+    /// Every document in the inbox, newest first (`GET /v1/inbox` page by page).
     pub async fn inbox(&self) -> Result<Vec<InboxItem>, CliError> {
-        let response = self
-            .http
-            .get(format!("{}/v1/inbox", self.base))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        Self::decode(response).await
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("{}/v1/inbox?limit=1000", self.base);
+            if let Some(cursor) = &cursor {
+                url.push_str("&cursor=");
+                url.push_str(cursor);
+            }
+            let response = self
+                .http
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            let page: lienthong_agent::api_types::Page<InboxItem> = Self::decode(response).await?;
+            items.extend(page.items);
+            if !page.more || page.next_cursor.is_none() {
+                break;
+            }
+            cursor = page.next_cursor;
+        }
+        items.reverse();
+        Ok(items)
     }
 
     /// `POST /v1/edxml`: sends an edXML package (document or status message).

@@ -211,7 +211,66 @@ pub async fn status(args: StatusArgs) -> Result<(), CliError> {
     } else {
         print_status(&view);
     }
-    Ok(())
+    // A document that failed (refused by the broker, or refused or expired for a
+    // recipient) is a failed operation for scripts: exit 1, after the status.
+    match failure_of(&view) {
+        Some(why) => Err(CliError::Failed(why)),
+        None => Ok(()),
+    }
+}
+
+/// Why the document failed, when it did.
+fn failure_of(view: &StatusView) -> Option<String> {
+    if view.outbox_state == "failed" {
+        return Some(format!(
+            "document {} failed: the broker refused it{}",
+            escape(&view.message_id),
+            view.failure_reason
+                .as_ref()
+                .map(|r| format!(" ({})", escape(r)))
+                .unwrap_or_default()
+        ));
+    }
+    let failed: Vec<String> = view
+        .recipients
+        .iter()
+        .filter(|r| r.state == "refused" || r.state == "expired")
+        .map(|r| format!("{} {}", escape(&r.agency), escape(&r.state)))
+        .collect();
+    (!failed.is_empty()).then(|| {
+        format!(
+            "document {} was not delivered to: {}",
+            escape(&view.message_id),
+            failed.join(", ")
+        )
+    })
+}
+
+/// The words for a business status code (DESIGN §9), Vietnamese and English.
+pub(crate) fn business_code_words(code: &str) -> &'static str {
+    match code {
+        "01" => "đã đến / arrived",
+        "02" => "từ chối tiếp nhận / refused",
+        "03" => "đã tiếp nhận / accepted",
+        "04" => "phân công / assigned",
+        "05" => "đang xử lý / in progress",
+        "06" => "hoàn thành / completed",
+        "13" => "lấy lại / recall requested",
+        "15" => "đồng ý thu hồi, cập nhật / recall or update agreed",
+        "16" => "từ chối thu hồi, cập nhật / recall or update refused",
+        _ => "mã không rõ / unknown code",
+    }
+}
+
+/// The local outbox state in words.
+fn outbox_words(state: &str) -> String {
+    match state {
+        "outbox" => "not yet at the broker (waiting in the outbox)".to_owned(),
+        "submitted" => "at the broker".to_owned(),
+        "failed" => "FAILED: refused by the broker".to_owned(),
+        "received" => "received by this agency".to_owned(),
+        other => escape(other).into_owned(),
+    }
 }
 
 /// Every text shown comes from the agent, which has much of it from other agencies
@@ -220,7 +279,7 @@ fn print_status(view: &StatusView) {
     outln!("message id   {}", escape(&view.message_id));
     outln!("business id  {}", escape(&view.business_id));
     outln!("sender       {}", escape(&view.sender));
-    outln!("outbox       {}", escape(&view.outbox_state));
+    outln!("state        {}", outbox_words(&view.outbox_state));
     if let Some(reason) = &view.failure_reason {
         outln!("failure      {}", escape(reason));
     }
@@ -259,9 +318,10 @@ fn print_status(view: &StatusView) {
         }
         for entry in &r.business {
             outln!(
-                "{:<15} {} {} by {}{}{}",
+                "{:<15} {} {} {}, reported by {}{}{}",
                 "",
                 escape(&entry.code),
+                business_code_words(&entry.code),
                 escape(&entry.at),
                 escape(&entry.by),
                 entry
@@ -323,4 +383,51 @@ pub async fn inbox(args: InboxArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lienthong_agent::api_types::RecipientView;
+
+    fn view(outbox_state: &str, states: &[&str]) -> StatusView {
+        StatusView {
+            message_id: "m".into(),
+            business_id: "b".into(),
+            sender: "000.00.00.H31".into(),
+            outbox_state: outbox_state.into(),
+            failure_reason: Some("bad signature".into()),
+            submitted_at: None,
+            submission_receipt_verified: false,
+            recipients: states
+                .iter()
+                .map(|s| RecipientView {
+                    agency: "000.00.01.H31".into(),
+                    state: (*s).into(),
+                    ..RecipientView::default()
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn failed_documents_are_failures() {
+        assert!(failure_of(&view("outbox", &["queued"])).is_none());
+        assert!(failure_of(&view("submitted", &["delivered", "queued"])).is_none());
+        let broker = failure_of(&view("failed", &["unknown"])).unwrap();
+        assert!(broker.contains("bad signature"), "{broker}");
+        let expired = failure_of(&view("submitted", &["delivered", "expired"])).unwrap();
+        assert!(expired.contains("000.00.01.H31 expired"), "{expired}");
+        assert!(failure_of(&view("submitted", &["refused"])).is_some());
+    }
+
+    #[test]
+    fn codes_and_states_in_words() {
+        assert_eq!(business_code_words("03"), "đã tiếp nhận / accepted");
+        assert!(business_code_words("02").contains("refused"));
+        assert!(business_code_words("16").contains("từ chối"));
+        assert!(business_code_words("99").contains("unknown"));
+        assert!(outbox_words("outbox").starts_with("not yet at the broker"));
+        assert_eq!(outbox_words("evil\u{1b}[2J"), "evil\\u{001B}[2J");
+    }
 }
