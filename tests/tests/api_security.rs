@@ -739,3 +739,58 @@ async fn idle_and_slow_connections_cannot_lock_the_api() {
     a.stop().await;
     broker.stop().await;
 }
+
+/// A client whose kept-alive connections fill the cap (a gateway's HTTP pool that grew
+/// past it) does not make a new connection wait for their keep-alive timeout: the oldest
+/// is asked to close and the newcomer is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_the_oldest_kept_alive_connection_makes_room() {
+    let world = World::new();
+    let broker = Broker::start(world.broker_config("broker")).await;
+    let mut config = world.agent_config(A, &broker.url);
+    config.api_max_connections = 2;
+    // Idle keep-alive would hold a connection this long without the eviction.
+    config.api_header_timeout = Duration::from_secs(60);
+    config.api_idle_timeout = Duration::from_secs(120);
+    let a = Agent::start(config).await;
+    let addr = a.api.trim_start_matches("http://").to_owned();
+
+    // Two connections, each answered once and then kept alive, idle.
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        let request = format!(
+            "GET /v1/limits HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+            a.token
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut head = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut head))
+            .await
+            .expect("answered")
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&head[..n])
+        );
+        kept.push(stream);
+    }
+
+    // A third connection is served well before any keep-alive timeout.
+    let answered = tokio::time::timeout(Duration::from_secs(10), a.client.limits())
+        .await
+        .expect("a new connection waited behind idle kept-alive ones");
+    assert!(answered.unwrap().max_document_bytes > 0);
+    // The oldest was closed to make room.
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(Duration::from_secs(10), kept[0].read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+        "the oldest connection stayed open: {closed:?}"
+    );
+    drop(kept);
+    a.stop().await;
+    broker.stop().await;
+}
