@@ -11,7 +11,8 @@
 //! - `listener`: accepting connections on both listeners with timeouts and caps (TLS
 //!   handshake done here, not by tonic), and the open-file limit.
 //! - [`store`]: sled trees and the submission transaction; `commit`: group commit.
-//! - `auth`: the caller's identity from its TLS certificate.
+//! - `auth`: the caller's identity from its TLS certificate; `trust`: the registry of
+//!   certificate bindings (SPKI hash → agency) and the operator block list.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
 //!
 //! Invariant: a submission is answered only after it is durable on disk, and a queued
@@ -36,6 +37,7 @@ mod recent;
 pub mod records;
 mod session;
 pub mod store;
+mod trust;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -398,6 +400,8 @@ struct Shared {
     /// (`sessions_buffer_bytes`, at most u32::MAX), and its size.
     session_bytes: Arc<tokio::sync::Semaphore>,
     session_bytes_max: u32,
+    /// Certificate bindings and the block list: who a certificate is.
+    trust: trust::Trust,
 }
 
 /// Opens the store and serves until `shutdown` is cancelled, then stops accepting,
@@ -456,6 +460,7 @@ pub async fn run_with_admin(
             "the broker's configuration (--register)",
         )?;
     }
+    let trust = trust::Trust::open(&store, config.auto_register)?;
     let local_addr = listener.local_addr().ok();
     let certificates = held_certificates(&config.tls, &signing_key);
     let session_bytes_max = u32::try_from(config.sessions_buffer_bytes)
@@ -474,6 +479,7 @@ pub async fn run_with_admin(
         shutdown: shutdown.child_token(),
         metrics: metrics::Metrics::new(weak.clone(), certificates),
         admission: admission::Admission::default(),
+        trust,
         config,
     });
     tokio::spawn(deadletter::expiry_loop(shared.clone()));

@@ -599,6 +599,18 @@ pub fn verify_document(
     anchors: &TrustAnchors,
     time: VerifyTime,
 ) -> Result<VerifiedDocument, ProtocolError> {
+    verify_document_with(envelope, anchors, time, &crate::agency::SanUri)
+}
+
+/// [`verify_document`] with the signer's identity decided by `signers` (a registry of
+/// certificate bindings) instead of the certificate's SAN URI alone. The identity is
+/// asked for only after the chain and the signature verified.
+pub fn verify_document_with(
+    envelope: &Signed,
+    anchors: &TrustAnchors,
+    time: VerifyTime,
+    signers: &dyn crate::agency::SignerIdentity,
+) -> Result<VerifiedDocument, ProtocolError> {
     if envelope.payload.len() > MAX_HEADER_BYTES {
         return Err(ProtocolError::InvalidField {
             field: "header",
@@ -612,7 +624,7 @@ pub fn verify_document(
         SignerRole::Agency,
         time,
     )?;
-    let signer = PeerIdentity::from_cert_der(leaf)?;
+    let signer = signers.identify(leaf)?;
     let header = DocumentHeader::decode(envelope.payload.as_ref()).map_err(|e| {
         ProtocolError::Malformed {
             what: "document header",
