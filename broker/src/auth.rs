@@ -45,3 +45,17 @@ pub fn operator<T>(shared: &Shared, request: &Request<T>) -> Result<String, Brok
         ))),
     }
 }
+
+/// The SPKI hash of the caller's leaf certificate, to check again later in the call
+/// ([`crate::trust::Trust::refuse_blocked`]).
+pub fn leaf_spki<T>(request: &Request<T>) -> Result<[u8; 32], BrokerError> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| BrokerError::Unauthenticated("a client certificate is required".into()))?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| BrokerError::Unauthenticated("a client certificate is required".into()))?;
+    lienthong_proto::agency::spki_sha256(leaf).map_err(|e| {
+        BrokerError::Unauthenticated(format!("the client certificate is not usable: {e}"))
+    })
+}

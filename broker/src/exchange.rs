@@ -78,6 +78,7 @@ impl ExchangeService {
         request: Request<Streaming<pb::SubmitFrame>>,
     ) -> Result<pb::SubmitResponse, BrokerError> {
         let caller = auth::agency(&self.shared, &request)?;
+        let spki = auth::leaf_spki(&request)?;
         let config = &self.shared.config;
         // Counted before anything else, so that streams that never send their envelope
         // also hold a slot; registered before the suspension check, so that a
@@ -87,6 +88,7 @@ impl ExchangeService {
             .admission
             .begin_submission(caller.as_str(), config.max_submissions_per_agency)?;
         self.admit(caller.as_str())?;
+        self.shared.trust.refuse_blocked(&spki)?;
         let mut frames = request.into_inner();
         let stall = config.stall_timeout;
         let envelope = match next_frame(&mut frames, &call, stall).await? {
@@ -394,6 +396,7 @@ impl ExchangeService {
     ) -> Result<pb::SubmitBatchResponse, BrokerError> {
         let started = std::time::Instant::now();
         let caller = auth::agency(&self.shared, &request)?;
+        let spki = auth::leaf_spki(&request)?;
         let config = &self.shared.config;
         let documents = request.into_inner().documents;
         if documents.is_empty() {
@@ -428,6 +431,7 @@ impl ExchangeService {
             .admission
             .begin_submission(caller.as_str(), config.max_submissions_per_agency)?;
         self.admit(caller.as_str())?;
+        self.shared.trust.refuse_blocked(&spki)?;
 
         let count = documents.len();
         let mut outcomes: Vec<Option<pb::SubmitOutcome>> = vec![None; count];

@@ -291,6 +291,20 @@ impl Trust {
         Ok((record, hash))
     }
 
+    /// Refuses a caller whose certificate was blocked since it was identified. A
+    /// submission calls it once it is counted in admission: a block written before that
+    /// is seen here, one written after cancels the submission's token.
+    pub(crate) fn refuse_blocked(&self, hash: &[u8; 32]) -> Result<(), BrokerError> {
+        match self.block_of(hash)? {
+            Some(block) => Err(TrustError::Blocked {
+                hash: hash_hex(hash),
+                reason: block.reason,
+            }
+            .into()),
+            None => Ok(()),
+        }
+    }
+
     /// Every binding, optionally of one agency, ordered by code then hash.
     pub(crate) fn bindings(
         &self,

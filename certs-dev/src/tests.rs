@@ -466,7 +466,13 @@ fn government_shaped_leaves_chain_to_the_root_without_a_lienthong_uri() {
         }
         // cert_pem is the leaf and then the intermediate.
         assert!(leaf.cert_pem.ends_with(gov.intermediate_pem()));
-        verify_chain(&root, std::slice::from_ref(&intermediate), &leaf.cert_der, &[]).unwrap();
+        verify_chain(
+            &root,
+            std::slice::from_ref(&intermediate),
+            &leaf.cert_der,
+            &[],
+        )
+        .unwrap();
         // Without the intermediate the chain does not reach the root.
         assert!(verify_chain(&root, &[], &leaf.cert_der, &[]).is_err());
 
@@ -476,11 +482,21 @@ fn government_shaped_leaves_chain_to_the_root_without_a_lienthong_uri() {
         let later = now + time::Duration::hours(1);
         let revoking = crl_der(&gov.crl(&[&leaf.serial], now, later).unwrap());
         assert_eq!(
-            verify_chain(&root, std::slice::from_ref(&intermediate), &leaf.cert_der, &[revoking]),
+            verify_chain(
+                &root,
+                std::slice::from_ref(&intermediate),
+                &leaf.cert_der,
+                &[revoking]
+            ),
             Err(webpki::Error::CertRevoked)
         );
         let other = crl_der(&gov.crl(&[&[1, 2, 3]], now, later).unwrap());
-        verify_chain(&root, std::slice::from_ref(&intermediate), &leaf.cert_der, &[other])
-            .unwrap();
+        verify_chain(
+            &root,
+            std::slice::from_ref(&intermediate),
+            &leaf.cert_der,
+            &[other],
+        )
+        .unwrap();
     }
 }
