@@ -661,6 +661,35 @@ impl Admin for AdminService {
         Ok(Response::new(pb::BlockListResponse { blocked }))
     }
 
+    async fn reload_crls(
+        &self,
+        request: Request<pb::ReloadCrlsRequest>,
+    ) -> Result<Response<pb::ReloadCrlsResponse>, Status> {
+        let operator = auth::operator(&self.shared, &request)?;
+        tracing::info!(operator, "CRL reload requested");
+        let revocation = &self.shared.revocation;
+        revocation.refresh().await?;
+        let loaded = revocation.loaded();
+        let stale = crate::revocation::stale(
+            &loaded,
+            self.shared.config.crl_stale_grace,
+            lienthong_proto::now_ms(),
+        );
+        let crls = loaded
+            .lists
+            .infos()
+            .iter()
+            .map(|info| pb::CrlState {
+                stale: stale.contains(&info.issuer),
+                issuer: info.issuer.clone(),
+                this_update_ms: info.this_update_ms,
+                next_update_ms: info.next_update_ms.unwrap_or(0),
+                revoked: info.revoked as u64,
+            })
+            .collect();
+        Ok(Response::new(pb::ReloadCrlsResponse { crls }))
+    }
+
     async fn audit_verify(
         &self,
         request: Request<pb::AuditVerifyRequest>,

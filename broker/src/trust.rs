@@ -116,6 +116,8 @@ pub(crate) struct Trust {
     /// Whether an unregistered agency is registered on its first connection: a SAN URI
     /// naming an agency that will be refused anyway makes no binding.
     auto_register: bool,
+    /// CRLs, checked for document signers after their identity.
+    revocation: std::sync::Arc<crate::revocation::Revocation>,
 }
 
 /// Lower-case hex of an SPKI hash, as shown and accepted by the CLI.
@@ -135,8 +137,13 @@ fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M, TrustError> {
 }
 
 impl Trust {
-    pub(crate) fn open(store: &Store, auto_register: bool) -> Result<Self, StoreError> {
+    pub(crate) fn open(
+        store: &Store,
+        auto_register: bool,
+        revocation: std::sync::Arc<crate::revocation::Revocation>,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
+            revocation,
             bindings: store.tree("bindings")?,
             blocked: store.tree("blocked")?,
             store: store.clone(),
@@ -338,11 +345,12 @@ impl Trust {
     }
 }
 
-/// Lets document verification ask the registry who signed (broker side): a blocked or
-/// unbound signer is refused with [`ProtocolError::SignerRefused`].
+/// Lets document verification ask the registry who signed (broker side): a blocked,
+/// unbound or revoked signer is refused with [`ProtocolError::SignerRefused`].
 impl SignerIdentity for Trust {
-    fn identify(&self, leaf_der: &[u8]) -> Result<PeerIdentity, ProtocolError> {
-        Trust::identify(self, leaf_der).map_err(|e| match e {
+    fn identify(&self, chain: &[Vec<u8>]) -> Result<PeerIdentity, ProtocolError> {
+        let leaf_der = chain.first().ok_or(ProtocolError::NoCertificate)?;
+        let identity = Trust::identify(self, leaf_der).map_err(|e| match e {
             TrustError::Protocol(e) => e,
             TrustError::Store(e) => {
                 tracing::error!(error = %e, "cannot read the certificate bindings");
@@ -353,7 +361,9 @@ impl SignerIdentity for Trust {
             other => ProtocolError::SignerRefused {
                 detail: other.to_string(),
             },
-        })
+        })?;
+        self.revocation.check_signer(chain)?;
+        Ok(identity)
     }
 }
 

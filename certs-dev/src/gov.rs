@@ -197,4 +197,20 @@ impl GovPki {
     ) -> Result<String, CertsDevError> {
         crl_signed_by(&self.intermediate, revoked, this_update, next_update)
     }
+
+    /// [`GovPki::crl`] with its times in seconds from now (negative: in the past), for
+    /// callers without the `time` crate (a stale CRL: both negative).
+    pub fn crl_from_now(
+        &self,
+        revoked: &[&[u8]],
+        this_update_secs: i64,
+        next_update_secs: i64,
+    ) -> Result<String, CertsDevError> {
+        let now = OffsetDateTime::now_utc();
+        self.crl(
+            revoked,
+            now + Duration::seconds(this_update_secs),
+            now + Duration::seconds(next_update_secs),
+        )
+    }
 }

@@ -208,21 +208,25 @@ pub fn subject_text(cert_der: &[u8]) -> Result<String, ProtocolError> {
         what: "certificate",
         detail: e.to_string(),
     })?;
-    // Not `printable`: a subject is longer than its 64 characters, and people compare
-    // the whole of it (O, OU, CN, UID).
-    Ok(cert
-        .subject()
-        .to_string()
-        .chars()
+    Ok(name_text(&cert.subject().to_string()))
+}
+
+/// A distinguished name as text for people: hidden controls replaced, at most 512
+/// characters. Not [`printable`]: a name is longer than its 64 characters, and people
+/// compare the whole of it (O, OU, CN, UID).
+pub fn name_text(name: &str) -> String {
+    name.chars()
         .take(512)
         .map(|c| if is_hidden_control(c) { '?' } else { c })
-        .collect())
+        .collect()
 }
 
 /// Decides who the holder of a (chain-verified) leaf certificate is. Verifiers that
 /// keep a registry of bindings implement it; [`SanUri`] reads the SAN URI alone.
 pub trait SignerIdentity {
-    fn identify(&self, leaf_der: &[u8]) -> Result<PeerIdentity, ProtocolError>;
+    /// `chain`: the signer's certificate chain as carried by the signature, leaf first,
+    /// already verified against the trust anchors.
+    fn identify(&self, chain: &[Vec<u8>]) -> Result<PeerIdentity, ProtocolError>;
 }
 
 /// The identity written in the certificate's SAN URI, and nothing else.
@@ -230,8 +234,8 @@ pub trait SignerIdentity {
 pub struct SanUri;
 
 impl SignerIdentity for SanUri {
-    fn identify(&self, leaf_der: &[u8]) -> Result<PeerIdentity, ProtocolError> {
-        PeerIdentity::from_cert_der(leaf_der)
+    fn identify(&self, chain: &[Vec<u8>]) -> Result<PeerIdentity, ProtocolError> {
+        PeerIdentity::from_cert_der(chain.first().ok_or(ProtocolError::NoCertificate)?)
     }
 }
 

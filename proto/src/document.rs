@@ -617,14 +617,15 @@ pub fn verify_document_with(
             rule: format!("at most {MAX_HEADER_BYTES} bytes"),
         });
     }
-    let leaf = verify_signed(
+    // The leaf verified is the chain's first certificate, which `signers` is given.
+    verify_signed(
         envelope,
         Domain::DocumentHeader,
         anchors,
         SignerRole::Agency,
         time,
     )?;
-    let signer = signers.identify(leaf)?;
+    let signer = signers.identify(&envelope.cert_chain)?;
     let header = DocumentHeader::decode(envelope.payload.as_ref()).map_err(|e| {
         ProtocolError::Malformed {
             what: "document header",

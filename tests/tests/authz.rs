@@ -30,7 +30,8 @@ const EXCHANGE_METHODS: [&str; 6] = [
     "UploadStatus",
     "Directory",
 ];
-const ADMIN_METHODS: [&str; 18] = [
+const ADMIN_METHODS: [&str; 19] = [
+    "ReloadCrls",
     "BindCertificate",
     "UnbindCertificate",
     "Bindings",
@@ -386,6 +387,9 @@ async fn call(
             })
             .await
             .map(ok),
+        (pb::admin_server::SERVICE_NAME, "ReloadCrls") => {
+            admin.reload_crls(pb::ReloadCrlsRequest {}).await.map(ok)
+        }
         (pb::admin_server::SERVICE_NAME, "BlockList") => {
             admin.block_list(pb::BlockListRequest {}).await.map(ok)
         }

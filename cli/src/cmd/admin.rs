@@ -9,8 +9,8 @@ use lienthong_proto::pb::{
     AgenciesRequest, AgencyInfo, AuditTailRequest, AuditVerifyRequest, BindCertificateRequest,
     BindingInfo, BindingsRequest, BlockInfo, BlockListRequest, BlockRequest, DeadLetter,
     DeadLettersRequest, DeliveryState, HealthRequest, MessageRequest, MessageResponse,
-    PurgeRequest, QueuesRequest, RedriveRequest, RegisterAgencyRequest, ResumeAgencyRequest,
-    Signed, SuspendAgencyRequest, UnbindCertificateRequest, UnblockRequest,
+    PurgeRequest, QueuesRequest, RedriveRequest, RegisterAgencyRequest, ReloadCrlsRequest,
+    ResumeAgencyRequest, Signed, SuspendAgencyRequest, UnbindCertificateRequest, UnblockRequest,
 };
 use lienthong_proto::tls::TlsFiles;
 use serde::Deserialize;
@@ -104,11 +104,23 @@ enum AdminCommand {
     Unblock { target: String },
     /// The blocked certificates.
     Blocked,
+    /// Certificate revocation lists: `reload` re-reads the broker's CRL files now and
+    /// shows the CRLs in force (exit 1 when the files cannot be read).
+    Crls {
+        #[command(subcommand)]
+        action: CrlsAction,
+    },
     /// The hash-chained audit log: its latest entries (default) or a check of the chain.
     Audit {
         #[command(subcommand)]
         action: Option<AuditAction>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CrlsAction {
+    /// Re-read the CRL files now.
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -317,6 +329,41 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                 .map_err(refused)?
                 .into_inner();
             print_blocks(&[info], args.json);
+        }
+        AdminCommand::Crls {
+            action: CrlsAction::Reload,
+        } => {
+            let crls = client
+                .reload_crls(ReloadCrlsRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .crls;
+            if args.json {
+                let rows: Vec<serde_json::Value> = crls
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "issuer": c.issuer,
+                            "this_update": time(c.this_update_ms),
+                            "next_update": time(c.next_update_ms),
+                            "revoked": c.revoked,
+                            "stale": c.stale,
+                        })
+                    })
+                    .collect();
+                outln!("{}", serde_json::Value::Array(rows));
+            } else {
+                for c in &crls {
+                    outln!(
+                        "{}  next update {}  {} revoked{}",
+                        escape(&c.issuer),
+                        time(c.next_update_ms),
+                        c.revoked,
+                        if c.stale { "  STALE" } else { "" }
+                    );
+                }
+            }
         }
         AdminCommand::Blocked => {
             let list = client
