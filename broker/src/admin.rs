@@ -1,8 +1,9 @@
 //! The `Admin` service for operators (operator certificates only): queue depths and
 //! connection state per agency (with settled counts of the last hour and day), dead
 //! letters and their redrive, one document's timeline and evidence, agency
-//! registration and suspension, the audit log (`audit`), and the purge of one sender's
-//! queued documents to one recipient (dead letters with signed notices, audited).
+//! registration and suspension, the audit log (`audit`), the purge of one sender's
+//! queued documents to one recipient (dead letters with signed notices, audited), and
+//! certificate bindings and the block list (`trust`).
 //!
 //! Suspension: every call of the agency is refused (PERMISSION_DENIED), its open
 //! session is ended and its open submissions are cancelled without storing anything
@@ -337,6 +338,27 @@ impl AdminService {
     }
 }
 
+fn binding_info(hash: [u8; 32], record: crate::trust::BindingRecord) -> pb::BindingInfo {
+    pb::BindingInfo {
+        spki_sha256: hash.to_vec(),
+        code: record.code,
+        subject: record.subject,
+        bound_at_ms: record.bound_at_ms,
+        bound_by: record.bound_by,
+    }
+}
+
+fn block_info(hash: [u8; 32], record: crate::trust::BlockRecord, blocked: bool) -> pb::BlockInfo {
+    pb::BlockInfo {
+        spki_sha256: hash.to_vec(),
+        reason: record.reason,
+        blocked_at_ms: record.blocked_at_ms,
+        blocked_by: record.blocked_by,
+        code: record.code,
+        blocked,
+    }
+}
+
 fn audit_entry(entry: crate::records::AuditRecord) -> pb::AuditEntry {
     pb::AuditEntry {
         seq: entry.seq,
@@ -411,7 +433,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::QueuesRequest>,
     ) -> Result<Response<pb::QueuesResponse>, Status> {
-        let operator = auth::operator(&request)?;
+        let operator = auth::operator(&self.shared, &request)?;
         tracing::debug!(operator, "admin queues");
         Ok(Response::new(self.queues_inner()?))
     }
@@ -420,7 +442,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        auth::operator(&request)?;
+        auth::operator(&self.shared, &request)?;
         let reason = crate::not_ready_reason(&self.shared);
         Ok(Response::new(pb::HealthResponse {
             ready: reason.is_none(),
@@ -436,7 +458,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::DeadLettersRequest>,
     ) -> Result<Response<pb::DeadLettersResponse>, Status> {
-        auth::operator(&request)?;
+        auth::operator(&self.shared, &request)?;
         let agency = request.into_inner().agency;
         Ok(Response::new(self.dead_letters_inner(&agency)?))
     }
@@ -445,7 +467,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RedriveRequest>,
     ) -> Result<Response<pb::RedriveResponse>, Status> {
-        let operator = auth::operator(&request)?;
+        let operator = auth::operator(&self.shared, &request)?;
         let request = request.into_inner();
         tracing::info!(operator, message_id = %request.message_id, agency = %request.agency, "redrive requested");
         Ok(Response::new(
@@ -458,7 +480,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::MessageRequest>,
     ) -> Result<Response<pb::MessageResponse>, Status> {
-        auth::operator(&request)?;
+        auth::operator(&self.shared, &request)?;
         let id = request.into_inner().id;
         Ok(Response::new(self.message_inner(id.trim())?))
     }
@@ -467,7 +489,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::AgenciesRequest>,
     ) -> Result<Response<pb::AgenciesResponse>, Status> {
-        auth::operator(&request)?;
+        auth::operator(&self.shared, &request)?;
         Ok(Response::new(self.agencies_inner()?))
     }
 
@@ -475,7 +497,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::RegisterAgencyRequest>,
     ) -> Result<Response<pb::AgencyInfo>, Status> {
-        let operator = auth::operator(&request)?;
+        let operator = auth::operator(&self.shared, &request)?;
         let request = request.into_inner();
         tracing::info!(operator, code = %lienthong_proto::agency::printable(&request.code), "agency registration requested");
         Ok(Response::new(
@@ -487,7 +509,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::SuspendAgencyRequest>,
     ) -> Result<Response<pb::AgencyInfo>, Status> {
-        let operator = auth::operator(&request)?;
+        let operator = auth::operator(&self.shared, &request)?;
         let request = request.into_inner();
         let reason = match request.reason.trim() {
             "" => format!("suspended by operator {operator}"),
@@ -504,7 +526,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ResumeAgencyRequest>,
     ) -> Result<Response<pb::AgencyInfo>, Status> {
-        let operator = auth::operator(&request)?;
+        let operator = auth::operator(&self.shared, &request)?;
         let request = request.into_inner();
         tracing::info!(operator, code = %lienthong_proto::agency::printable(&request.code), "agency resumption requested");
         Ok(Response::new(
@@ -516,7 +538,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::AuditTailRequest>,
     ) -> Result<Response<pb::AuditTailResponse>, Status> {
-        auth::operator(&request)?;
+        auth::operator(&self.shared, &request)?;
         let n = match request.into_inner().n {
             0 => 20,
             n => n.min(10_000) as usize,
@@ -536,7 +558,7 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::PurgeRequest>,
     ) -> Result<Response<pb::PurgeResponse>, Status> {
-        let operator = auth::operator(&request)?;
+        let operator = auth::operator(&self.shared, &request)?;
         let request = request.into_inner();
         tracing::warn!(
             operator,
@@ -547,11 +569,132 @@ impl Admin for AdminService {
         Ok(Response::new(self.purge_inner(&operator, request).await?))
     }
 
+    async fn bind_certificate(
+        &self,
+        request: Request<pb::BindCertificateRequest>,
+    ) -> Result<Response<pb::BindingInfo>, Status> {
+        let operator = auth::operator(&self.shared, &request)?;
+        let request = request.into_inner();
+        let code = AgencyCode::parse(request.code.trim()).map_err(BrokerError::from)?;
+        let (record, hash) = self
+            .shared
+            .trust
+            .bind(&code, &request.cert_der, &operator)?;
+        self.shared
+            .store
+            .durable()
+            .await
+            .map_err(BrokerError::from)?;
+        Ok(Response::new(binding_info(hash, record)))
+    }
+
+    async fn unbind_certificate(
+        &self,
+        request: Request<pb::UnbindCertificateRequest>,
+    ) -> Result<Response<pb::BindingInfo>, Status> {
+        let operator = auth::operator(&self.shared, &request)?;
+        let hash = crate::trust::parse_hash(&request.into_inner().spki_sha256)?;
+        let record = crate::trust::unbind(&self.shared, &hash, &operator).await?;
+        Ok(Response::new(binding_info(hash, record)))
+    }
+
+    async fn bindings(
+        &self,
+        request: Request<pb::BindingsRequest>,
+    ) -> Result<Response<pb::BindingsResponse>, Status> {
+        auth::operator(&self.shared, &request)?;
+        let code = match request.into_inner().code.trim() {
+            "" => None,
+            code => Some(AgencyCode::parse(code).map_err(BrokerError::from)?),
+        };
+        let bindings = self
+            .shared
+            .trust
+            .bindings(code.as_ref())
+            .map_err(BrokerError::from)?
+            .into_iter()
+            .map(|(hash, record)| binding_info(hash, record))
+            .collect();
+        Ok(Response::new(pb::BindingsResponse { bindings }))
+    }
+
+    async fn block(
+        &self,
+        request: Request<pb::BlockRequest>,
+    ) -> Result<Response<pb::BlockInfo>, Status> {
+        let operator = auth::operator(&self.shared, &request)?;
+        let request = request.into_inner();
+        let hash = crate::trust::parse_hash(&request.spki_sha256)?;
+        let reason = match request.reason.trim() {
+            "" => format!("blocked by operator {operator}"),
+            reason => reason.to_owned(),
+        };
+        lienthong_proto::document::validate_text("reason", &reason, 600)
+            .map_err(BrokerError::from)?;
+        let record = crate::trust::block(&self.shared, &hash, &reason, &operator).await?;
+        Ok(Response::new(block_info(hash, record, true)))
+    }
+
+    async fn unblock(
+        &self,
+        request: Request<pb::UnblockRequest>,
+    ) -> Result<Response<pb::BlockInfo>, Status> {
+        let operator = auth::operator(&self.shared, &request)?;
+        let hash = crate::trust::parse_hash(&request.into_inner().spki_sha256)?;
+        let record = crate::trust::unblock(&self.shared, &hash, &operator).await?;
+        Ok(Response::new(block_info(hash, record, false)))
+    }
+
+    async fn block_list(
+        &self,
+        request: Request<pb::BlockListRequest>,
+    ) -> Result<Response<pb::BlockListResponse>, Status> {
+        auth::operator(&self.shared, &request)?;
+        let blocked = self
+            .shared
+            .trust
+            .blocks()
+            .map_err(BrokerError::from)?
+            .into_iter()
+            .map(|(hash, record)| block_info(hash, record, true))
+            .collect();
+        Ok(Response::new(pb::BlockListResponse { blocked }))
+    }
+
+    async fn reload_crls(
+        &self,
+        request: Request<pb::ReloadCrlsRequest>,
+    ) -> Result<Response<pb::ReloadCrlsResponse>, Status> {
+        let operator = auth::operator(&self.shared, &request)?;
+        tracing::info!(operator, "CRL reload requested");
+        let revocation = &self.shared.revocation;
+        revocation.refresh().await?;
+        let loaded = revocation.loaded();
+        let stale = crate::revocation::stale(
+            &loaded,
+            self.shared.config.crl_stale_grace,
+            lienthong_proto::now_ms(),
+        );
+        let crls = loaded
+            .lists
+            .infos()
+            .iter()
+            .map(|info| pb::CrlState {
+                stale: stale.contains(&info.issuer),
+                issuer: info.issuer.clone(),
+                this_update_ms: info.this_update_ms,
+                next_update_ms: info.next_update_ms.unwrap_or(0),
+                revoked: info.revoked as u64,
+            })
+            .collect();
+        Ok(Response::new(pb::ReloadCrlsResponse { crls }))
+    }
+
     async fn audit_verify(
         &self,
         request: Request<pb::AuditVerifyRequest>,
     ) -> Result<Response<pb::AuditVerifyResponse>, Status> {
-        let operator = auth::operator(&request)?;
+        let operator = auth::operator(&self.shared, &request)?;
         let store = self.shared.store.clone();
         let verification = tokio::task::spawn_blocking(move || store.audit_verify())
             .await

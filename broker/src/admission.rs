@@ -329,7 +329,8 @@ impl Submission<'_> {
 /// PERMISSION_DENIED for a stream whose agency was suspended while it was open.
 pub(crate) fn suspended_during(agency: &str) -> BrokerError {
     BrokerError::PermissionDenied(format!(
-        "agency {agency} was suspended while this submission was open; nothing was stored"
+        "agency {agency} was suspended, or the certificate of this call blocked or unbound, \
+         while this submission was open; nothing was stored"
     ))
 }
 

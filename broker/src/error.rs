@@ -52,9 +52,9 @@ impl From<BrokerError> for Status {
             BrokerError::Unauthenticated(m) => Status::unauthenticated(m),
             BrokerError::PermissionDenied(m) => Status::permission_denied(m),
             BrokerError::InvalidArgument(m) => Status::invalid_argument(m),
-            BrokerError::Protocol(e @ ProtocolError::SignerNotSender { .. }) => {
-                Status::permission_denied(e.to_string())
-            }
+            BrokerError::Protocol(
+                e @ (ProtocolError::SignerNotSender { .. } | ProtocolError::SignerRefused { .. }),
+            ) => Status::permission_denied(e.to_string()),
             BrokerError::Protocol(e) => Status::invalid_argument(e.to_string()),
             BrokerError::AlreadyExists(m) => Status::already_exists(m),
             BrokerError::ResourceExhausted(m) => Status::resource_exhausted(m),

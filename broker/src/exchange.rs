@@ -17,7 +17,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use lienthong_proto::document::{AttachmentCheck, VerifiedDocument, is_streamed, verify_document};
+use lienthong_proto::document::{
+    AttachmentCheck, VerifiedDocument, is_streamed, verify_document_with,
+};
 use lienthong_proto::pb::{
     self, ReceiptKind, Signed, exchange_server::Exchange, submit_frame::Frame,
 };
@@ -75,7 +77,8 @@ impl ExchangeService {
         &self,
         request: Request<Streaming<pb::SubmitFrame>>,
     ) -> Result<pb::SubmitResponse, BrokerError> {
-        let caller = auth::agency(&request)?;
+        let caller = auth::agency(&self.shared, &request)?;
+        let spki = auth::leaf_spki(&request)?;
         let config = &self.shared.config;
         // Counted before anything else, so that streams that never send their envelope
         // also hold a slot; registered before the suspension check, so that a
@@ -85,6 +88,7 @@ impl ExchangeService {
             .admission
             .begin_submission(caller.as_str(), config.max_submissions_per_agency)?;
         self.admit(caller.as_str())?;
+        self.shared.trust.refuse_blocked(&spki)?;
         let mut frames = request.into_inner();
         let stall = config.stall_timeout;
         let envelope = match next_frame(&mut frames, &call, stall).await? {
@@ -233,7 +237,12 @@ impl ExchangeService {
         caller: &lienthong_proto::AgencyCode,
         envelope: &Signed,
     ) -> Result<Checked, BrokerError> {
-        let verified = verify_document(envelope, &self.shared.document_anchors, VerifyTime::Now)?;
+        let verified = verify_document_with(
+            envelope,
+            &self.shared.document_anchors,
+            VerifyTime::Now,
+            &self.shared.trust,
+        )?;
         let header = &verified.header;
         if header.sender != caller.as_str() {
             return Err(BrokerError::PermissionDenied(format!(
@@ -386,7 +395,8 @@ impl ExchangeService {
         request: Request<pb::SubmitBatchRequest>,
     ) -> Result<pb::SubmitBatchResponse, BrokerError> {
         let started = std::time::Instant::now();
-        let caller = auth::agency(&request)?;
+        let caller = auth::agency(&self.shared, &request)?;
+        let spki = auth::leaf_spki(&request)?;
         let config = &self.shared.config;
         let documents = request.into_inner().documents;
         if documents.is_empty() {
@@ -421,6 +431,7 @@ impl ExchangeService {
             .admission
             .begin_submission(caller.as_str(), config.max_submissions_per_agency)?;
         self.admit(caller.as_str())?;
+        self.shared.trust.refuse_blocked(&spki)?;
 
         let count = documents.len();
         let mut outcomes: Vec<Option<pb::SubmitOutcome>> = vec![None; count];
@@ -875,7 +886,7 @@ impl ExchangeService {
         &self,
         request: Request<pb::StatusRequest>,
     ) -> Result<pb::StatusResponse, BrokerError> {
-        let caller = auth::agency(&request)?;
+        let caller = auth::agency(&self.shared, &request)?;
         self.refuse_suspended(caller.as_str())?;
         let message_id = request.into_inner().message_id;
         let not_found = || {
@@ -1470,7 +1481,7 @@ impl Exchange for ExchangeService {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let agency = auth::agency(&request)?;
+        let agency = auth::agency(&self.shared, &request)?;
         self.admit(agency.as_str())?;
         let peer = request.remote_addr();
         let inbound = request.into_inner();
@@ -1489,7 +1500,7 @@ impl Exchange for ExchangeService {
         &self,
         request: Request<pb::DirectoryRequest>,
     ) -> Result<Response<pb::DirectoryResponse>, Status> {
-        let caller = auth::agency(&request)?;
+        let caller = auth::agency(&self.shared, &request)?;
         self.refuse_suspended(caller.as_str())?;
         let agencies = self
             .shared
@@ -1515,7 +1526,7 @@ impl Exchange for ExchangeService {
         &self,
         request: Request<pb::UploadStatusRequest>,
     ) -> Result<Response<pb::UploadStatusResponse>, Status> {
-        let caller = auth::agency(&request)?;
+        let caller = auth::agency(&self.shared, &request)?;
         self.refuse_suspended(caller.as_str())?;
         let request = request.into_inner();
         let store = &self.shared.store;

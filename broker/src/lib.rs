@@ -11,7 +11,9 @@
 //! - `listener`: accepting connections on both listeners with timeouts and caps (TLS
 //!   handshake done here, not by tonic), and the open-file limit.
 //! - [`store`]: sled trees and the submission transaction; `commit`: group commit.
-//! - `auth`: the caller's identity from its TLS certificate.
+//! - `auth`: the caller's identity from its TLS certificate; `trust`: the registry of
+//!   certificate bindings (SPKI hash → agency) and the operator block list;
+//!   `revocation`: CRLs for TLS clients and document signers, refreshed.
 //! - [`error`]: the error type and its mapping to gRPC status codes.
 //!
 //! Invariant: a submission is answered only after it is durable on disk, and a queued
@@ -34,8 +36,10 @@ mod metrics;
 mod recall;
 mod recent;
 pub mod records;
+mod revocation;
 mod session;
 pub mod store;
+mod trust;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -151,6 +155,16 @@ pub struct BrokerConfig {
     /// Serve the admin listener on a non-loopback address although it speaks plain HTTP
     /// (logged as a warning). Without it such an address is refused at start.
     pub admin_insecure_bind: bool,
+
+    // --- Revocation (`revocation`) ---
+    /// CRL files (PEM or DER) applied to TLS client certificates and document signers;
+    /// read at start (an unreadable one refuses to start) and every
+    /// `crl_refresh_interval`, and on `Admin.ReloadCrls`.
+    pub crl_files: Vec<PathBuf>,
+    pub crl_refresh_interval: Duration,
+    /// How long past its nextUpdate a CRL is still used; zero (the default) refuses a
+    /// stale CRL's certificates at once (fail closed).
+    pub crl_stale_grace: Duration,
 }
 
 /// An operator token for the admin listener and the name it acts under.
@@ -278,6 +292,9 @@ impl BrokerConfig {
             max_expiry: Duration::from_secs(30 * 24 * 3600),
             max_clock_skew: Duration::from_secs(5 * 60),
             max_document_age: Duration::from_secs(30 * 24 * 3600),
+            crl_files: Vec::new(),
+            crl_refresh_interval: Duration::from_secs(3600),
+            crl_stale_grace: Duration::ZERO,
         }
     }
 
@@ -343,6 +360,9 @@ pub(crate) fn not_ready_reason(shared: &Shared) -> Option<String> {
     if !shared.store.is_writable() {
         return Some("the store failed to flush and refuses writes; see the log".into());
     }
+    if let Some(reason) = shared.revocation.not_ready_reason() {
+        return Some(reason);
+    }
     let needed = shared
         .space_needed
         .load(std::sync::atomic::Ordering::Acquire)
@@ -402,6 +422,10 @@ struct Shared {
     /// (`sessions_buffer_bytes`, at most u32::MAX), and its size.
     session_bytes: Arc<tokio::sync::Semaphore>,
     session_bytes_max: u32,
+    /// Certificate bindings and the block list: who a certificate is.
+    trust: trust::Trust,
+    /// CRLs in force and the TLS client verifier built from them.
+    revocation: Arc<revocation::Revocation>,
 }
 
 /// Opens the store and serves until `shutdown` is cancelled, then stops accepting,
@@ -460,6 +484,14 @@ pub async fn run_with_admin(
             "the broker's configuration (--register)",
         )?;
     }
+    let revocation = Arc::new(revocation::Revocation::start(
+        config.crl_files.clone(),
+        config.crl_stale_grace,
+        listener::client_roots(&config.tls)?,
+        document_anchors.clone(),
+        store.tree("blocked")?,
+    )?);
+    let trust = trust::Trust::open(&store, config.auto_register, revocation.clone())?;
     let local_addr = listener.local_addr().ok();
     let certificates = held_certificates(&config.tls, &signing_key);
     let session_bytes_max = u32::try_from(config.sessions_buffer_bytes)
@@ -478,10 +510,16 @@ pub async fn run_with_admin(
         shutdown: shutdown.child_token(),
         metrics: metrics::Metrics::new(weak.clone(), certificates),
         admission: admission::Admission::default(),
+        trust,
+        revocation,
         config,
     });
     tokio::spawn(deadletter::expiry_loop(shared.clone()));
     tokio::spawn(admission::sweep_loop(shared.clone()));
+    tokio::spawn(revocation::refresh_loop(
+        shared.clone(),
+        shared.config.crl_refresh_interval,
+    ));
     let max_message = shared.config.max_message_bytes();
     let exchange = ExchangeServer::new(exchange::ExchangeService {
         shared: shared.clone(),
@@ -519,7 +557,7 @@ pub async fn run_with_admin(
         max_connections,
         max_handshakes,
     };
-    let tls = listener::tls_server_config(&shared.config.tls)?;
+    let tls = listener::tls_server_config(&shared.config.tls, shared.revocation.verifier())?;
     let incoming = listener::grpc_incoming(
         listener,
         tls,

@@ -137,23 +137,33 @@ pub(crate) fn fit_caps(
     (grpc, handshakes, admin)
 }
 
+/// The client CA bundle as a root store (for the client verifier, `revocation`).
+pub(crate) fn client_roots(tls: &TlsFiles) -> Result<Arc<rustls::RootCertStore>, BrokerError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
+        let cert = cert.map_err(|e| BrokerError::Config {
+            path: "CA bundle".into(),
+            detail: e.to_string(),
+        })?;
+        roots.add(cert).map_err(|e| BrokerError::Config {
+            path: "CA bundle".into(),
+            detail: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(roots))
+}
+
 /// The broker's TLS server configuration: its certificate chain and key, client
-/// certificates required and verified against the CA bundle, HTTP/2 by ALPN.
-pub(crate) fn tls_server_config(tls: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
+/// certificates required and checked by `verifier` (the CA bundle, the CRLs and the
+/// block list: see `revocation`), HTTP/2 by ALPN.
+pub(crate) fn tls_server_config(
+    tls: &TlsFiles,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
     let config_error = |what: &str, detail: String| BrokerError::Config {
         path: what.to_owned(),
         detail,
     };
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
-        let cert = cert.map_err(|e| config_error("CA bundle", e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| config_error("CA bundle", e.to_string()))?;
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .map_err(|e| config_error("CA bundle", e.to_string()))?;
     let chain = CertificateDer::pem_slice_iter(&tls.cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| config_error("broker certificate", e.to_string()))?;

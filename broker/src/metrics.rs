@@ -460,6 +460,30 @@ impl Collector for StateCollector {
             "1 when the broker accepts documents (store writable, disk above the reserve, serving).",
             i64::from(ready),
         )?;
+        let crls = shared.revocation.loaded();
+        gauge(
+            e,
+            "lienthong_broker_crls",
+            "CRLs in force (crl_files).",
+            crls.lists.infos().len() as i64,
+        )?;
+        gauge(
+            e,
+            "lienthong_broker_crl_refresh_failed",
+            "1 while the last refresh of the CRL files failed (the previous CRLs stay in force).",
+            i64::from(crls.error.is_some()),
+        )?;
+        gauge(
+            e,
+            "lienthong_broker_crls_stale",
+            "CRLs past their nextUpdate plus crl_stale_grace: their CAs' certificates are refused.",
+            crate::revocation::stale(
+                &crls,
+                shared.config.crl_stale_grace,
+                lienthong_proto::now_ms(),
+            )
+            .len() as i64,
+        )?;
         gauge(
             e,
             "lienthong_broker_store_writable",

@@ -428,6 +428,13 @@ impl Store {
         })
     }
 
+    /// Another tree of the same database, for a module that keeps its own records
+    /// beside these (`trust`: certificate bindings, the block list); its writes are made
+    /// durable by the same group commit.
+    pub(crate) fn tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// Waits until every write made before this call is on disk (group commit).
     pub async fn durable(&self) -> Result<(), StoreError> {
         Ok(self.commit.durable().await?)

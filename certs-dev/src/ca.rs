@@ -28,6 +28,8 @@ pub struct IssuedCert {
     pub cert_der: Vec<u8>,
     /// The private key, PKCS#8 DER.
     pub key_der: Vec<u8>,
+    /// The certificate's serial number (big-endian bytes): what a CRL names.
+    pub serial: Vec<u8>,
 }
 
 impl fmt::Debug for IssuedCert {
@@ -56,7 +58,7 @@ impl fmt::Debug for DevCa {
 }
 
 /// A positive, random, 16-byte serial number.
-fn random_serial() -> Result<SerialNumber, CertsDevError> {
+pub(crate) fn random_serial() -> Result<SerialNumber, CertsDevError> {
     let mut bytes = [0u8; 16];
     SystemRandom::new()
         .fill(&mut bytes)
@@ -171,7 +173,8 @@ impl DevCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
-        params.serial_number = Some(random_serial()?);
+        let serial = random_serial()?;
+        params.serial_number = Some(serial.clone());
         params.use_authority_key_identifier_extension = true;
 
         let mut sans = Vec::new();
@@ -218,8 +221,54 @@ impl DevCa {
             cert_der: cert.der().to_vec(),
             key_pem: key.serialize_pem(),
             key_der: key.serialize_der(),
+            serial: serial.to_bytes(),
         })
     }
+
+    /// A CRL signed by this CA revoking `revoked` (serial numbers, see
+    /// [`IssuedCert::serial`]), valid from `this_update` to `next_update`; PEM.
+    pub fn crl(
+        &self,
+        revoked: &[&[u8]],
+        this_update: OffsetDateTime,
+        next_update: OffsetDateTime,
+    ) -> Result<String, CertsDevError> {
+        crl_signed_by(&self.issuer, revoked, this_update, next_update)
+    }
+}
+
+/// A CRL (version 2, CRL number from the clock) issued by `issuer`; PEM.
+pub(crate) fn crl_signed_by(
+    issuer: &Issuer<'static, KeyPair>,
+    revoked: &[&[u8]],
+    this_update: OffsetDateTime,
+    next_update: OffsetDateTime,
+) -> Result<String, CertsDevError> {
+    let revoked_certs = revoked
+        .iter()
+        .map(|serial| rcgen::RevokedCertParams {
+            serial_number: SerialNumber::from_slice(serial),
+            revocation_time: this_update,
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        })
+        .collect();
+    // A CRL number must grow with each CRL of a CA: the clock in milliseconds does.
+    let number =
+        u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    let params = rcgen::CertificateRevocationListParams {
+        this_update,
+        next_update,
+        crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    params
+        .signed_by(issuer)
+        .map_err(CertsDevError::cert("sign the CRL"))?
+        .pem()
+        .map_err(CertsDevError::cert("encode the CRL"))
 }
 
 /// The DER contents of the first `CERTIFICATE` block of `pem`.

@@ -389,3 +389,114 @@ fn issued_cert_debug_hides_the_key() {
     assert!(!format!("{leaf:?}").contains("PRIVATE"));
     assert!(!format!("{ca:?}").contains("PRIVATE"));
 }
+
+/// Verifies `leaf` against `root` through `intermediates`, with `crls` checked when
+/// given (unknown status refused).
+fn verify_chain(
+    root_der: &[u8],
+    intermediates: &[Vec<u8>],
+    leaf_der: &[u8],
+    crls: &[Vec<u8>],
+) -> Result<(), webpki::Error> {
+    let root = CertificateDer::from(root_der.to_vec());
+    let anchors = [anchor_from_trusted_cert(&root).unwrap().to_owned()];
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|der| CertificateDer::from(der.clone()))
+        .collect();
+    let leaf = CertificateDer::from(leaf_der.to_vec());
+    let parsed: Vec<webpki::CertRevocationList<'_>> = crls
+        .iter()
+        .map(|der| {
+            webpki::OwnedCertRevocationList::from_der(der)
+                .unwrap()
+                .into()
+        })
+        .collect();
+    let refs: Vec<&webpki::CertRevocationList<'_>> = parsed.iter().collect();
+    let revocation = if refs.is_empty() {
+        None
+    } else {
+        Some(
+            // The root publishes no CRL for the intermediate here: leaves only.
+            webpki::RevocationOptionsBuilder::new(&refs)
+                .unwrap()
+                .with_depth(webpki::RevocationCheckDepth::EndEntity)
+                .build(),
+        )
+    };
+    EndEntityCert::try_from(&leaf)?
+        .verify_for_usage(
+            ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            UnixTime::now(),
+            KeyUsage::client_auth(),
+            revocation,
+            None,
+        )
+        .map(|_| ())
+}
+
+fn crl_der(pem: &str) -> Vec<u8> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+    parsed.contents
+}
+
+#[test]
+fn government_shaped_leaves_chain_to_the_root_without_a_lienthong_uri() {
+    let gov = GovPki::generate("http://crl.example.invalid/ca.crl").unwrap();
+    let root = pem_to_der(gov.root_pem());
+    let intermediate = pem_to_der(gov.intermediate_pem());
+    for key in [GovKey::Rsa2048, GovKey::EcdsaP256] {
+        let leaf = gov
+            .issue(&GovLeafSpec::new(
+                "UBND tỉnh Hưng Yên",
+                "Sở Tài chính",
+                "Sở Tài chính tỉnh Hưng Yên",
+                "MST:0900123456",
+                key,
+            ))
+            .unwrap();
+        assert!(san_uris(&leaf.cert_der).is_empty(), "no lienthong URI");
+        let (_, cert) = X509Certificate::from_der(&leaf.cert_der).unwrap();
+        let subject = cert.subject().to_string();
+        for part in ["O=UBND", "OU=Sở Tài chính", "CN=Sở Tài chính", "0900123456"] {
+            assert!(subject.contains(part), "{part} in {subject}");
+        }
+        // cert_pem is the leaf and then the intermediate.
+        assert!(leaf.cert_pem.ends_with(gov.intermediate_pem()));
+        verify_chain(
+            &root,
+            std::slice::from_ref(&intermediate),
+            &leaf.cert_der,
+            &[],
+        )
+        .unwrap();
+        // Without the intermediate the chain does not reach the root.
+        assert!(verify_chain(&root, &[], &leaf.cert_der, &[]).is_err());
+
+        // A CRL of the intermediate revoking the leaf is honoured; one revoking
+        // another serial is not.
+        let now = OffsetDateTime::now_utc();
+        let later = now + time::Duration::hours(1);
+        let revoking = crl_der(&gov.crl(&[&leaf.serial], now, later).unwrap());
+        assert_eq!(
+            verify_chain(
+                &root,
+                std::slice::from_ref(&intermediate),
+                &leaf.cert_der,
+                &[revoking]
+            ),
+            Err(webpki::Error::CertRevoked)
+        );
+        let other = crl_der(&gov.crl(&[&[1, 2, 3]], now, later).unwrap());
+        verify_chain(
+            &root,
+            std::slice::from_ref(&intermediate),
+            &leaf.cert_der,
+            &[other],
+        )
+        .unwrap();
+    }
+}

@@ -3,6 +3,11 @@
 //! A certificate names its holder's role in a SAN URI: `urn:lienthong:agency:<code>` or
 //! `urn:lienthong:operator:<name>`. A certificate with several different lienthong URIs
 //! is refused as ambiguous rather than picking one.
+//!
+//! Certificates from a government CA carry no such URI: a verifier then identifies the
+//! holder by the SHA-256 of the certificate's SubjectPublicKeyInfo ([`spki_sha256`]),
+//! looked up in a registry of bindings ([`SignerIdentity`]). The URI is one way to make
+//! the first binding; [`SanUri`] is the resolver that knows nothing else.
 
 use std::fmt;
 
@@ -183,6 +188,54 @@ impl PeerIdentity {
             Self::Agency(code) => Some(code),
             Self::Operator(_) => None,
         }
+    }
+}
+
+/// SHA-256 of a DER certificate's SubjectPublicKeyInfo (the key and its algorithm,
+/// as encoded in the certificate): what a binding or a block names. Two certificates
+/// for the same key (a renewal) share it; a new key gets a new one.
+pub fn spki_sha256(cert_der: &[u8]) -> Result<[u8; 32], ProtocolError> {
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| ProtocolError::Malformed {
+        what: "certificate",
+        detail: e.to_string(),
+    })?;
+    Ok(crate::sha256(cert.public_key().raw))
+}
+
+/// The subject of a DER certificate as text (RFC 4514 style), for people and logs.
+pub fn subject_text(cert_der: &[u8]) -> Result<String, ProtocolError> {
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| ProtocolError::Malformed {
+        what: "certificate",
+        detail: e.to_string(),
+    })?;
+    Ok(name_text(&cert.subject().to_string()))
+}
+
+/// A distinguished name as text for people: hidden controls replaced, at most 512
+/// characters. Not [`printable`]: a name is longer than its 64 characters, and people
+/// compare the whole of it (O, OU, CN, UID).
+pub fn name_text(name: &str) -> String {
+    name.chars()
+        .take(512)
+        .map(|c| if is_hidden_control(c) { '?' } else { c })
+        .collect()
+}
+
+/// Decides who the holder of a (chain-verified) leaf certificate is. Verifiers that
+/// keep a registry of bindings implement it; [`SanUri`] reads the SAN URI alone.
+pub trait SignerIdentity {
+    /// `chain`: the signer's certificate chain as carried by the signature, leaf first,
+    /// already verified against the trust anchors.
+    fn identify(&self, chain: &[Vec<u8>]) -> Result<PeerIdentity, ProtocolError>;
+}
+
+/// The identity written in the certificate's SAN URI, and nothing else.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SanUri;
+
+impl SignerIdentity for SanUri {
+    fn identify(&self, chain: &[Vec<u8>]) -> Result<PeerIdentity, ProtocolError> {
+        PeerIdentity::from_cert_der(chain.first().ok_or(ProtocolError::NoCertificate)?)
     }
 }
 

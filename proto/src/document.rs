@@ -607,20 +607,33 @@ pub fn verify_document(
     anchors: &TrustAnchors,
     time: VerifyTime,
 ) -> Result<VerifiedDocument, ProtocolError> {
+    verify_document_with(envelope, anchors, time, &crate::agency::SanUri)
+}
+
+/// [`verify_document`] with the signer's identity decided by `signers` (a registry of
+/// certificate bindings) instead of the certificate's SAN URI alone. The identity is
+/// asked for only after the chain and the signature verified.
+pub fn verify_document_with(
+    envelope: &Signed,
+    anchors: &TrustAnchors,
+    time: VerifyTime,
+    signers: &dyn crate::agency::SignerIdentity,
+) -> Result<VerifiedDocument, ProtocolError> {
     if envelope.payload.len() > MAX_HEADER_BYTES {
         return Err(ProtocolError::InvalidField {
             field: "header",
             rule: format!("at most {MAX_HEADER_BYTES} bytes"),
         });
     }
-    let leaf = verify_signed(
+    // The leaf verified is the chain's first certificate, which `signers` is given.
+    verify_signed(
         envelope,
         Domain::DocumentHeader,
         anchors,
         SignerRole::Agency,
         time,
     )?;
-    let signer = PeerIdentity::from_cert_der(leaf)?;
+    let signer = signers.identify(&envelope.cert_chain)?;
     let header = DocumentHeader::decode(envelope.payload.as_ref()).map_err(|e| {
         ProtocolError::Malformed {
             what: "document header",

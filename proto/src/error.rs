@@ -35,6 +35,10 @@ pub enum ProtocolError {
     NoIdentity,
     #[error("the certificate carries more than one lienthong identity")]
     AmbiguousIdentity,
+    /// A verifier's registry refuses the signer's certificate (not bound to an agency,
+    /// blocked, revoked...): `detail` says which and what to do.
+    #[error("the signer's certificate is not accepted: {detail}")]
+    SignerRefused { detail: String },
     #[error("the document is signed by {signer} but claims sender {sender}")]
     SignerNotSender { signer: String, sender: String },
     #[error("attachment {index} ({name}): {detail}")]

@@ -8,6 +8,7 @@
 //! - [`merkle`]: the hash tree and inclusion proofs of batch signatures.
 //! - [`document`]: the document header rules: encode once, sign, verify, attachments.
 //! - [`receipt`]: submission and delivery receipts.
+//! - [`revocation`]: CRLs, for TLS clients and document signers.
 //! - [`spool`]: attachment files received chunk by chunk (streamed documents).
 //! - [`tls`]: mutual-TLS configuration for tonic from PEM files.
 //! - [`error`]: the one error type for protocol rule violations.
@@ -21,6 +22,7 @@ pub mod error;
 pub mod merkle;
 pub mod metrics;
 pub mod receipt;
+pub mod revocation;
 pub mod signing;
 pub mod spool;
 pub mod tls;

@@ -454,6 +454,11 @@ impl TrustAnchors {
         })
     }
 
+    /// The trust anchors, for checks that build their own path (revocation).
+    pub(crate) fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+
     fn chain_key(role: SignerRole, chain: &[Vec<u8>]) -> [u8; 32] {
         let mut context = ring::digest::Context::new(&ring::digest::SHA256);
         context.update(&[role as u8]);

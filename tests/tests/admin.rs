@@ -621,12 +621,26 @@ async fn audit_log_chains_accepted_documents_receipts_and_suspensions() {
         .await
         .unwrap();
 
-    let entries = admin
+    let all_entries = admin
         .audit_tail(AuditTailRequest { n: 1000 })
         .await
         .unwrap()
         .into_inner()
         .entries;
+    // A's and B's certificates were bound on their first use (issue 12), at moments
+    // that depend on when each agent connected: checked apart from the rest.
+    let bound: Vec<&str> = all_entries
+        .iter()
+        .filter(|e| e.kind == "certificate_bound")
+        .map(|e| e.agency.as_str())
+        .collect();
+    assert_eq!(bound.len(), 2, "{all_entries:?}");
+    assert!(bound.contains(&A) && bound.contains(&B), "{bound:?}");
+    let entries: Vec<_> = all_entries
+        .iter()
+        .filter(|e| e.kind != "certificate_bound")
+        .cloned()
+        .collect();
     // The three startup registrations, the document, its receipt, the suspension.
     let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(
@@ -672,7 +686,7 @@ async fn audit_log_chains_accepted_documents_receipts_and_suspensions() {
             .ends_with("(registered by the broker's configuration (--register))")),
         "{entries:?}"
     );
-    for (seq, pair) in entries.windows(2).enumerate() {
+    for (seq, pair) in all_entries.windows(2).enumerate() {
         assert_eq!(pair[1].prev_hash, pair[0].hash);
         assert_eq!(pair[1].seq, seq as u64 + 1);
     }
@@ -682,12 +696,12 @@ async fn audit_log_chains_accepted_documents_receipts_and_suspensions() {
         .unwrap()
         .into_inner();
     assert!(verified.intact, "{verified:?}");
-    assert_eq!(verified.entries, 8);
+    assert_eq!(verified.entries, 10);
     assert_eq!(verified.head_hash, entries[7].hash);
 
     let out = run_admin(&world, &broker.url, &["audit", "verify"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("intact: 8 entries"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("intact: 10 entries"));
     let out = run_admin(&world, &broker.url, &["audit", "tail", "-n", "5"]).await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);

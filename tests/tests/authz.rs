@@ -30,7 +30,14 @@ const EXCHANGE_METHODS: [&str; 6] = [
     "UploadStatus",
     "Directory",
 ];
-const ADMIN_METHODS: [&str; 12] = [
+const ADMIN_METHODS: [&str; 19] = [
+    "ReloadCrls",
+    "BindCertificate",
+    "UnbindCertificate",
+    "Bindings",
+    "Block",
+    "Unblock",
+    "BlockList",
     "Queues",
     "DeadLetters",
     "Redrive",
@@ -349,6 +356,43 @@ async fn call(
             })
             .await
             .map(ok),
+        (pb::admin_server::SERVICE_NAME, "BindCertificate") => admin
+            .bind_certificate(pb::BindCertificateRequest {
+                code: D.into(),
+                cert_der: world.ca.issue(&LeafSpec::agency(D)).unwrap().cert_der,
+            })
+            .await
+            .map(ok),
+        // A hash bound to nothing: the operator gets NOT_FOUND, a business answer.
+        (pb::admin_server::SERVICE_NAME, "UnbindCertificate") => admin
+            .unbind_certificate(pb::UnbindCertificateRequest {
+                spki_sha256: vec![7; 32],
+            })
+            .await
+            .map(ok),
+        (pb::admin_server::SERVICE_NAME, "Bindings") => {
+            admin.bindings(pb::BindingsRequest::default()).await.map(ok)
+        }
+        // Blocks (then unblocks) a hash no caller of the matrix presents.
+        (pb::admin_server::SERVICE_NAME, "Block") => admin
+            .block(pb::BlockRequest {
+                spki_sha256: vec![7; 32],
+                reason: "ma trận".into(),
+            })
+            .await
+            .map(ok),
+        (pb::admin_server::SERVICE_NAME, "Unblock") => admin
+            .unblock(pb::UnblockRequest {
+                spki_sha256: vec![7; 32],
+            })
+            .await
+            .map(ok),
+        (pb::admin_server::SERVICE_NAME, "ReloadCrls") => {
+            admin.reload_crls(pb::ReloadCrlsRequest {}).await.map(ok)
+        }
+        (pb::admin_server::SERVICE_NAME, "BlockList") => {
+            admin.block_list(pb::BlockListRequest {}).await.map(ok)
+        }
         (service, method) => panic!(
             "{service}/{method} is not in the authorization matrix: add how to call it to \
              tests/tests/authz.rs with the answer each caller must get"
@@ -411,6 +455,17 @@ async fn every_rpc_answers_every_kind_of_caller_as_the_matrix_says() {
         .await
         .unwrap();
     submit(&mut a, envelope, &[]).await.unwrap();
+    // The first call of a SAN URI certificate binds it (audited): B and C make theirs
+    // here, so that every cell below compares the broker in its steady state.
+    for code in [B, C] {
+        let mut client = exchange_client(
+            &broker.url,
+            world.agency_tls(code).client_config("localhost"),
+        )
+        .await
+        .unwrap();
+        client.directory(pb::DirectoryRequest {}).await.unwrap();
+    }
     operator
         .suspend_agency(pb::SuspendAgencyRequest {
             code: C.into(),

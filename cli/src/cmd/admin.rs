@@ -6,10 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use lienthong_proto::pb::admin_client::AdminClient;
 use lienthong_proto::pb::{
-    AgenciesRequest, AgencyInfo, AuditTailRequest, AuditVerifyRequest, DeadLetter,
+    AgenciesRequest, AgencyInfo, AuditTailRequest, AuditVerifyRequest, BindCertificateRequest,
+    BindingInfo, BindingsRequest, BlockInfo, BlockListRequest, BlockRequest, DeadLetter,
     DeadLettersRequest, DeliveryState, HealthRequest, MessageRequest, MessageResponse,
-    PurgeRequest, QueuesRequest, RedriveRequest, RegisterAgencyRequest, ResumeAgencyRequest,
-    Signed, SuspendAgencyRequest,
+    PurgeRequest, QueuesRequest, RedriveRequest, RegisterAgencyRequest, ReloadCrlsRequest,
+    ResumeAgencyRequest, Signed, SuspendAgencyRequest, UnbindCertificateRequest, UnblockRequest,
 };
 use lienthong_proto::tls::TlsFiles;
 use serde::Deserialize;
@@ -90,11 +91,40 @@ enum AdminCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Block a certificate at once by its SPKI SHA-256 (64 hex digits) or the
+    /// certificate file: its calls are refused, the open session and submissions of its
+    /// agency are ended. Audited.
+    Block {
+        /// The SPKI SHA-256 (64 hex digits) or the certificate file (PEM or DER).
+        target: String,
+        /// Why (recorded in the audit log and shown to the refused caller).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a block (SPKI SHA-256 or certificate file). Audited.
+    Unblock {
+        /// The SPKI SHA-256 (64 hex digits) or the certificate file (PEM or DER).
+        target: String,
+    },
+    /// The blocked certificates.
+    Blocked,
+    /// Certificate revocation lists: `reload` re-reads the broker's CRL files now and
+    /// shows the CRLs in force (exit 1 when the files cannot be read).
+    Crls {
+        #[command(subcommand)]
+        action: CrlsAction,
+    },
     /// The hash-chained audit log: its latest entries (default) or a check of the chain.
     Audit {
         #[command(subcommand)]
         action: Option<AuditAction>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CrlsAction {
+    /// Re-read the CRL files now.
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,6 +164,28 @@ enum AgenciesAction {
     Resume {
         /// The agency's code, e.g. 000.00.12.H31.
         code: String,
+    },
+    /// Bind a certificate to an agency by its SPKI SHA-256: from now on that
+    /// certificate (TLS or seal) is the agency, with or without a lienthong SAN URI.
+    Bind {
+        /// The agency's code, e.g. 000.00.12.H31.
+        code: String,
+        /// The certificate (PEM or DER); its first certificate is bound. (Not named
+        /// `cert`: that is the global flag with the operator's own certificate.)
+        #[arg(value_name = "CERT.pem")]
+        certificate: PathBuf,
+    },
+    /// Remove a binding: the SPKI SHA-256 (64 hex digits) or the certificate file.
+    /// The agency's open session is ended. (A certificate with a lienthong SAN URI is
+    /// bound again on its next use: block it to keep it out.)
+    Unbind {
+        /// The SPKI SHA-256 (64 hex digits) or the certificate file (PEM or DER).
+        target: String,
+    },
+    /// The certificate bindings, of one agency or all.
+    Bindings {
+        /// Only this agency's bindings (all agencies' when left out).
+        code: Option<String>,
     },
 }
 
@@ -236,6 +288,113 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                 .into_inner();
             print_message(&message, args.json);
         }
+        AdminCommand::Agencies {
+            action:
+                Some(
+                    action @ (AgenciesAction::Bind { .. }
+                    | AgenciesAction::Unbind { .. }
+                    | AgenciesAction::Bindings { .. }),
+                ),
+        } => {
+            let list = match action {
+                AgenciesAction::Bind { code, certificate } => vec![
+                    client
+                        .bind_certificate(BindCertificateRequest {
+                            code,
+                            cert_der: read_cert_der(&certificate)?,
+                        })
+                        .await
+                        .map_err(refused)?
+                        .into_inner(),
+                ],
+                AgenciesAction::Unbind { target } => vec![
+                    client
+                        .unbind_certificate(UnbindCertificateRequest {
+                            spki_sha256: spki_target(&target)?,
+                        })
+                        .await
+                        .map_err(refused)?
+                        .into_inner(),
+                ],
+                AgenciesAction::Bindings { code } => {
+                    client
+                        .bindings(BindingsRequest {
+                            code: code.unwrap_or_default(),
+                        })
+                        .await
+                        .map_err(refused)?
+                        .into_inner()
+                        .bindings
+                }
+                _ => Vec::new(),
+            };
+            print_bindings(&list, args.json);
+        }
+        AdminCommand::Block { target, reason } => {
+            let info = client
+                .block(BlockRequest {
+                    spki_sha256: spki_target(&target)?,
+                    reason: reason.unwrap_or_default(),
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            print_blocks(&[info], args.json);
+        }
+        AdminCommand::Unblock { target } => {
+            let info = client
+                .unblock(UnblockRequest {
+                    spki_sha256: spki_target(&target)?,
+                })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            print_blocks(&[info], args.json);
+        }
+        AdminCommand::Crls {
+            action: CrlsAction::Reload,
+        } => {
+            let crls = client
+                .reload_crls(ReloadCrlsRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .crls;
+            if args.json {
+                let rows: Vec<serde_json::Value> = crls
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "issuer": c.issuer,
+                            "this_update": time(c.this_update_ms),
+                            "next_update": time(c.next_update_ms),
+                            "revoked": c.revoked,
+                            "stale": c.stale,
+                        })
+                    })
+                    .collect();
+                outln!("{}", serde_json::Value::Array(rows));
+            } else {
+                for c in &crls {
+                    outln!(
+                        "{}  next update {}  {} revoked{}",
+                        escape(&c.issuer),
+                        time(c.next_update_ms),
+                        c.revoked,
+                        if c.stale { "  STALE" } else { "" }
+                    );
+                }
+            }
+        }
+        AdminCommand::Blocked => {
+            let list = client
+                .block_list(BlockListRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .blocked;
+            print_blocks(&list, args.json);
+        }
         AdminCommand::Agencies { action } => {
             let one = |info: AgencyInfo| vec![info];
             let list = match action.unwrap_or(AgenciesAction::List) {
@@ -270,6 +429,10 @@ pub async fn run(args: AdminArgs) -> Result<(), CliError> {
                     .await
                     .map_err(refused)?
                     .into_inner()),
+                // Answered above.
+                AgenciesAction::Bind { .. }
+                | AgenciesAction::Unbind { .. }
+                | AgenciesAction::Bindings { .. } => Vec::new(),
             };
             if args.json {
                 let rows: Vec<serde_json::Value> = list.iter().map(agency_json).collect();
@@ -610,6 +773,107 @@ fn print_message(m: &MessageResponse, json: bool) {
         if t.notice.is_some() {
             outln!("  evidence: the broker's signed dead-letter notice");
         }
+    }
+}
+
+/// The first certificate of a PEM or DER file, DER.
+fn read_cert_der(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    let bytes =
+        std::fs::read(path).map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Ok(bytes);
+    }
+    lienthong_proto::signing::certs_from_pem(&bytes, "certificate")
+        .ok()
+        .and_then(|certs| certs.into_iter().next())
+        .map(|der| der.to_vec())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "{}: expected a PEM CERTIFICATE block",
+                path.display()
+            ))
+        })
+}
+
+/// An SPKI SHA-256 given as 64 hex digits, or the certificate file whose SPKI it is.
+fn spki_target(target: &str) -> Result<Vec<u8>, CliError> {
+    if target.len() == 64 && target.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return hex::decode(target).map_err(|e| CliError::Usage(e.to_string()));
+    }
+    let path = std::path::Path::new(target);
+    if !path.exists() {
+        return Err(CliError::Usage(format!(
+            "`{}` is neither an SPKI SHA-256 (64 hex digits) nor a certificate file",
+            lienthong_proto::agency::printable(target)
+        )));
+    }
+    let der = read_cert_der(path)?;
+    lienthong_proto::agency::spki_sha256(&der)
+        .map(|hash| hash.to_vec())
+        .map_err(|e| CliError::Usage(format!("{}: {e}", path.display())))
+}
+
+fn print_bindings(list: &[BindingInfo], json: bool) {
+    if json {
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "spki_sha256": hex::encode(&b.spki_sha256),
+                    "agency": b.code,
+                    "subject": b.subject,
+                    "bound_at": time(b.bound_at_ms),
+                    "bound_by": b.bound_by,
+                })
+            })
+            .collect();
+        outln!("{}", serde_json::Value::Array(rows));
+        return;
+    }
+    for b in list {
+        outln!(
+            "{}  {}  {}  (bound {} by {})",
+            hex::encode(&b.spki_sha256),
+            b.code,
+            escape(&b.subject),
+            time(b.bound_at_ms),
+            escape(&b.bound_by)
+        );
+    }
+}
+
+fn print_blocks(list: &[BlockInfo], json: bool) {
+    if json {
+        let rows: Vec<serde_json::Value> = list
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "spki_sha256": hex::encode(&b.spki_sha256),
+                    "blocked": b.blocked,
+                    "agency": b.code,
+                    "reason": b.reason,
+                    "blocked_at": time(b.blocked_at_ms),
+                    "blocked_by": b.blocked_by,
+                })
+            })
+            .collect();
+        outln!("{}", serde_json::Value::Array(rows));
+        return;
+    }
+    for b in list {
+        outln!(
+            "{}  {}  {}  {}  ({} {})",
+            hex::encode(&b.spki_sha256),
+            if b.blocked { "blocked" } else { "unblocked" },
+            if b.code.is_empty() {
+                "-"
+            } else {
+                b.code.as_str()
+            },
+            escape(&b.reason),
+            escape(&b.blocked_by),
+            time(b.blocked_at_ms)
+        );
     }
 }
 

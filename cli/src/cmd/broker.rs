@@ -131,6 +131,17 @@ pub struct BrokerArgs {
     /// Seconds between sweeps of stale partial uploads (default 60).
     #[arg(long)]
     partial_sweep_interval_secs: Option<u64>,
+    /// A CRL file (PEM or DER) for TLS clients and document signers; repeat for several
+    /// CAs. Re-read every --crl-refresh-secs and on `lienthong admin crls reload`.
+    #[arg(long = "crl-file", value_name = "FILE")]
+    crl_file: Vec<PathBuf>,
+    /// Seconds between re-reads of the CRL files (default 3600).
+    #[arg(long)]
+    crl_refresh_secs: Option<u64>,
+    /// Seconds past its nextUpdate a CRL is still used (default 0: a stale CRL's
+    /// certificates are refused at once).
+    #[arg(long)]
+    crl_stale_grace_secs: Option<u64>,
     /// Most documents one sender may have queued for one recipient (default: a quarter
     /// of --max-pending-documents).
     #[arg(long)]
@@ -200,6 +211,10 @@ struct BrokerFile {
     max_expiry_hours: Option<u64>,
     max_clock_skew_secs: Option<u64>,
     max_document_age_hours: Option<u64>,
+    #[serde(default)]
+    crl_file: Vec<PathBuf>,
+    crl_refresh_secs: Option<u64>,
+    crl_stale_grace_secs: Option<u64>,
 }
 
 /// The keys the `--config` file takes (for `lienthong docs configuration`).
@@ -452,6 +467,23 @@ fn prepare(args: BrokerArgs) -> Result<Prepared, CliError> {
         }
     }
     broker.auto_register = !(args.no_auto_register || file.no_auto_register.unwrap_or(false));
+    broker.crl_files = file
+        .crl_file
+        .iter()
+        .map(|p| relative_to(cfg, p.clone()))
+        .chain(args.crl_file.iter().cloned())
+        .collect();
+    if let Some(secs) = args.crl_refresh_secs.or(file.crl_refresh_secs) {
+        if secs == 0 {
+            return Err(CliError::Usage(
+                "--crl-refresh-secs must be at least 1".into(),
+            ));
+        }
+        broker.crl_refresh_interval = Duration::from_secs(secs);
+    }
+    if let Some(secs) = args.crl_stale_grace_secs.or(file.crl_stale_grace_secs) {
+        broker.crl_stale_grace = Duration::from_secs(secs);
+    }
     if let Some(max) = args.max_document_bytes.or(file.max_document_bytes) {
         broker.max_document_bytes = max;
     }
