@@ -117,7 +117,7 @@ impl Metrics {
             session_connected.clone(),
         );
         registry.register_collector(Box::new(lienthong_proto::metrics::CertificateCollector {
-            certificates,
+            certificates: std::sync::Arc::new(std::sync::RwLock::new(certificates)),
         }));
         registry.register_collector(Box::new(lienthong_proto::metrics::ProcessCollector {
             role: "agent",

@@ -84,7 +84,7 @@ pub(crate) fn signed_notice(
         outcome: outcome.to_owned(),
         reason: reason.to_owned(),
     };
-    Ok(sign_receipt(&notice, &shared.signing_key)?.encode_to_vec())
+    Ok(sign_receipt(&notice, &shared.signing_key())?.encode_to_vec())
 }
 
 /// The expiry of a document: the sender's, or the default for its priority.

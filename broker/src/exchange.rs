@@ -193,7 +193,7 @@ impl ExchangeService {
         self.refuse_suspended(caller.as_str())?;
         let accepted_at_ms = lienthong_proto::now_ms();
         let receipt = self.submission_receipt(&verified, accepted_at_ms);
-        let signed_receipt = sign_receipt(&receipt, &self.shared.signing_key)?;
+        let signed_receipt = sign_receipt(&receipt, &self.shared.signing_key())?;
         let record = self.document_record(
             &envelope,
             &verified,
@@ -681,7 +681,7 @@ impl ExchangeService {
             .iter()
             .map(|r| self.submission_receipt(&r.verified, accepted_at_ms))
             .collect();
-        let signed = sign_receipts(&receipts, &self.shared.signing_key)
+        let signed = sign_receipts(&receipts, &self.shared.signing_key())
             .map_err(|e| BatchRefused::Whole(e.into()))?;
         if signed.len() != ready.len() {
             return Err(BatchRefused::Whole(BrokerError::Serve(

@@ -36,6 +36,7 @@ mod metrics;
 mod recall;
 mod recent;
 pub mod records;
+mod reload;
 mod revocation;
 mod session;
 pub mod store;
@@ -53,6 +54,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use error::BrokerError;
+pub use reload::ReloadHook;
 
 /// Everything the broker needs to run.
 #[derive(Debug, Clone)]
@@ -165,6 +167,11 @@ pub struct BrokerConfig {
     /// How long past its nextUpdate a CRL is still used; zero (the default) refuses a
     /// stale CRL's certificates at once (fail closed).
     pub crl_stale_grace: Duration,
+
+    // --- Reload (`reload`) ---
+    /// Reload requests (SIGHUP in the CLI) and how to read the configuration again;
+    /// `None`: the configuration is fixed for the broker's life.
+    pub reload: Option<ReloadHook>,
 }
 
 /// An operator token for the admin listener and the name it acts under.
@@ -295,6 +302,7 @@ impl BrokerConfig {
             crl_files: Vec::new(),
             crl_refresh_interval: Duration::from_secs(3600),
             crl_stale_grace: Duration::ZERO,
+            reload: None,
         }
     }
 
@@ -380,7 +388,10 @@ pub(crate) fn not_ready_reason(shared: &Shared) -> Option<String> {
 
 /// (role, notAfter in Unix seconds) of the certificates the broker holds, for the
 /// expiry metric: its TLS certificate and the certificate of its signing key.
-fn held_certificates(tls: &TlsFiles, signing_key: &SigningKey) -> Vec<(&'static str, i64)> {
+pub(crate) fn held_certificates(
+    tls: &TlsFiles,
+    signing_key: &SigningKey,
+) -> Vec<(&'static str, i64)> {
     let tls_cert = lienthong_proto::signing::certs_from_pem(&tls.cert_pem, "certificate")
         .ok()
         .and_then(|certs| {
@@ -403,7 +414,10 @@ struct Shared {
     config: BrokerConfig,
     store: store::Store,
     hub: hub::Hub,
-    signing_key: SigningKey,
+    /// The key of the broker's receipts; replaced by a reload (`reload`).
+    signing_key: std::sync::RwLock<Arc<SigningKey>>,
+    /// The TLS certificate new handshakes present; replaced by a reload.
+    server_certificate: Arc<reload::ServerCertificate>,
     document_anchors: TrustAnchors,
     in_progress: InProgress,
     /// Bytes of submissions being written now, counted against the free-space reserve
@@ -426,6 +440,23 @@ struct Shared {
     trust: trust::Trust,
     /// CRLs in force and the TLS client verifier built from them.
     revocation: Arc<revocation::Revocation>,
+}
+
+impl Shared {
+    /// The key receipts are signed with now.
+    fn signing_key(&self) -> Arc<SigningKey> {
+        self.signing_key
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_signing_key(&self, key: SigningKey) {
+        *self
+            .signing_key
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+    }
 }
 
 /// Opens the store and serves until `shutdown` is cancelled, then stops accepting,
@@ -494,6 +525,7 @@ pub async fn run_with_admin(
     let trust = trust::Trust::open(&store, config.auto_register, revocation.clone())?;
     let local_addr = listener.local_addr().ok();
     let certificates = held_certificates(&config.tls, &signing_key);
+    let server_certificate = Arc::new(reload::ServerCertificate::new(&config.tls)?);
     let session_bytes_max = u32::try_from(config.sessions_buffer_bytes)
         .unwrap_or(u32::MAX)
         .max(1);
@@ -502,7 +534,8 @@ pub async fn run_with_admin(
         session_bytes_max,
         store: store.clone(),
         hub: hub::Hub::default(),
-        signing_key,
+        signing_key: std::sync::RwLock::new(Arc::new(signing_key)),
+        server_certificate,
         document_anchors,
         in_progress: InProgress::default(),
         writing_bytes: std::sync::atomic::AtomicU64::new(0),
@@ -520,6 +553,9 @@ pub async fn run_with_admin(
         shared.clone(),
         shared.config.crl_refresh_interval,
     ));
+    if let Some(hook) = shared.config.reload.clone() {
+        tokio::spawn(reload::reload_loop(shared.clone(), hook));
+    }
     let max_message = shared.config.max_message_bytes();
     let exchange = ExchangeServer::new(exchange::ExchangeService {
         shared: shared.clone(),
@@ -557,7 +593,10 @@ pub async fn run_with_admin(
         max_connections,
         max_handshakes,
     };
-    let tls = listener::tls_server_config(&shared.config.tls, shared.revocation.verifier())?;
+    let tls = listener::tls_server_config(
+        shared.server_certificate.clone(),
+        shared.revocation.verifier(),
+    );
     let incoming = listener::grpc_incoming(
         listener,
         tls,

@@ -37,8 +37,8 @@ use std::time::Duration;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use lienthong_proto::tls::TlsFiles;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -153,28 +153,19 @@ pub(crate) fn client_roots(tls: &TlsFiles) -> Result<Arc<rustls::RootCertStore>,
     Ok(Arc::new(roots))
 }
 
-/// The broker's TLS server configuration: its certificate chain and key, client
-/// certificates required and checked by `verifier` (the CA bundle, the CRLs and the
-/// block list: see `revocation`), HTTP/2 by ALPN.
+/// The broker's TLS server configuration: its certificate chain and key as `certificate`
+/// holds them (replaced by a reload), client certificates required and checked by
+/// `verifier` (the CA bundle, the CRLs and the block list: see `revocation`), HTTP/2 by
+/// ALPN.
 pub(crate) fn tls_server_config(
-    tls: &TlsFiles,
+    certificate: Arc<crate::reload::ServerCertificate>,
     verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
-) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
-    let config_error = |what: &str, detail: String| BrokerError::Config {
-        path: what.to_owned(),
-        detail,
-    };
-    let chain = CertificateDer::pem_slice_iter(&tls.cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| config_error("broker certificate", e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem)
-        .map_err(|e| config_error("broker key", e.to_string()))?;
+) -> Arc<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder()
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| config_error("broker certificate/key", e.to_string()))?;
+        .with_cert_resolver(certificate);
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    Arc::new(config)
 }
 
 /// Logs a WARN at most once per [`WARN_EVERY_MS`] (debug otherwise).

@@ -57,6 +57,10 @@ pub(crate) struct Metrics {
     delivery_seconds: Histogram,
     dead_letters: Family<FixedLabel, Counter>,
     pub(crate) connections: ConnectionMetrics,
+    /// Configuration reloads (`reload`), by outcome (`ok`, `refused`).
+    pub(crate) reloads: Family<FixedLabel, Counter>,
+    /// The certificates held, replaced by a reload.
+    pub(crate) certificates: lienthong_proto::metrics::HeldCertificates,
 }
 
 /// Two labels, each with a value from a fixed set.
@@ -286,9 +290,20 @@ impl Metrics {
         let connections = ConnectionMetrics::default();
         connections.register(&mut registry);
         registry.register_collector(Box::new(StateCollector { shared }));
+        let certificates = std::sync::Arc::new(std::sync::RwLock::new(certificates));
         registry.register_collector(Box::new(lienthong_proto::metrics::CertificateCollector {
-            certificates,
+            certificates: certificates.clone(),
         }));
+        let reloads = Family::<FixedLabel, Counter>::default();
+        for outcome in ["ok", "refused"] {
+            reloads.get_or_create_owned(&[("outcome", outcome)]);
+        }
+        registry.register(
+            "lienthong_broker_reloads",
+            "Configuration reloads (SIGHUP), by outcome: ok, or refused (the configuration in \
+             force stays; the log says why)",
+            reloads.clone(),
+        );
         registry.register_collector(Box::new(lienthong_proto::metrics::ProcessCollector {
             role: "broker",
         }));
@@ -304,6 +319,8 @@ impl Metrics {
             delivery_seconds,
             dead_letters,
             connections,
+            reloads,
+            certificates,
         }
     }
 

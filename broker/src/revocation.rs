@@ -119,7 +119,8 @@ impl ClientCertVerifier for SwappableVerifier {
 
 /// CRL files, what was loaded from them, and the verifiers built from that.
 pub(crate) struct Revocation {
-    files: Vec<PathBuf>,
+    /// Replaced by a configuration reload (`reload`).
+    files: RwLock<Vec<PathBuf>>,
     grace: Duration,
     roots: Arc<rustls::RootCertStore>,
     document_anchors: TrustAnchors,
@@ -129,7 +130,7 @@ pub(crate) struct Revocation {
     refreshing: tokio::sync::Mutex<()>,
 }
 
-fn read_lists(files: &[PathBuf]) -> Result<RevocationLists, String> {
+pub(crate) fn read_lists(files: &[PathBuf]) -> Result<RevocationLists, String> {
     let mut lists = RevocationLists::default();
     for path in files {
         let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -170,7 +171,7 @@ impl Revocation {
             tracing::info!(crls = loaded.lists.infos().len(), "CRLs loaded");
         }
         Ok(Self {
-            files,
+            files: RwLock::new(files),
             grace,
             roots,
             document_anchors,
@@ -192,14 +193,29 @@ impl Revocation {
     }
 
     pub(crate) fn configured(&self) -> bool {
-        !self.files.is_empty()
+        !self.files().is_empty()
+    }
+
+    fn files(&self) -> Vec<PathBuf> {
+        self.files
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The CRL files of a reloaded configuration; they are read at the next refresh.
+    pub(crate) fn set_files(&self, files: Vec<PathBuf>) {
+        *self
+            .files
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = files;
     }
 
     /// Re-reads the files and swaps the verifier; a failure keeps the previous CRLs and
     /// is recorded. Returns the number of CRLs in force.
     pub(crate) async fn refresh(&self) -> Result<usize, BrokerError> {
         let _one = self.refreshing.lock().await;
-        let files = self.files.clone();
+        let files = self.files();
         let read = tokio::task::spawn_blocking(move || read_lists(&files))
             .await
             .map_err(|e| BrokerError::Serve(e.to_string()))?;
@@ -320,17 +336,17 @@ fn build_verifier(
     builder.build().map_err(|e| e.to_string())
 }
 
-/// Refreshes every `interval` until `shutdown`.
+/// Refreshes every `interval` until `shutdown` (while CRL files are configured: a
+/// reload may add or remove them).
 pub(crate) async fn refresh_loop(shared: Arc<crate::Shared>, interval: Duration) {
-    if !shared.revocation.configured() {
-        return;
-    }
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
         }
-        // Errors are recorded for /readyz and logged by `refresh`.
-        let _ = shared.revocation.refresh().await;
+        if shared.revocation.configured() {
+            // Errors are recorded for /readyz and logged by `refresh`.
+            let _ = shared.revocation.refresh().await;
+        }
     }
 }

@@ -157,6 +157,25 @@ fn init_tracing(cli: &Cli) {
     logging::init(format, default);
 }
 
+/// A wake-up per SIGHUP (a configuration reload), from now on: the handler is installed
+/// before this returns, so a SIGHUP can no longer end the process.
+pub(crate) fn reload_signal() -> Result<std::sync::Arc<tokio::sync::Notify>, CliError> {
+    let requests = std::sync::Arc::new(tokio::sync::Notify::new());
+    #[cfg(unix)]
+    {
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| CliError::Failed(format!("cannot handle SIGHUP: {e}")))?;
+        let notify = requests.clone();
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                notify.notify_one();
+            }
+        });
+    }
+    Ok(requests)
+}
+
 /// Waits for SIGINT or SIGTERM.
 pub(crate) async fn shutdown_signal() {
     let interrupt = tokio::signal::ctrl_c();

@@ -132,22 +132,31 @@ impl Collector for ProcessCollector {
 /// The certificates a program holds, by role (`tls`, `ca`, `seal`...), with their
 /// notAfter in Unix seconds: `lienthong_certificate_not_after_timestamp_seconds` (for
 /// alerts that compare with `time()`) and `lienthong_certificate_expiry_seconds` (the
-/// seconds left, negative once expired).
+/// seconds left, negative once expired). The list is shared so that a program that
+/// reloads its certificates (SIGHUP) can replace it.
 #[derive(Debug)]
 pub struct CertificateCollector {
-    pub certificates: Vec<(&'static str, i64)>,
+    pub certificates: HeldCertificates,
 }
+
+/// (role, notAfter in Unix seconds) of the certificates a program holds now.
+pub type HeldCertificates = std::sync::Arc<std::sync::RwLock<Vec<(&'static str, i64)>>>;
 
 impl Collector for CertificateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
         let now_s = crate::now_ms() / 1000;
+        let certificates = self
+            .certificates
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         let mut metric = encoder.encode_descriptor(
             "lienthong_certificate_not_after_timestamp_seconds",
             "The certificate's notAfter in Unix seconds, by role.",
             None,
             MetricType::Gauge,
         )?;
-        for (role, at) in &self.certificates {
+        for (role, at) in &certificates {
             ConstGauge::new(*at).encode(metric.encode_family(&[("certificate", *role)])?)?;
         }
         let mut metric = encoder.encode_descriptor(
@@ -156,7 +165,7 @@ impl Collector for CertificateCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (role, at) in &self.certificates {
+        for (role, at) in &certificates {
             ConstGauge::new(at.saturating_sub(now_s))
                 .encode(metric.encode_family(&[("certificate", *role)])?)?;
         }

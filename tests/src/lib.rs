@@ -429,6 +429,16 @@ impl Process {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `signal` (a name `kill` knows: `HUP`, `STOP`...) to the running child.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("running");
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{signal} {pid} failed");
+    }
+
     /// SIGKILL: no chance to flush or say goodbye.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Problems, relative_to, required};
 use crate::error::CliError;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// TOML configuration file; keys are the long flag names.
     #[arg(long)]
@@ -585,8 +585,9 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
         Some(path) => path.display().to_string(),
         None => "the broker's flags".to_owned(),
     };
+    let reread = args.clone();
     let Prepared {
-        broker,
+        mut broker,
         listen,
         admin_listen,
     } = prepare(args)?;
@@ -613,6 +614,15 @@ pub async fn run(args: BrokerArgs) -> Result<(), CliError> {
         crate::shutdown_signal().await;
         tracing::info!("shutdown requested; draining");
         trigger.cancel();
+    });
+    // SIGHUP: read the flags' files and the --config file again, as at start.
+    broker.reload = Some(lienthong_broker::ReloadHook {
+        requests: crate::reload_signal()?,
+        load: std::sync::Arc::new(move || {
+            prepare(reread.clone())
+                .map(|prepared| prepared.broker)
+                .map_err(|e| e.to_string())
+        }),
     });
     lienthong_broker::run_with_admin(broker, listener, admin_listener, shutdown)
         .await
