@@ -802,7 +802,7 @@ pub(crate) fn recall_request(id: String, business_id: &str, reason: String) -> S
 async fn directory(
     State(agent): State<Arc<Agent>>,
 ) -> Result<Json<Vec<crate::api_types::DirectoryEntry>>, ApiError> {
-    let mut client = agent.client.clone();
+    let mut client = agent.client();
     let answer = tokio::time::timeout(STATUS_TIMEOUT, client.directory(pb::DirectoryRequest {}))
         .await
         .map_err(|_| {
@@ -1123,7 +1123,7 @@ struct Live {
 }
 
 async fn live_status(agent: &Agent, id: &str, header_sha256: &[u8]) -> Option<Live> {
-    let mut client = agent.client.clone();
+    let mut client = agent.client();
     let request = pb::StatusRequest {
         message_id: id.to_owned(),
     };

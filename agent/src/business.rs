@@ -99,7 +99,7 @@ pub(crate) async fn report(
             vietnam_date_today(),
         ),
     )?;
-    let envelope = seal(&header, &agent.signing_key).map_err(protocol_error)?;
+    let envelope = seal(&header, &agent.signing_key()).map_err(protocol_error)?;
     let outbox = OutboxRecord::waiting(&header, &envelope, 0, false);
     let store = &agent.store;
     store

@@ -35,6 +35,7 @@ mod files;
 mod intake;
 mod metrics;
 mod outbox;
+mod reload;
 /// The API's request checks without an agent, for the fuzz target `api_json`.
 #[doc(hidden)]
 pub mod request_check;
@@ -49,11 +50,12 @@ use std::time::Duration;
 
 use lienthong_proto::pb::exchange_client::ExchangeClient;
 use lienthong_proto::tls::TlsFiles;
-use lienthong_proto::{AgencyCode, PeerIdentity, SigningKey, TrustAnchors};
+use lienthong_proto::{AgencyCode, SigningKey, TrustAnchors};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub use error::AgentError;
+pub use reload::{ReloadHook, ReloadLoad, Reloaded};
 
 /// Everything an agent needs to run.
 #[derive(Clone)]
@@ -125,6 +127,9 @@ pub struct AgentConfig {
     pub api_tls_handshake_timeout: Duration,
     /// Most API connections open at once (default 256); more wait to be accepted.
     pub api_max_connections: usize,
+    /// Reload requests (SIGHUP in the CLI) and how to read the configuration again;
+    /// `None`: the keys are fixed for the agent's life.
+    pub reload: Option<ReloadHook>,
 }
 
 /// The API's HTTPS certificate chain and private key, PEM.
@@ -192,6 +197,7 @@ impl AgentConfig {
             api_idle_timeout: Duration::from_secs(60),
             api_tls_handshake_timeout: Duration::from_secs(10),
             api_max_connections: 256,
+            reload: None,
         }
     }
 }
@@ -200,12 +206,14 @@ impl AgentConfig {
 pub(crate) struct Agent {
     pub agency: AgencyCode,
     pub store: store::Store,
-    pub signing_key: Arc<SigningKey>,
+    /// Seals documents and signs receipts; replaced by a reload (`reload`).
+    signing_key: std::sync::RwLock<Arc<SigningKey>>,
     /// Trusts the broker (submission receipts).
     pub tls_anchors: TrustAnchors,
     /// Trusts document signers (documents, delivery receipts).
     pub document_anchors: TrustAnchors,
-    pub client: ExchangeClient<Channel>,
+    /// The broker client; replaced by a reload (new certificate for new connections).
+    client: std::sync::RwLock<ExchangeClient<Channel>>,
     /// The inbox folder documents are exported to, if any.
     pub inbox: Option<exporter::InboxFolder>,
     /// Documents durable in the store and waiting for export.
@@ -235,6 +243,36 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
+    /// The key documents are sealed and receipts signed with now.
+    pub(crate) fn signing_key(&self) -> Arc<SigningKey> {
+        self.signing_key
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_signing_key(&self, key: Arc<SigningKey>) {
+        *self
+            .signing_key
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = key;
+    }
+
+    /// The broker client for a new call (cheap: it shares its channel).
+    pub(crate) fn client(&self) -> ExchangeClient<Channel> {
+        self.client
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_client(&self, client: ExchangeClient<Channel>) {
+        *self
+            .client
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+    }
+
     /// The inbox folder (absolute), if this agent exports to one.
     pub(crate) fn inbox_dir(&self) -> Option<&std::path::Path> {
         self.inbox.as_ref().map(|f| f.dir.as_path())
@@ -291,28 +329,7 @@ pub async fn run(
             .await
             .map_err(|e| AgentError::Config(format!("reading the API token failed: {e}")))?
             .map_err(AgentError::ApiToken)?;
-    let signing_key = match &config.signing_key {
-        Some(key) => Arc::clone(key),
-        None => Arc::new(config.tls.signing_key().map_err(|source| AgentError::Key {
-            what: "TLS certificate and key",
-            source,
-        })?),
-    };
-    match signing_key.identity() {
-        Ok(PeerIdentity::Agency(code)) if code == config.agency => {}
-        Ok(other) => {
-            return Err(AgentError::Config(format!(
-                "the signing certificate is for {other}, not agency {}",
-                config.agency
-            )));
-        }
-        Err(source) => {
-            return Err(AgentError::Key {
-                what: "signing certificate",
-                source,
-            });
-        }
-    }
+    let signing_key = reload::signing_key_for(&config)?;
     let tls_anchors = config
         .tls
         .trust_anchors()
@@ -384,10 +401,10 @@ pub async fn run(
     let agent = Arc::new(Agent {
         agency: config.agency.clone(),
         store,
-        signing_key,
+        signing_key: std::sync::RwLock::new(signing_key),
         tls_anchors,
         document_anchors,
-        client,
+        client: std::sync::RwLock::new(client),
         inbox,
         export_queue: exporter::ExportQueue::default(),
         outbox_tx,
@@ -429,6 +446,9 @@ pub async fn run(
     ));
     if let Some(drop_dir) = config.drop_dir.clone() {
         tasks.spawn(dropfolder::run(Arc::clone(&agent), drop_dir, stop.clone()));
+    }
+    if let Some(hook) = config.reload.clone() {
+        tasks.spawn(reload::reload_loop(Arc::clone(&agent), hook, stop.clone()));
     }
 
     tracing::info!(

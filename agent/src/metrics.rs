@@ -47,6 +47,10 @@ pub(crate) struct Metrics {
     duplicates: Counter,
     refused: Counter,
     session_connected: Gauge,
+    /// Key reloads (`reload`), by outcome (`ok`, `refused`).
+    reloads: Family<FixedLabel, Counter>,
+    /// The certificates held, replaced by a reload.
+    certificates: lienthong_proto::metrics::HeldCertificates,
 }
 
 impl Metrics {
@@ -116,9 +120,20 @@ impl Metrics {
             "1 while the session with the broker is established, else 0",
             session_connected.clone(),
         );
+        let certificates = std::sync::Arc::new(std::sync::RwLock::new(certificates));
         registry.register_collector(Box::new(lienthong_proto::metrics::CertificateCollector {
-            certificates: std::sync::Arc::new(std::sync::RwLock::new(certificates)),
+            certificates: certificates.clone(),
         }));
+        let reloads = Family::<FixedLabel, Counter>::default();
+        for outcome in ["ok", "refused"] {
+            reloads.get_or_create_owned(&[("outcome", outcome)]);
+        }
+        registry.register(
+            "lienthong_agent_reloads",
+            "Key reloads (SIGHUP), by outcome: ok, or refused (the keys in force stay; the log \
+             says why)",
+            reloads.clone(),
+        );
         registry.register_collector(Box::new(lienthong_proto::metrics::ProcessCollector {
             role: "agent",
         }));
@@ -132,7 +147,23 @@ impl Metrics {
             duplicates,
             refused,
             session_connected,
+            reloads,
+            certificates,
         }
+    }
+
+    /// A reload took (`true`) or was refused.
+    pub(crate) fn reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "refused" };
+        self.reloads.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// The certificates held after a reload.
+    pub(crate) fn set_certificates(&self, held: Vec<(&'static str, i64)>) {
+        *self
+            .certificates
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = held;
     }
 
     /// The Prometheus text exposition (format 0.0.4) of every metric.

@@ -397,7 +397,7 @@ async fn submit_one(agent: &Agent, id: &str) -> Outcome {
     };
     let header_sha256 = lienthong_proto::sha256(&envelope.payload);
     let failure = Arc::new(Mutex::new(None));
-    let mut client = agent.client.clone();
+    let mut client = agent.client();
     agent.metrics.submit_call(SubmitCall::Single);
     let result = if record.streamed {
         let offsets = match resume_offsets(agent, id, &header_sha256).await {
@@ -503,7 +503,7 @@ async fn resume_offsets(
     id: &str,
     header_sha256: &[u8; 32],
 ) -> Result<Vec<u64>, tonic::Status> {
-    let mut client = agent.client.clone();
+    let mut client = agent.client();
     let answer = client
         .upload_status(pb::UploadStatusRequest {
             message_id: id.to_owned(),
@@ -752,7 +752,7 @@ async fn submit_batch(agent: &Agent, mut documents: Vec<Loaded>) -> Batched {
     let bytes = documents
         .iter()
         .fold(0u64, |sum, d| sum.saturating_add(d.weight));
-    let mut client = agent.client.clone();
+    let mut client = agent.client();
     agent.metrics.submit_call(SubmitCall::Batch);
     let response = match client.submit_batch(request).await {
         Ok(response) => response.into_inner(),

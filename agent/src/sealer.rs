@@ -217,7 +217,7 @@ fn seal_group(agent: &Agent, group: Vec<SealJob>) -> Vec<Answer> {
         .filter(|(_, r)| r.is_none())
         .map(|(j, _)| j.header.clone())
         .collect();
-    let mut signed = seal_batch(&headers, &agent.signing_key).into_iter();
+    let mut signed = seal_batch(&headers, &agent.signing_key()).into_iter();
     let mut envelopes: Vec<Option<pb::Signed>> = (0..count).map(|_| None).collect();
     for (slot, envelope) in results.iter_mut().zip(envelopes.iter_mut()) {
         if slot.is_some() {

@@ -231,7 +231,7 @@ async fn session_once(agent: &Arc<Agent>, stop: &CancellationToken) -> SessionEn
             handled: 0,
         };
     }
-    let mut client = agent.client.clone();
+    let mut client = agent.client();
     let response = tokio::select! {
         response = client.session(ReceiverStream::new(rx)) => response,
         () = stop.cancelled() => return SessionEnd::Stopped,
@@ -871,7 +871,7 @@ async fn accept_all(
         let signing = Arc::clone(agent);
         // One signature over the group's Merkle root (a hardware key may take long).
         let signed =
-            tokio::task::spawn_blocking(move || sign_receipts(&to_sign, &signing.signing_key))
+            tokio::task::spawn_blocking(move || sign_receipts(&to_sign, &signing.signing_key()))
                 .await
                 .map_err(|e| LocalError::Task(e.to_string()))?
                 .map_err(LocalError::Sign)?;

@@ -288,3 +288,197 @@ async fn sighup_reloads_the_files_and_a_bad_configuration_is_refused_whole() {
     // Still serving: SIGHUP did not end it, and it stops cleanly.
     assert!(broker.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reload_seals_and_connects_with_the_new_key_and_keeps_its_session() {
+    let world = World::new();
+    let broker = Broker::start(world.broker_config("broker")).await;
+    let admin = admin_client(&world, &broker.url).await;
+    // A's certificate and key in a folder of their own, replaced later.
+    let dir = world.path("agent-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("a.crt"), dir.join("a.key"));
+    let (world_cert, world_key) = world.pki.agency(A).unwrap();
+    std::fs::copy(world_cert, &cert).unwrap();
+    std::fs::copy(world_key, &key).unwrap();
+    let ca = world.pki.ca_cert.clone();
+    let mut template = world.agent_config(A, &broker.url);
+    template.tls = TlsFiles::load(&ca, &cert, &key).unwrap();
+    let requests = Arc::new(tokio::sync::Notify::new());
+    let mut config = template.clone();
+    let (load_cert, load_key) = (cert.clone(), key.clone());
+    config.reload = Some(lienthong_agent::ReloadHook {
+        requests: requests.clone(),
+        load: Arc::new(move || {
+            let mut next = template.clone();
+            let files = TlsFiles::load(&ca, &load_cert, &load_key);
+            Box::pin(async move {
+                next.tls = files.map_err(|e| e.to_string())?;
+                Ok(lienthong_agent::Reloaded {
+                    config: next,
+                    keep_signing_key: false,
+                })
+            })
+        }),
+    });
+    let a = Agent::start(config).await;
+    let b = Agent::start(world.agent_config(B, &broker.url)).await;
+    let sealer = |id: String| {
+        let mut admin = admin.clone();
+        async move {
+            let message = admin
+                .message(lienthong_proto::pb::MessageRequest { id })
+                .await
+                .unwrap()
+                .into_inner();
+            message.envelope.unwrap().cert_chain[0].clone()
+        }
+    };
+    let bindings_of_a = || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .bindings(lienthong_proto::pb::BindingsRequest { code: A.into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .bindings
+                .len()
+        }
+    };
+    let before = a.send(&[B], "trước", &[("a.txt", b"one")]).await;
+    wait_for_path(&world.inbox_dir(B).join(&before)).await;
+    assert_eq!(sealer(before).await, der_of(&cert));
+    assert_eq!(bindings_of_a().await, 1);
+    let session_since = || {
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .queues(QueuesRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .queues
+                .into_iter()
+                .find(|q| q.agency == A)
+                .unwrap()
+                .connected_since_ms
+        }
+    };
+    let since = session_since().await;
+    assert!(since > 0);
+
+    // A key that is not the certificate's: refused, and A still seals with the old key.
+    let stray = world.ca.issue(&LeafSpec::agency(A)).unwrap();
+    let old_key = std::fs::read(&key).unwrap();
+    replace_file(&key, stray.key_pem.as_bytes());
+    requests.notify_one();
+    let metric = |outcome: &'static str| {
+        let (api, token) = (a.api.clone(), a.token.clone());
+        async move {
+            let text = reqwest::Client::new()
+                .get(format!("{api}/metrics"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let prefix = format!("lienthong_agent_reloads_total{{outcome=\"{outcome}\"}} ");
+            text.lines()
+                .find_map(|line| line.strip_prefix(&prefix).map(|n| n.trim().to_owned()))
+        }
+    };
+    let mut last = None;
+    let refused = wait_until(
+        "the refused reload counted",
+        Duration::from_secs(15),
+        || metric("refused"),
+        |n| n == "1",
+        &mut last,
+    )
+    .await;
+    assert!(refused.is_some(), "last: {last:?}");
+    replace_file(&key, &old_key);
+    let still_old = a.send(&[B], "vẫn khóa cũ", &[("b.txt", b"two")]).await;
+    wait_for_path(&world.inbox_dir(B).join(&still_old)).await;
+    assert_eq!(sealer(still_old).await, der_of(&cert));
+
+    // A new certificate and key for A: documents sealed from now on carry it, its
+    // submissions connect with it (a second binding, made on first use), and the
+    // session opened before carries on.
+    let issued = world.ca.issue(&LeafSpec::agency(A)).unwrap();
+    replace_file(&key, issued.key_pem.as_bytes());
+    replace_file(&cert, issued.cert_pem.as_bytes());
+    requests.notify_one();
+    let ok = wait_until(
+        "the reload counted",
+        Duration::from_secs(15),
+        || metric("ok"),
+        |n| n == "1",
+        &mut last,
+    )
+    .await;
+    assert!(ok.is_some(), "last: {last:?}");
+    let after = a.send(&[B], "khóa mới", &[("c.txt", b"three")]).await;
+    wait_for_path(&world.inbox_dir(B).join(&after)).await;
+    assert_eq!(sealer(after).await, issued.cert_der);
+    assert_eq!(bindings_of_a().await, 2);
+    assert_eq!(session_since().await, since);
+
+    a.stop().await;
+    b.stop().await;
+    broker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_real_agent_and_it_keeps_serving() {
+    let world = World::new();
+    let broker = Broker::start(world.broker_config("broker")).await;
+    let a = AgentProcess::start(Path::new(BIN), &world, A, &broker.url).await;
+    let b = Agent::start(world.agent_config(B, &broker.url)).await;
+    let reloads = |outcome: &'static str| {
+        let (api, token) = (a.api.clone(), a.token.clone());
+        async move {
+            let text = reqwest::Client::new()
+                .get(format!("{api}/metrics"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            let prefix = format!("lienthong_agent_reloads_total{{outcome=\"{outcome}\"}} ");
+            text.lines()
+                .find_map(|line| line.strip_prefix(&prefix).map(|n| n.trim().to_owned()))
+        }
+    };
+    assert_eq!(reloads("ok").await.as_deref(), Some("0"));
+    a.process.signal("HUP");
+    let mut last = None;
+    let ok = wait_until(
+        "the reload counted",
+        Duration::from_secs(15),
+        || reloads("ok"),
+        |n| n == "1",
+        &mut last,
+    )
+    .await;
+    assert!(ok.is_some(), "last: {last:?}");
+    assert_eq!(reloads("refused").await.as_deref(), Some("0"));
+    let id = a
+        .client
+        .send(&lienthong_agent::api_types::SendRequest {
+            to: vec![B.into()],
+            subject: "sau SIGHUP".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .message_id;
+    wait_for_path(&world.inbox_dir(B).join(&id)).await;
+    b.stop().await;
+    broker.stop().await;
+}

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Problems, relative_to, required};
 use crate::error::CliError;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
     /// TOML configuration file; keys are the long flag names.
     #[arg(long)]
@@ -175,8 +175,15 @@ pub(crate) fn config_keys() -> &'static [&'static str] {
 /// Reads flags and file and checks every value and every file named (opening the
 /// token, if any, to sign once), gathering all problems before it fails. Binds
 /// nothing and creates no file; `check_only` also leaves a missing API token file
-/// for the real start to create.
-async fn prepare(args: AgentArgs, check_only: bool) -> Result<(AgentConfig, SocketAddr), CliError> {
+/// for the real start to create. On a `reload` a seal key on a token is not opened again
+/// (a PKCS#11 module is initialised once per process): the third value is then true and
+/// the key in force stays.
+async fn prepare(
+    args: AgentArgs,
+    check_only: bool,
+    reload: bool,
+) -> Result<(AgentConfig, SocketAddr, bool), CliError> {
+    let mut token_kept = false;
     let cfg = args.config.as_deref();
     let file: AgentFile = config::load(cfg)?;
     let mut problems = Problems::default();
@@ -263,6 +270,10 @@ async fn prepare(args: AgentArgs, check_only: bool) -> Result<(AgentConfig, Sock
         optional_path(args.signing_cert, file.signing_cert),
         signing_key,
     ) {
+        (Some(_), Some(uri)) if reload && TokenUri::is_uri(&uri.to_string_lossy()) => {
+            token_kept = true;
+            None
+        }
         (Some(cert), Some(uri)) if TokenUri::is_uri(&uri.to_string_lossy()) => {
             let token = p.take(
                 TokenConfig::new(
@@ -424,7 +435,7 @@ async fn prepare(args: AgentArgs, check_only: bool) -> Result<(AgentConfig, Sock
         lienthong_agent::api_guard::ApiToken::load_or_create(&token_path).map(drop)
     };
     token.map_err(|e| CliError::Usage(e.to_string()))?;
-    Ok((config, api))
+    Ok((config, api, token_kept))
 }
 
 pub async fn run(args: AgentArgs) -> Result<(), CliError> {
@@ -433,7 +444,8 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         Some(path) => path.display().to_string(),
         None => "the agent's flags".to_owned(),
     };
-    let (config, api) = prepare(args, check_only).await?;
+    let reread = args.clone();
+    let (mut config, api, _) = prepare(args, check_only, false).await?;
     if check_only {
         crate::output::outln!(
             "{what}: OK (agency {}, broker {}, API on {api}, data {})",
@@ -452,6 +464,22 @@ pub async fn run(args: AgentArgs) -> Result<(), CliError> {
         crate::shutdown_signal().await;
         tracing::info!("shutdown requested");
         trigger.cancel();
+    });
+    // SIGHUP: read the flags' files and the --config file again, as at start.
+    config.reload = Some(lienthong_agent::ReloadHook {
+        requests: crate::reload_signal()?,
+        load: std::sync::Arc::new(move || {
+            let args = reread.clone();
+            Box::pin(async move {
+                prepare(args, false, true)
+                    .await
+                    .map(|(config, _, keep_signing_key)| lienthong_agent::Reloaded {
+                        config,
+                        keep_signing_key,
+                    })
+                    .map_err(|e| e.to_string())
+            })
+        }),
     });
     lienthong_agent::run(config, listener, shutdown)
         .await
