@@ -433,8 +433,8 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 /// Per agency: (code, pending documents, pending bytes, oldest pending age in seconds,
-/// connected).
-type QueueRow = (String, u64, u64, f64, i64);
+/// connected, dead letters held).
+type QueueRow = (String, u64, u64, f64, i64, u64);
 
 fn queue_rows(shared: &Shared) -> Vec<QueueRow> {
     let agencies = match shared.store.agencies() {
@@ -454,7 +454,15 @@ fn queue_rows(shared: &Shared) -> Vec<QueueRow> {
                     .map(|t| now.saturating_sub(t).max(0) as f64 / 1000.0)
                     .unwrap_or(0.0);
                 let connected = i64::from(shared.hub.info(&code).is_some());
-                Some((code, stats.pending, stats.pending_bytes, age, connected))
+                let dead = shared.store.dead_letter_count(&code);
+                Some((
+                    code,
+                    stats.pending,
+                    stats.pending_bytes,
+                    age,
+                    connected,
+                    dead,
+                ))
             }
             Err(error) => {
                 tracing::warn!(%error, agency = %code, "metrics: cannot read a queue");
@@ -571,6 +579,13 @@ impl Collector for StateCollector {
             "Age of the agency's oldest pending delivery (0 when none).",
             "agency",
             rows.iter().map(|r| (r.0.clone(), r.3)),
+        )?;
+        gauge_family(
+            e,
+            "lienthong_broker_agency_dead_letters",
+            "Dead letters to the agency held now (expired or refused, not redriven).",
+            "agency",
+            rows.iter().map(|r| (r.0.clone(), r.5)),
         )?;
         Ok(())
     }

@@ -276,6 +276,9 @@ pub struct Store {
     /// The audit chain's head; its mutex serialises appends.
     chain: Arc<Chain>,
     pending: Arc<Mutex<PendingCounts>>,
+    /// Dead letters held per recipient (the `dead_letters` tree counted at open, then
+    /// kept in step after each commit that adds or removes one).
+    dead_counts: Arc<Mutex<HashMap<String, u64>>>,
     /// Settled deliveries per recipient over the last hour and day; in memory only.
     recent: Arc<crate::recent::RecentCounts>,
     commit: GroupCommit,
@@ -304,6 +307,20 @@ fn expiry_key(expires_at_ms: i64, queue_key: &[u8]) -> Vec<u8> {
         .to_vec();
     key.extend_from_slice(queue_key);
     key
+}
+
+/// Dead letters per recipient in `tree` (keys recipient ‖ 0 ‖ message id).
+fn count_dead_letters(tree: &sled::Tree) -> Result<HashMap<String, u64>, StoreError> {
+    let mut counts = HashMap::new();
+    for key in tree.iter().keys() {
+        let key = key?;
+        if let Some(at) = key.iter().position(|b| *b == 0) {
+            let recipient = String::from_utf8_lossy(&key[..at]).into_owned();
+            let count: &mut u64 = counts.entry(recipient).or_default();
+            *count = count.saturating_add(1);
+        }
+    }
+    Ok(counts)
 }
 
 fn dead_letter_key(recipient: &str, message_id: &str) -> Vec<u8> {
@@ -394,6 +411,7 @@ impl Store {
             let documents = db.open_tree("documents")?.len() as u64;
             db.insert(DOCUMENT_COUNT_KEY, &documents.to_be_bytes())?;
         }
+        let dead_letters = db.open_tree("dead_letters")?;
         let commit = GroupCommit::start(db.clone(), dir)
             .map_err(|e| open_error(format!("cannot open the data file for syncing: {e}")))?;
         let queue = db.open_tree("queue")?;
@@ -416,7 +434,8 @@ impl Store {
             deliveries: db.open_tree("deliveries")?,
             agencies: db.open_tree("agencies")?,
             expiry: db.open_tree("expiry")?,
-            dead_letters: db.open_tree("dead_letters")?,
+            dead_counts: Arc::new(Mutex::new(count_dead_letters(&dead_letters)?)),
+            dead_letters,
             audit,
             pending_tree,
             chain,
@@ -1111,8 +1130,10 @@ impl Store {
                     // Rebuilt on every try: a retried transaction starts from scratch.
                     let mut head = start;
                     let mut entries = Vec::new();
-                    // Per item: None = nothing settled; Some(freed queue entry bytes).
-                    let mut outcomes: Vec<Option<Option<u64>>> = Vec::with_capacity(prepared.len());
+                    // Per item: None = nothing settled; Some((freed queue entry bytes,
+                    // dead letters added (+1) or removed (-1))).
+                    let mut outcomes: Vec<Option<(Option<u64>, i8)>> =
+                        Vec::with_capacity(prepared.len());
                     for p in &prepared {
                         let Some(bytes) = deliveries.get(&p.key)? else {
                             outcomes.push(None);
@@ -1125,6 +1146,7 @@ impl Store {
                             || record.state == DeliveryState::Refused as i32
                             || record.state == DeliveryState::Recalled as i32;
                         let mut freed = None;
+                        let mut dead_delta = 0i8;
                         match &p.item.settlement {
                             Settlement::Delivered { receipt } if queued || dead => {
                                 record.state = DeliveryState::Delivered as i32;
@@ -1149,7 +1171,12 @@ impl Store {
                                         "expired"
                                     },
                                 );
-                                dead_letters.insert(p.dead_key.as_slice(), &[] as &[u8])?;
+                                if dead_letters
+                                    .insert(p.dead_key.as_slice(), &[] as &[u8])?
+                                    .is_none()
+                                {
+                                    dead_delta = 1;
+                                }
                             }
                             Settlement::Recalled { reason, notice } if queued => {
                                 record.state = DeliveryState::Recalled as i32;
@@ -1181,15 +1208,15 @@ impl Store {
                             expiry.remove(record.expiry_key.as_slice())?;
                             record.queue_key.clear();
                             record.expiry_key.clear();
-                        } else {
-                            dead_letters.remove(p.dead_key.as_slice())?;
+                        } else if dead_letters.remove(p.dead_key.as_slice())?.is_some() {
+                            dead_delta = -1;
                         }
                         deliveries.insert(p.key.as_slice(), record.encode_to_vec())?;
                         let entry = head.chain(p.event.clone());
                         audit.insert(&entry.seq.to_be_bytes(), entry.encode_to_vec())?;
                         head.advance(&entry);
                         entries.push(entry);
-                        outcomes.push(Some(freed));
+                        outcomes.push(Some((freed, dead_delta)));
                     }
                     Ok((outcomes, entries))
                 },
@@ -1205,13 +1232,14 @@ impl Store {
         drop(head);
         let mut settled = Vec::with_capacity(outcomes.len());
         for (p, outcome) in prepared.iter().zip(outcomes) {
-            let Some(freed) = outcome else {
+            let Some((freed, dead_delta)) = outcome else {
                 settled.push(false);
                 continue;
             };
             if let Some(bytes) = freed {
                 self.adjust_pending(&p.sender, &p.item.recipient, bytes, false);
             }
+            self.adjust_dead_letters(&p.item.recipient, dead_delta);
             match p.item.settlement {
                 Settlement::Delivered { .. } => {
                     self.recent
@@ -1229,6 +1257,32 @@ impl Store {
             settled.push(true);
         }
         Ok(settled)
+    }
+
+    /// Dead letters to `recipient` held now.
+    pub fn dead_letter_count(&self, recipient: &str) -> u64 {
+        self.dead_counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(recipient)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn adjust_dead_letters(&self, recipient: &str, delta: i8) {
+        if delta == 0 {
+            return;
+        }
+        let mut counts = self
+            .dead_counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(recipient.to_owned()).or_default();
+        *count = if delta > 0 {
+            count.saturating_add(1)
+        } else {
+            count.saturating_sub(1)
+        };
     }
 
     /// Adds (`queued`) or removes one document of `bytes` from `sender` to the counters
@@ -1333,14 +1387,14 @@ impl Store {
             .transaction(
                 |(queue, deliveries, expiry, dead_letters, audit, pending)| {
                     let Some(current) = deliveries.get(&key)? else {
-                        return Ok(false);
+                        return Ok(None);
                     };
                     let mut record = DeliveryRecord::decode(current.as_ref())
                         .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
                     if record.state != DeliveryState::Expired as i32
                         && record.state != DeliveryState::Refused as i32
                     {
-                        return Ok(false);
+                        return Ok(None);
                     }
                     let entry = QueueEntry {
                         message_id: message_id.to_owned(),
@@ -1353,7 +1407,7 @@ impl Store {
                     count_in(pending, &document.sender, recipient, bytes, true)?;
                     let expires = expiry_key(expires_at_ms, &queue_key);
                     expiry.insert(expires.as_slice(), key.as_slice())?;
-                    dead_letters.remove(dead_key.as_slice())?;
+                    let was_dead = dead_letters.remove(dead_key.as_slice())?.is_some();
                     record.state = DeliveryState::Queued as i32;
                     record.queue_key = queue_key.clone();
                     record.expiry_key = expires;
@@ -1364,19 +1418,22 @@ impl Store {
                     push_attempt(&mut record, now_ms, "redriven");
                     deliveries.insert(key.as_slice(), record.encode_to_vec())?;
                     audit.insert(&audit_key, audit_bytes.as_slice())?;
-                    Ok(true)
+                    Ok(Some(was_dead))
                 },
             );
-        if matches!(result, Ok(true)) {
+        if matches!(result, Ok(Some(_))) {
             head.advance(&audit_entry);
         }
         drop(head);
         match result {
-            Ok(true) => {
+            Ok(Some(was_dead)) => {
                 self.adjust_pending(&document.sender, recipient, bytes, true);
+                if was_dead {
+                    self.adjust_dead_letters(recipient, -1);
+                }
                 Ok(true)
             }
-            Ok(false) => Ok(false),
+            Ok(None) => Ok(false),
             Err(TransactionError::Abort(detail)) => Err(StoreError::Corrupt(detail)),
             Err(TransactionError::Storage(e)) => Err(e.into()),
         }

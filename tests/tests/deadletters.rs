@@ -354,3 +354,67 @@ async fn full_recipient_queue_refuses_with_resource_exhausted_naming_the_limit()
     b.stop().await;
     broker.stop().await;
 }
+
+/// `lienthong_broker_agency_dead_letters{agency}` from the admin listener at `admin`.
+async fn dead_letters_metric(admin: &str, agency: &str) -> Option<u64> {
+    let text = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let prefix = format!("lienthong_broker_agency_dead_letters{{agency=\"{agency}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_counted_per_agency_across_a_restart_and_a_redrive_takes_one_off() {
+    let world = World::new();
+    let (broker, admin_url) = Broker::start_with_admin(broker_config(&world)).await;
+    let a = Agent::start(world.agent_config(A, &broker.url)).await;
+    assert_eq!(dead_letters_metric(&admin_url, B).await, Some(0));
+    // B and C never connect: three documents expire, two for B and one for C.
+    let mut ids = Vec::new();
+    for to in [B, B, C] {
+        let request = SendRequest {
+            to: vec![to.into()],
+            subject: "Hết hạn".into(),
+            expires_at_ms: Some(lienthong_proto::now_ms() + 1000),
+            ..SendRequest::default()
+        };
+        ids.push(a.client.send(&request).await.unwrap().message_id);
+    }
+    for id in &ids {
+        a.wait_status(id, "expired", |v| {
+            v.recipients.iter().any(|r| r.state == "expired")
+        })
+        .await;
+    }
+    assert_eq!(dead_letters_metric(&admin_url, B).await, Some(2));
+    assert_eq!(dead_letters_metric(&admin_url, C).await, Some(1));
+    assert_eq!(dead_letters_metric(&admin_url, A).await, Some(0));
+
+    // Counted again from the store at start.
+    broker.stop().await;
+    let (broker, admin_url) = Broker::start_with_admin(broker_config(&world)).await;
+    assert_eq!(dead_letters_metric(&admin_url, B).await, Some(2));
+    assert_eq!(dead_letters_metric(&admin_url, C).await, Some(1));
+
+    let mut admin = admin_client(&world, &broker.url).await;
+    let redriven = admin
+        .redrive(RedriveRequest {
+            message_id: ids[0].clone(),
+            agency: B.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .redriven;
+    assert_eq!(redriven.len(), 1);
+    assert_eq!(dead_letters_metric(&admin_url, B).await, Some(1));
+    assert_eq!(dead_letters_metric(&admin_url, C).await, Some(1));
+    a.stop().await;
+    broker.stop().await;
+}
