@@ -334,9 +334,8 @@ impl Store {
         match meta.get("format").map_err(sled_err)? {
             Some(format) if format.as_ref() == FORMAT.as_bytes() => {}
             Some(other) => {
-                return Err(not_ours(format!(
-                    "store format {:?}, expected {FORMAT:?}",
-                    String::from_utf8_lossy(&other)
+                return Err(not_ours(lienthong_proto::store_format::mismatch(
+                    &other, FORMAT,
                 )));
             }
             None => {

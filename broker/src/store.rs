@@ -385,10 +385,9 @@ impl Store {
         match db.get(FORMAT_KEY)? {
             Some(format) if format.as_ref() == FORMAT => {}
             Some(other) => {
-                return Err(open_error(format!(
-                    "store format {:?} is not {:?}",
-                    String::from_utf8_lossy(&other),
-                    String::from_utf8_lossy(FORMAT)
+                return Err(open_error(lienthong_proto::store_format::mismatch(
+                    &other,
+                    &String::from_utf8_lossy(FORMAT),
                 )));
             }
             None if fresh || (data_file_was_empty && holds_no_data(&db)?) => {
@@ -2004,5 +2003,41 @@ mod audit_tests {
         let store = Store::open(&path).unwrap();
         assert_eq!(counts(&store), before);
         store.release().await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod format_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_store_written_by_a_newer_version_is_refused_untouched_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let store = Store::open(&path).unwrap();
+        store
+            .register_agency("000.00.00.H31", "UBND", false, 1, "test")
+            .unwrap();
+        store.release().await.unwrap();
+        {
+            let db = open_sled(&path).unwrap();
+            db.insert(FORMAT_KEY, b"lienthong-broker/2".as_slice())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let Err(refused) = Store::open(&path) else {
+            panic!("a newer store opened");
+        };
+        let text = refused.to_string();
+        assert!(text.contains("newer version"), "{text}");
+        assert!(text.contains("lienthong-broker/2"), "{text}");
+        // Refused untouched: the marker and the data are as they were.
+        let db = open_sled(&path).unwrap();
+        assert_eq!(
+            db.get(FORMAT_KEY).unwrap().unwrap().as_ref(),
+            b"lienthong-broker/2"
+        );
+        assert!(db.open_tree("agencies").unwrap().len() == 1);
     }
 }

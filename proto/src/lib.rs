@@ -25,6 +25,7 @@ pub mod receipt;
 pub mod revocation;
 pub mod signing;
 pub mod spool;
+pub mod store_format;
 pub mod tls;
 
 /// Generated code for `lienthong.v1`.
