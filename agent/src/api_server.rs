@@ -2,10 +2,14 @@
 //! server, because `axum::serve` cannot bound what a client may hold.
 //!
 //! Owns the connection limits:
-//! - at most `max_connections` connections are open; at the cap the oldest open
-//!   connection is asked to close (it finishes the request it is serving, if any, and
-//!   an idle kept-alive one closes at once) and the newcomer waits in the kernel's
-//!   backlog until it has. Without this, a gateway whose HTTP pool had grown past the
+//! - at most `max_connections` connections are open; at the cap the connection that
+//!   moved a byte least recently is asked to close (it finishes the request it is
+//!   serving, if any, and an idle kept-alive one closes at once) and the newcomer,
+//!   accepted, waits until it has (no other connection is accepted meanwhile). Least recently active rather than oldest:
+//!   HTTP pools reuse their most recently used connection first, so the one idle the
+//!   longest is the one a client is least likely to be writing a request to as it
+//!   closes (a request caught by such a close fails on the client's side; clients
+//!   retry with an `Idempotency-Key`). Without this, a gateway whose HTTP pool had grown past the
 //!   cap saw part of its requests wait, unanswered, until some kept-alive connection
 //!   timed out: the bench's driver, with 256 requests in flight, held 275–338
 //!   connections to the API's 256 and ran at a quarter of its speed;
@@ -114,24 +118,11 @@ pub(crate) async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     // Open connections, oldest first; a token is cancelled once its connection ended
     // (its task's drop guard) or was asked to close.
-    let mut open: std::collections::VecDeque<CancellationToken> = std::collections::VecDeque::new();
+    let mut open: Vec<(CancellationToken, Activity)> = Vec::new();
     loop {
         // Reap finished connections so the set does not grow.
         while connections.try_join_next().is_some() {}
-        open.retain(|token| !token.is_cancelled());
-        if permits.available_permits() == 0
-            && let Some(oldest) = open.pop_front()
-        {
-            debug!("API connection cap reached; asking the oldest connection to close");
-            oldest.cancel();
-        }
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = Arc::clone(&permits).acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
+        open.retain(|(token, _)| !token.is_cancelled());
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
@@ -148,14 +139,39 @@ pub(crate) async fn serve(
                 }
             }
         };
+        // At the cap, and only when a newcomer is here: the least recently active
+        // connection is asked to close, and the newcomer waits for its slot.
+        let permit = match Arc::clone(&permits).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if let Some(quietest) = open
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, (_, clock))| clock.last_activity())
+                    .map(|(at, _)| at)
+                {
+                    debug!("API connection cap reached; asking the least recently active connection to close");
+                    let (token, _) = open.swap_remove(quietest);
+                    token.cancel();
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = Arc::clone(&permits).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         // Answers are small and latency matters: no Nagle delay.
         let _ = tcp.set_nodelay(true);
         let stop = shutdown.child_token();
-        open.push_back(stop.clone());
+        let clock = Activity::new();
+        open.push((stop.clone(), clock.clone()));
         let (app, options) = (app.clone(), options.clone());
         connections.spawn(async move {
             let ended = stop.clone().drop_guard();
-            connection(tcp, peer, app, options, stop).await;
+            connection(tcp, peer, app, options, clock, stop).await;
             drop(ended);
             drop(permit);
         });
@@ -180,9 +196,9 @@ async fn connection(
     peer: SocketAddr,
     app: axum::Router,
     options: ServeOptions,
+    clock: Activity,
     shutdown: CancellationToken,
 ) {
-    let clock = Activity::new();
     let io = Watched {
         inner: tcp,
         clock: clock.clone(),
@@ -285,6 +301,13 @@ impl Activity {
             ));
         }
         Ok(())
+    }
+
+    /// When the connection last moved a byte (or opened).
+    fn last_activity(&self) -> Instant {
+        self.opened
+            .checked_add(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+            .unwrap_or(self.opened)
     }
 
     fn touch(&self) {

@@ -72,14 +72,53 @@ impl AgentClient {
     }
 
     pub async fn send(&self, request: &SendRequest) -> Result<SendResponse, CliError> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| CliError::Failed(format!("encoding the request: {e}")))?;
         let response = self
-            .http
-            .post(format!("{}/v1/documents", self.base))
-            .json(request)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
+            .post_idempotent("/v1/documents", "application/json", body)
+            .await?;
         Self::decode(response).await
+    }
+
+    /// POSTs `body` with an `Idempotency-Key`, sending it again (same key) when the
+    /// request fails on the way: a kept-alive connection the agent closes (its idle
+    /// timeout, or room made at its connection cap) fails a request written to it at
+    /// that moment, and the client cannot tell whether the agent read it. With the key
+    /// a request that did arrive is answered again, not sent twice.
+    async fn post_idempotent(
+        &self,
+        path: &str,
+        content_type: &'static str,
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response, CliError> {
+        const ATTEMPTS: u32 = 3;
+        let key = lienthong_proto::document::new_message_id();
+        let url = format!("{}{path}", self.base);
+        let mut attempt = 1;
+        loop {
+            let sent = self
+                .http
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, content_type)
+                .header("idempotency-key", &key)
+                .body(body.clone())
+                .send()
+                .await;
+            match sent {
+                // The first try may still be running at the agent: wait for its answer.
+                Ok(response)
+                    if attempt > 1
+                        && attempt < ATTEMPTS
+                        && response.status() == reqwest::StatusCode::CONFLICT => {}
+                Ok(response) => return Ok(response),
+                Err(error) if attempt >= ATTEMPTS => return Err(self.unreachable(error)),
+                Err(error) => {
+                    tracing::debug!(%error, attempt, "sending to the agent failed; retrying with the same Idempotency-Key");
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100 * u64::from(attempt))).await;
+            attempt += 1;
+        }
     }
 
     /// Documents in the agent's inbox; with `above`, waits up to `wait_ms` for more.
@@ -233,13 +272,8 @@ impl AgentClient {
     /// `POST /v1/edxml`: sends an edXML package (document or status message).
     pub async fn send_edxml(&self, package: Vec<u8>) -> Result<SendResponse, CliError> {
         let response = self
-            .http
-            .post(format!("{}/v1/edxml", self.base))
-            .header(reqwest::header::CONTENT_TYPE, "application/xml")
-            .body(package)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
+            .post_idempotent("/v1/edxml", "application/xml", package)
+            .await?;
         Self::decode(response).await
     }
 

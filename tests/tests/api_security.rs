@@ -744,7 +744,7 @@ async fn idle_and_slow_connections_cannot_lock_the_api() {
 /// past it) does not make a new connection wait for their keep-alive timeout: the oldest
 /// is asked to close and the newcomer is served at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_the_connection_cap_the_oldest_kept_alive_connection_makes_room() {
+async fn at_the_connection_cap_the_least_recently_active_connection_makes_room() {
     let world = World::new();
     let broker = Broker::start(world.broker_config("broker")).await;
     let mut config = world.agent_config(A, &broker.url);
@@ -764,33 +764,68 @@ async fn at_the_connection_cap_the_oldest_kept_alive_connection_makes_room() {
             a.token
         );
         stream.write_all(request.as_bytes()).await.unwrap();
-        let mut head = vec![0u8; 4096];
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut head))
-            .await
-            .expect("answered")
-            .unwrap();
-        assert!(
-            String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"),
-            "{}",
-            String::from_utf8_lossy(&head[..n])
-        );
+        let answer = whole_response(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         kept.push(stream);
     }
+    // The older connection is used again: the newer one is now the least recently
+    // active (an HTTP pool reuses its most recent connection first).
+    let request = format!(
+        "GET /v1/limits HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\r\n",
+        a.token
+    );
+    kept[0].write_all(request.as_bytes()).await.unwrap();
+    let answer = whole_response(&mut kept[0]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // A third connection is served well before any keep-alive timeout.
     let answered = tokio::time::timeout(Duration::from_secs(10), a.client.limits())
         .await
         .expect("a new connection waited behind idle kept-alive ones");
     assert!(answered.unwrap().max_document_bytes > 0);
-    // The oldest was closed to make room.
+    // The least recently active one was closed to make room, and only it.
     let mut rest = Vec::new();
     let closed =
-        tokio::time::timeout(Duration::from_secs(10), kept[0].read_to_end(&mut rest)).await;
+        tokio::time::timeout(Duration::from_secs(10), kept[1].read_to_end(&mut rest)).await;
     assert!(
         matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
-        "the oldest connection stayed open: {closed:?}"
+        "the least recently active connection stayed open: {closed:?}"
+    );
+    let mut probe = [0u8; 1];
+    let still_open =
+        tokio::time::timeout(Duration::from_millis(300), kept[0].read(&mut probe)).await;
+    assert!(
+        still_open.is_err(),
+        "the recently used connection was closed too: {still_open:?}"
     );
     drop(kept);
     a.stop().await;
     broker.stop().await;
+}
+
+/// One whole HTTP/1.1 response with a `content-length` body, read from `stream`.
+async fn whole_response(stream: &mut TcpStream) -> String {
+    let read = async {
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "closed mid-head");
+            got.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        stream.read_exact(&mut body).await.unwrap();
+        got.extend_from_slice(&body);
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("answered")
 }

@@ -227,3 +227,129 @@ async fn a_retry_returns_the_first_id_and_the_recipient_gets_one_document() {
     b.stop().await;
     broker.stop().await;
 }
+
+/// Reads one HTTP/1.1 request head from `stream` (up to the blank line).
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await.unwrap();
+        assert_eq!(n, 1, "the client closed before its request head ended");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+fn idempotency_key_of(head: &str) -> String {
+    head.lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("idempotency-key")
+                .then(|| value.trim().to_owned())
+        })
+        .expect("the request carries an Idempotency-Key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_client_resends_a_request_lost_with_its_connection_under_the_same_key() {
+    use tokio::io::AsyncWriteExt;
+    // An "agent" whose first connection closes as the request arrives, as a kept-alive
+    // connection does when the agent closes it at that moment.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut first, _) = listener.accept().await.unwrap();
+        let first_key = idempotency_key_of(&read_head(&mut first).await);
+        drop(first);
+        let (mut second, _) = listener.accept().await.unwrap();
+        let head = read_head(&mut second).await;
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap();
+        let mut body = vec![0u8; length];
+        tokio::io::AsyncReadExt::read_exact(&mut second, &mut body)
+            .await
+            .unwrap();
+        let answer = r#"{"message_id":"0193a3c0-0000-7000-8000-000000000001","business_id":"x"}"#;
+        second
+            .write_all(
+                format!(
+                    "HTTP/1.1 202 Accepted\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                    answer.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        (first_key, idempotency_key_of(&head))
+    });
+    let client = lienthong_cli::http::AgentClient::new(&format!("http://{addr}"), "t").unwrap();
+    let sent = client
+        .send(&lienthong_agent::api_types::SendRequest {
+            to: vec![B.into()],
+            subject: "gửi lại".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent.message_id, "0193a3c0-0000-7000-8000-000000000001");
+    let (first_key, second_key) = server.await.unwrap();
+    assert!(!first_key.is_empty());
+    assert_eq!(first_key, second_key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_larger_than_the_api_connection_cap_sends_every_document_exactly_once() {
+    let world = World::new();
+    let broker = Broker::start(world.broker_config("broker")).await;
+    let mut config = world.agent_config(A, &broker.url);
+    config.api_max_connections = 2;
+    let a = Agent::start(config).await;
+    let b = Agent::start(world.agent_config(B, &broker.url)).await;
+    // 48 sends at once from one client: its pool opens more connections than the API
+    // keeps, so connections are closed under it while it works.
+    let sends = (0..48).map(|i| {
+        let client = a.client.clone();
+        async move {
+            client
+                .send(&lienthong_agent::api_types::SendRequest {
+                    to: vec![B.into()],
+                    subject: format!("văn bản {i}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .message_id
+        }
+    });
+    let ids: HashSet<String> = futures_join_all(sends).await.into_iter().collect();
+    assert_eq!(ids.len(), 48);
+    for id in &ids {
+        wait_for_path(&world.inbox_dir(B).join(id)).await;
+    }
+    assert_eq!(inbox_entries(&world.inbox_dir(B)).len(), 48);
+    a.stop().await;
+    b.stop().await;
+    broker.stop().await;
+}
+
+/// Runs the futures concurrently and gathers their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for handle in handles {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
