@@ -225,6 +225,17 @@ type Job = (
 /// Attachments given as base64 of a document that will be streamed (over
 /// `STREAMED_THRESHOLD` in total) are first spooled to upload files, synced, so that
 /// they take the path of uploaded files.
+/// `drafted` with its request's `Idempotency-Key`, for the sealer.
+fn tagged(
+    drafted: Result<Job, ApiError>,
+    tag: Option<crate::sealer::IdempotencyTag>,
+) -> Result<Job, ApiError> {
+    drafted.map(|(mut job, answer)| {
+        job.idempotency = tag;
+        (job, answer)
+    })
+}
+
 fn draft_job(agent: &Agent, req: SendRequest, spooled: &mut Vec<String>) -> Result<Job, ApiError> {
     let sender = agent.agency.to_string();
     let ctx = DraftContext {
@@ -296,9 +307,9 @@ fn draft_job(agent: &Agent, req: SendRequest, spooled: &mut Vec<String>) -> Resu
 
 /// Whether drafting `requests` is small enough for the async thread: no files to read
 /// or spool, and little base64 to decode and hash in all of them together.
-fn drafts_inline(requests: &[SendRequest]) -> bool {
+fn drafts_inline<'a>(requests: impl IntoIterator<Item = &'a SendRequest>) -> bool {
     let mut base64 = 0u64;
-    for attachment in requests.iter().flat_map(|r| &r.attachments) {
+    for attachment in requests.into_iter().flat_map(|r| &r.attachments) {
         if attachment.upload_id.is_some() {
             return false;
         }
@@ -900,7 +911,12 @@ async fn send_document(
     let req: SendRequest = crate::intake::json(&headers, &body)?;
     // The request holds what it needs: the body's copy goes before the work.
     drop(body);
-    let sent = accept_send_request(&agent, req).await?;
+    let tag = claim.as_ref().map(idempotency::Claim::tag);
+    let (sent, kept) = accept_send_request_keyed(&agent, req, tag).await?;
+    if kept {
+        // Kept by the sealer with the document, durable before this answer.
+        return Ok(idempotency::answer(claim, StatusCode::ACCEPTED, &sent));
+    }
     Ok(idempotency::finish(claim, StatusCode::ACCEPTED, &sent).await)
 }
 
@@ -911,7 +927,20 @@ pub(crate) async fn accept_send_request(
     agent: &Arc<Agent>,
     req: SendRequest,
 ) -> Result<SendResponse, ApiError> {
-    accept_send_requests(agent, vec![req])
+    accept_send_request_keyed(agent, req, None)
+        .await
+        .map(|(sent, _)| sent)
+}
+
+/// [`accept_send_request`] for a request that came with an `Idempotency-Key`: the
+/// sealer keeps the answer under it in the document's own group write and sync. The
+/// flag says whether it did (else the caller keeps it, see `idempotency::finish`).
+pub(crate) async fn accept_send_request_keyed(
+    agent: &Arc<Agent>,
+    req: SendRequest,
+    tag: Option<crate::sealer::IdempotencyTag>,
+) -> Result<(SendResponse, bool), ApiError> {
+    accept_send_requests_tagged(agent, vec![(req, tag)])
         .await
         .pop()
         .unwrap_or(Err(ApiError::Internal))
@@ -924,14 +953,25 @@ pub(crate) async fn accept_send_requests(
     agent: &Arc<Agent>,
     requests: Vec<SendRequest>,
 ) -> Vec<Result<SendResponse, ApiError>> {
+    accept_send_requests_tagged(agent, requests.into_iter().map(|r| (r, None)).collect())
+        .await
+        .into_iter()
+        .map(|r| r.map(|(sent, _)| sent))
+        .collect()
+}
+
+async fn accept_send_requests_tagged(
+    agent: &Arc<Agent>,
+    requests: Vec<(SendRequest, Option<crate::sealer::IdempotencyTag>)>,
+) -> Vec<Result<(SendResponse, bool), ApiError>> {
     let count = requests.len();
     let drafted: Vec<Result<Job, ApiError>>;
     let mut spooled = Vec::new();
-    if drafts_inline(&requests) {
+    if drafts_inline(requests.iter().map(|(req, _)| req)) {
         // No file is touched: spooling happens only above the streaming threshold.
         drafted = requests
             .into_iter()
-            .map(|req| draft_job(agent, req, &mut spooled))
+            .map(|(req, tag)| tagged(draft_job(agent, req, &mut spooled), tag))
             .collect();
     } else {
         let drafting = Arc::clone(agent);
@@ -939,7 +979,7 @@ pub(crate) async fn accept_send_requests(
             let mut spooled = Vec::new();
             let drafted: Vec<_> = requests
                 .into_iter()
-                .map(|req| draft_job(&drafting, req, &mut spooled))
+                .map(|(req, tag)| tagged(draft_job(&drafting, req, &mut spooled), tag))
                 .collect();
             (drafted, spooled)
         })
@@ -956,7 +996,8 @@ pub(crate) async fn accept_send_requests(
         }
     }
     // Sealed (numbered, signed, stored, durable) as one group, answers in order.
-    let mut results: Vec<Option<Result<SendResponse, ApiError>>> = Vec::with_capacity(count);
+    let mut results: Vec<Option<Result<(SendResponse, bool), ApiError>>> =
+        Vec::with_capacity(count);
     let mut jobs = Vec::with_capacity(count);
     for draft in drafted {
         match draft {
@@ -991,10 +1032,13 @@ pub(crate) async fn accept_send_requests(
                         business_id = %done.business_id,
                         "document accepted into the outbox"
                     );
-                    Ok(SendResponse {
-                        message_id: done.message_id,
-                        business_id: done.business_id,
-                    })
+                    Ok((
+                        SendResponse {
+                            message_id: done.message_id,
+                            business_id: done.business_id,
+                        },
+                        done.answer_kept,
+                    ))
                 }
                 Some(Err(e)) => Err(e),
                 None => Err(ApiError::Internal),

@@ -150,7 +150,9 @@ pub(crate) async fn serve(
                     .min_by_key(|(_, (_, clock))| clock.last_activity())
                     .map(|(at, _)| at)
                 {
-                    debug!("API connection cap reached; asking the least recently active connection to close");
+                    debug!(
+                        "API connection cap reached; asking the least recently active connection to close"
+                    );
                     let (token, _) = open.swap_remove(quietest);
                     token.cancel();
                 }

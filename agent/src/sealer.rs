@@ -20,6 +20,9 @@
 //!   order the drafts arrived; a refused draft may leave a gap, as before.
 //! - The outbox limits (`max_outbox_documents`, `max_outbox_bytes`) count the drafts
 //!   accepted earlier in the same group.
+//! - A single send with an `Idempotency-Key` has its answer kept under the key right
+//!   after its document is written, so the group's one sync covers both (the API then
+//!   neither writes it nor syncs again).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
@@ -45,6 +48,19 @@ const MAX_GROUP: usize = 64;
 pub(crate) struct Sealed {
     pub message_id: String,
     pub business_id: String,
+    /// The API's answer was kept under the job's `Idempotency-Key`, written after the
+    /// document and made durable by the same sync.
+    pub answer_kept: bool,
+}
+
+/// The `Idempotency-Key` a single send came with: the sealer keeps its answer (`202`,
+/// the message and business ids) in the same group write and sync as the document,
+/// instead of the API writing it and syncing again afterwards.
+#[derive(Debug, Clone)]
+pub(crate) struct IdempotencyTag {
+    pub key: String,
+    pub fingerprint: String,
+    pub route: &'static str,
 }
 
 /// A drafted document for the sealer: header checked, attachments in hand.
@@ -61,6 +77,8 @@ pub(crate) struct SealJob {
     pub upload_paths: Vec<PathBuf>,
     /// Uploads read into `attachments`: removed once the document is stored.
     pub consumed_uploads: Vec<String>,
+    /// Keep the API's answer under this key (single sends only).
+    pub idempotency: Option<IdempotencyTag>,
     pub reply: oneshot::Sender<Result<Sealed, ApiError>>,
 }
 
@@ -109,6 +127,7 @@ pub(crate) fn job(
             streamed,
             upload_paths,
             consumed_uploads,
+            idempotency: None,
             reply,
         },
         answer,
@@ -168,6 +187,33 @@ pub(crate) async fn run(weak: Weak<Agent>, mut jobs: SealReceiver) {
                 let _ = reply.send(answer);
             }
         });
+    }
+}
+
+/// The `202` answer of a single send, to keep under its key; `None`, logged, when it
+/// cannot be encoded (the API then keeps it itself).
+fn kept_answer(
+    agent: &Agent,
+    tag: &IdempotencyTag,
+    message_id: &str,
+    business_id: &str,
+) -> Option<crate::store::IdempotencyRecord> {
+    let answer = crate::api_types::SendResponse {
+        message_id: message_id.to_owned(),
+        business_id: business_id.to_owned(),
+    };
+    match serde_json::to_string(&answer) {
+        Ok(body) => Some(crate::store::IdempotencyRecord {
+            fingerprint: tag.fingerprint.clone(),
+            route: tag.route.to_owned(),
+            at_ms: lienthong_proto::now_ms(),
+            status: StatusCode::ACCEPTED.as_u16(),
+            body,
+        }),
+        Err(e) => {
+            error!(agency = %agent.agency, error = %e, "cannot encode an answer");
+            None
+        }
     }
 }
 
@@ -291,7 +337,8 @@ fn seal_group(agent: &Agent, group: Vec<SealJob>) -> Vec<Answer> {
     }
     let mut accepted = 0usize;
     let mut refused = 0usize;
-    let answers = jobs
+    let mut to_keep: Vec<(String, crate::store::IdempotencyRecord)> = Vec::new();
+    let mut answers: Vec<Answer> = jobs
         .into_iter()
         .zip(results)
         .zip(records)
@@ -309,9 +356,25 @@ fn seal_group(agent: &Agent, group: Vec<SealJob>) -> Vec<Answer> {
                         business_id = %job.header.business_id,
                         "document sealed into the outbox"
                     );
+                    let answer_kept = match &job.idempotency {
+                        Some(tag) => match kept_answer(
+                            agent,
+                            tag,
+                            &job.header.message_id,
+                            &job.header.business_id,
+                        ) {
+                            Some(record) => {
+                                to_keep.push((tag.key.clone(), record));
+                                true
+                            }
+                            None => false,
+                        },
+                        None => false,
+                    };
                     Ok(Sealed {
                         message_id: job.header.message_id,
                         business_id: job.header.business_id,
+                        answer_kept,
                     })
                 }
                 (None, _, _) => Err(ApiError::Internal),
@@ -324,6 +387,19 @@ fn seal_group(agent: &Agent, group: Vec<SealJob>) -> Vec<Answer> {
             (job.reply, answer)
         })
         .collect();
+    // The answers under their keys: one batch, after the documents in the log.
+    if !to_keep.is_empty() {
+        let entries: Vec<(&str, &crate::store::IdempotencyRecord)> =
+            to_keep.iter().map(|(k, r)| (k.as_str(), r)).collect();
+        if let Err(e) = agent.store.idempotency_put_many(&entries) {
+            error!(agency = %agent.agency, error = %e, "cannot keep the answers of idempotency keys in the group write; the API keeps them");
+            for (_, answer) in &mut answers {
+                if let Ok(sealed) = answer {
+                    sealed.answer_kept = false;
+                }
+            }
+        }
+    }
     info!(
         agency = %agent.agency,
         documents = count,

@@ -137,6 +137,36 @@ pub(crate) fn begin(
     Ok(Begin::Replay(json_response(kept.status, kept.body, true)))
 }
 
+impl Claim {
+    /// The key, fingerprint and route, for the sealer to keep the answer with the
+    /// document (`POST /v1/documents`).
+    pub(crate) fn tag(&self) -> crate::sealer::IdempotencyTag {
+        crate::sealer::IdempotencyTag {
+            key: self.key.clone(),
+            fingerprint: self.fingerprint.clone(),
+            route: self.route,
+        }
+    }
+}
+
+/// The answer to a request whose answer the sealer already kept (durably, with its
+/// document): sent as it is; the claim is released when it goes.
+pub(crate) fn answer<T: serde::Serialize>(
+    claim: Option<Claim>,
+    status: StatusCode,
+    answer: &T,
+) -> Response {
+    let response = match serde_json::to_string(answer) {
+        Ok(body) => json_response(status.as_u16(), body, false),
+        Err(e) => {
+            error!(error = %e, "cannot encode an answer");
+            ApiError::Internal.into_response()
+        }
+    };
+    drop(claim);
+    response
+}
+
 /// The answer to a request that ran: kept under its key (durably) when it succeeded.
 /// A failure to keep it is logged, and the answer still goes out: the documents are
 /// accepted, so the client must learn their ids.

@@ -4,9 +4,11 @@
 //! → empty, the same entries in age order for pruning.
 //!
 //! Invariants:
-//! - An entry is written only after the documents it answers for are durable in the
-//!   outbox, and made durable before the answer leaves: a retry finds it after a
-//!   restart. (A crash between those two syncs loses the entry: the retry then sends
+//! - An entry is written only after the documents it answers for (after they are
+//!   durable, or for a single send by the sealer right after the document in the same
+//!   group write, so that sled's ordered log never keeps the entry without the
+//!   document), and made durable before the answer leaves: a retry finds it after a
+//!   restart. (A crash that keeps the document but not the entry makes the retry send
 //!   again. The window is one sled write.)
 //! - Entries are kept for at most [`IDEMPOTENCY_MAX_AGE_MS`] and at most
 //!   [`IDEMPOTENCY_MAX_ENTRIES`]: every write prunes the expired ones and then the
@@ -94,6 +96,27 @@ impl Store {
         max_age_ms: i64,
         max_entries: u64,
     ) -> Result<(), StoreError> {
+        self.idempotency_put_many_bounded(&[(idem_key, record)], max_age_ms, max_entries)
+    }
+
+    /// Keeps several answers with one batch write and one pruning pass (the sealer's
+    /// group), to the default bounds. Call [`Store::durable`] before answering.
+    pub fn idempotency_put_many(
+        &self,
+        entries: &[(&str, &IdempotencyRecord)],
+    ) -> Result<(), StoreError> {
+        self.idempotency_put_many_bounded(entries, IDEMPOTENCY_MAX_AGE_MS, IDEMPOTENCY_MAX_ENTRIES)
+    }
+
+    fn idempotency_put_many_bounded(
+        &self,
+        new_entries: &[(&str, &IdempotencyRecord)],
+        max_age_ms: i64,
+        max_entries: u64,
+    ) -> Result<(), StoreError> {
+        if new_entries.is_empty() {
+            return Ok(());
+        }
         // One writer at a time keeps the count exact.
         let mut count = self
             .idempotency_count
@@ -110,30 +133,31 @@ impl Store {
                 n
             }
         };
-        let main = key(b'k', idem_key);
-        let earlier: Option<IdempotencyRecord> = self
-            .idempotency
-            .get(&main)?
-            .map(|v| decode_json(&main, &v))
-            .transpose()?;
-        let value = encode_json(record)?;
-        let age = age_key(record.at_ms, idem_key);
-        let earlier_age = earlier.as_ref().map(|e| age_key(e.at_ms, idem_key));
-        // One tree: a batch is atomic and much cheaper than a transaction (this runs
-        // once per send that carries a key).
+        // One tree: a batch is atomic and much cheaper than a transaction.
         let mut batch = sled::Batch::default();
-        if let Some(old) = &earlier_age {
-            batch.remove(old.as_slice());
+        let mut written = std::collections::HashSet::new();
+        let mut newest_at = i64::MIN;
+        for (idem_key, record) in new_entries {
+            let main = key(b'k', idem_key);
+            let earlier: Option<IdempotencyRecord> = self
+                .idempotency
+                .get(&main)?
+                .map(|v| decode_json(&main, &v))
+                .transpose()?;
+            let age = age_key(record.at_ms, idem_key);
+            match &earlier {
+                Some(e) => batch.remove(age_key(e.at_ms, idem_key)),
+                None => entries = entries.saturating_add(1),
+            }
+            batch.insert(main, encode_json(*record)?);
+            batch.insert(age.as_slice(), &[] as &[u8]);
+            written.insert(age);
+            newest_at = newest_at.max(record.at_ms);
         }
-        batch.insert(main.as_slice(), value.as_slice());
-        batch.insert(age.as_slice(), &[] as &[u8]);
         self.idempotency.apply_batch(batch)?;
-        if earlier.is_none() {
-            entries = entries.saturating_add(1);
-        }
         // Oldest first: expired ones, then the oldest over the count.
-        let cutoff = record.at_ms.saturating_sub(max_age_ms);
-        let mut removals = Vec::new();
+        let cutoff = newest_at.saturating_sub(max_age_ms);
+        let mut removals = sled::Batch::default();
         let mut left = entries;
         for k in self.idempotency.scan_prefix(b"t").keys() {
             let k = k?;
@@ -141,23 +165,19 @@ impl Store {
             if !expired && left <= max_entries {
                 break;
             }
-            if k.as_ref() == age.as_slice() {
-                // Never prune the entry just written.
+            if written.contains(k.as_ref()) {
+                // Never prune the entries just written.
                 continue;
             }
-            removals.push(k);
-            left = left.saturating_sub(1);
-        }
-        for k in removals {
             let idem = k.get(9..).unwrap_or_default();
             let mut main = Vec::with_capacity(idem.len().saturating_add(1));
             main.push(b'k');
             main.extend_from_slice(idem);
-            let mut batch = sled::Batch::default();
-            batch.remove(k.as_ref());
-            batch.remove(main.as_slice());
-            self.idempotency.apply_batch(batch)?;
+            removals.remove(k.as_ref());
+            removals.remove(main);
+            left = left.saturating_sub(1);
         }
+        self.idempotency.apply_batch(removals)?;
         *count = Some(left);
         Ok(())
     }
