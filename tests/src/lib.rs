@@ -728,3 +728,39 @@ pub async fn run_admin_cli(
     .await
     .unwrap()
 }
+
+/// The value of one series (`name{labels}` exactly as exposed) in the Prometheus text
+/// at `base/metrics`; `token` for an agent's API. None when unreachable or absent.
+pub async fn metric_value(base: &str, token: Option<&str>, series: &str) -> Option<u64> {
+    let mut request = reqwest::Client::new().get(format!("{base}/metrics"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let text = request.send().await.ok()?.text().await.ok()?;
+    let prefix = format!("{series} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// A rustls client (HTTP/2 by ALPN) with agency `code`'s certificate, trusting the
+/// world's CA: for tests that speak TLS to the broker below gRPC.
+pub fn agency_tls_connector(world: &World, code: &str) -> tokio_rustls::TlsConnector {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = world.agency_tls(code);
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.cert_pem)
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}

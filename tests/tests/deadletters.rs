@@ -357,16 +357,8 @@ async fn full_recipient_queue_refuses_with_resource_exhausted_naming_the_limit()
 
 /// `lienthong_broker_agency_dead_letters{agency}` from the admin listener at `admin`.
 async fn dead_letters_metric(admin: &str, agency: &str) -> Option<u64> {
-    let text = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let prefix = format!("lienthong_broker_agency_dead_letters{{agency=\"{agency}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|n| n.trim().parse().ok())
+    let series = format!("lienthong_broker_agency_dead_letters{{agency=\"{agency}\"}}");
+    metric_value(admin, None, &series).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

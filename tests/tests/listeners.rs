@@ -8,7 +8,6 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lienthong_agent::api_types::{AttachmentUpload, SendRequest};
@@ -128,34 +127,13 @@ async fn tcp_connection_sending_nothing_or_half_a_hello_is_closed_after_the_hand
     broker.stop().await;
 }
 
-/// A rustls client with agency A's certificate.
-fn agency_tls_client(world: &World) -> tokio_rustls::TlsConnector {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let tls = world.agency_tls(A);
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.cert_pem)
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).unwrap();
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authenticated_connection_that_never_starts_http2_is_closed_after_the_header_timeout() {
     let world = World::new();
     let mut config = world.broker_config("broker");
     config.http_header_timeout = Duration::from_secs(1);
     let (broker, admin_url) = Broker::start_with_admin(config).await;
-    let connector = agency_tls_client(&world);
+    let connector = agency_tls_connector(&world, A);
     // Silent after the handshake, and stopping half-way through the HTTP/2 preface.
     for sent in [&b""[..], &b"PRI * HTTP/2.0\r\n"[..]] {
         let connected = Instant::now();

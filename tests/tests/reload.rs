@@ -15,7 +15,7 @@ use lienthong_proto::pb::{AgenciesRequest, QueuesRequest};
 use lienthong_proto::tls::TlsFiles;
 use lienthong_tests::*;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, ServerName};
 
 const BIN: &str = env!("CARGO_BIN_EXE_lienthong-under-test");
 /// An agency the reloaded configuration registers.
@@ -24,21 +24,7 @@ const NEW: &str = "000.00.20.H31";
 /// The end-entity certificate (DER) the broker at `addr` presents to a new connection
 /// from agency C.
 async fn presented_certificate(world: &World, addr: SocketAddr) -> Vec<u8> {
-    let tls = world.agency_tls(C);
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&tls.ca_pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&tls.cert_pem)
-        .map(Result::unwrap)
-        .collect();
-    let key = PrivateKeyDer::from_pem_slice(&tls.key_pem).unwrap();
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = agency_tls_connector(world, C);
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let stream = connector
         .connect(ServerName::try_from("localhost").unwrap(), tcp)
@@ -195,18 +181,16 @@ async fn a_reload_swaps_the_certificate_and_receipt_key_without_dropping_session
     broker.stop().await;
 }
 
-/// The metric line of reloads with `outcome`, from the admin listener at `admin`.
+/// The broker's count of reloads with `outcome`, from the admin listener at `admin`.
 async fn reloads(admin: &str, outcome: &str) -> Option<u64> {
-    let text = reqwest::get(format!("{admin}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let prefix = format!("lienthong_broker_reloads_total{{outcome=\"{outcome}\"}} ");
-    text.lines()
-        .find_map(|line| line.strip_prefix(&prefix))
-        .and_then(|n| n.trim().parse().ok())
+    let series = format!("lienthong_broker_reloads_total{{outcome=\"{outcome}\"}}");
+    metric_value(admin, None, &series).await
+}
+
+/// An agent's count of reloads with `outcome`.
+async fn agent_reloads(agent_api: &str, token: &str, outcome: &str) -> Option<u64> {
+    let series = format!("lienthong_agent_reloads_total{{outcome=\"{outcome}\"}}");
+    metric_value(agent_api, Some(token), &series).await
 }
 
 async fn wait_reloads(admin: &str, outcome: &str, count: u64) {
@@ -373,29 +357,13 @@ async fn an_agent_reload_seals_and_connects_with_the_new_key_and_keeps_its_sessi
     let old_key = std::fs::read(&key).unwrap();
     replace_file(&key, stray.key_pem.as_bytes());
     requests.notify_one();
-    let metric = |outcome: &'static str| {
-        let (api, token) = (a.api.clone(), a.token.clone());
-        async move {
-            let text = reqwest::Client::new()
-                .get(format!("{api}/metrics"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            let prefix = format!("lienthong_agent_reloads_total{{outcome=\"{outcome}\"}} ");
-            text.lines()
-                .find_map(|line| line.strip_prefix(&prefix).map(|n| n.trim().to_owned()))
-        }
-    };
+    let metric = |outcome: &'static str| agent_reloads(&a.api, &a.token, outcome);
     let mut last = None;
     let refused = wait_until(
         "the refused reload counted",
         Duration::from_secs(15),
         || metric("refused"),
-        |n| n == "1",
+        |n| *n == 1,
         &mut last,
     )
     .await;
@@ -416,7 +384,7 @@ async fn an_agent_reload_seals_and_connects_with_the_new_key_and_keeps_its_sessi
         "the reload counted",
         Duration::from_secs(15),
         || metric("ok"),
-        |n| n == "1",
+        |n| *n == 1,
         &mut last,
     )
     .await;
@@ -438,36 +406,20 @@ async fn sighup_reloads_the_real_agent_and_it_keeps_serving() {
     let broker = Broker::start(world.broker_config("broker")).await;
     let a = AgentProcess::start(Path::new(BIN), &world, A, &broker.url).await;
     let b = Agent::start(world.agent_config(B, &broker.url)).await;
-    let reloads = |outcome: &'static str| {
-        let (api, token) = (a.api.clone(), a.token.clone());
-        async move {
-            let text = reqwest::Client::new()
-                .get(format!("{api}/metrics"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            let prefix = format!("lienthong_agent_reloads_total{{outcome=\"{outcome}\"}} ");
-            text.lines()
-                .find_map(|line| line.strip_prefix(&prefix).map(|n| n.trim().to_owned()))
-        }
-    };
-    assert_eq!(reloads("ok").await.as_deref(), Some("0"));
+    let reloads = |outcome: &'static str| agent_reloads(&a.api, &a.token, outcome);
+    assert_eq!(reloads("ok").await, Some(0));
     a.process.signal("HUP");
     let mut last = None;
     let ok = wait_until(
         "the reload counted",
         Duration::from_secs(15),
         || reloads("ok"),
-        |n| n == "1",
+        |n| *n == 1,
         &mut last,
     )
     .await;
     assert!(ok.is_some(), "last: {last:?}");
-    assert_eq!(reloads("refused").await.as_deref(), Some("0"));
+    assert_eq!(reloads("refused").await, Some(0));
     let id = a
         .client
         .send(&lienthong_agent::api_types::SendRequest {
