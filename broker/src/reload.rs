@@ -3,10 +3,12 @@
 //! files, and the agencies registered by configuration.
 //!
 //! Invariants:
-//! - A reload is all or nothing: the new configuration is read and checked whole (the
-//!   chain parses, the key matches the certificate, every CRL file parses) before
-//!   anything is swapped; a refused reload logs why, counts it, and leaves everything in
-//!   force as it was.
+//! - A reload is all or nothing as far as its files go: the new configuration is read
+//!   and checked whole (the chain parses, the key matches the certificate, every CRL
+//!   file parses) before anything is swapped; a refused reload logs why, counts it, and
+//!   leaves everything in force as it was. (Only a store error while registering the
+//!   newly listed agencies, after the swap, is reported as a refusal with the new
+//!   certificate already in force.)
 //! - Nothing open is dropped: sessions and calls in progress keep the TLS connection
 //!   they have; new handshakes present the new certificate, and receipts signed after
 //!   the swap carry the new key's signature.
@@ -208,7 +210,15 @@ pub(crate) async fn apply(shared: &Shared, config: BrokerConfig) -> Result<Reloa
     .await
     .map_err(|e| BrokerError::Serve(e.to_string()))??;
     shared.revocation.set_files(config.crl_files);
-    let crls = shared.revocation.refresh().await?;
+    // The files were read and checked above; one replaced since then fails here, keeps
+    // the CRLs in force and is shown by /readyz and the metrics like any failed refresh.
+    let crls = match shared.revocation.refresh().await {
+        Ok(count) => count,
+        Err(error) => {
+            tracing::error!(%error, "the reload's CRL refresh failed; the CRLs in force stay");
+            shared.revocation.loaded().lists.infos().len()
+        }
+    };
     Ok(Reloaded {
         certificate_changed,
         agencies_registered,
