@@ -48,7 +48,7 @@ pub(crate) struct Metrics {
     refused: Counter,
     session_connected: Gauge,
     /// Key reloads (`reload`), by outcome (`ok`, `refused`).
-    reloads: Family<FixedLabel, Counter>,
+    reloads: lienthong_proto::metrics::ReloadCounter,
     /// The certificates held, replaced by a reload.
     certificates: lienthong_proto::metrics::HeldCertificates,
 }
@@ -120,19 +120,13 @@ impl Metrics {
             "1 while the session with the broker is established, else 0",
             session_connected.clone(),
         );
-        let certificates = std::sync::Arc::new(std::sync::RwLock::new(certificates));
-        registry.register_collector(Box::new(lienthong_proto::metrics::CertificateCollector {
-            certificates: certificates.clone(),
-        }));
-        let reloads = Family::<FixedLabel, Counter>::default();
-        for outcome in ["ok", "refused"] {
-            reloads.get_or_create_owned(&[("outcome", outcome)]);
-        }
-        registry.register(
+        let certificates =
+            lienthong_proto::metrics::register_certificates(&mut registry, certificates);
+        let reloads = lienthong_proto::metrics::ReloadCounter::register(
+            &mut registry,
             "lienthong_agent_reloads",
             "Key reloads (SIGHUP), by outcome: ok, or refused (the keys in force stay; the log \
              says why)",
-            reloads.clone(),
         );
         registry.register_collector(Box::new(lienthong_proto::metrics::ProcessCollector {
             role: "agent",
@@ -154,8 +148,7 @@ impl Metrics {
 
     /// A reload took (`true`) or was refused.
     pub(crate) fn reload(&self, ok: bool) {
-        let outcome = if ok { "ok" } else { "refused" };
-        self.reloads.get_or_create(&[("outcome", outcome)]).inc();
+        self.reloads.record(ok);
     }
 
     /// The certificates held after a reload.

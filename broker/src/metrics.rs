@@ -58,7 +58,7 @@ pub(crate) struct Metrics {
     dead_letters: Family<FixedLabel, Counter>,
     pub(crate) connections: ConnectionMetrics,
     /// Configuration reloads (`reload`), by outcome (`ok`, `refused`).
-    pub(crate) reloads: Family<FixedLabel, Counter>,
+    pub(crate) reloads: lienthong_proto::metrics::ReloadCounter,
     /// The certificates held, replaced by a reload.
     pub(crate) certificates: lienthong_proto::metrics::HeldCertificates,
 }
@@ -290,19 +290,13 @@ impl Metrics {
         let connections = ConnectionMetrics::default();
         connections.register(&mut registry);
         registry.register_collector(Box::new(StateCollector { shared }));
-        let certificates = std::sync::Arc::new(std::sync::RwLock::new(certificates));
-        registry.register_collector(Box::new(lienthong_proto::metrics::CertificateCollector {
-            certificates: certificates.clone(),
-        }));
-        let reloads = Family::<FixedLabel, Counter>::default();
-        for outcome in ["ok", "refused"] {
-            reloads.get_or_create_owned(&[("outcome", outcome)]);
-        }
-        registry.register(
+        let certificates =
+            lienthong_proto::metrics::register_certificates(&mut registry, certificates);
+        let reloads = lienthong_proto::metrics::ReloadCounter::register(
+            &mut registry,
             "lienthong_broker_reloads",
             "Configuration reloads (SIGHUP), by outcome: ok, or refused (the configuration in \
              force stays; the log says why)",
-            reloads.clone(),
         );
         registry.register_collector(Box::new(lienthong_proto::metrics::ProcessCollector {
             role: "broker",

@@ -136,11 +136,7 @@ pub(crate) async fn reload_loop(shared: Arc<Shared>, hook: ReloadHook) {
         };
         match result {
             Ok(reloaded) => {
-                shared
-                    .metrics
-                    .reloads
-                    .get_or_create(&[("outcome", "ok")])
-                    .inc();
+                shared.metrics.reloads.record(true);
                 tracing::info!(
                     certificate_changed = reloaded.certificate_changed,
                     agencies_registered = reloaded.agencies_registered,
@@ -149,11 +145,7 @@ pub(crate) async fn reload_loop(shared: Arc<Shared>, hook: ReloadHook) {
                 );
             }
             Err(error) => {
-                shared
-                    .metrics
-                    .reloads
-                    .get_or_create(&[("outcome", "refused")])
-                    .inc();
+                shared.metrics.reloads.record(false);
                 tracing::error!(%error, "reload refused; the configuration in force is unchanged");
             }
         }

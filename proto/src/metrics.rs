@@ -139,6 +139,51 @@ pub struct CertificateCollector {
     pub certificates: HeldCertificates,
 }
 
+/// Configuration reloads by outcome (`ok`, `refused`), both exposed from start: the
+/// broker's and the agent's `SIGHUP`.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadCounter(
+    prometheus_client::metrics::family::Family<
+        [(&'static str, &'static str); 1],
+        prometheus_client::metrics::counter::Counter,
+    >,
+);
+
+impl ReloadCounter {
+    /// Registers the counter as `name` (exposed as `name_total`).
+    pub fn register(
+        registry: &mut prometheus_client::registry::Registry,
+        name: &str,
+        help: &str,
+    ) -> Self {
+        let counter = Self::default();
+        for outcome in ["ok", "refused"] {
+            counter.0.get_or_create_owned(&[("outcome", outcome)]);
+        }
+        registry.register(name, help, counter.0.clone());
+        counter
+    }
+
+    /// A reload took (`true`) or was refused.
+    pub fn record(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "refused" };
+        self.0.get_or_create(&[("outcome", outcome)]).inc();
+    }
+}
+
+/// Registers a [`CertificateCollector`] over `certificates`; returns the list, which a
+/// reload replaces.
+pub fn register_certificates(
+    registry: &mut prometheus_client::registry::Registry,
+    certificates: Vec<(&'static str, i64)>,
+) -> HeldCertificates {
+    let held: HeldCertificates = std::sync::Arc::new(std::sync::RwLock::new(certificates));
+    registry.register_collector(Box::new(CertificateCollector {
+        certificates: held.clone(),
+    }));
+    held
+}
+
 /// (role, notAfter in Unix seconds) of the certificates a program holds now.
 pub type HeldCertificates = std::sync::Arc<std::sync::RwLock<Vec<(&'static str, i64)>>>;
 
